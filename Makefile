@@ -1,0 +1,25 @@
+# Two commands: `make run` (set up + whole pipeline) and `make test` (set up + tests).
+# DATA=path/to/file.mat overrides the data file; by default the scripts read
+# data/miyawaki_structured_28x28.mat and fall back to the simulated set without it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA_ARG := $(if $(DATA),--data $(DATA),)
+
+.PHONY: run test clean
+run: $(VENV)/.installed
+	$(BIN)/python miyawaki_dataset_loader.py $(DATA_ARG)
+	$(BIN)/python miyawaki_dual_encoder.py $(DATA_ARG)
+	$(BIN)/python miyawaki_evaluation.py $(DATA_ARG)
+	$(BIN)/python miyawaki_generative_backend.py $(DATA_ARG)
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -r requirements.txt
+	touch $@
+
+clean:
+	rm -rf outputs/*

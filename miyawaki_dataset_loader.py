@@ -1,0 +1,605 @@
+"""Miyawaki et al. (2008) data: loading, validation, simulation, splits and protocol metrics.
+
+The one module every script of this repository imports. It states the data convention once:
+
+* images: ``N x 1 x 28 x 28`` float32 in [0, 1], upright (the .mat rows are MATLAB
+  column-major, so they are reshaped in Fortran order);
+* fMRI: ``N x V`` float32, z-scored per voxel with the statistics of the training fold only.
+
+Usage::
+
+    python miyawaki_dataset_loader.py                       # summary + figures (real file or simulated)
+    python miyawaki_dataset_loader.py --download            # fetch the public file into data/
+    python miyawaki_dataset_loader.py --data simulated --out-dir /tmp/sim
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import urllib.request
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+import torch
+from matplotlib.figure import Figure
+from skimage.metrics import structural_similarity
+from sklearn.model_selection import StratifiedKFold
+
+REPO_DIR = Path(__file__).resolve().parent
+DEFAULT_DATA = REPO_DIR / "data" / "miyawaki_structured_28x28.mat"
+DEFAULT_OUT = REPO_DIR / "outputs"
+DATA_URL = ("https://raw.githubusercontent.com/braindecoding/prepromiyawaki/main/"
+            "data/miyawaki_conditions_2to5_combined_sharp.mat")
+DATA_SHA256 = "3ae3d618d919cf51ccc2649f60362400b44b87014e0c42afb31a74d5cb60e31e"
+IMAGE_SIDE = 28
+N_PIXELS = IMAGE_SIDE * IMAGE_SIDE
+GRID = 10  # the stimuli are 10 x 10 binary grids, upsampled 3x and cropped to 28 x 28
+CONDITION_NAMES = {2: "shapes", 3: "letters (thin)", 4: "letters (long)", 5: "letters (regular)"}
+REQUIRED_KEYS = ("fmriTrn", "stimTrn", "labelTrn", "fmriTest", "stimTest", "labelTest")
+CHECKPOINT_FORMAT = 1
+GET_DATA_HINT = ("get the real file with `python miyawaki_dataset_loader.py --download` "
+                 "or run on the built-in simulated set with `--data simulated`")
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; the message names the file and the fix."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt or from another run; the message names the fix."""
+
+
+# --------------------------------------------------------------------------- data containers
+@dataclass(frozen=True)
+class Trials:
+    """A set of trials. fmri ``N x V`` float32; images ``N x 1 x 28 x 28`` float32 in [0, 1];
+    labels ``N`` condition (2..5); image_ids ``N`` index into the unique images."""
+
+    fmri: np.ndarray
+    images: np.ndarray
+    labels: np.ndarray
+    image_ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.fmri)
+
+    def subset(self, idx: np.ndarray) -> "Trials":
+        return Trials(self.fmri[idx], self.images[idx], self.labels[idx], self.image_ids[idx])
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One train/test split with fMRI z-scored by the training trials' statistics.
+
+    unique_images ``K x 1 x 28 x 28`` and unique_labels ``K`` are the identification candidates;
+    fmri_mean / fmri_std ``V`` are the training statistics (stored in checkpoints)."""
+
+    train: Trials
+    test: Trials
+    unique_images: np.ndarray
+    unique_labels: np.ndarray
+    fmri_mean: np.ndarray
+    fmri_std: np.ndarray
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MiyawakiData:
+    """All trials of a data set in file order (the file's training rows first), raw fMRI."""
+
+    trials: Trials
+    n_file_train: int
+    unique_images: np.ndarray
+    unique_labels: np.ndarray
+    source: str
+
+    @property
+    def n_voxels(self) -> int:
+        return self.trials.fmri.shape[1]
+
+    @property
+    def fingerprint(self) -> str:
+        """Short hash of the fMRI values, so a checkpoint can tell which data it was fitted on."""
+        return hashlib.sha256(np.ascontiguousarray(self.trials.fmri).tobytes()).hexdigest()[:16]
+
+    def fold(self, train_idx: np.ndarray, test_idx: np.ndarray, name: str = "") -> Fold:
+        """Split by trial indices; z-score fMRI with the training rows only (std 0 -> 1)."""
+        train_idx, test_idx = np.asarray(train_idx), np.asarray(test_idx)
+        train, test = self.trials.subset(train_idx), self.trials.subset(test_idx)
+        mean = train.fmri.mean(0)
+        std = train.fmri.std(0)
+        std = np.where(std > 0, std, 1.0).astype(np.float32)
+        train = Trials(standardize(train.fmri, mean, std), train.images, train.labels, train.image_ids)
+        test = Trials(standardize(test.fmri, mean, std), test.images, test.labels, test.image_ids)
+        meta = {"source": self.source, "fingerprint": self.fingerprint, "n_voxels": self.n_voxels,
+                "split": name}
+        return Fold(train, test, self.unique_images, self.unique_labels, mean, std,
+                    train_idx, test_idx, meta)
+
+    def s1(self) -> Fold:
+        """The file's own split (protocol S1)."""
+        n = len(self.trials)
+        return self.fold(np.arange(self.n_file_train), np.arange(self.n_file_train, n), "s1")
+
+
+def standardize(fmri: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """z-score ``N x V`` fMRI with given per-voxel statistics; float32."""
+    return ((fmri - mean) / std).astype(np.float32)
+
+
+class MiyawakiTorchDataset(torch.utils.data.Dataset):
+    """Per-trial view: (fmri ``V``, image ``1 x 28 x 28``, label, image_id) as tensors."""
+
+    def __init__(self, trials: Trials):
+        self.trials = trials
+
+    def __len__(self) -> int:
+        return len(self.trials)
+
+    def __getitem__(self, i: int):
+        t = self.trials
+        return (torch.from_numpy(t.fmri[i]), torch.from_numpy(t.images[i]),
+                int(t.labels[i]), int(t.image_ids[i]))
+
+
+# --------------------------------------------------------------------------- loading
+def _assemble(fmri: np.ndarray, stim: np.ndarray, labels: np.ndarray, n_file_train: int,
+              source: str) -> MiyawakiData:
+    """Build a MiyawakiData from validated arrays: fmri ``N x V``, stim ``N x 784`` column-major
+    rows in [0, 1], labels ``N``. Unique images are ordered by condition, then first occurrence."""
+    images = stim.reshape(-1, IMAGE_SIDE, IMAGE_SIDE, order="F")[:, None].astype(np.float32)
+    _, first, inverse = np.unique(stim, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.ravel()
+    order = sorted(range(len(first)), key=lambda k: (labels[first[k]], first[k]))
+    remap = np.empty(len(order), dtype=np.int64)
+    remap[order] = np.arange(len(order))
+    image_ids = remap[inverse]
+    reps = first[order]
+    trials = Trials(fmri.astype(np.float32), images, labels.astype(np.int64), image_ids)
+    return MiyawakiData(trials, n_file_train, images[reps], labels[reps].astype(np.int64), source)
+
+
+def load_miyawaki(path: str | os.PathLike) -> MiyawakiData:
+    """Read and validate a .mat file with the schema of PROTOCOL.md.
+
+    Any voxel count; images stored as 0/1 or 0..255. Raises DataError with a one-line message."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}; {GET_DATA_HINT}")
+    try:
+        mat = scipy.io.loadmat(path)
+    except NotImplementedError:
+        raise DataError(f"{path} is a MATLAB v7.3 (HDF5) file; re-save it with "
+                        "`save(..., '-v7')` or scipy.io.savemat") from None
+    except Exception as e:  # scipy raises several types for non-MAT or truncated files
+        raise DataError(f"{path} is not a readable MATLAB .mat file ({type(e).__name__}: {e}); "
+                        f"{GET_DATA_HINT}") from None
+    missing = [k for k in REQUIRED_KEYS if k not in mat]
+    if missing:
+        raise DataError(f"{path} lacks the key(s) {', '.join(missing)}; expected "
+                        f"{', '.join(REQUIRED_KEYS)} (see PROTOCOL.md)")
+    parts = {}
+    for part in ("Trn", "Test"):
+        fmri, stim = np.asarray(mat["fmri" + part]), np.asarray(mat["stim" + part])
+        labels = np.asarray(mat["label" + part]).ravel()
+        if fmri.ndim != 2 or stim.ndim != 2:
+            raise DataError(f"{path}: fmri{part} and stim{part} must be 2-D (trials x features), "
+                            f"got {fmri.shape} and {stim.shape}")
+        if not (len(fmri) == len(stim) == len(labels)):
+            raise DataError(f"{path}: row counts differ: fmri{part} {len(fmri)}, stim{part} "
+                            f"{len(stim)}, label{part} {len(labels)}; each needs one row per trial")
+        if stim.shape[1] != N_PIXELS:
+            raise DataError(f"{path}: stim{part} has {stim.shape[1]} columns; expected {N_PIXELS} "
+                            f"(28 x 28 images, one per row)")
+        if not np.all(np.isfinite(fmri.astype(np.float64))):
+            raise DataError(f"{path}: fmri{part} contains NaN or Inf values; impute or drop those "
+                            "voxels/trials before loading")
+        parts[part] = (fmri.astype(np.float64), stim.astype(np.float64), labels)
+    if parts["Trn"][0].shape[1] != parts["Test"][0].shape[1]:
+        raise DataError(f"{path}: fmriTrn has {parts['Trn'][0].shape[1]} voxels but fmriTest has "
+                        f"{parts['Test'][0].shape[1]}")
+    fmri = np.vstack([parts["Trn"][0], parts["Test"][0]])
+    stim = np.vstack([parts["Trn"][1], parts["Test"][1]])
+    labels = np.concatenate([parts["Trn"][2], parts["Test"][2]])
+    if stim.max() > 1:  # 0..255 images
+        stim = stim / 255.0
+    if stim.min() < 0 or stim.max() > 1:
+        raise DataError(f"{path}: image values span [{stim.min():g}, {stim.max():g}]; expected "
+                        "0/1 or 0..255")
+    if not np.all(np.isfinite(labels.astype(np.float64))):
+        raise DataError(f"{path}: labelTrn/labelTest contain non-finite values")
+    return _assemble(fmri, stim, labels.astype(np.int64), len(parts["Trn"][0]), str(path))
+
+
+# --------------------------------------------------------------------------- simulated data
+_LETTER_STROKES = {"n": "TLR", "e": "TLMBh", "u": "LRB", "r": "TL", "o": "TLRB"}
+# condition -> (x0, y0, width, height, stroke thickness) of the letter box on the 10 x 10 grid
+_LETTER_BOXES = {3: (2, 2, 6, 6, 1), 4: (2, 1, 6, 8, 2), 5: (3, 2, 4, 5, 1)}
+# trials per image of each condition (as in the real file: 119 trials in all)
+_SIM_TRIALS = {2: [8] * 5, 3: [4, 4, 4, 4, 3], 4: [4] * 5, 5: [8] * 5}
+
+
+def _letter(strokes: str, x0: int, y0: int, w: int, h: int, t: int) -> np.ndarray:
+    """A letter on the 10 x 10 grid from strokes: Top, Bottom, Left, Right, Middle bar, right
+    half-height bar (h)."""
+    img = np.zeros((GRID, GRID), np.float32)
+    box = img[y0:y0 + h, x0:x0 + w]
+    mid = (h - t) // 2
+    for s in strokes:
+        if s == "T":
+            box[:t] = 1
+        elif s == "B":
+            box[h - t:] = 1
+        elif s == "L":
+            box[:, :t] = 1
+        elif s == "R":
+            box[:, w - t:] = 1
+        elif s == "M":
+            box[mid:mid + t] = 1
+        elif s == "h":
+            box[:mid + t, w - t:] = 1
+    return img
+
+
+def figure_images() -> tuple[np.ndarray, np.ndarray]:
+    """The 20 simulated stimuli on the 10 x 10 grid: ``20 x 10 x 10`` float32 and labels ``20``.
+
+    5 geometric shapes (square, small frame, plus, X, large frame) and the letters n e u r o in
+    three variants, drawn in the style of the real stimuli."""
+    g = np.zeros((5, GRID, GRID), np.float32)
+    g[0, 3:7, 3:7] = 1                                        # square
+    g[1, 3:7, 3:7] = 1
+    g[1, 4:6, 4:6] = 0                                        # small frame
+    g[2, 1:9, 4:6] = 1
+    g[2, 4:6, 1:9] = 1                                        # plus
+    i = np.arange(1, 9)
+    g[3, i, i] = g[3, i, 9 - i] = g[3, i, np.clip(i + 1, 1, 8)] = g[3, i, np.clip(8 - i, 1, 8)] = 1  # X
+    g[4, 1:9, 1:9] = 1
+    g[4, 3:7, 3:7] = 0                                        # large frame
+    letters = [_letter(_LETTER_STROKES[c], *_LETTER_BOXES[cond]) for cond in (3, 4, 5) for c in "neuro"]
+    images = np.concatenate([g, np.stack(letters)])
+    labels = np.repeat([2, 3, 4, 5], 5).astype(np.int64)
+    return images, labels
+
+
+def upsample_grid(img10: np.ndarray) -> np.ndarray:
+    """``... x 10 x 10`` grid -> ``... x 28 x 28``: repeat each cell 3 x 3, crop 1 px per edge."""
+    return np.repeat(np.repeat(img10, 3, -2), 3, -1)[..., 1:29, 1:29]
+
+
+def make_simulated_dataset(seed: int = 0, snr: float = 1.5, n_voxels: int = 967,
+                           shared_noise: float = 0.3) -> MiyawakiData:
+    """A data set shaped like the real file (119 trials: 107 train / 12 test, 20 images).
+
+    fMRI comes from a retinotopic V1 model: each voxel has a Gaussian receptive field on the
+    10 x 10 grid whose size grows with eccentricity, responds linearly to the stimulus contrast in
+    it, and carries noise with a shared (global) component. ``snr`` is signal variance over noise
+    variance per voxel. Deterministic per seed."""
+    rng = np.random.default_rng(seed)
+    grids, labels10 = figure_images()
+    counts = np.concatenate([_SIM_TRIALS[c] for c in (2, 3, 4, 5)])
+    ids = np.repeat(np.arange(20), counts)
+    # the file's test split holds 12 trials: 3 per condition, one trial each of different images
+    test_pick = np.concatenate([rng.choice(np.where(labels10 == c)[0], 3, replace=False)
+                                for c in (2, 3, 4, 5)])
+    test_rows = np.array([np.where(ids == k)[0][0] for k in test_pick])
+    train_rows = rng.permutation(np.setdiff1d(np.arange(len(ids)), test_rows))
+    ids = np.concatenate([ids[train_rows], ids[test_rows]])
+
+    yy, xx = np.mgrid[0:GRID, 0:GRID] + 0.5
+    centres = rng.uniform(0, GRID, size=(n_voxels, 2))
+    ecc = np.linalg.norm(centres - GRID / 2, axis=1)
+    sigma = 0.5 + 0.25 * ecc
+    d2 = (xx.ravel()[None] - centres[:, :1]) ** 2 + (yy.ravel()[None] - centres[:, 1:]) ** 2
+    rf = np.exp(-d2 / (2 * sigma[:, None] ** 2))
+    rf /= rf.sum(1, keepdims=True)
+    gain = rng.lognormal(0, 0.3, n_voxels)
+    signal = (grids.reshape(20, -1) @ rf.T) * gain            # 20 x V
+    signal = signal[ids]
+    noise_sd = signal.std(0).mean() / np.sqrt(snr)
+    loading = rng.normal(1.0, 0.3, n_voxels)
+    noise = (np.sqrt(1 - shared_noise) * rng.normal(size=signal.shape)
+             + np.sqrt(shared_noise) * rng.normal(size=(len(ids), 1)) * loading)
+    fmri = signal + noise_sd * noise + rng.normal(0, 1, n_voxels)   # plus a per-voxel baseline
+    stim = upsample_grid(grids[ids]).transpose(0, 2, 1).reshape(len(ids), -1)  # column-major rows
+    return _assemble(fmri, stim, labels10[ids], len(train_rows), "simulated")
+
+
+def resolve_data(arg: str | os.PathLike | None = None) -> MiyawakiData:
+    """``--data`` handling: a path, ``"simulated"``, or None for the default path, falling back
+    to the simulated set (with a one-line notice) when the default file is absent."""
+    if arg is not None and str(arg) == "simulated":
+        print("data: built-in simulated data set (--data simulated)")
+        return make_simulated_dataset()
+    path = Path(arg) if arg is not None else DEFAULT_DATA
+    if arg is None and not path.is_file():
+        print(f"data: no file at {path}; using the built-in SIMULATED data set "
+              f"(to use the real one, {GET_DATA_HINT.split(' or ')[0]})")
+        return make_simulated_dataset()
+    data = load_miyawaki(path)
+    print(f"data: {path} ({len(data.trials)} trials, {data.n_voxels} voxels)")
+    return data
+
+
+def download(url: str = DATA_URL, dest: Path = DEFAULT_DATA, sha256: str = DATA_SHA256,
+             timeout: float = 60.0) -> Path:
+    """Fetch the public preprocessed file, verify its sha256 and move it into place atomically.
+
+    A failed or corrupted download leaves nothing behind."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
+            while chunk := r.read(1 << 20):
+                digest.update(chunk)
+                f.write(chunk)
+        if digest.hexdigest() != sha256:
+            raise DataError(f"download from {url} has sha256 {digest.hexdigest()[:12]}..., expected "
+                            f"{sha256[:12]}...; nothing was saved, try again or copy the file by hand")
+        os.replace(tmp, dest)
+    except OSError as e:
+        raise DataError(f"could not download {url} ({e}); copy the file to {dest} by hand "
+                        "or use `--data simulated`") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dest
+
+
+# --------------------------------------------------------------------------- splits (PROTOCOL.md)
+def splits(protocol: str, data: MiyawakiData, seeds=(0, 1, 2)) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Folds of a protocol as (name, train_idx, test_idx) over ``data.trials``.
+
+    s1: the file's split. s2: stratified 5-fold by image id, one repeat per seed.
+    s3: leave-one-stimulus-out, one fold per unique image."""
+    n, ids = len(data.trials), data.trials.image_ids
+    if protocol == "s1":
+        return [("s1", np.arange(data.n_file_train), np.arange(data.n_file_train, n))]
+    if protocol == "s2":
+        folds = []  # one image has 3 trials, fewer than 5 folds: sklearn's warning is expected
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            for seed in seeds:
+                skf = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed)
+                folds += [(f"s2-seed{seed}-fold{k}", tr, te)
+                          for k, (tr, te) in enumerate(skf.split(np.zeros(n), ids))]
+        return folds
+    if protocol == "s3":
+        return [(f"s3-image{k}", np.where(ids != k)[0], np.where(ids == k)[0])
+                for k in range(len(data.unique_images))]
+    raise ValueError(f"unknown protocol {protocol!r}; use s1, s2 or s3")
+
+
+# --------------------------------------------------------------------------- protocol metrics
+def pearson_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson r between the rows of ``a`` (N x P) and ``b`` (M x P) -> N x M; constant row -> 0."""
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    a = a - a.mean(1, keepdims=True)
+    b = b - b.mean(1, keepdims=True)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    na[na == 0] = np.inf
+    nb[nb == 0] = np.inf
+    return (a / na[:, None]) @ (b / nb[:, None]).T
+
+
+# --------------------------------------------------------------------------- shared utilities
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (CPU and CUDA) and ask torch for deterministic kernels."""
+    import random
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+    return torch.device(name)
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The CLI options every script shares: --data, --out-dir, --seed, --device."""
+    parser.add_argument("--data", default=None,
+                        help=f"a .mat file, or 'simulated'; default {DEFAULT_DATA.relative_to(REPO_DIR)}, "
+                             "falling back to the simulated set when that file is absent")
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help="where outputs go")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    return parser
+
+
+def prepare_out_dir(out_dir: Path) -> Path:
+    """Create ``out_dir`` and check it is writable before any work is done."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to --out-dir {out_dir} ({e.strerror}); "
+                         "choose a writable folder") from None
+    return out_dir
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via ``write(file_object)`` to a temp file beside ``path``, then rename over it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def run_cli(main) -> None:
+    """Run a script's ``main()``; a data or checkpoint problem ends it with its one-line message."""
+    try:
+        main()
+    except (DataError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
+
+
+def save_checkpoint(obj: dict, path: Path) -> None:
+    """Atomically save a dict of tensors and plain Python values (loadable with weights_only)."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_checkpoint(path: Path, kind: str, script: str, map_location="cpu") -> dict:
+    """Load a checkpoint of this project with ``weights_only=True``.
+
+    Raises CheckpointError naming ``script`` (the one that writes it) when the file is missing,
+    corrupt, holds pickled objects, or is of another kind or format version."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found; run `python {script}` first")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, pickled objects refused by weights_only, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be loaded safely ({first[:120]}); "
+                              f"rerun `python {script}`") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        raise CheckpointError(f"{path} is not a {kind} checkpoint; rerun `python {script}`")
+    if ckpt.get("format_version") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} has format version {ckpt.get('format_version')}, this code "
+                              f"reads {CHECKPOINT_FORMAT}; rerun `python {script}`")
+    return ckpt
+
+
+def check_same_data(ckpt: dict, data: MiyawakiData, path: Path, script: str) -> None:
+    """Refuse a checkpoint fitted on other data (other voxel count or other fMRI values)."""
+    if ckpt["n_voxels"] != data.n_voxels or ckpt["data_fingerprint"] != data.fingerprint:
+        raise CheckpointError(
+            f"{path} was trained on {ckpt['data_source']} ({ckpt['n_voxels']} voxels), not on "
+            f"{data.source} ({data.n_voxels} voxels); rerun `python {script} --data {data.source}`")
+
+
+def save_json(obj: dict, path: Path) -> None:
+    """Atomically write JSON (numpy scalars and arrays converted)."""
+    def default(o):
+        if isinstance(o, (np.generic, np.ndarray)):
+            return o.tolist()
+        if isinstance(o, Path):
+            return str(o)
+        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+    text = json.dumps(obj, indent=2, default=default)
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    """Save a Figure (dpi 150, tight). Figures are built with ``matplotlib.figure.Figure``, not
+    pyplot, so no GUI backend or global figure state is involved and nothing needs closing."""
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+
+
+# --------------------------------------------------------------------------- figures
+def plot_unique_images(images: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> Figure:
+    """The K unique stimuli (``K x 1 x 28 x 28``), titled by condition and trial count."""
+    cols = 5
+    rows = int(np.ceil(len(images) / cols))
+    fig = Figure(figsize=(2.0 * cols, 2.2 * rows))
+    for k, img in enumerate(images):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        ax.imshow(img[0], cmap="gray", interpolation="nearest", vmin=0, vmax=1)
+        ax.set_title(f"#{k} {CONDITION_NAMES.get(int(labels[k]), labels[k])}\n{counts[k]} trials",
+                     fontsize=8)
+        ax.axis("off")
+    fig.suptitle("Unique stimuli (upright)")
+    return fig
+
+
+def plot_fmri_correlation(fmri: np.ndarray, image_ids: np.ndarray, labels: np.ndarray) -> Figure:
+    """Pearson correlation between the mean fMRI patterns (``N x V``) of the K images, which are
+    ordered by condition (``labels`` ``K``)."""
+    means = np.stack([fmri[image_ids == k].mean(0) for k in range(len(labels))])
+    corr = pearson_matrix(means, means)
+    fig = Figure(figsize=(6.5, 5.5))
+    ax = fig.add_subplot()
+    im = ax.imshow(corr, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+    ticks = [f"#{k} ({labels[k]})" for k in range(len(labels))]
+    ax.set_xticks(range(len(labels)), ticks, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(labels)), ticks, fontsize=7)
+    for b in np.where(np.diff(labels) != 0)[0]:
+        ax.axhline(b + 0.5, color="k", lw=0.8)
+        ax.axvline(b + 0.5, color="k", lw=0.8)
+    fig.colorbar(im, ax=ax, label="Pearson r")
+    ax.set_title("Mean fMRI pattern correlation between images (condition in brackets)")
+    return fig
+
+
+def summary(data: MiyawakiData) -> str:
+    """A few lines describing the data set."""
+    t = data.trials
+    counts = np.bincount(t.image_ids, minlength=len(data.unique_images))
+    cond = ", ".join(f"{c} {CONDITION_NAMES.get(int(c), '')}: {int((t.labels == c).sum())}"
+                     for c in np.unique(t.labels))
+    return (f"source: {data.source}\n"
+            f"trials: {len(t)} ({data.n_file_train} train / {len(t) - data.n_file_train} test in the file's split)\n"
+            f"voxels: {data.n_voxels}\n"
+            f"unique images: {len(data.unique_images)} (trials per image {counts.min()}-{counts.max()})\n"
+            f"trials per condition: {cond}")
+
+
+# --------------------------------------------------------------------------- script
+@dataclass
+class LoaderConfig:
+    data: str | None = None
+    out_dir: Path = DEFAULT_OUT
+    seed: int = 0
+    device: str = "auto"
+    download: bool = False
+    url: str = DATA_URL
+
+
+def main(argv: list[str] | LoaderConfig | None = None) -> dict:
+    """Print the data summary and save the two data figures; returns the summary numbers."""
+    cfg = argv if isinstance(argv, LoaderConfig) else parse_args(argv)
+    if cfg.download:
+        path = download(cfg.url, Path(cfg.data) if cfg.data else DEFAULT_DATA)
+        print(f"saved {path} (sha256 verified)")
+    data = resolve_data(cfg.data)
+    print(summary(data))
+    out = prepare_out_dir(cfg.out_dir)
+    t = data.trials
+    counts = np.bincount(t.image_ids, minlength=len(data.unique_images))
+    save_figure(plot_unique_images(data.unique_images, data.unique_labels, counts),
+                out / "miyawaki_samples_analysis.png")
+    save_figure(plot_fmri_correlation(t.fmri, t.image_ids, data.unique_labels),
+                out / "miyawaki_fmri_correlation.png")
+    print(f"figures: {out / 'miyawaki_samples_analysis.png'}, {out / 'miyawaki_fmri_correlation.png'}")
+    return {"n_trials": len(t), "n_voxels": data.n_voxels, "n_unique": len(data.unique_images),
+            "source": data.source}
+
+
+def parse_args(argv=None) -> LoaderConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--download", action="store_true",
+                   help="fetch the public preprocessed file (sha256-checked) into --data or data/")
+    p.add_argument("--url", default=DATA_URL, help="download address")
+    return LoaderConfig(**vars(p.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    run_cli(main)
