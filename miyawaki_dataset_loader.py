@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import json
 import os
 import sys
@@ -349,7 +350,7 @@ def download(url: str = DATA_URL, dest: Path = DEFAULT_DATA, sha256: str = DATA_
             raise DataError(f"download from {url} has sha256 {digest.hexdigest()[:12]}..., expected "
                             f"{sha256[:12]}...; nothing was saved, try again or copy the file by hand")
         os.replace(tmp, dest)
-    except OSError as e:
+    except (OSError, http.client.HTTPException) as e:  # network errors, cut-off transfers
         raise DataError(f"could not download {url} ({e}); copy the file to {dest} by hand "
                         "or use `--data simulated`") from None
     finally:
@@ -383,16 +384,139 @@ def splits(protocol: str, data: MiyawakiData, seeds=(0, 1, 2)) -> list[tuple[str
 
 
 # --------------------------------------------------------------------------- protocol metrics
-def pearson_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pearson r between the rows of ``a`` (N x P) and ``b`` (M x P) -> N x M; constant row -> 0."""
-    a = a.reshape(len(a), -1).astype(np.float64)
-    b = b.reshape(len(b), -1).astype(np.float64)
-    a = a - a.mean(1, keepdims=True)
-    b = b - b.mean(1, keepdims=True)
-    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-    na[na == 0] = np.inf
-    nb[nb == 0] = np.inf
-    return (a / na[:, None]) @ (b / nb[:, None]).T
+TIE_TOL = 1e-9  # correlations closer than this are ties (float rounding of exact ties)
+
+
+def _flat_clip(x):
+    """N x ... -> N x P float64 clipped to [0, 1]."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.clip(x.reshape(len(x), -1), 0.0, 1.0)
+
+
+def _unit_rows(x):
+    """N x P -> N x P rows centred and scaled to unit norm; constant rows become 0."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x - x.mean(axis=1, keepdims=True)
+    # ptp, not the norm, detects constant rows: centring can leave rounding residue.
+    x[np.ptp(x, axis=1) == 0] = 0.0
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norm == 0, 1.0, norm)
+
+
+def pearson_matrix(a, b):
+    """Pearson r of every row of a (N x P) with every row of b (M x P) -> N x M.
+
+    A constant row has r = 0 with everything.
+    """
+    return _unit_rows(a) @ _unit_rows(b).T
+
+
+def pearson_rows(a, b):
+    """Pearson r of row i of a with row i of b, both N x P -> N (constant row -> 0)."""
+    return np.sum(_unit_rows(a) * _unit_rows(b), axis=1)
+
+
+def identification_ranks(scores, true_ids):
+    """Rank of the true candidate: scores N x K (higher = better), true_ids N -> N ints.
+
+    Rank 1 = best. Ties count pessimistically: rank = number of candidates scoring
+    >= the true one, so a constant reconstruction (r = 0 with every candidate) ranks
+    last instead of first.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    true_scores = scores[np.arange(len(scores)), np.asarray(true_ids)]
+    return np.sum(scores >= true_scores[:, None], axis=1)
+
+
+def topk_accuracy(ranks, k):
+    """Fraction of ranks (N) that are <= k."""
+    return float(np.mean(np.asarray(ranks) <= k))
+
+
+def mean_rank(ranks):
+    """Mean of ranks (N); 1 is perfect."""
+    return float(np.mean(ranks))
+
+
+def two_way_identification(recon, true, image_ids, pool_true=None, pool_ids=None):
+    """Per-trial 2-way identification -> N floats in [0, 1] (nan if no rival exists).
+
+    recon, true: N images; image_ids: N. For trial i, the rivals are the pool trials
+    j whose image id differs from image_ids[i]; a win is
+    corr(recon_i, true_i) > corr(recon_i, pool_true_j), a tie counts 0.5.
+    The pool defaults to the test trials themselves (S1/S2); S3 passes all trials.
+    """
+    if pool_true is None:
+        pool_true, pool_ids = true, image_ids
+    recon = _flat_clip(recon)
+    own = pearson_rows(recon, _flat_clip(true))
+    rival = pearson_matrix(recon, _flat_clip(pool_true))             # N x M
+    valid = np.asarray(image_ids)[:, None] != np.asarray(pool_ids)[None, :]
+    # equal in exact arithmetic (binary images share pixel counts) != equal in floats
+    tie = np.abs(own[:, None] - rival) <= TIE_TOL
+    wins = np.where(tie, 0.5, own[:, None] > rival)
+    n_valid = valid.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n_valid > 0, (wins * valid).sum(axis=1) / n_valid, np.nan)
+
+
+def ssim_rows(recon, true, shape=(28, 28)):
+    """skimage SSIM (data_range=1, default 7x7 window) per pair of N images -> N."""
+    recon, true = _flat_clip(recon), _flat_clip(true)
+    return np.array([structural_similarity(r.reshape(shape), t.reshape(shape), data_range=1.0)
+                     for r, t in zip(recon, true)])
+
+
+def per_trial_metrics(recon, true, image_ids, candidates, pool_true=None, pool_ids=None,
+                      scores=None):
+    """Per-trial metrics -> dict of N arrays: mse, pixcorr, ssim, two_way, rank.
+
+    recon, true: N images; image_ids: N ints indexing candidates (K images).
+    The 20-way rank uses Pearson r of the clipped reconstruction with each candidate,
+    unless scores (N x K, higher = better) are given (e.g. kNN votes).
+    pool_true/pool_ids: the 2-way rival pool (see two_way_identification).
+    """
+    recon, true = _flat_clip(recon), _flat_clip(true)
+    if scores is None:
+        scores = pearson_matrix(recon, _flat_clip(candidates))
+    return {
+        "mse": np.mean((recon - true) ** 2, axis=1),
+        "pixcorr": pearson_rows(recon, true),
+        "ssim": ssim_rows(recon, true),
+        "two_way": two_way_identification(recon, true, image_ids, pool_true, pool_ids),
+        "rank": identification_ranks(scores, image_ids),
+    }
+
+
+def reconstruction_metrics(recon, true, image_ids, candidates, pool_true=None, pool_ids=None,
+                           scores=None):
+    """Means over the N trials -> dict: mse, pixcorr, ssim, two_way, top1, top5, mean_rank.
+
+    Arguments as in per_trial_metrics.
+    """
+    m = per_trial_metrics(recon, true, image_ids, candidates, pool_true, pool_ids, scores)
+    out = {k: float(np.mean(m[k])) for k in ("mse", "pixcorr", "ssim", "two_way")}
+    out.update(top1=topk_accuracy(m["rank"], 1), top5=topk_accuracy(m["rank"], 5),
+               mean_rank=mean_rank(m["rank"]))
+    return out
+
+
+def identified_labels(scores, candidate_labels):
+    """Condition of each trial's top-1 candidate: scores N x K, candidate_labels K -> N.
+
+    A tie at the top takes the first candidate (np.argmax).
+    """
+    return np.asarray(candidate_labels)[np.argmax(scores, axis=1)]
+
+
+def condition_accuracy(pred_labels, true_labels):
+    """Fraction of equal entries of two N label arrays (4-way condition accuracy)."""
+    return float(np.mean(np.asarray(pred_labels) == np.asarray(true_labels)))
+
+
+def majority_rate(labels):
+    """Share of the most frequent label in labels (N): the 4-way majority-class rate."""
+    return float(np.max(np.unique(labels, return_counts=True)[1]) / len(labels))
 
 
 # --------------------------------------------------------------------------- shared utilities

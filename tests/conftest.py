@@ -1,0 +1,61 @@
+"""Shared fixtures: the simulated data set, the real file (from $MIYAWAKI_DATA) and a writer of
+.mat files with the PROTOCOL.md schema, for the bad-input tests."""
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, whatever the cwd
+
+import miyawaki_dataset_loader as L  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sim() -> L.MiyawakiData:
+    return L.make_simulated_dataset()
+
+
+@pytest.fixture(scope="session")
+def real_path() -> Path:
+    """The real file named by $MIYAWAKI_DATA; tests using it skip without it."""
+    value = os.environ.get("MIYAWAKI_DATA")
+    if not value or not Path(value).is_file():
+        pytest.skip("real data: set MIYAWAKI_DATA to the path of miyawaki_structured_28x28.mat")
+    return Path(value)
+
+
+@pytest.fixture(scope="session")
+def real(real_path) -> L.MiyawakiData:
+    return L.load_miyawaki(real_path)
+
+
+def file_arrays(data: L.MiyawakiData) -> dict:
+    """The six PROTOCOL.md keys of a data set in the file's layout: fmri ``N x V``, stim ``N x 784``
+    (MATLAB column-major rows), labels ``N x 1``; the file's split at ``data.n_file_train``."""
+    t, n = data.trials, data.n_file_train
+    stim = t.images[:, 0].transpose(0, 2, 1).reshape(len(t), -1).astype(np.float64)
+    fmri, labels = t.fmri.astype(np.float64), t.labels[:, None].astype(np.uint16)
+    return {"fmriTrn": fmri[:n], "stimTrn": stim[:n], "labelTrn": labels[:n],
+            "fmriTest": fmri[n:], "stimTest": stim[n:], "labelTest": labels[n:]}
+
+
+@pytest.fixture
+def mat_arrays(sim) -> dict:
+    """A fresh, editable copy of the simulated set's arrays in the file's layout."""
+    return {k: v.copy() for k, v in file_arrays(sim).items()}
+
+
+def _write_mat(path: Path, arrays: dict) -> Path:
+    """Save ``arrays`` (keys as in PROTOCOL.md) as a MATLAB v5 file at ``path``."""
+    scipy.io.savemat(path, arrays)
+    return Path(path)
+
+
+@pytest.fixture
+def write_mat():
+    """``write_mat(path, arrays) -> path``: write a .mat file with the PROTOCOL.md schema."""
+    return _write_mat

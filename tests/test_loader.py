@@ -1,0 +1,270 @@
+"""Loading, validation, CLI errors, download, side-effect-free import, output dir and checkpoints."""
+
+import functools
+import hashlib
+import http.server
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+
+import miyawaki_dataset_loader as L
+
+
+# --------------------------------------------------------------------------- the real file
+def test_real_file_structure(real):
+    t = real.trials
+    assert (real.n_file_train, len(t) - real.n_file_train, real.n_voxels) == (107, 12, 967)
+    assert len(real.unique_images) == 20
+    counts = np.bincount(t.image_ids, minlength=20)
+    assert counts.min() == 3 and counts.max() == 8 and counts.sum() == 119
+    assert set(np.unique(t.labels)) == {2, 3, 4, 5}
+    # every test image also occurs in training (PROTOCOL.md)
+    assert set(t.image_ids[107:]) <= set(t.image_ids[:107])
+
+
+def test_real_images_upright_and_test_scaled_with_train_stats(real, real_path):
+    mat = scipy.io.loadmat(real_path)
+    stim = np.vstack([mat["stimTrn"], mat["stimTest"]])
+    for i in range(len(stim)):
+        np.testing.assert_array_equal(real.trials.images[i, 0], stim[i].reshape(28, 28, order="F"))
+    fold = real.s1()
+    np.testing.assert_allclose(fold.train.fmri.mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(fold.train.fmri.std(0), 1, atol=1e-4)
+    raw_train, raw_test = mat["fmriTrn"], mat["fmriTest"]
+    expected = (raw_test - raw_train.mean(0)) / raw_train.std(0)
+    np.testing.assert_allclose(fold.test.fmri, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_other_voxel_count_and_uint8_images_load(tmp_path, mat_arrays, write_mat, sim):
+    rng = np.random.default_rng(0)
+    arrays = {**mat_arrays, "fmriTrn": rng.normal(size=(107, 3092)),
+              "fmriTest": rng.normal(size=(12, 3092))}
+    for k in ("stimTrn", "stimTest"):
+        arrays[k] = (arrays[k] * 255).astype(np.uint8)
+    data = L.load_miyawaki(write_mat(tmp_path / "big.mat", arrays))
+    assert data.n_voxels == 3092 and len(data.trials) == 119
+    assert data.trials.images.min() == 0 and data.trials.images.max() == 1
+    np.testing.assert_array_equal(data.trials.images, sim.trials.images)
+
+
+# --------------------------------------------------------------------------- bad input
+def _mutated(edit):
+    """A bad-file maker that edits the simulated arrays before writing them."""
+    def make(path, arrays, write_mat):
+        edit(arrays)
+        write_mat(path, arrays)
+    return make
+
+
+def _truncated(path, arrays, write_mat):
+    write_mat(path, arrays)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _set(key, value):
+    def edit(arrays):
+        arrays[key][3, 5] = value
+    return edit
+
+
+BAD_FILES = {  # name -> (maker(path, arrays, write_mat), words the message must contain)
+    "missing": (lambda p, a, w: None, ["not found", "--download", "--data simulated"]),
+    "random bytes": (lambda p, a, w: p.write_bytes(np.random.default_rng(0).bytes(4096)),
+                     ["not a readable"]),
+    "text file": (lambda p, a, w: p.write_text("fmriTrn,stimTrn\n1,2\n"), ["not a readable"]),
+    "truncated": (_truncated, ["not a readable"]),
+    "missing fmri key": (_mutated(lambda a: a.pop("fmriTest")), ["fmriTest"]),
+    "missing labels": (_mutated(lambda a: a.pop("labelTrn")), ["labelTrn"]),
+    "row counts": (_mutated(lambda a: a.update(stimTrn=a["stimTrn"][:-1])), ["row counts"]),
+    "pixel count": (_mutated(lambda a: a.update(stimTest=a["stimTest"][:, :783])), ["784"]),
+    "nan fmri": (_mutated(_set("fmriTrn", np.nan)), ["NaN or Inf"]),
+    "inf fmri": (_mutated(_set("fmriTest", np.inf)), ["NaN or Inf"]),
+    "negative image": (_mutated(_set("stimTrn", -1.0)), ["image values"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_bad_file_raises_one_line_data_error(case, tmp_path, mat_arrays, write_mat):
+    make, words = BAD_FILES[case]
+    path = tmp_path / "bad.mat"
+    make(path, mat_arrays, write_mat)
+    with pytest.raises(L.DataError) as err:
+        L.load_miyawaki(path)
+    msg = str(err.value)
+    assert str(path) in msg and "\n" not in msg
+    for word in words:
+        assert word in msg
+
+
+def test_cli_bad_data(tmp_path):
+    bad = tmp_path / "bad.mat"
+    bad.write_text("not a mat file")
+    with pytest.raises(L.DataError, match="bad.mat"):
+        L.main(["--data", str(bad), "--out-dir", str(tmp_path / "out")])
+    proc = subprocess.run([sys.executable, str(L.REPO_DIR / "miyawaki_dataset_loader.py"),
+                           "--data", str(bad), "--out-dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(bad) in lines[0]
+
+
+# --------------------------------------------------------------------------- download
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    """A loopback HTTP server over ``tmp_path/"srv"``; yields (folder, base url)."""
+    monkeypatch.setenv("no_proxy", "*")
+    root = tmp_path / "srv"
+    root.mkdir()
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _closed_port_url():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/data.mat"
+
+
+def test_download_verifies_and_places_file(server, tmp_path):
+    root, url = server
+    good = root / "good.mat"
+    good.write_bytes(np.random.default_rng(1).bytes(300_000))
+    dest = tmp_path / "dl" / "data.mat"
+    assert L.download(f"{url}/good.mat", dest, _sha256(good)) == dest
+    assert _sha256(dest) == _sha256(good)
+    assert os.listdir(dest.parent) == ["data.mat"]
+
+
+@pytest.mark.parametrize("source", ["corrupted", "unreachable"])
+def test_failed_download_leaves_nothing(source, server, tmp_path):
+    root, url = server
+    good = np.random.default_rng(1).bytes(300_000)
+    (root / "bad.mat").write_bytes(good[:-10] + bytes(10))
+    src = f"{url}/bad.mat" if source == "corrupted" else _closed_port_url()
+    dest = tmp_path / "dl" / "data.mat"
+    with pytest.raises(L.DataError, match=re.escape(src)):
+        L.download(src, dest, hashlib.sha256(good).hexdigest(), timeout=10)
+    assert os.listdir(dest.parent) == []
+
+
+def test_cli_download_real_file(server, real_path, tmp_path):
+    root, url = server
+    (root / "real.mat").write_bytes(real_path.read_bytes())
+    dest = tmp_path / "dl" / "miyawaki.mat"
+    result = L.main(["--download", "--url", f"{url}/real.mat", "--data", str(dest),
+                     "--out-dir", str(tmp_path / "out")])
+    assert _sha256(dest) == L.DATA_SHA256
+    assert result["n_trials"] == 119 and result["source"] == str(dest)
+
+
+# --------------------------------------------------------------------------- side effects, outputs
+def test_import_creates_no_files(tmp_path):
+    watched = [tmp_path, L.DEFAULT_OUT, L.DEFAULT_DATA.parent]
+
+    def snapshot():
+        return [{p.name: p.stat().st_mtime_ns for p in d.iterdir()} if d.exists() else None
+                for d in watched]
+
+    before = snapshot()
+    env = {**os.environ, "PYTHONPATH": str(L.REPO_DIR), "PYTHONDONTWRITEBYTECODE": "1"}
+    subprocess.run([sys.executable, "-c", "import miyawaki_dataset_loader"], cwd=tmp_path,
+                   env=env, check=True, timeout=120)
+    assert snapshot() == before
+
+
+def test_out_dir_not_writable(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match="cannot write to --out-dir .*a_file/out"):
+        L.prepare_out_dir(blocker / "out")
+
+
+def test_torch_dataset_items(sim):
+    ds = L.MiyawakiTorchDataset(sim.s1().train)
+    assert len(ds) == 107
+    fmri, image, label, image_id = ds[0]
+    assert fmri.shape == (967,) and fmri.dtype == torch.float32
+    assert image.shape == (1, 28, 28) and image.dtype == torch.float32
+    assert label in {2, 3, 4, 5} and 0 <= image_id < 20
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    assert [tuple(b.shape) for b in batch] == [(4, 967), (4, 1, 28, 28), (4,), (4,)]
+
+
+# --------------------------------------------------------------------------- checkpoints
+class _Custom:  # a pickled custom object: weights_only loading must refuse it
+    pass
+
+
+def _ckpt(**extra):
+    return {"kind": "dual_encoder", "format_version": L.CHECKPOINT_FORMAT,
+            "weights": torch.arange(6.0).reshape(2, 3), "config": {"lr": 1e-3}, **extra}
+
+
+def _load(path):
+    return L.load_checkpoint(path, kind="dual_encoder", script="make_it.py")
+
+
+def test_checkpoint_round_trip_and_atomic_save(tmp_path, monkeypatch):
+    path = tmp_path / "model.pth"
+    L.save_checkpoint(_ckpt(), path)
+    loaded = _load(path)
+    assert torch.equal(loaded["weights"], _ckpt()["weights"]) and loaded["config"] == {"lr": 1e-3}
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(RuntimeError, match="disk full"):
+        L.save_checkpoint(_ckpt(weights=torch.zeros(2)), path)
+    assert torch.equal(_load(path)["weights"], _ckpt()["weights"])
+    assert os.listdir(tmp_path) == ["model.pth"]
+
+
+BAD_CHECKPOINTS = {  # name -> (writer(path), words the message must contain)
+    "missing": (lambda p: None, ["not found"]),
+    "truncated": (lambda p: (torch.save(_ckpt(), p),
+                             p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])),
+                  ["cannot be loaded"]),
+    "pickled object": (lambda p: torch.save(_ckpt(obj=_Custom()), p), ["cannot be loaded"]),
+    "wrong kind": (lambda p: torch.save(_ckpt(kind="generative"), p), ["not a dual_encoder"]),
+    "wrong version": (lambda p: torch.save(_ckpt(format_version=0), p), ["format version"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CHECKPOINTS)
+def test_bad_checkpoint_refused(case, tmp_path):
+    write, words = BAD_CHECKPOINTS[case]
+    path = tmp_path / "model.pth"
+    write(path)
+    with pytest.raises(L.CheckpointError) as err:
+        _load(path)
+    msg = str(err.value)
+    assert str(path) in msg and "python make_it.py" in msg and "\n" not in msg
+    for word in words:
+        assert word in msg
