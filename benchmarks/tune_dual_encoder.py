@@ -1,0 +1,82 @@
+"""Choose dual-encoder settings by inner cross-validation on the S1 *training* trials only.
+
+Two inner schemes, both inside the file's 107 training trials (the 12 test trials are never
+read): ``seen`` = stratified 5-fold by image id (every held-out image also in training, like
+S1/S2) and ``unseen`` = 5 folds that each hold out all trials of 4 images (like S3).
+Identification ranks all 20 unique images by cosine similarity of fMRI-only embeddings.
+
+    python benchmarks/tune_dual_encoder.py --set skip=False --set skip=True
+    python benchmarks/tune_dual_encoder.py --set mixup=0 --set mixup=64 --seeds 0 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.model_selection import GroupKFold, StratifiedKFold
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from miyawaki_dataset_loader import DEFAULT_OUT, resolve_data  # noqa: E402
+from miyawaki_dual_encoder import DualEncoderConfig, config_from_dict, identify, train_dual_encoder  # noqa: E402
+
+
+def inner_folds(ids: np.ndarray, scheme: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Inner folds over training trials with image ids ``ids``."""
+    x = np.zeros(len(ids))
+    if scheme == "seen":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return list(StratifiedKFold(5, shuffle=True, random_state=0).split(x, ids))
+    return list(GroupKFold(5).split(x, ids, groups=ids))
+
+
+def score(data, cfg: DualEncoderConfig, scheme: str, seeds: list[int]) -> float:
+    """Mean inner-CV top-1 over folds and seeds."""
+    s1 = data.s1()
+    top1 = []
+    for tr, va in inner_folds(s1.train.image_ids, scheme):
+        fold = data.fold(s1.train_idx[tr], s1.train_idx[va])
+        for seed in seeds:
+            model, _ = train_dual_encoder(fold.train, replace(cfg, seed=seed, val_fraction=0.0),
+                                          "cpu", fold.unique_images, progress=False)
+            ranks = identify(model, torch.as_tensor(fold.test.fmri),
+                             torch.as_tensor(fold.unique_images), fold.test.image_ids)
+            top1.append((ranks == 1).mean())
+    return float(np.mean(top1))
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="one candidate setting (repeat the flag for several)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--schemes", nargs="+", default=["seen", "unseen"])
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT / "tune_dual_encoder.json")
+    args = p.parse_args(argv)
+    data = resolve_data(args.data)
+    base = DualEncoderConfig()
+    results = {}
+    for spec in args.set or [""]:
+        overrides = dict(kv.split("=", 1) for kv in spec.split(",") if kv)
+        cfg = config_from_dict({**vars(base), **{k: json.loads(v.replace("True", "true").replace("False", "false"))
+                                                 for k, v in overrides.items()}})
+        t0 = time.perf_counter()
+        results[spec or "default"] = {s: score(data, cfg, s, args.seeds) for s in args.schemes}
+        print(f"{spec or 'default':40s} " + " ".join(f"{s} {v:.3f}" for s, v in results[spec or 'default'].items())
+              + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"data": data.source, "seeds": args.seeds, "results": results}, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

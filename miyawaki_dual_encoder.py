@@ -1,0 +1,416 @@
+"""Dual encoder: fMRI MLP + stimulus CNN + CLIP-style correlation head, trained with a
+symmetric multi-positive InfoNCE so that an fMRI pattern alone finds the image that was seen.
+
+Usage::
+
+    python miyawaki_dual_encoder.py                          # real file if in data/, else simulated
+    python miyawaki_dual_encoder.py --data simulated --epochs 20 --out-dir /tmp/de
+    python miyawaki_dual_encoder.py --noise-control          # fMRI replaced by noise: must be at chance
+
+Test-time inputs are fMRI only: ``encode_fmri(x)`` embeds a trial, ``encode_image(y)`` embeds the
+candidate images, and identification ranks the candidates by cosine similarity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from torch import nn
+from tqdm.auto import tqdm
+
+from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, CheckpointError, Fold, Trials, add_common_args,
+                                     identification_ranks, load_checkpoint, prepare_out_dir,
+                                     resolve_data, resolve_device, run_cli, save_checkpoint,
+                                     save_figure, save_json, seed_everything)
+
+CHECKPOINT_NAME = "miyawaki_dual_encoder.pth"
+SCRIPT = "miyawaki_dual_encoder.py"
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+@dataclass
+class DualEncoderConfig:
+    """Model and training settings (defaults: the seed's layer sizes, CPU-sized training)."""
+
+    latent_dim: int = 512
+    fmri_hidden: tuple[int, ...] = (1024, 768)
+    cnn_channels: tuple[int, ...] = (32, 64, 128)
+    head_hidden: tuple[int, ...] = (1024, 512)
+    dropout: float = 0.3
+    skip: bool = True              # linear skip paths beside the MLP and the CNN
+    epochs: int = 100
+    batch_size: int = 0            # 0 = full batch
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    mixup: int = 64                # mixed (fMRI, image) pairs added to every step (0 = off)
+    mixup_alpha: float = 1.0       # Beta(alpha, alpha) mixing weights
+    fmri_noise: float = 0.5        # std of Gaussian noise added to z-scored fMRI in training
+    logit_scale_init: float = math.log(1 / 0.07)
+    val_fraction: float = 0.1      # training trials held out for the curves (never test trials)
+    log_every: int = 20
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- model
+def mlp(dims: list[int], dropout: float) -> nn.Sequential:
+    """Linear + LayerNorm + SiLU + Dropout blocks through ``dims``; the last layer is linear."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(dims) - 2:
+            layers += [nn.LayerNorm(b), nn.SiLU(), nn.Dropout(dropout)]
+    return nn.Sequential(*layers)
+
+
+class FMRIEncoder(nn.Module):
+    """MLP ``N x V -> hidden -> N x latent_dim`` (Linear + LayerNorm + SiLU + Dropout), plus an
+    optional linear skip ``V -> latent_dim``: V1 maps the stimulus almost linearly (ridge is strong
+    here), and the skip lets the encoder keep that linear code while the MLP adds the rest."""
+
+    def __init__(self, fmri_dim: int, latent_dim: int = 512, hidden: tuple[int, ...] = (1024, 768),
+                 dropout: float = 0.3, skip: bool = True):
+        super().__init__()
+        self.mlp = mlp([fmri_dim, *hidden, latent_dim], dropout)
+        self.skip = nn.Linear(fmri_dim, latent_dim, bias=False) if skip else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.mlp(x)
+        return z + self.skip(x) if self.skip is not None else z
+
+
+class StimulusEncoder(nn.Module):
+    """CNN ``N x 1 x 28 x 28`` -> ``N x latent_dim``: three conv blocks (BatchNorm + ReLU),
+    pooled to 4 x 4, then a linear layer; plus an optional linear skip from the centred pixels
+    (a code that transfers to never-seen images, where the CNN alone does not)."""
+
+    def __init__(self, latent_dim: int = 512, channels: tuple[int, ...] = (32, 64, 128),
+                 skip: bool = True):
+        super().__init__()
+        self.skip = nn.Linear(28 * 28, latent_dim, bias=False) if skip else None
+        blocks, c_in = [], 1
+        for i, c in enumerate(channels):
+            blocks += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU()]
+            blocks.append(nn.MaxPool2d(2) if i < len(channels) - 1 else nn.AdaptiveAvgPool2d(4))
+            c_in = c
+        self.conv = nn.Sequential(*blocks)
+        self.fc = nn.Linear(c_in * 16, latent_dim)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        z = self.fc(self.conv(y).flatten(1))
+        if self.skip is not None:
+            flat = y.flatten(1)
+            z = z + self.skip(flat - flat.mean(1, keepdim=True))
+        return z
+
+
+class CLIPCorrelation(nn.Module):
+    """Correlation head: concat(fMRI slot, image slot) ``N x 2D`` -> hidden -> ``N x D``.
+
+    At test time there is no image, so a single-modality embedding fills both slots with the same
+    latent; training aligns the fMRI-only and image-only embeddings of the same trial."""
+
+    def __init__(self, latent_dim: int = 512, hidden: tuple[int, ...] = (1024, 512),
+                 dropout: float = 0.3):
+        super().__init__()
+        self.net = mlp([2 * latent_dim, *hidden, latent_dim], dropout)
+
+    def forward(self, z_fmri_slot: torch.Tensor, z_image_slot: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([z_fmri_slot, z_image_slot], dim=1))
+
+
+class MiyawakiDualEncoder(nn.Module):
+    """fMRI encoder ``V -> 1024 -> 768 -> D``, stimulus CNN ``-> D`` and the correlation head.
+
+    ``encode_fmri`` / ``encode_image`` return unit vectors ``N x D`` in the shared space."""
+
+    def __init__(self, fmri_dim: int = 967, latent_dim: int = 512,
+                 config: DualEncoderConfig | None = None):
+        super().__init__()
+        cfg = config or DualEncoderConfig(latent_dim=latent_dim)
+        self.config = cfg
+        self.fmri_dim = fmri_dim
+        self.fmri_encoder = FMRIEncoder(fmri_dim, latent_dim, cfg.fmri_hidden, cfg.dropout, cfg.skip)
+        self.stimulus_encoder = StimulusEncoder(latent_dim, cfg.cnn_channels, cfg.skip)
+        self.clip_correlation = CLIPCorrelation(latent_dim, cfg.head_hidden, cfg.dropout)
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
+
+    def latents(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> dict:
+        """Unit-norm encoder latents and correlation embeddings for whichever inputs are given:
+        keys ``fmri_latent``, ``fmri`` (from ``x`` ``N x V``), ``image_latent``, ``image``
+        (from ``y`` ``M x 1 x 28 x 28``)."""
+        out = {}
+        for key, inp, enc in (("fmri", x, self.fmri_encoder), ("image", y, self.stimulus_encoder)):
+            if inp is not None:
+                z = enc(inp)
+                out[key + "_latent"] = F.normalize(z, dim=1)
+                out[key] = F.normalize(self.clip_correlation(z, z), dim=1)
+        return out
+
+    def encode_fmri(self, x: torch.Tensor) -> torch.Tensor:
+        """fMRI ``N x V`` (z-scored) -> unit embedding ``N x D``. No image is involved."""
+        return self.latents(x=x)["fmri"]
+
+    def encode_image(self, y: torch.Tensor) -> torch.Tensor:
+        """Images ``N x 1 x 28 x 28`` in [0, 1] -> unit embedding ``N x D``."""
+        return self.latents(y=y)["image"]
+
+    def clamped_scale(self) -> torch.Tensor:
+        """exp(logit_scale) with logit_scale clamped to ln 100, as in CLIP."""
+        return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, map_location="cpu") -> tuple["MiyawakiDualEncoder", dict]:
+        """Rebuild the model from ``miyawaki_dual_encoder.pth``; returns (model in eval mode, ckpt)."""
+        ckpt = load_checkpoint(path, "dual_encoder", SCRIPT, map_location)
+        cfg = config_from_dict(ckpt["config"])
+        model = cls(ckpt["n_voxels"], cfg.latent_dim, cfg)
+        try:
+            model.load_state_dict(ckpt["model_state"])
+        except RuntimeError as e:
+            raise_config_mismatch(path, e)
+        return model.to(map_location).eval(), ckpt
+
+
+def config_from_dict(d: dict) -> DualEncoderConfig:
+    """Inverse of ``asdict`` (lists back to tuples); unknown keys are an error."""
+    names = {f.name for f in fields(DualEncoderConfig)}
+    unknown = set(d) - names
+    if unknown:
+        raise CheckpointError(f"checkpoint config has unknown fields {sorted(unknown)}; "
+                              f"rerun `python {SCRIPT}`")
+    return DualEncoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def raise_config_mismatch(path: Path, err: Exception):
+    """A state dict that does not fit the rebuilt model: say which script to rerun."""
+    raise CheckpointError(f"{path} does not match this code's model ({str(err).splitlines()[0][:100]}); "
+                          f"rerun `python {SCRIPT}`") from None
+
+
+# --------------------------------------------------------------------------- loss
+def contrastive_loss(emb_fmri: torch.Tensor, emb_image: torch.Tensor, positives: torch.Tensor,
+                     scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric multi-positive InfoNCE between R fMRI rows and J images.
+
+    emb_fmri ``R x D`` and emb_image ``J x D`` unit vectors; positives ``R x J`` bool, True where
+    fMRI row r was recorded while image j was shown. Repeats of an image are all positives, never
+    negatives: each direction is a cross-entropy against the uniform distribution over positives."""
+    logits = scale * emb_fmri @ emb_image.T
+    pos = positives.float()
+    loss = 0.5 * (F.cross_entropy(logits, pos / pos.sum(1, keepdim=True))
+                  + F.cross_entropy(logits.T, (pos / pos.sum(0, keepdim=True)).T))
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite contrastive loss ({loss.item()}); lower --lr")
+    return loss
+
+
+def mixup(x: torch.Tensor, y: torch.Tensor, n_mix: int, alpha: float, generator: torch.Generator):
+    """``n_mix`` mixed (fMRI ``N x V``, image ``N x 1 x 28 x 28``) pairs with Beta(alpha, alpha)
+    weights. V1 responds almost linearly to contrast, so a mixed pair is a plausible trial."""
+    a = torch.randint(len(x), (n_mix,), generator=generator).to(x.device)
+    b = torch.randint(len(x), (n_mix,), generator=generator).to(x.device)
+    beta = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha)))
+    lam = beta.sample((n_mix,)).to(x.device)
+    lx, ly = lam[:, None], lam[:, None, None, None]
+    return lx * x[a] + (1 - lx) * x[b], ly * y[a] + (1 - ly) * y[b]
+
+
+def pair_loss(model: MiyawakiDualEncoder, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Training objective for fMRI ``N x V`` paired with images ``N x 1 x 28 x 28``: InfoNCE on the
+    correlation embeddings plus InfoNCE on the encoder latents. Each distinct image is encoded
+    once (20 unique images in ~100 trials), which makes the CNN's cost small."""
+    uniq, own = torch.unique(y.flatten(1), dim=0, return_inverse=True)
+    out = model.latents(x, uniq.view(-1, *y.shape[1:]))
+    pos = own[:, None] == torch.arange(len(uniq), device=y.device)[None]
+    scale = model.clamped_scale()
+    return (contrastive_loss(out["fmri"], out["image"], pos, scale)
+            + contrastive_loss(out["fmri_latent"], out["image_latent"], pos, scale))
+
+
+# --------------------------------------------------------------------------- training
+@torch.no_grad()
+def identify(model: MiyawakiDualEncoder, fmri: torch.Tensor, candidates: torch.Tensor,
+             true_ids: np.ndarray) -> np.ndarray:
+    """Rank of the true image (1 = best) among ``K`` candidates for each fMRI trial ``N x V``,
+    by cosine similarity of fMRI-only and image embeddings."""
+    was_training = model.training
+    model.eval()
+    scores = (model.encode_fmri(fmri) @ model.encode_image(candidates).T).cpu().numpy()
+    model.train(was_training)
+    return identification_ranks(scores, true_ids)
+
+
+def split_validation(trials: Trials, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Carve a validation set from training trials: one trial of each of ``round(fraction * N)``
+    images that have at least 3 trials (so every validation image is still seen in training)."""
+    rng = np.random.default_rng(seed)
+    n_val = int(round(fraction * len(trials)))
+    ids, counts = np.unique(trials.image_ids, return_counts=True)
+    eligible = rng.permutation(ids[counts >= 3])[:n_val]
+    val = np.array([rng.choice(np.where(trials.image_ids == k)[0]) for k in eligible], dtype=int)
+    return np.setdiff1d(np.arange(len(trials)), val), val
+
+
+def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.device | str = "cpu",
+                       candidates: np.ndarray | None = None, progress: bool = True):
+    """Fit a dual encoder on training trials (fMRI already z-scored).
+
+    candidates ``K x 1 x 28 x 28``: the images validation identification ranks against (default:
+    the training images). Returns (model in eval mode, history dict of per-epoch lists)."""
+    device = torch.device(device)
+    seed_everything(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    tr_idx, val_idx = (split_validation(train, config.val_fraction, config.seed)
+                       if config.val_fraction > 0 else (np.arange(len(train)), np.array([], int)))
+    to = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
+    x, y = to(train.fmri[tr_idx]), to(train.images[tr_idx])
+    xv, yv, val_ids = to(train.fmri[val_idx]), to(train.images[val_idx]), train.image_ids[val_idx]
+    if candidates is None:
+        _, first = np.unique(train.image_ids, return_index=True)
+        candidates = np.zeros((train.image_ids.max() + 1, *train.images.shape[1:]), np.float32)
+        candidates[train.image_ids[first]] = train.images[first]
+    cand = to(candidates)
+
+    model = MiyawakiDualEncoder(train.fmri.shape[1], config.latent_dim, config).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    bs = config.batch_size or len(x)
+    steps_per_epoch = math.ceil(len(x) / bs)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=config.epochs * steps_per_epoch,
+                                                pct_start=0.1, anneal_strategy="cos")
+    history = {"train_loss": [], "val_loss": [], "val_top1": []}
+    bar = tqdm(range(1, config.epochs + 1), desc="dual encoder", disable=not progress, leave=False)
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(len(x), generator=gen).to(device)
+        losses = []
+        for s in range(steps_per_epoch):
+            b = order[s * bs:(s + 1) * bs]
+            xb, yb = x[b], y[b]
+            if config.fmri_noise > 0:
+                xb = xb + config.fmri_noise * torch.randn(xb.shape, generator=gen).to(device)
+            if config.mixup:
+                xm, ym = mixup(xb, yb, config.mixup, config.mixup_alpha, gen)
+                xb, yb = torch.cat([xb, xm]), torch.cat([yb, ym])
+            loss = pair_loss(model, xb, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        history["train_loss"].append(float(np.mean(losses)))
+        if len(val_idx):
+            model.eval()
+            with torch.no_grad():
+                history["val_loss"].append(pair_loss(model, xv, yv).item())
+            history["val_top1"].append(float((identify(model, xv, cand, val_ids) == 1).mean()))
+        if progress and (epoch % config.log_every == 0 or epoch == config.epochs):
+            msg = f"epoch {epoch} | loss {history['train_loss'][-1]:.3f}"
+            if len(val_idx):
+                msg += (f" | val loss {history['val_loss'][-1]:.3f} | val id@1 "
+                        f"{history['val_top1'][-1]:.2f} (chance {1 / len(cand):.2f})")
+            tqdm.write(msg)
+    return model.eval(), history
+
+
+# --------------------------------------------------------------------------- figures
+def plot_training_curves(history: dict, chance: float) -> Figure:
+    """Train / validation loss and validation 20-way identification per epoch."""
+    fig = Figure(figsize=(10, 3.8))
+    ax1, ax2 = fig.subplots(1, 2)
+    ep = np.arange(1, len(history["train_loss"]) + 1)
+    ax1.plot(ep, history["train_loss"], label="train (with mixup + noise)")
+    if history["val_loss"]:
+        ax1.plot(ep, history["val_loss"], label="validation (held-out training trials)")
+        ax2.plot(ep, history["val_top1"], label="validation top-1")
+    ax2.axhline(chance, color="gray", ls="--", label=f"chance {chance:.2f}")
+    ax1.set(xlabel="epoch", ylabel="InfoNCE loss", title="Contrastive loss")
+    ax2.set(xlabel="epoch", ylabel="top-1", ylim=(0, 1.02),
+            title="Identification from fMRI only (validation)")
+    ax1.legend()
+    ax2.legend()
+    return fig
+
+
+# --------------------------------------------------------------------------- script
+@dataclass
+class ScriptConfig(DualEncoderConfig):
+    data: str | None = None
+    out_dir: Path = Path("outputs")
+    device: str = "auto"
+    noise_control: bool = False
+
+
+def main(argv: list[str] | ScriptConfig | None = None) -> dict:
+    """Train on the S1 training trials, report S1 identification from fMRI only, save the
+    checkpoint, curves and metrics; returns the metrics."""
+    cfg = argv if isinstance(argv, ScriptConfig) else parse_args(argv)
+    out = prepare_out_dir(cfg.out_dir)
+    device = resolve_device(cfg.device)
+    data = resolve_data(cfg.data)
+    fold: Fold = data.s1()
+    train = fold.train
+    if cfg.noise_control:  # every fMRI row replaced by Gaussian noise: identification must be chance
+        rng = np.random.default_rng(cfg.seed + 1000)
+        train = Trials(rng.standard_normal(train.fmri.shape).astype(np.float32), train.images,
+                       train.labels, train.image_ids)
+    model_cfg = DualEncoderConfig(**{f.name: getattr(cfg, f.name) for f in fields(DualEncoderConfig)})
+    t0 = time.perf_counter()
+    model, history = train_dual_encoder(train, model_cfg, device, fold.unique_images)
+    seconds = time.perf_counter() - t0
+    test_x = torch.as_tensor(fold.test.fmri, device=device)
+    ranks = identify(model, test_x, torch.as_tensor(fold.unique_images, device=device),
+                     fold.test.image_ids)
+    k = len(fold.unique_images)
+    metrics = {"split": "s1", "seed": cfg.seed, "n_test": len(ranks), "n_candidates": k,
+               "chance_top1": 1 / k, "top1": float((ranks == 1).mean()),
+               "top5": float((ranks <= 5).mean()), "mean_rank": float(ranks.mean()),
+               "noise_control": cfg.noise_control, "train_seconds": seconds}
+    print(f"S1 identification from fMRI only: top-1 {metrics['top1']:.2f} (chance {1 / k:.2f}), "
+          f"top-5 {metrics['top5']:.2f}, mean rank {metrics['mean_rank']:.1f} of {k}"
+          f"{' [NOISE CONTROL]' if cfg.noise_control else ''} | {seconds:.1f} s on {device}")
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    save_checkpoint({"kind": "dual_encoder", "format_version": CHECKPOINT_FORMAT,
+                     "model_state": model.state_dict(), "config": asdict(model_cfg),
+                     "script_config": config, "seed": cfg.seed,
+                     "fmri_mean": torch.as_tensor(fold.fmri_mean),
+                     "fmri_std": torch.as_tensor(fold.fmri_std), "n_voxels": data.n_voxels,
+                     "data_source": data.source, "data_fingerprint": data.fingerprint,
+                     "history": history, "metrics": metrics}, out / CHECKPOINT_NAME)
+    save_figure(plot_training_curves(history, 1 / k), out / "miyawaki_training_curves.png")
+    save_json({"metrics": metrics, "config": config}, out / "miyawaki_dual_encoder.json")
+    print(f"saved {out / CHECKPOINT_NAME}, {out / 'miyawaki_training_curves.png'}")
+    return metrics
+
+
+def parse_args(argv=None) -> ScriptConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(p)
+    defaults = DualEncoderConfig()
+    for f in fields(DualEncoderConfig):
+        if f.name == "seed":
+            continue
+        v = getattr(defaults, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(v, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=v)
+        elif isinstance(v, tuple):
+            p.add_argument(flag, type=int, nargs="+", default=v)
+        else:
+            p.add_argument(flag, type=type(v), default=v)
+    p.add_argument("--noise-control", action="store_true",
+                   help="replace every fMRI row by Gaussian noise (leak check: must score chance)")
+    ns = vars(p.parse_args(argv))
+    return ScriptConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ns.items()})
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,129 @@
+"""Dual encoder: shapes, loss sanity, clamp, checkpoint round-trip, learning and the noise control."""
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from miyawaki_dataset_loader import CheckpointError, Trials, splits
+from miyawaki_dual_encoder import (DualEncoderConfig, MiyawakiDualEncoder, contrastive_loss,
+                                   identify, main, train_dual_encoder)
+
+FAST = DualEncoderConfig(epochs=25, mixup=32, val_fraction=0.0)
+
+
+def unit(n, d=16, seed=0):
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=1)
+
+
+def test_shapes_and_unit_norm():
+    model = MiyawakiDualEncoder(fmri_dim=50, latent_dim=32).eval()
+    ef = model.encode_fmri(torch.randn(7, 50))
+    ei = model.encode_image(torch.rand(5, 1, 28, 28))
+    assert ef.shape == (7, 32) and ei.shape == (5, 32)
+    assert torch.allclose(ef.norm(dim=1), torch.ones(7), atol=1e-5)
+    assert torch.allclose(ei.norm(dim=1), torch.ones(5), atol=1e-5)
+    assert {"fmri_encoder", "stimulus_encoder", "clip_correlation"} <= dict(model.named_children()).keys()
+
+
+def test_aligned_pairs_have_lower_loss_than_shuffled():
+    e = unit(8)
+    pos = torch.eye(8, dtype=torch.bool)
+    aligned = contrastive_loss(e, e, pos, torch.tensor(10.0))
+    shuffled = contrastive_loss(e, e[torch.roll(torch.arange(8), 1)], pos, torch.tensor(10.0))
+    assert aligned < shuffled
+
+
+def test_repeats_are_positives_not_negatives():
+    """Two trials of the same image: marking both as positives must lower the loss when the
+    fMRI embeddings are close to that image, compared with treating the repeat as a negative."""
+    img = unit(3)                                 # 3 distinct images
+    fmri = img[[0, 0, 1, 2]]                      # trials 0 and 1 both saw image 0
+    own = torch.tensor([0, 0, 1, 2])
+    multi = own[:, None] == torch.arange(3)[None]
+    loss_multi = contrastive_loss(fmri, img, multi, torch.tensor(20.0))
+    # the same data written as 4 separate "images" with only the diagonal positive
+    loss_diag = contrastive_loss(fmri, img[own], torch.eye(4, dtype=torch.bool), torch.tensor(20.0))
+    assert loss_multi < loss_diag
+    # its floor is the entropy of the soft target: image 0 -> {trial 0, trial 1} at 1/2 each,
+    # i.e. ln 2 in one of 3 image rows, in one of the 2 directions
+    assert loss_multi < math.log(2) / 6 + 0.01
+
+
+def test_non_finite_loss_raises():
+    e = unit(4)
+    with pytest.raises(FloatingPointError):
+        contrastive_loss(e, e, torch.eye(4, dtype=torch.bool), torch.tensor(float("nan")))
+
+
+def test_logit_scale_is_clamped_at_ln100():
+    model = MiyawakiDualEncoder(fmri_dim=10, latent_dim=8)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    assert math.isclose(model.clamped_scale().item(), 100.0, rel_tol=1e-5)
+    assert math.isclose(MiyawakiDualEncoder(10, 8).clamped_scale().item(), 1 / 0.07, rel_tol=1e-5)
+
+
+def _fold(sim):
+    name, tr, te = splits("s2", sim)[0]
+    return sim.fold(tr, te, name)
+
+
+def test_training_lowers_loss_and_identifies_above_chance(sim):
+    fold = _fold(sim)
+    model, hist = train_dual_encoder(fold.train, FAST, "cpu", fold.unique_images, progress=False)
+    assert hist["train_loss"][-1] < 0.7 * hist["train_loss"][0]
+    ranks = identify(model, torch.as_tensor(fold.test.fmri), torch.as_tensor(fold.unique_images),
+                     fold.test.image_ids)
+    assert (ranks == 1).mean() >= 0.4          # chance 0.05
+
+
+def test_same_seed_same_numbers(sim):
+    fold = _fold(sim)
+    cfg = replace(FAST, epochs=3)
+    a, ha = train_dual_encoder(fold.train, cfg, "cpu", progress=False)
+    b, hb = train_dual_encoder(fold.train, cfg, "cpu", progress=False)
+    assert ha["train_loss"] == hb["train_loss"]
+    x = torch.as_tensor(fold.test.fmri)
+    assert torch.equal(a.encode_fmri(x), b.encode_fmri(x))
+
+
+def test_noise_control_sits_at_chance(sim):
+    """Trained on Gaussian noise instead of fMRI, the model cannot identify real test trials."""
+    fold = _fold(sim)
+    rng = np.random.default_rng(0)
+    noise = Trials(rng.standard_normal(fold.train.fmri.shape).astype(np.float32), fold.train.images,
+                   fold.train.labels, fold.train.image_ids)
+    model, _ = train_dual_encoder(noise, FAST, "cpu", fold.unique_images, progress=False)
+    ranks = identify(model, torch.as_tensor(fold.test.fmri), torch.as_tensor(fold.unique_images),
+                     fold.test.image_ids)
+    assert (ranks == 1).mean() <= 0.15
+    assert ranks.mean() > 6                     # chance mean rank 10.5 of 20
+
+
+def test_script_checkpoint_round_trip(tmp_path):
+    metrics = main(["--data", "simulated", "--epochs", "4", "--mixup", "8", "--out-dir", str(tmp_path),
+                    "--device", "cpu"])
+    path = tmp_path / "miyawaki_dual_encoder.pth"
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["kind"] == "dual_encoder" and ckpt["config"]["epochs"] == 4
+    model, _ = MiyawakiDualEncoder.from_checkpoint(path)
+    trained = MiyawakiDualEncoder(ckpt["n_voxels"], 512)
+    trained.load_state_dict(ckpt["model_state"])
+    x = torch.randn(3, ckpt["n_voxels"])
+    assert torch.equal(model.encode_fmri(x), trained.eval().encode_fmri(x))
+    assert (tmp_path / "miyawaki_training_curves.png").stat().st_size > 0
+    assert 0 <= metrics["top1"] <= 1 and metrics["n_candidates"] == 20
+
+
+def test_checkpoint_of_other_architecture_is_refused(tmp_path):
+    main(["--data", "simulated", "--epochs", "1", "--mixup", "0", "--out-dir", str(tmp_path),
+          "--device", "cpu"])
+    path = tmp_path / "miyawaki_dual_encoder.pth"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["latent_dim"] = 64           # state dict no longer fits the rebuilt model
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match="miyawaki_dual_encoder.py"):
+        MiyawakiDualEncoder.from_checkpoint(path)
