@@ -369,7 +369,8 @@ def main(argv: list[str] | ScriptConfig | None = None) -> dict:
     ranks = identify(model, test_x, torch.as_tensor(fold.unique_images, device=device),
                      fold.test.image_ids)
     k = len(fold.unique_images)
-    metrics = {"split": "s1", "seed": cfg.seed, "n_test": len(ranks), "n_candidates": k,
+    metrics = {"split": "s1", "seed": cfg.seed, "n_train": len(train), "n_test": len(ranks),
+               "n_candidates": k,
                "chance_top1": 1 / k, "top1": float((ranks == 1).mean()),
                "top5": float((ranks <= 5).mean()), "mean_rank": float(ranks.mean()),
                "noise_control": cfg.noise_control, "train_seconds": seconds}
