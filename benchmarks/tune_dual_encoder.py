@@ -38,10 +38,11 @@ def inner_folds(ids: np.ndarray, scheme: str) -> list[tuple[np.ndarray, np.ndarr
     return list(GroupKFold(5).split(x, ids, groups=ids))
 
 
-def score(data, cfg: DualEncoderConfig, scheme: str, seeds: list[int]) -> float:
-    """Mean inner-CV top-1 over folds and seeds."""
+def score(data, cfg: DualEncoderConfig, scheme: str, seeds: list[int]) -> tuple[float, float]:
+    """Mean inner-CV top-1 over folds and seeds, ranking by the correlation embeddings and by the
+    encoder latents."""
     s1 = data.s1()
-    top1 = []
+    top1, top1_latent = [], []
     for tr, va in inner_folds(s1.train.image_ids, scheme):
         fold = data.fold(s1.train_idx[tr], s1.train_idx[va])
         for seed in seeds:
@@ -50,7 +51,11 @@ def score(data, cfg: DualEncoderConfig, scheme: str, seeds: list[int]) -> float:
             ranks = identify(model, torch.as_tensor(fold.test.fmri),
                              torch.as_tensor(fold.unique_images), fold.test.image_ids)
             top1.append((ranks == 1).mean())
-    return float(np.mean(top1))
+            with torch.no_grad():
+                out = model.latents(torch.as_tensor(fold.test.fmri), torch.as_tensor(fold.unique_images))
+            scores = (out["fmri_latent"] @ out["image_latent"].T).numpy()
+            top1_latent.append((scores.argmax(1) == fold.test.image_ids).mean())
+    return float(np.mean(top1)), float(np.mean(top1_latent))
 
 
 def main(argv=None) -> dict:
@@ -71,7 +76,7 @@ def main(argv=None) -> dict:
                                                  for k, v in overrides.items()}})
         t0 = time.perf_counter()
         results[spec or "default"] = {s: score(data, cfg, s, args.seeds) for s in args.schemes}
-        print(f"{spec or 'default':40s} " + " ".join(f"{s} {v:.3f}" for s, v in results[spec or 'default'].items())
+        print(f"{spec or 'default':40s} " + " ".join(f"{s} {v[0]:.3f} (latent {v[1]:.3f})" for s, v in results[spec or 'default'].items())
               + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"data": data.source, "seeds": args.seeds, "results": results}, indent=2))
