@@ -1,0 +1,869 @@
+"""Evaluation from fMRI only: dual-encoder checkpoint, classic baselines, S1/S2/S3 benchmark.
+
+The checkpoint evaluation scores ``outputs/miyawaki_dual_encoder.pth`` on S1 (identification both
+ways, condition decoding, figures); the classic baselines reproduce BASELINES.md; the benchmark
+trains a fresh dual encoder per fold and seed and compares it with the baselines on S1, S2 or S3.
+
+Usage::
+
+    python miyawaki_dual_encoder.py && python miyawaki_evaluation.py      # checkpoint on S1 + figures
+    python miyawaki_evaluation.py --protocol s3 --seeds 0 1 2 3 4 --permutation-control
+    python miyawaki_evaluation.py --protocol s2 --data simulated --epochs 30 --out-dir /tmp/bench
+
+Test-time inputs are fMRI only: a trial is embedded with ``encode_fmri`` and compared with the
+embeddings of the candidate images. Numbers that feed the true test image into the model appear
+only under the ``oracle`` key (``--oracle``) and are labelled "oracle" wherever they are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+from sklearn.linear_model import RidgeCV
+from sklearn.manifold import TSNE
+from sklearn.neighbors import KNeighborsClassifier
+from tqdm.auto import tqdm
+
+from miyawaki_dataset_loader import (CONDITION_NAMES, DEFAULT_OUT, GRID, IMAGE_SIDE, CheckpointError,
+                                     Fold, MiyawakiData, Trials, add_common_args, check_same_data,
+                                     condition_accuracy, identification_ranks, identified_labels,
+                                     majority_rate, mean_rank, pearson_matrix, per_trial_metrics,
+                                     prepare_out_dir, resolve_data, resolve_device, run_cli,
+                                     save_figure, save_json, splits, topk_accuracy, upsample_grid)
+from miyawaki_dual_encoder import (CHECKPOINT_NAME, SCRIPT as DUAL_ENCODER_SCRIPT, DualEncoderConfig,
+                                   MiyawakiDualEncoder, train_dual_encoder)
+import miyawaki_generative_backend as G
+
+RIDGE_ALPHAS = np.logspace(-1, 5, 25)
+BASELINES = ("mean_image", "ridge", "ridge_snap", "multiscale_local", "knn1", "knn5")
+GENERATIVE = ("diffusion", "gan")
+METRICS = ("top1", "top5", "two_way", "mse", "pixcorr", "ssim", "condition")
+# the dual encoder's condition as the † baselines define it (condition of the top-1 image)
+EXTRA_METRICS = ("condition_top1",)
+METHOD_TITLES = {
+    "mean_image": "mean image (floor)",
+    "ridge": "ridge (fMRI->784 px)",
+    "ridge_snap": "ridge + template snap",
+    "multiscale_local": "multiscale local decoder (ridge)",
+    "knn1": "kNN k=1 (corr. dist.)",
+    "knn5": "kNN k=5 (corr. dist.)",
+    "dual_encoder": "dual encoder (fMRI emb. vs image emb.)",
+    "dual_encoder_permuted": "dual encoder, permutation control",
+    "diffusion": "diffusion decoder",
+    "gan": "GAN decoder",
+}
+ORACLE_LABEL = "ORACLE: uses the true test image as a model input; not a decoding result"
+IMAGE_LATENT_NOTE = "image latent of the test trial's own image: uses the image, not a decoding number"
+CONDITION_COLOURS = {2: "tab:blue", 3: "tab:orange", 4: "tab:green", 5: "tab:red"}
+
+
+# --------------------------------------------------------------------------- classic baselines
+def _flat(images) -> np.ndarray:
+    """N x ... -> N x P float64 (not clipped; the protocol metrics clip)."""
+    images = np.asarray(images, dtype=np.float64)
+    return images.reshape(len(images), -1)
+
+
+def grid_cell_of_pixel() -> np.ndarray:
+    """784 ints: the 10 x 10 grid cell (row-major) that each 28 x 28 pixel belongs to."""
+    return upsample_grid(np.arange(GRID * GRID).reshape(GRID, GRID)).ravel()
+
+
+def multiscale_bases(sizes=((1, 1), (1, 2), (2, 1), (2, 2))) -> np.ndarray:
+    """B x 100 0/1 matrix: each row one basis (h x w block of grid cells) at every position.
+
+    The default gives Miyawaki's 361 bases: 100 1x1, 90 1x2, 90 2x1, 81 2x2."""
+    bases = []
+    for h, w in sizes:
+        for r in range(GRID - h + 1):
+            for c in range(GRID - w + 1):
+                block = np.zeros((GRID, GRID))
+                block[r:r + h, c:c + w] = 1.0
+                bases.append(block.ravel())
+    return np.array(bases)
+
+
+class MeanImageBaseline:
+    """Predicts the mean training image for every trial (information-free floor)."""
+
+    def fit(self, fmri, images):
+        self.mean_ = _flat(images).mean(axis=0)
+        return self
+
+    def predict(self, fmri):
+        return np.tile(self.mean_, (len(fmri), 1))
+
+
+class RidgeBaseline:
+    """Ridge fMRI ``N x V`` -> 784 pixels; one alpha shared by all pixels, chosen by efficient LOO."""
+
+    def fit(self, fmri, images):
+        self.model_ = RidgeCV(alphas=RIDGE_ALPHAS).fit(fmri, _flat(images))
+        self.alpha_ = float(self.model_.alpha_)
+        return self
+
+    def predict(self, fmri):
+        return self.model_.predict(fmri)
+
+
+class MultiscaleLocalDecoder:
+    """Miyawaki et al. 2008 multiscale local decoders, ridge version.
+
+    Each basis (block of grid cells) gets its own ridge decoder of its mean contrast (mean over
+    its cells of each cell's mean pixel value; RidgeCV, alpha chosen per basis by efficient LOO);
+    a basis constant in the training fold is predicted as that constant (the ridge intercept).
+    Predicted contrasts are clipped to [0, 1], a cell's value is the mean over the bases covering
+    it, and the 10 x 10 grid is upsampled to 28 x 28. ``only_1x1=True`` keeps the 1x1 bases only
+    (ablation)."""
+
+    def __init__(self, only_1x1: bool = False):
+        self.only_1x1 = only_1x1
+        bases = multiscale_bases(((1, 1),) if only_1x1 else ((1, 1), (1, 2), (2, 1), (2, 2)))
+        self.n_bases = len(bases)
+        cell = grid_cell_of_pixel()
+        cell_mean = np.eye(GRID * GRID)[cell].T                      # 100 x 784 membership
+        cell_mean /= cell_mean.sum(axis=1, keepdims=True)           # edge cells: fewer pixels
+        # B x 784: mean over the basis's cells, each cell weighted equally
+        self.contrast_ = bases / bases.sum(axis=1, keepdims=True) @ cell_mean
+        # 100 x B: average of the bases covering each cell
+        self.combine_ = bases.T / bases.sum(axis=0)[:, None]
+        self.cell_of_pixel_ = cell
+
+    def fit(self, fmri, images):
+        contrasts = _flat(images) @ self.contrast_.T              # N x B
+        self.model_ = RidgeCV(alphas=RIDGE_ALPHAS, alpha_per_target=True).fit(fmri, contrasts)
+        return self
+
+    def predict(self, fmri):
+        cells = self.model_.predict(fmri).clip(0.0, 1.0) @ self.combine_.T   # N x 100
+        return cells[:, self.cell_of_pixel_]
+
+
+class KNNBaseline:
+    """k nearest training trials by correlation distance of the fMRI patterns.
+
+    predict: mean image of the k neighbours. candidate_scores: 20-way scores that order images by
+    votes among the neighbours, then by the highest similarity of any training trial of that
+    image; images absent from the training fold score -inf (rank last). predict_labels: majority
+    condition of the neighbours, a tie going to the tied condition with the closest neighbour."""
+
+    def __init__(self, k: int = 1):
+        self.k = k
+
+    def fit(self, fmri, images, image_ids, labels):
+        self.fmri_ = np.asarray(fmri, dtype=np.float64)
+        self.images_ = _flat(images)
+        self.image_ids_ = np.asarray(image_ids)
+        self.labels_ = np.asarray(labels)
+        return self
+
+    def _neighbours(self, fmri):
+        """-> (N x n_train similarities, N x k neighbour indices, closest first)."""
+        sim = pearson_matrix(fmri, self.fmri_)
+        return sim, np.argsort(-sim, axis=1, kind="stable")[:, :self.k]
+
+    def predict(self, fmri):
+        _, nn = self._neighbours(fmri)
+        return self.images_[nn].mean(axis=1)
+
+    def candidate_scores(self, fmri, n_candidates: int) -> np.ndarray:
+        """-> N x n_candidates scores (higher = better) for identification_ranks."""
+        sim, nn = self._neighbours(fmri)
+        scores = np.full((len(sim), n_candidates), -np.inf)
+        for c in np.unique(self.image_ids_):
+            of_c = self.image_ids_ == c
+            votes = (self.image_ids_[nn] == c).sum(axis=1)
+            # similarity in [-1, 1] -> +[0, 2] < 3: breaks vote ties without reordering votes
+            scores[:, c] = 3.0 * votes + 1.0 + sim[:, of_c].max(axis=1)
+        return scores
+
+    def predict_labels(self, fmri):
+        _, nn = self._neighbours(fmri)
+        out = np.empty(len(nn), dtype=self.labels_.dtype)
+        for i, row in enumerate(self.labels_[nn]):
+            values, counts = np.unique(row, return_counts=True)
+            tied = values[counts == counts.max()]
+            out[i] = next(label for label in row if label in tied)  # row is closest first
+        return out
+
+
+def snap_to_templates(recon, candidates) -> np.ndarray:
+    """Replace each reconstruction (N images) by its best-correlated candidate (K) -> N x 784."""
+    candidates = _flat(candidates)
+    return candidates[np.argmax(pearson_matrix(_flat(recon).clip(0, 1), candidates), axis=1)]
+
+
+def score_reconstructions(recon, fold: Fold, pool=None, scores=None, cond=None) -> dict:
+    """Per-trial protocol metrics of reconstructions ``N x 784`` of ``fold.test`` -> dict of N
+    arrays: top1, top5, two_way, mse, pixcorr, ssim, condition, rank.
+
+    scores ``N x K`` replace the Pearson ranking (kNN votes, ridge_snap's ridge ranking); cond
+    ``N`` predicted conditions, else the condition of the top-1 identified image (BASELINES.md †);
+    pool (images, image ids): the 2-way rivals (S3: all trials)."""
+    test = fold.test
+    pool_true, pool_ids = pool if pool is not None else (None, None)
+    m = per_trial_metrics(recon, test.images, test.image_ids, fold.unique_images, pool_true,
+                          pool_ids, scores)
+    if cond is None:
+        if scores is None:
+            scores = pearson_matrix(_flat(recon).clip(0, 1), _flat(fold.unique_images))
+        cond = identified_labels(scores, fold.unique_labels)
+    m.update(top1=(m["rank"] <= 1).astype(float), top5=(m["rank"] <= 5).astype(float),
+             condition=(np.asarray(cond) == test.labels).astype(float))
+    return m
+
+
+def fold_means(per_trial: dict) -> dict:
+    """{metric: N array} -> {metric: mean} for the (EXTRA_)METRICS present (nan entries ignored)."""
+    return {m: float(np.nanmean(per_trial[m])) for m in (*METRICS, *EXTRA_METRICS) if m in per_trial}
+
+
+def evaluate_baselines(fold: Fold, pool=None) -> tuple[dict, dict]:
+    """Fit and score the classic baselines on one fold.
+
+    Returns ({method: per-trial metrics (score_reconstructions)}, {method: fit+predict seconds});
+    ridge_snap's time includes the ridge fit it reuses, as in BASELINES.md."""
+    xtr, ytr, xte = fold.train.fmri, fold.train.images, fold.test.fmri
+    results, seconds = {}, {}
+    t = time.perf_counter()
+    recon = MeanImageBaseline().fit(xtr, ytr).predict(xte)
+    seconds["mean_image"] = time.perf_counter() - t
+    results["mean_image"] = score_reconstructions(recon, fold, pool)
+    t = time.perf_counter()
+    recon = RidgeBaseline().fit(xtr, ytr).predict(xte)
+    seconds["ridge"] = seconds["ridge_snap"] = time.perf_counter() - t
+    results["ridge"] = score_reconstructions(recon, fold, pool)
+    # snapping keeps ridge's 20-way ranking and identified condition by construction
+    ridge_scores = pearson_matrix(recon.clip(0, 1), _flat(fold.unique_images))
+    results["ridge_snap"] = score_reconstructions(snap_to_templates(recon, fold.unique_images), fold,
+                                                  pool, scores=ridge_scores)
+    t = time.perf_counter()
+    recon = MultiscaleLocalDecoder().fit(xtr, ytr).predict(xte)
+    seconds["multiscale_local"] = time.perf_counter() - t
+    results["multiscale_local"] = score_reconstructions(recon, fold, pool)
+    for k in (1, 5):
+        t = time.perf_counter()
+        knn = KNNBaseline(k).fit(xtr, ytr, fold.train.image_ids, fold.train.labels)
+        recon = knn.predict(xte)
+        scores = knn.candidate_scores(xte, len(fold.unique_images))
+        cond = knn.predict_labels(xte)
+        seconds[f"knn{k}"] = time.perf_counter() - t
+        results[f"knn{k}"] = score_reconstructions(recon, fold, pool, scores, cond)
+    return results, seconds
+
+
+# --------------------------------------------------------------------------- embedding metrics
+@torch.no_grad()
+def extract_latent_representations(model: MiyawakiDualEncoder, fmri=None, images=None) -> dict:
+    """Embeddings of a dual encoder as numpy arrays (unit rows).
+
+    fmri: ``N x V`` z-scored fMRI, or a ``Trials`` (then only its fMRI is used: the trials' images
+    are never fed to the model, so the result is fMRI-only); images: ``M x 1 x 28 x 28``.
+    Returns ``model.latents`` as numpy for whichever inputs are given: ``fmri_latent``, ``fmri``
+    (correlation embedding, ``N x D``), ``image_latent``, ``image`` (``M x D``), and any other
+    key the model adds."""
+    if isinstance(fmri, Trials):
+        fmri = fmri.fmri
+    device = next(model.parameters()).device
+
+    def as_tensor(a):
+        return None if a is None else torch.as_tensor(np.asarray(a, np.float32), device=device)
+
+    was_training = model.training
+    model.eval()
+    out = model.latents(x=as_tensor(fmri), y=as_tensor(images))
+    model.train(was_training)
+    return {k: v.cpu().numpy() for k, v in out.items()}
+
+
+def cosine_scores(queries: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Cosine similarity of every row of queries ``N x D`` with every row of items ``M x D``."""
+    q = np.asarray(queries, np.float64)
+    v = np.asarray(items, np.float64)
+    q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    return q @ v.T
+
+
+def retrieval_ranks(scores, query_ids, item_ids) -> np.ndarray:
+    """Rank of the first match for each query: scores ``N x M`` (higher = better), query_ids ``N``,
+    item_ids ``M``; item j matches query i when their ids are equal (several may match).
+
+    rank = 1 + number of non-matching items scoring >= the best match (ties pessimistic, as in
+    identification_ranks, which this equals when every query has exactly one match)."""
+    scores = np.asarray(scores, np.float64)
+    match = np.asarray(query_ids)[:, None] == np.asarray(item_ids)[None, :]
+    if not match.any(axis=1).all():
+        raise ValueError("every query needs at least one matching item")
+    best = np.where(match, scores, -np.inf).max(axis=1)
+    return 1 + np.sum(~match & (scores >= best[:, None]), axis=1)
+
+
+def identification_summary(scores, true_ids) -> dict:
+    """fMRI -> image identification from scores ``N x K``: ranks, top1, top5, mean_rank, chance."""
+    scores = np.asarray(scores)
+    k = scores.shape[1]
+    ranks = identification_ranks(scores, true_ids)
+    return {"n_candidates": k, "chance_top1": 1 / k, "chance_top5": min(5, k) / k,
+            "top1": topk_accuracy(ranks, 1), "top5": topk_accuracy(ranks, 5),
+            "mean_rank": mean_rank(ranks), "chance_mean_rank": (k + 1) / 2, "ranks": ranks}
+
+
+def image_to_fmri_summary(image_emb, image_ids, trial_emb, trial_ids) -> dict:
+    """Reverse direction: each unique image that has test trials (image_emb ``Q x D`` with ids
+    ``Q``) ranks the test trials (trial_emb ``N x D``, ids ``N``); a hit is any trial of that image.
+
+    top1: share of images whose most similar test trial shows them; chance_top1 = mean over the
+    images of (its trials / N). Undefined (nan) when the test trials show a single image."""
+    present = np.isin(image_ids, trial_ids)
+    image_emb, image_ids = np.asarray(image_emb)[present], np.asarray(image_ids)[present]
+    if len(image_ids) < 2:
+        return {"n_queries": int(len(image_ids)), "n_items": int(len(trial_ids)),
+                "top1": float("nan"), "mean_rank": float("nan"), "chance_top1": float("nan")}
+    ranks = retrieval_ranks(cosine_scores(image_emb, trial_emb), image_ids, trial_ids)
+    hits = np.array([np.mean(trial_ids == k) for k in image_ids])
+    return {"n_queries": int(len(image_ids)), "n_items": int(len(trial_ids)),
+            "top1": topk_accuracy(ranks, 1), "mean_rank": mean_rank(ranks),
+            "chance_top1": float(hits.mean())}
+
+
+def knn_condition(train_emb, train_labels, test_emb, k: int = 5) -> np.ndarray:
+    """Condition of each test row ``N x D`` by k-nearest-neighbour vote (cosine) among the
+    training rows ``T x D`` (sklearn; a vote tie goes to the smallest label)."""
+    clf = KNeighborsClassifier(n_neighbors=min(k, len(train_emb)), metric="cosine")
+    return clf.fit(train_emb, train_labels).predict(test_emb)
+
+
+def embedding_fold_metrics(model: MiyawakiDualEncoder, train: Trials, fold: Fold, k: int = 5) -> dict:
+    """Per-trial metrics of a dual encoder on ``fold.test`` from fMRI only -> dict of N arrays:
+    top1, top5, rank (20-way, fMRI embedding vs candidate image embeddings), condition (kNN on
+    the fMRI correlation embeddings of ``train``, the trials the model was fitted on) and
+    condition_top1 (condition of the top-1 identified image, as the † baselines)."""
+    cand = extract_latent_representations(model, images=fold.unique_images)["image"]
+    test = extract_latent_representations(model, fold.test)["fmri"]
+    scores = cosine_scores(test, cand)
+    ranks = identification_ranks(scores, fold.test.image_ids)
+    pred = knn_condition(extract_latent_representations(model, train)["fmri"], train.labels, test, k)
+    truth = fold.test.labels
+    return {"rank": ranks, "top1": (ranks <= 1).astype(float), "top5": (ranks <= 5).astype(float),
+            "condition": (pred == truth).astype(float),
+            "condition_top1": (identified_labels(scores, fold.unique_labels) == truth).astype(float)}
+
+
+# --------------------------------------------------------------------------- figures
+def tsne_map(points: np.ndarray, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
+    """2-D t-SNE of ``N x D`` points (cosine metric) -> ``N x 2``. The perplexity is capped at
+    (N - 1) / 3 (at least 1), so that a dozen points still work."""
+    n = len(points)
+    perplexity = float(min(perplexity, max(1.0, (n - 1) / 3)))
+    tsne = TSNE(n_components=2, perplexity=perplexity, metric="cosine", init="pca",
+                random_state=seed)
+    return tsne.fit_transform(np.asarray(points, np.float64))
+
+
+def _condition_colour(label) -> str:
+    return CONDITION_COLOURS.get(int(label), "tab:gray")
+
+
+def _condition_name(label) -> str:
+    return CONDITION_NAMES.get(int(label), f"condition {label}")
+
+
+def plot_latent_space(test_xy, test_labels, test_ids, image_xy, image_labels, train_xy=None,
+                      train_labels=None, title="") -> Figure:
+    """Joint t-SNE map: test-trial fMRI embeddings (circles, ``N x 2``) joined to their true image's
+    embedding (squares numbered by image id, ``K x 2``); optional training-trial fMRI embeddings
+    (small dots). Colour = condition."""
+    fig = Figure(figsize=(8, 7))
+    ax = fig.add_subplot()
+    if train_xy is not None:
+        ax.scatter(train_xy[:, 0], train_xy[:, 1], s=10, alpha=0.3,
+                   c=[_condition_colour(c) for c in train_labels], label="fMRI, training trials")
+    for (x, y), k in zip(test_xy, test_ids):
+        ax.plot([x, image_xy[k, 0]], [y, image_xy[k, 1]], color="0.5", lw=0.8, zorder=1)
+    ax.scatter(test_xy[:, 0], test_xy[:, 1], s=60, c=[_condition_colour(c) for c in test_labels],
+               edgecolors="k", zorder=3, label="fMRI, test trials (line to true image)")
+    ax.scatter(image_xy[:, 0], image_xy[:, 1], s=150, marker="s", zorder=2, edgecolors="k",
+               c=[_condition_colour(c) for c in image_labels], alpha=0.8,
+               label="image embeddings (number = image id)")
+    for k, (x, y) in enumerate(image_xy):
+        ax.annotate(str(k), (x, y), ha="center", va="center", fontsize=7, color="w", zorder=4,
+                    fontweight="bold")
+    handles, labels = ax.get_legend_handles_labels()
+    for c in sorted(set(np.asarray(image_labels).tolist())):
+        handles.append(ax.scatter([], [], color=_condition_colour(c), marker="o"))
+        labels.append(_condition_name(c))
+    ax.legend(handles, labels, fontsize=8, loc="best")
+    ax.set(xlabel="t-SNE 1", ylabel="t-SNE 2", title=title or "Joint t-SNE of fMRI and image embeddings")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return fig
+
+
+def plot_similarity_matrix(sim, true_ids, candidates, candidate_labels, title="") -> Figure:
+    """Cosine similarity of N test trials (rows) with K candidate images (columns, thumbnails on
+    top); the true image is boxed, each row's top-1 pick dotted. sim ``N x K``; candidates
+    ``K x 1 x 28 x 28``; true_ids ``N``."""
+    sim = np.asarray(sim)
+    n, k = sim.shape
+    fig = Figure(figsize=(max(7.0, 0.45 * k + 2), max(4.0, 0.4 * n + 2.2)))
+    gs = fig.add_gridspec(2, 2, height_ratios=[1.1, n], width_ratios=[k, 0.6], hspace=0.02,
+                          wspace=0.05)
+    ax = fig.add_subplot(gs[1, 0])
+    thumbs = fig.add_subplot(gs[0, 0], sharex=ax)
+    cax = fig.add_subplot(gs[1, 1])
+    gap = 4
+    strip = np.ones((IMAGE_SIDE, k * (IMAGE_SIDE + gap)))
+    for j, img in enumerate(np.asarray(candidates)[:, 0]):
+        strip[:, j * (IMAGE_SIDE + gap) + gap // 2:j * (IMAGE_SIDE + gap) + gap // 2 + IMAGE_SIDE] = img
+    thumbs.imshow(strip, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="auto",
+                  extent=(-0.5, k - 0.5, 0, 1))
+    thumbs.set_yticks([])
+    thumbs.tick_params(labelbottom=False, bottom=False)
+    thumbs.set_title(title or "Cosine similarity: test fMRI embedding vs candidate image embedding")
+    im = ax.imshow(sim, cmap="viridis", interpolation="nearest", aspect="auto")
+    ax.scatter(true_ids, np.arange(n), marker="s", s=120, facecolors="none", edgecolors="r",
+               linewidths=1.5, label="true image")
+    ax.scatter(sim.argmax(1), np.arange(n), marker="o", s=14, color="w", edgecolors="k",
+               label="top-1 pick")
+    ax.set_xticks(range(k), [f"{j}\n{int(candidate_labels[j])}" for j in range(k)], fontsize=7)
+    ax.set_yticks(range(n), [f"trial {i} (img {int(t)})" for i, t in enumerate(true_ids)], fontsize=7)
+    ax.set_xlabel("candidate image id / condition    (red box: true image, white dot: top-1 pick)")
+    fig.colorbar(im, cax=cax, label="cosine similarity")
+    return fig
+
+
+def plot_correlation_analysis(sim, true_ids, title="") -> Figure:
+    """Left: distribution of matched (true image) vs mismatched cosine similarities, sim ``N x K``.
+    Right: 20-way identification rank of each test trial, with top-1 / top-5 and chance."""
+    sim = np.asarray(sim)
+    n, k = sim.shape
+    match = np.zeros_like(sim, dtype=bool)
+    match[np.arange(n), true_ids] = True
+    ranks = identification_ranks(sim, true_ids)
+    fig = Figure(figsize=(12, 4.2))
+    ax1, ax2 = fig.subplots(1, 2)
+    bins = np.linspace(sim.min(), sim.max(), 25)
+    ax1.hist(sim[~match], bins=bins, density=True, alpha=0.6, color="tab:gray",
+             label=f"mismatched pairs (n={int((~match).sum())})")
+    ax1.hist(sim[match], bins=bins, density=True, alpha=0.7, color="tab:red",
+             label=f"matched pairs (n={n})")
+    ax1.axvline(sim[match].mean(), color="tab:red", ls="--", lw=1)
+    ax1.axvline(sim[~match].mean(), color="k", ls="--", lw=1)
+    ax1.set(xlabel="cosine similarity (fMRI embedding vs image embedding)", ylabel="density",
+            title=f"Matched {sim[match].mean():.2f} vs mismatched {sim[~match].mean():.2f} (means)")
+    ax1.legend(fontsize=8)
+    colours = ["tab:green" if r == 1 else "tab:olive" if r <= 5 else "tab:gray" for r in ranks]
+    ax2.bar(np.arange(n), ranks, color=colours)
+    ax2.axhline((k + 1) / 2, color="k", ls="--", lw=1, label=f"chance mean rank {(k + 1) / 2:.1f}")
+    ax2.axhline(5.5, color="tab:olive", ls=":", lw=1, label="top-5 boundary")
+    ax2.set_xticks(np.arange(n), [f"{i}\n({int(t)})" for i, t in enumerate(true_ids)], fontsize=7)
+    ax2.set(xlabel="test trial (true image id)", ylabel=f"rank of true image (1 = best of {k})",
+            ylim=(0, k + 0.5),
+            title=f"Identification rank: top-1 {np.mean(ranks == 1):.2f}, top-5 "
+                  f"{np.mean(ranks <= 5):.2f} (chance {1 / k:.2f} / {min(5, k) / k:.2f})")
+    ax2.yaxis.set_major_locator(MaxNLocator(integer=True))
+    handles, _ = ax2.get_legend_handles_labels()
+    handles += [Patch(color=c, label=t) for c, t in
+                (("tab:green", "top-1 hit"), ("tab:olive", "in top-5"), ("tab:gray", "rank > 5"))]
+    ax2.legend(handles=handles, fontsize=8, loc="upper right")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+# --------------------------------------------------------------------------- checkpoint evaluation
+@torch.no_grad()
+def oracle_metrics(model: MiyawakiDualEncoder, fold: Fold, cand_emb: np.ndarray, k: int) -> dict:
+    """The seed's joint embedding clip_correlation(fMRI latent, latent of the TRUE test image),
+    scored against the candidate image embeddings. Uses the test image: oracle only."""
+    device = next(model.parameters()).device
+
+    def joint(trials: Trials) -> np.ndarray:
+        x = torch.as_tensor(trials.fmri, device=device)
+        y = torch.as_tensor(trials.images, device=device)
+        z = model.clip_correlation(model.fmri_encoder(x), model.stimulus_encoder(y))
+        return torch.nn.functional.normalize(z, dim=1).cpu().numpy()
+
+    model.eval()
+    test, train = joint(fold.test), joint(fold.train)
+    ident = identification_summary(cosine_scores(test, cand_emb), fold.test.image_ids)
+    pred = knn_condition(train, fold.train.labels, test, k)
+    return {"label": ORACLE_LABEL, "joint_embedding_top1": ident["top1"],
+            "joint_embedding_top5": ident["top5"],
+            "joint_embedding_condition": condition_accuracy(pred, fold.test.labels)}
+
+
+def print_checkpoint_summary(result: dict) -> None:
+    """One line per number of the checkpoint evaluation, each with its chance level."""
+    ident, r12 = result["identification"], result["retrieval_test_trials"]
+    cond, ridge = result["condition_accuracy"], result["baselines_s1"]["ridge"]
+    k, n = ident["n_candidates"], result["n_test"]
+    print(f"S1 fMRI->image identification (fMRI only, {k}-way): top-1 {ident['fmri_to_image_top1']:.3f} "
+          f"(chance {ident['chance_top1']:.3f}), top-5 {ident['fmri_to_image_top5']:.3f} (chance "
+          f"{ident['chance_top5']:.2f}), mean rank {ident['fmri_to_image_mean_rank']:.2f} (chance "
+          f"{ident['chance_mean_rank']:.1f})")
+    print(f"S1 image->fMRI ({ident['image_to_fmri_n_queries']} images rank {n} test trials): top-1 "
+          f"{ident['image_to_fmri_top1']:.3f} (chance {ident['image_to_fmri_chance_top1']:.3f}), "
+          f"mean rank {ident['image_to_fmri_mean_rank']:.2f}")
+    print(f"S1 {n}-way retrieval among test trials: top-1 {r12['top1']:.3f} "
+          f"(chance {r12['chance_top1']:.3f})")
+    print(f"S1 4-way condition (kNN k={cond['k']}): fMRI latent {cond['fmri_latent']:.3f}, fMRI "
+          f"correlation embedding {cond['correlation']:.3f}, image latent {cond['image_latent']:.3f} "
+          f"(uses the image) | majority rate {cond['majority_rate']:.3f}")
+    print(f"S1 ridge baseline for reference: top-1 {ridge['top1']:.3f}, top-5 {ridge['top5']:.3f}")
+
+
+def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
+    """Reload the S1 dual encoder, score it from fMRI only, save the figures and the JSON."""
+    out = prepare_out_dir(cfg.out_dir)
+    device = resolve_device(cfg.device)
+    path = Path(cfg.checkpoint) if cfg.checkpoint else out / CHECKPOINT_NAME
+    model, ckpt = MiyawakiDualEncoder.from_checkpoint(path, map_location=device)
+    data = resolve_data(cfg.data)
+    check_same_data(ckpt, data, path, DUAL_ENCODER_SCRIPT)
+    fold = data.s1()
+    for name in ("fmri_mean", "fmri_std"):  # the checkpoint's z-scoring must be the S1 fold's
+        if not np.allclose(ckpt[name].cpu().numpy(), getattr(fold, name), rtol=1e-5, atol=1e-6):
+            raise CheckpointError(f"{path} was z-scored with other statistics than the S1 training "
+                                  f"trials; rerun `python {DUAL_ENCODER_SCRIPT}`")
+    test, k = fold.test, len(fold.unique_images)
+    cand = extract_latent_representations(model, images=fold.unique_images)
+    tr = extract_latent_representations(model, fold.train.fmri, images=fold.train.images)
+    te = extract_latent_representations(model, test)  # fMRI only
+    te_img = extract_latent_representations(model, images=test.images)
+
+    sim = cosine_scores(te["fmri"], cand["image"])                       # N x K
+    ident = identification_summary(sim, test.image_ids)
+    reverse = image_to_fmri_summary(cand["image"], np.arange(k), te["fmri"], test.image_ids)
+    n = len(test)
+    r12 = retrieval_ranks(cosine_scores(te["fmri"], te_img["image"]), test.image_ids, test.image_ids)
+    same = test.image_ids[:, None] == test.image_ids[None, :]
+    cond = {
+        "k": cfg.knn_k,
+        "fmri_latent": condition_accuracy(
+            knn_condition(tr["fmri_latent"], fold.train.labels, te["fmri_latent"], cfg.knn_k), test.labels),
+        "correlation": condition_accuracy(
+            knn_condition(tr["fmri"], fold.train.labels, te["fmri"], cfg.knn_k), test.labels),
+        "image_latent": condition_accuracy(
+            knn_condition(tr["image_latent"], fold.train.labels, te_img["image_latent"], cfg.knn_k),
+            test.labels),
+        "image_latent_note": IMAGE_LATENT_NOTE,
+        "majority_rate": majority_rate(test.labels),
+        "uniform_chance": 1 / len(np.unique(data.unique_labels)),
+    }
+    base, _ = evaluate_baselines(fold)
+    result = {
+        "split": "s1", "seed": ckpt["seed"], "n_test": n, "checkpoint": str(path),
+        "data_source": data.source,
+        "identification": {
+            "n_candidates": k, "chance_top1": ident["chance_top1"], "chance_top5": ident["chance_top5"],
+            "fmri_to_image_top1": ident["top1"], "fmri_to_image_top5": ident["top5"],
+            "fmri_to_image_mean_rank": ident["mean_rank"], "chance_mean_rank": ident["chance_mean_rank"],
+            "fmri_to_image_ranks": ident["ranks"],
+            "image_to_fmri_top1": reverse["top1"], "image_to_fmri_mean_rank": reverse["mean_rank"],
+            "image_to_fmri_chance_top1": reverse["chance_top1"],
+            "image_to_fmri_n_queries": reverse["n_queries"],
+            "image_to_fmri_definition": "each unique image with test trials ranks the N test trials' "
+                                        "fMRI embeddings; hit = any trial of that image",
+        },
+        "retrieval_test_trials": {
+            "n_items": n, "top1": topk_accuracy(r12, 1), "mean_rank": mean_rank(r12),
+            "chance_top1": float(same.mean()),
+            "definition": f"{n}-way: each test fMRI embedding ranks the image embeddings of the "
+                          f"{n} test trials; identical images count as matches",
+        },
+        "condition_accuracy": cond,
+        "baselines_s1": {name: fold_means(m) for name, m in base.items()},
+        "config": _config_dict(cfg),
+    }
+    print_checkpoint_summary(result)
+    if cfg.oracle:
+        result["oracle"] = oracle_metrics(model, fold, cand["image"], cfg.knn_k)
+        o = result["oracle"]
+        print(f"ORACLE (uses the true test image): joint-embedding top-1 "
+              f"{o['joint_embedding_top1']:.3f}, top-5 {o['joint_embedding_top5']:.3f}, "
+              f"condition {o['joint_embedding_condition']:.3f}")
+
+    xy = tsne_map(np.concatenate([te["fmri"], cand["image"], tr["fmri"]]), cfg.seed, cfg.tsne_perplexity)
+    save_figure(plot_latent_space(xy[:n], test.labels, test.image_ids, xy[n:n + k], fold.unique_labels,
+                                  xy[n + k:], fold.train.labels,
+                                  title=f"Joint t-SNE of fMRI-only and image embeddings (S1 test: top-1 "
+                                        f"{ident['top1']:.2f}, chance {1 / k:.2f})"),
+                out / "miyawaki_latent_space_tsne.png")
+    save_figure(plot_similarity_matrix(sim, test.image_ids, fold.unique_images, fold.unique_labels,
+                                       title=f"S1 test trials: fMRI embedding vs {k} candidate images "
+                                             f"(top-1 {ident['top1']:.2f}, chance {1 / k:.2f})"),
+                out / "miyawaki_similarity_matrix.png")
+    save_figure(plot_correlation_analysis(sim, test.image_ids,
+                                          title="S1 test trials, fMRI-only embeddings"),
+                out / "miyawaki_correlation_analysis.png")
+    save_json(result, out / "miyawaki_evaluation.json")
+    print(f"saved {out / 'miyawaki_evaluation.json'} and 3 figures in {out}")
+    return result
+
+
+# --------------------------------------------------------------------------- benchmark
+def generative_reconstructions(encoder: MiyawakiDualEncoder, fold: Fold, config: G.GenerativeConfig,
+                               device: torch.device) -> tuple[dict, dict]:
+    """Reconstructions of ``fold.test`` from its fMRI only by both decoders of
+    miyawaki_generative_backend, trained on ``fold.train`` on top of the frozen ``encoder`` and
+    sampled with a generator seeded by ``config.seed``.
+
+    Returns ({"diffusion": recon, "gan": recon}, each ``N x 1 x 28 x 28``; {name: seconds})."""
+    recons, seconds = {}, {}
+    *decoders, history = G.train_generative(encoder, fold.train, config, device, progress=False)
+    for name, decoder in zip(GENERATIVE, decoders):
+        t = time.perf_counter()
+        recons[name] = G.reconstruct(encoder, decoder, fold.test.fmri,
+                                     torch.Generator().manual_seed(config.seed))
+        seconds[name] = history[name]["seconds"] + time.perf_counter() - t
+    return recons, seconds
+
+
+def permuted_trials(train: Trials, rng: np.random.Generator) -> Trials:
+    """Training trials with the fMRI rows shuffled against images, labels and ids (leak control)."""
+    return Trials(train.fmri[rng.permutation(len(train))], train.images, train.labels, train.image_ids)
+
+
+def aggregate(values: np.ndarray, trial_values: np.ndarray | None = None) -> dict:
+    """Summarise one metric of one method. values ``F x S``: fold means for F folds and S seeds
+    (S = 1 for deterministic methods); trial_values: the per-trial values of the single fold.
+
+    mean = mean over folds of the seed-averaged fold values; std = SD over folds (F > 1), else
+    over seeds (S > 1), else over test trials (BASELINES.md S1 convention); std_seeds = SD over
+    seeds of the protocol mean (S > 1); per_fold / per_fold_seed: the values behind them."""
+    values = np.asarray(values, np.float64)
+    per_fold = values.mean(axis=1)
+    out = {"mean": float(per_fold.mean())}
+    if len(per_fold) > 1:
+        out.update(std=float(per_fold.std(ddof=1)), std_over="folds")
+    elif values.shape[1] > 1:
+        out.update(std=float(values[0].std(ddof=1)), std_over="seeds")
+    else:
+        t = np.asarray(trial_values, np.float64)
+        t = t[~np.isnan(t)]
+        out.update(std=float(t.std(ddof=1)) if len(t) > 1 else 0.0, std_over="trials")
+    if values.shape[1] > 1:
+        out["std_seeds"] = float(values.mean(axis=0).std(ddof=1))
+    out["per_fold"] = per_fold.tolist()
+    out["per_fold_seed"] = values.tolist()       # F x S, so that runs over other seeds can be merged
+    return out
+
+
+def paired_vs_reference(methods: dict, reference: str = "ridge", metric: str = "top1",
+                        tol: float = 1e-9) -> dict:
+    """Per-fold differences (method - reference) of ``metric``: mean difference, wins/ties/losses."""
+    ref = np.asarray(methods[reference][metric]["per_fold"])
+    out = {}
+    for name, m in methods.items():
+        if name == reference or metric not in m:
+            continue
+        d = np.asarray(m[metric]["per_fold"]) - ref
+        out[name] = {"mean_diff": float(d.mean()), "wins": int((d > tol).sum()),
+                     "ties": int((np.abs(d) <= tol).sum()), "losses": int((d < -tol).sum())}
+    return out
+
+
+def benchmark_markdown(result: dict) -> str:
+    """The benchmark JSON as a markdown table with chance levels and paired differences."""
+    p, ch = result["protocol"].upper(), result["chance"]
+    lines = [f"# Benchmark {p} ({result['n_folds']} fold(s), data: {result['data_source']})", "",
+             f"Dual encoder: seeds {result['seeds']}, {result['config']['epochs']} epochs per fit, "
+             f"trained on each fold's training trials (val_fraction 0). Baselines are deterministic "
+             f"(once per fold). Wall time {result['seconds']['total']:.0f} s.", "",
+             "| method | " + " | ".join(METRICS) + " | fit s |",
+             "|---" * (len(METRICS) + 2) + "|"]
+    for name, m in result["methods"].items():
+        cells = []
+        for metric in METRICS:
+            if metric not in m:
+                cells.append("–")
+                continue
+            d = 4 if metric == "mse" else 3
+            cell = f"{m[metric]['mean']:.{d}f} ± {m[metric]['std']:.{d}f}"
+            if "std_seeds" in m[metric]:
+                cell += f" (seeds ± {m[metric]['std_seeds']:.{d}f})"
+            cells.append(cell)
+        lines.append(f"| {METHOD_TITLES.get(name, name)} | " + " | ".join(cells)
+                     + f" | {result['seconds'].get(name, float('nan')):.1f} |")
+    lines.append(f"| *chance* | {ch['top1']:.3f} | {ch['top5']:.3f} | {ch['two_way']:.2f} | "
+                 f"see mean image | see mean image | see mean image | {ch['condition_uniform']:.2f} "
+                 f"(majority {ch['condition_majority']:.3f}) | |")
+    std_over = sorted({v["std_over"] for m in result["methods"].values() for v in m.values()})
+    lines += ["", f"Mean over folds; ± = SD over {' / '.join(std_over)}"
+              + (" (one split: baselines over its test trials, dual encoder over seeds)"
+                 if result["n_folds"] == 1 else "")
+              + "; for the dual encoder each fold's value is the mean over seeds and '(seeds ± x)' is "
+              "the SD over seeds of the protocol mean.",
+              "Condition: baselines use the condition of the top-1 identified image (kNN rows: "
+              "neighbour vote); the dual encoder uses a kNN vote on the fMRI-only correlation "
+              f"embeddings of the training trials (k={result['config']['knn_k']})"
+              + "".join(f"; {METHOD_TITLES[n]}, condition of the top-1 image: "
+                        f"{result['methods'][n]['condition_top1']['mean']:.3f} ± "
+                        f"{result['methods'][n]['condition_top1']['std']:.3f}"
+                        for n in ("dual_encoder", "dual_encoder_permuted") if n in result["methods"])
+              + ".",
+              "Two-way pool: " + ("all trials (S3)." if result["protocol"] == "s3" else
+                                 "the fold's test trials."), "",
+              "## Paired per-fold differences against ridge (20-way top-1)", "",
+              "| method | mean diff | wins | ties | losses |", "|---|---|---|---|---|"]
+    for name, d in result["paired_vs_ridge_top1"].items():
+        lines.append(f"| {METHOD_TITLES.get(name, name)} | {d['mean_diff']:+.3f} | {d['wins']} | "
+                     f"{d['ties']} | {d['losses']} |")
+    if "dual_encoder_permuted" in result["methods"]:
+        lines += ["", "Permutation control: training fMRI rows shuffled against the images within "
+                  "every fold (one shuffle per fold and seed); it must sit at chance."]
+    return "\n".join(lines) + "\n"
+
+
+def run_benchmark(cfg: "EvaluationConfig") -> dict:
+    """Train a dual encoder per fold and seed, run the baselines once per fold, aggregate as
+    BASELINES.md, write ``benchmark_<protocol>.json`` / ``.md``; returns the JSON dict."""
+    out = prepare_out_dir(cfg.out_dir)
+    device = resolve_device(cfg.device)
+    data: MiyawakiData = resolve_data(cfg.data)
+    folds = splits(cfg.protocol, data)
+    if cfg.max_folds:
+        folds = folds[:cfg.max_folds]
+    pool = (data.trials.images, data.trials.image_ids) if cfg.protocol == "s3" else None
+    values: dict[str, dict[str, list]] = {}      # method -> metric -> F lists of S fold means
+    first_fold_trials: dict[str, dict] = {}      # method -> per-trial metrics of fold 0, seed 0
+    seconds: dict[str, float] = {}
+    t_start = time.perf_counter()
+
+    def record(method: str, per_trial: dict, fold_index: int, secs: float):
+        for metric, v in fold_means(per_trial).items():
+            rows = values.setdefault(method, {}).setdefault(metric, [])
+            if len(rows) <= fold_index:
+                rows.append([])
+            rows[fold_index].append(v)
+        first_fold_trials.setdefault(method, per_trial)
+        seconds[method] = seconds.get(method, 0.0) + secs
+
+    bar = tqdm(folds, desc=f"{cfg.protocol} folds", disable=None)
+    for i, (name, tr_idx, te_idx) in enumerate(bar):
+        fold = data.fold(tr_idx, te_idx, name)
+        base, base_secs = evaluate_baselines(fold, pool)
+        for method, per_trial in base.items():
+            record(method, per_trial, i, base_secs[method])
+        for seed in cfg.seeds:
+            runs = [("dual_encoder", fold.train)]
+            if cfg.permutation_control and seed == cfg.seeds[0]:  # one seed: a chance-level check
+                runs.append(("dual_encoder_permuted",
+                             permuted_trials(fold.train, np.random.default_rng([seed, i]))))
+            for method, train in runs:
+                t = time.perf_counter()
+                de_cfg = DualEncoderConfig(epochs=cfg.epochs, seed=seed, val_fraction=0.0)
+                model, _ = train_dual_encoder(train, de_cfg, device, fold.unique_images, progress=False)
+                record(method, embedding_fold_metrics(model, train, fold, cfg.knn_k), i,
+                       time.perf_counter() - t)
+                if cfg.generative and method == "dual_encoder":
+                    recons, secs = generative_reconstructions(model, fold, G.GenerativeConfig(seed=seed),
+                                                              device)
+                    for gname, recon in recons.items():
+                        record(gname, score_reconstructions(recon, fold, pool), i, secs[gname])
+        de = values["dual_encoder"]["top1"][i]
+        bar.set_postfix(ridge=f"{values['ridge']['top1'][i][0]:.2f}", dual=f"{np.mean(de):.2f}")
+        if bar.disable:  # no live bar (not a terminal): one line per fold instead
+            print(f"{name}: ridge top-1 {values['ridge']['top1'][i][0]:.3f} | dual encoder top-1 "
+                  f"{np.mean(de):.3f} (over {len(de)} seed(s)) | {time.perf_counter() - t_start:.0f} s")
+
+    k = len(data.unique_images)
+    methods = {m: {metric: aggregate(v, first_fold_trials[m][metric]) for metric, v in mv.items()}
+               for m, mv in values.items()}
+    seconds["total"] = time.perf_counter() - t_start
+    result = {
+        "protocol": cfg.protocol, "folds": [f[0] for f in folds], "n_folds": len(folds),
+        "seeds": list(cfg.seeds), "data_source": data.source, "n_trials": len(data.trials),
+        "chance": {"top1": 1 / k, "top5": min(5, k) / k, "two_way": 0.5,
+                   "condition_uniform": 1 / len(np.unique(data.unique_labels)),
+                   "condition_majority": majority_rate(data.trials.labels)},
+        "methods": methods,
+        "paired_vs_ridge_top1": paired_vs_reference(methods),
+        "seconds": seconds,
+        "dual_encoder_seconds_per_fit": seconds["dual_encoder"] / (len(folds) * len(cfg.seeds)),
+        "config": _config_dict(cfg),
+    }
+    save_json(result, out / f"benchmark_{cfg.protocol}.json")
+    (out / f"benchmark_{cfg.protocol}.md").write_text(benchmark_markdown(result))
+    for name in methods:
+        m = methods[name]
+        print(f"{METHOD_TITLES.get(name, name):40s} top-1 {m['top1']['mean']:.3f} ± {m['top1']['std']:.3f}"
+              f"  top-5 {m['top5']['mean']:.3f}  condition {m['condition']['mean']:.3f}")
+    print(f"chance: top-1 {1 / k:.3f}, top-5 {min(5, k) / k:.3f} | dual encoder "
+          f"{result['dual_encoder_seconds_per_fit']:.1f} s per fit | total {seconds['total']:.0f} s")
+    print(f"saved {out / f'benchmark_{cfg.protocol}.json'} and .md")
+    return result
+
+
+# --------------------------------------------------------------------------- script
+@dataclass
+class EvaluationConfig:
+    """Settings of this script; argparse mirrors the fields."""
+
+    data: str | None = None
+    out_dir: Path = DEFAULT_OUT
+    seed: int = 0                  # t-SNE seed of the checkpoint evaluation
+    device: str = "auto"
+    checkpoint: Path | None = None     # default: OUT_DIR/miyawaki_dual_encoder.pth
+    protocol: str | None = None        # None: evaluate the checkpoint on S1; s1/s2/s3: benchmark
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    epochs: int = DualEncoderConfig.epochs
+    max_folds: int = 0                 # 0 = all folds (a smaller number is for quick tests)
+    permutation_control: bool = False
+    generative: bool = False
+    knn_k: int = 5
+    tsne_perplexity: float = 30.0
+    oracle: bool = False
+
+
+def _config_dict(cfg: EvaluationConfig) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+
+
+def main(argv: list[str] | EvaluationConfig | None = None) -> dict:
+    """Checkpoint evaluation on S1 (default) or, with a protocol, the benchmark; returns metrics."""
+    cfg = argv if isinstance(argv, EvaluationConfig) else parse_args(argv)
+    if cfg.protocol is None:
+        return evaluate_checkpoint(cfg)
+    return run_benchmark(cfg)
+
+
+def parse_args(argv=None) -> EvaluationConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="dual-encoder checkpoint; default OUT_DIR/miyawaki_dual_encoder.pth")
+    p.add_argument("--protocol", choices=["s1", "s2", "s3"], default=None,
+                   help="run the benchmark on this protocol instead of evaluating the checkpoint")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(EvaluationConfig.seeds),
+                   help="benchmark: dual-encoder seeds per fold")
+    p.add_argument("--epochs", type=int, default=EvaluationConfig.epochs,
+                   help="benchmark: dual-encoder epochs per fit")
+    p.add_argument("--max-folds", type=int, default=0, help="benchmark: only the first N folds (0 = all)")
+    p.add_argument("--permutation-control", action="store_true",
+                   help="benchmark: also train on fMRI rows shuffled against images, first seed only (must be at chance)")
+    p.add_argument("--generative", action="store_true",
+                   help="benchmark: also train the diffusion and GAN decoders per fold and seed")
+    p.add_argument("--knn-k", type=int, default=5, help="neighbours of the kNN condition classifier")
+    p.add_argument("--tsne-perplexity", type=float, default=30.0,
+                   help="t-SNE perplexity (capped at (points - 1) / 3)")
+    p.add_argument("--oracle", action="store_true",
+                   help="also report ORACLE numbers that feed the true test image to the model")
+    ns = vars(p.parse_args(argv))
+    ns["seeds"] = tuple(ns["seeds"])
+    return EvaluationConfig(**ns)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,217 @@
+"""Evaluation: embedding metrics against brute force, figures, checkpoint errors, a tiny end-to-end
+run on the simulated set (dual encoder -> evaluation) and the benchmark's JSON schema."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.io
+from matplotlib.figure import Figure
+
+import miyawaki_dataset_loader as L
+import miyawaki_dual_encoder as D
+import miyawaki_evaluation as E
+import miyawaki_generative_backend as G
+from conftest import file_arrays
+
+FAST = ["--device", "cpu", "--data", "simulated"]
+
+
+# --------------------------------------------------------------------------- metrics
+def unit(rng, n, d=8):
+    x = rng.normal(size=(n, d))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_identification_summary_matches_brute_force_cosine_ranking():
+    rng = np.random.default_rng(0)
+    fmri, cand = unit(rng, 30) * rng.uniform(0.5, 2, (30, 1)), unit(rng, 20)  # norms must not matter
+    ids = rng.integers(0, 20, 30)
+    got = E.identification_summary(E.cosine_scores(fmri, cand), ids)
+    ranks = []
+    for f, t in zip(fmri, ids):
+        cos = [f @ c / np.linalg.norm(f) / np.linalg.norm(c) for c in cand]
+        ranks.append(1 + sum(cos[j] > cos[t] for j in range(20)))  # no ties with random floats
+    assert list(got["ranks"]) == ranks
+    assert got["top1"] == np.mean(np.array(ranks) == 1) and got["top5"] == np.mean(np.array(ranks) <= 5)
+    assert got["mean_rank"] == pytest.approx(np.mean(ranks))
+    assert (got["n_candidates"], got["chance_top1"], got["chance_top5"]) == (20, 0.05, 0.25)
+
+
+def test_retrieval_ranks_match_brute_force_with_several_matches_and_ties():
+    rng = np.random.default_rng(1)
+    scores = rng.integers(0, 4, size=(40, 12)).astype(float)  # many ties
+    item_ids = rng.integers(0, 5, 12)
+    query_ids = rng.choice(item_ids, 40)
+    want = []
+    for row, q in zip(scores, query_ids):
+        # best first; a tie puts non-matches first (pessimistic); rank of the first match
+        order = sorted(range(12), key=lambda j: (-row[j], item_ids[j] == q))
+        want.append(1 + next(p for p, j in enumerate(order) if item_ids[j] == q))
+    np.testing.assert_array_equal(E.retrieval_ranks(scores, query_ids, item_ids), want)
+    # one match per query: the same as the protocol's identification ranks
+    ids = rng.integers(0, 12, 40)
+    np.testing.assert_array_equal(E.retrieval_ranks(scores, ids, np.arange(12)),
+                                  L.identification_ranks(scores, ids))
+    with pytest.raises(ValueError, match="matching"):
+        E.retrieval_ranks(scores[:1], [9], np.zeros(12))
+
+
+def test_image_to_fmri_ranks_test_trials_and_is_undefined_for_one_image():
+    images = np.eye(4)                                   # image k embedded as e_k
+    trials = np.array([[1, 0, 0, 0], [0, 0.2, 1, 0], [0, 0.9, 0.1, 0]], float)
+    ids = np.array([0, 1, 2])                            # trial 1 looks like image 2 and vice versa
+    got = E.image_to_fmri_summary(images, np.arange(4), trials, ids)
+    assert got["n_queries"] == 3                         # image 3 has no test trial
+    assert got["top1"] == pytest.approx(1 / 3) and got["mean_rank"] == pytest.approx(5 / 3)
+    assert got["chance_top1"] == pytest.approx(1 / 3)
+    assert np.isnan(E.image_to_fmri_summary(images, np.arange(4), trials, np.zeros(3, int))["top1"])
+
+
+def test_knn_condition_votes_among_training_embeddings():
+    train = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]])
+    assert list(E.knn_condition(train, [2, 2, 5, 5], np.array([[1, 0.05], [0.05, 1]]), k=1)) == [2, 5]
+    assert len(E.knn_condition(train, [2, 2, 5, 5], train, k=50)) == 4   # k capped at the train size
+
+
+def test_aggregate_sd_over_folds_seeds_or_trials_and_paired_counts():
+    a = E.aggregate(np.array([[0.2, 0.4], [0.6, 0.8], [1.0, 1.0]]))
+    assert a["mean"] == pytest.approx(2 / 3) and a["std_over"] == "folds"
+    assert a["std"] == pytest.approx(np.std([0.3, 0.7, 1.0], ddof=1))
+    assert a["std_seeds"] == pytest.approx(np.std([0.6, 0.7333333], ddof=1), abs=1e-6)
+    s = E.aggregate(np.array([[0.5, 0.7, 0.9]]))
+    assert s["std_over"] == "seeds" and s["std"] == pytest.approx(0.2)
+    t = E.aggregate(np.array([[0.5]]), np.array([0.0, 1.0, np.nan]))
+    assert t["std_over"] == "trials" and t["std"] == pytest.approx(np.std([0, 1], ddof=1))
+    methods = {"ridge": {"top1": {"per_fold": [0.5, 0.5, 1.0]}},
+               "x": {"top1": {"per_fold": [0.6, 0.5, 0.0]}}}
+    assert E.paired_vs_reference(methods)["x"] == {"mean_diff": pytest.approx(-0.3), "wins": 1,
+                                                   "ties": 1, "losses": 1}
+
+
+def test_permuted_trials_shuffle_fmri_only(sim):
+    train = sim.s1().train
+    perm = E.permuted_trials(train, np.random.default_rng(0))
+    for name in ("images", "labels", "image_ids"):
+        np.testing.assert_array_equal(getattr(perm, name), getattr(train, name))
+    assert not np.array_equal(perm.fmri, train.fmri)
+    np.testing.assert_array_equal(np.sort(perm.fmri, axis=0), np.sort(train.fmri, axis=0))
+
+
+# --------------------------------------------------------------------------- figures
+def test_tsne_works_on_12_points_and_figures_are_figures():
+    rng = np.random.default_rng(2)
+    xy = E.tsne_map(unit(rng, 12, 16), seed=0, perplexity=30)
+    assert xy.shape == (12, 2) and np.all(np.isfinite(xy))
+    labels, ids = np.repeat([2, 3, 4, 5], 2), np.arange(8)
+    assert isinstance(E.plot_latent_space(xy[:4], labels[:4], ids[:4], xy[4:], labels), Figure)
+    sim, cands = rng.uniform(-1, 1, (4, 8)), rng.random((8, 1, 28, 28))
+    assert isinstance(E.plot_similarity_matrix(sim, ids[:4], cands, labels), Figure)
+    assert isinstance(E.plot_correlation_analysis(sim, ids[:4]), Figure)
+
+
+# --------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A dual encoder trained for 15 epochs on the simulated set, then evaluated (with oracle)."""
+    out = tmp_path_factory.mktemp("eval")
+    D.main([*FAST, "--epochs", "15", "--out-dir", str(out)])
+    return out, E.main([*FAST, "--out-dir", str(out), "--oracle"])
+
+
+def test_evaluation_end_to_end_from_fmri_only(trained):
+    out, result = trained
+    saved = json.loads((out / "miyawaki_evaluation.json").read_text())
+    for key in ("split", "seed", "n_test", "identification", "condition_accuracy", "config"):
+        assert key in saved
+    ident = saved["identification"]
+    for key in ("n_candidates", "chance_top1", "fmri_to_image_top1", "fmri_to_image_top5",
+                "fmri_to_image_mean_rank", "image_to_fmri_top1"):
+        assert key in ident
+    for key in ("fmri_latent", "image_latent", "correlation", "majority_rate"):
+        assert key in saved["condition_accuracy"]
+    assert (saved["split"], saved["n_test"], ident["n_candidates"]) == ("s1", 12, 20)
+    assert ident["fmri_to_image_top1"] > 4 * ident["chance_top1"]     # 15 epochs, simulated SNR
+    assert ident["fmri_to_image_mean_rank"] < 5
+    assert saved["condition_accuracy"]["correlation"] > saved["condition_accuracy"]["majority_rate"]
+    assert "oracle" in saved["oracle"]["label"].lower()
+    assert saved["baselines_s1"]["ridge"]["top1"] >= 0.5
+    for name in ("latent_space_tsne", "similarity_matrix", "correlation_analysis"):
+        assert (out / f"miyawaki_{name}.png").stat().st_size > 10_000
+
+
+def test_extract_latents_from_trials_uses_fmri_only(trained, sim):
+    model, _ = D.MiyawakiDualEncoder.from_checkpoint(trained[0] / D.CHECKPOINT_NAME)
+    test = sim.s1().test
+    reps = E.extract_latent_representations(model, test)
+    assert {"fmri_latent", "fmri"} <= set(reps) and reps["fmri"].shape == (12, 512)
+    assert not any(key.startswith("image") for key in reps)
+    np.testing.assert_allclose(np.linalg.norm(reps["fmri"], axis=1), 1, atol=1e-5)
+    both = E.extract_latent_representations(model, test.fmri, images=test.images)
+    assert {"fmri_latent", "fmri", "image_latent", "image"} <= set(both)
+    np.testing.assert_allclose(both["fmri"], reps["fmri"], atol=1e-6)
+
+
+def test_evaluation_before_training_names_the_script(tmp_path):
+    with pytest.raises(L.CheckpointError, match="miyawaki_dual_encoder.py"):
+        E.main([*FAST, "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as exc:
+        L.run_cli(lambda: E.main([*FAST, "--out-dir", str(tmp_path)]))
+    message = str(exc.value.code)
+    assert "\n" not in message and "python miyawaki_dual_encoder.py" in message
+    assert not (tmp_path / "miyawaki_evaluation.json").exists()
+
+
+def test_checkpoint_from_another_voxel_count_is_refused(trained, tmp_path):
+    path = tmp_path / "other.mat"
+    scipy.io.savemat(path, file_arrays(L.make_simulated_dataset(n_voxels=300)))
+    with pytest.raises(L.CheckpointError, match="967 voxels.*300 voxels.*miyawaki_dual_encoder.py"):
+        E.main(["--device", "cpu", "--data", str(path), "--out-dir", str(tmp_path),
+                "--checkpoint", str(trained[0] / D.CHECKPOINT_NAME)])
+
+
+def test_benchmark_s3_two_folds_writes_the_schema(tmp_path):
+    result = E.main([*FAST, "--protocol", "s3", "--max-folds", "2", "--seeds", "0", "1",
+                     "--epochs", "4", "--permutation-control", "--out-dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "benchmark_s3.json").read_text())
+    assert saved["protocol"] == "s3" and saved["n_folds"] == 2 and saved["seeds"] == [0, 1]
+    assert set(saved["methods"]) == {*E.BASELINES, "dual_encoder", "dual_encoder_permuted"}
+    for name, metrics in saved["methods"].items():
+        wanted = ({"top1", "top5", "condition", "condition_top1"} if name.startswith("dual")
+                  else set(E.METRICS))
+        assert set(metrics) == wanted, name
+        for m in metrics.values():
+            assert {"mean", "std"} <= set(m) and len(m["per_fold"]) == 2
+            assert m["std_over"] == "folds"
+    assert "std_seeds" in saved["methods"]["dual_encoder"]["top1"]
+    assert set(saved["paired_vs_ridge_top1"]["dual_encoder"]) == {"mean_diff", "wins", "ties", "losses"}
+    assert saved["chance"]["top1"] == 0.05
+    # kNN cannot name an image absent from training (BASELINES.md S3)
+    assert saved["methods"]["knn1"]["top1"]["mean"] == 0.0
+    md = (tmp_path / "benchmark_s3.md").read_text()
+    assert "| *chance* | 0.050 | 0.250 |" in md and "wins" in md and "permutation control" in md
+    assert result["methods"] == saved["methods"]
+
+
+def test_generative_decoders_are_scored_from_fmri_only(sim):
+    fold = sim.s1()
+    encoder, _ = D.train_dual_encoder(fold.train, D.DualEncoderConfig(epochs=4, val_fraction=0),
+                                      progress=False)
+    tiny = G.GenerativeConfig(seed=0, diffusion_steps=3, gan_steps=3, num_inference_steps=2)
+    recons, seconds = E.generative_reconstructions(encoder, fold, tiny, "cpu")
+    assert set(recons) == set(seconds) == {"diffusion", "gan"}
+    for recon in recons.values():
+        assert recon.shape == (12, 1, 28, 28) and np.all((recon >= 0) & (recon <= 1))
+        assert set(E.fold_means(E.score_reconstructions(recon, fold))) == set(E.METRICS)
+
+
+def test_import_creates_no_files(tmp_path):
+    watched = [tmp_path, L.DEFAULT_OUT]
+    before = [sorted(p.name for p in d.iterdir()) for d in watched]
+    env = {**os.environ, "PYTHONPATH": str(L.REPO_DIR), "PYTHONDONTWRITEBYTECODE": "1"}
+    subprocess.run([sys.executable, "-c", "import miyawaki_evaluation"], cwd=tmp_path, env=env,
+                   check=True, timeout=120)
+    assert [sorted(p.name for p in d.iterdir()) for d in watched] == before

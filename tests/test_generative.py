@@ -1,0 +1,252 @@
+"""Generative decoders: noise schedules, scheduler steps, training, samplers, gradients,
+checkpoints, the noise control and a tiny end-to-end run of the script on the simulated set."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import miyawaki_dataset_loader as L
+import miyawaki_dual_encoder as D
+import miyawaki_generative_backend as G
+
+FAST_ENCODER = D.DualEncoderConfig(epochs=25, mixup=32, val_fraction=0.0)
+TINY = G.GenerativeConfig(diffusion_steps=150, gan_steps=100, log_every=50, n_sample_grids=1)
+SMALL = dict(correlation_dim=16, hidden_dim=64, time_dim=16)   # a fast model for unit tests
+
+
+def unit(n, d=16, seed=0):
+    """``n x d`` random unit vectors."""
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def image_conditions(trials, d=16, seed=0):
+    """One random unit vector per image id, as a stand-in for dual-encoder embeddings."""
+    return unit(int(trials.image_ids.max()) + 1, d, seed)[torch.as_tensor(trials.image_ids)]
+
+
+# --------------------------------------------------------------------------- schedules and steps
+def test_cosine_alpha_bar_is_monotone_and_matches_the_closed_form():
+    T, s = 1000, 0.008
+    a = G.MiyawakiDiffusionDecoder(num_train_timesteps=T, beta_schedule="cosine", **SMALL).alphas_cumprod
+    assert torch.all(a[1:] < a[:-1]) and a[0] < 1 and a[-1] > 0
+    f = lambda u: math.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    closed = torch.tensor([f(t + 1) / f(0) for t in range(T - 1)])   # the last beta is clipped
+    assert torch.allclose(a[:-1].double(), closed.double(), atol=1e-6)
+
+
+@pytest.mark.parametrize("T", [1000, 100])
+def test_linear_alpha_bar_is_monotone_and_matches_the_product(T):
+    model = G.MiyawakiDiffusionDecoder(num_train_timesteps=T, beta_schedule="linear", **SMALL)
+    scale = 1000 / T
+    betas = [scale * (1e-4 + (0.02 - 1e-4) * t / (T - 1)) for t in range(T)]
+    closed = torch.tensor([math.prod(1 - b for b in betas[:t + 1]) for t in range(T)], dtype=torch.float64)
+    a = model.alphas_cumprod
+    assert torch.all(a[1:] < a[:-1])
+    assert torch.allclose(a.double(), closed, rtol=1e-4, atol=1e-7)
+    assert a[-1] < 1e-3                              # the last step is (almost) pure noise
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_add_noise_at_t0_is_identity_and_at_T_is_noise(schedule):
+    model = G.MiyawakiDiffusionDecoder(beta_schedule=schedule, **SMALL)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(64, 784, generator=g) * 2 - 1
+    noise = torch.randn(64, 784, generator=g)
+    t0 = model.add_noise(x0, noise, torch.zeros(64, dtype=torch.long))
+    assert (t0 - x0).abs().max() < 0.05
+    tT = model.add_noise(x0, noise, torch.full((64,), 999))
+    assert torch.allclose(tT, noise, atol=0.05)
+
+
+def test_ancestral_step_is_the_ddpm_posterior():
+    """step(eta=1, prev = t - 1) = posterior mean + sqrt(beta_tilde) z (Ho et al. 2020, eq. 6-7)."""
+    model = G.MiyawakiDiffusionDecoder(beta_schedule="linear", **SMALL)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(8, 784, generator=g) * 1.8 - 0.9       # inside [-1, 1]: clipping is inactive
+    eps = torch.randn(8, 784, generator=g)
+    t = 400
+    xt = model.add_noise(x0, eps, torch.full((8,), t))
+    prev = model.step(eps, t, xt, t - 1, eta=1.0, generator=torch.Generator().manual_seed(5))
+    z = torch.randn(8, 784, generator=torch.Generator().manual_seed(5))
+    a, a_prev, beta = model.alphas_cumprod[t], model.alphas_cumprod[t - 1], model.betas[t]
+    mean = (a_prev.sqrt() * beta / (1 - a)) * x0 + ((1 - beta).sqrt() * (1 - a_prev) / (1 - a)) * xt
+    beta_tilde = (1 - a_prev) / (1 - a) * beta
+    assert torch.allclose(prev, mean + beta_tilde.sqrt() * z, atol=1e-4)
+    # eta = 0 (DDIM) is deterministic and lands on the noise-free path of the same x0 and eps
+    ddim = model.step(eps, t, xt, t - 50)
+    assert torch.allclose(ddim, model.add_noise(x0, eps, torch.full((8,), t - 50)), atol=1e-4)
+
+
+@pytest.mark.parametrize("prediction_type", G.PREDICTION_TYPES)
+def test_noise_estimate_is_epsilon_for_every_prediction_type(prediction_type):
+    """A denoiser that outputs the exact target of its type gives back the exact noise."""
+    model = G.MiyawakiDiffusionDecoder(prediction_type=prediction_type, **SMALL)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.rand(6, 784, generator=g) * 2 - 1, torch.randn(6, 784, generator=g)
+    t = torch.tensor([0, 10, 300, 600, 900, 999])
+    xt = model.add_noise(x0, eps, t)
+    a = model.alphas_cumprod[t][:, None]
+    target = {"epsilon": eps, "sample": x0, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0}
+    model.denoiser.forward = lambda x, ts, c: target[prediction_type]
+    assert torch.allclose(model.noise_estimate(xt, t, unit(6)), eps, atol=2e-3)
+
+
+def test_bad_settings_and_non_finite_loss_raise():
+    with pytest.raises(ValueError, match="beta_schedule"):
+        G.MiyawakiDiffusionDecoder(beta_schedule="quadratic", **SMALL)
+    with pytest.raises(ValueError, match="sampler"):
+        G.MiyawakiDiffusionDecoder(**SMALL).sample(unit(2), sampler="euler")
+    with pytest.raises(FloatingPointError):
+        G.check_finite(torch.tensor(float("nan")), "diffusion")
+
+
+# --------------------------------------------------------------------------- training and sampling
+def test_few_steps_of_training_lower_the_denoising_loss(sim):
+    train = sim.s1().train
+    images, cond = torch.as_tensor(train.images), image_conditions(train, d=512)
+    cfg = replace(TINY, diffusion_steps=60)
+    before = G.build_decoder(G.MiyawakiDiffusionDecoder, 512, cfg, cfg.seed)
+    after, hist = G.train_diffusion(cond, cond, images, cfg, progress=False)
+    fixed = lambda m: m.loss(images, cond, torch.Generator().manual_seed(123)).item()  # noqa: E731
+    assert fixed(after) < 0.5 * fixed(before)
+    assert hist["loss"][-1] < hist["loss"][0]
+
+
+def test_samplers_are_deterministic_given_the_generator():
+    model = G.MiyawakiDiffusionDecoder(num_inference_steps=10, **SMALL).eval()
+    c = unit(5)
+    draw = lambda seed, **kw: model.sample(c, torch.Generator().manual_seed(seed), **kw)  # noqa: E731
+    a = draw(0)
+    assert a.shape == (5, 1, 28, 28) and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, draw(0)) and not torch.equal(a, draw(1))
+    assert torch.equal(draw(0, sampler="ddpm"), draw(0, sampler="ddpm"))
+    assert torch.equal(draw(2, guidance_scale=3.0), draw(2, guidance_scale=3.0))
+    gan = G.MiyawakiGANDecoder(correlation_dim=16).eval()
+    assert torch.equal(gan.sample(c, torch.Generator().manual_seed(0)),
+                       gan.sample(c, torch.Generator().manual_seed(0)))
+
+
+def test_gan_discriminator_and_generator_both_receive_gradients():
+    gan = G.MiyawakiGANDecoder(correlation_dim=16, noise_dim=4, disc_hidden_dim=32)
+    c, real = unit(6), (torch.rand(6, 1, 28, 28) > 0.5).float()
+    fake = gan.generate(c, torch.randn(6, 4))
+    G.hinge_discriminator_loss(gan.discriminator(real, c), gan.discriminator(fake.detach(), c)).backward()
+    # every weight (not every bias: the hinge terms' constant gradients cancel on psi's bias)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in gan.discriminator.named_parameters() if "weight" in n)
+    assert all(p.grad is None for p in gan.generator.parameters())
+    gan.zero_grad()
+    (G.hinge_generator_loss(gan.discriminator(fake, c)) + torch.nn.functional.mse_loss(fake, real)).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gan.generator.parameters())
+
+
+def test_same_seed_same_numbers(sim):
+    train = sim.s1().train
+    images, cond = torch.as_tensor(train.images), image_conditions(train, d=512)
+    cfg = replace(TINY, diffusion_steps=5, gan_steps=5, num_inference_steps=5)
+    runs = [(G.train_diffusion(cond, cond, images, cfg, progress=False),
+             G.train_gan(cond, cond, images, cfg, progress=False)) for _ in range(2)]
+    (d1, h1), (g1, k1) = runs[0]
+    (d2, h2), (g2, k2) = runs[1]
+    assert h1["loss"] == h2["loss"] and k1 == k2
+    for a, b in ((d1, d2), (g1, g2)):
+        assert torch.equal(a.sample(cond[:4], torch.Generator().manual_seed(0)),
+                           b.sample(cond[:4], torch.Generator().manual_seed(0)))
+
+
+# --------------------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trip_with_weights_only(tmp_path):
+    diffusion = G.MiyawakiDiffusionDecoder(beta_schedule="linear", guidance_scale=2.0, **SMALL).eval()
+    gan = G.MiyawakiGANDecoder(correlation_dim=16, noise_dim=8).eval()
+    path = tmp_path / G.CHECKPOINT_NAME
+    L.save_checkpoint({"kind": G.CHECKPOINT_KIND, "format_version": L.CHECKPOINT_FORMAT,
+                       "diffusion": diffusion.checkpoint_entry(), "gan": gan.checkpoint_entry()}, path)
+    torch.load(path, weights_only=True)
+    c = unit(3)
+    for model in (diffusion, gan):
+        loaded, _ = type(model).from_checkpoint(path)
+        assert loaded.config == model.config and not loaded.training
+        assert torch.equal(loaded.sample(c, torch.Generator().manual_seed(0)),
+                           model.sample(c, torch.Generator().manual_seed(0)))
+
+
+def test_missing_encoder_checkpoint_names_the_script(tmp_path):
+    with pytest.raises(L.CheckpointError, match="miyawaki_dual_encoder.py"):
+        G.main(["--data", "simulated", "--out-dir", str(tmp_path), "--device", "cpu"])
+
+
+# --------------------------------------------------------------------------- controls and the script
+def decoder_metrics(encoder, fold, cfg):
+    """Protocol metrics of both decoders on fold.test, decoded from fMRI only."""
+    diffusion, gan, _ = G.train_generative(encoder, fold.train, cfg, "cpu", progress=False)
+    return {name: L.reconstruction_metrics(
+        G.reconstruct(encoder, dec, fold.test.fmri, torch.Generator().manual_seed(0)),
+        fold.test.images, fold.test.image_ids, fold.unique_images)
+        for name, dec in (("diffusion", diffusion), ("gan", gan))}
+
+
+def test_noise_control_is_no_better_than_the_mean_image(sim):
+    """Decoders on top of a dual encoder fitted on Gaussian noise instead of fMRI reconstruct no
+    better than the information-free mean image; the same pipeline on the real (simulated)
+    fMRI does beat it, so the check can fail."""
+    fold = sim.s1()
+    mean_image = np.repeat(fold.train.images.mean(0, keepdims=True), len(fold.test), 0)
+    floor = L.reconstruction_metrics(mean_image, fold.test.images, fold.test.image_ids, fold.unique_images)
+    rng = np.random.default_rng(0)
+    noise = replace(fold.train, fmri=rng.standard_normal(fold.train.fmri.shape).astype(np.float32))
+    for train, informative in ((noise, False), (fold.train, True)):
+        encoder, _ = D.train_dual_encoder(train, FAST_ENCODER, "cpu", fold.unique_images, progress=False)
+        for name, m in decoder_metrics(encoder, replace(fold, train=train), TINY).items():
+            if informative:
+                assert m["pixcorr"] > floor["pixcorr"] + 0.1 and m["mse"] < floor["mse"], name
+            else:
+                assert m["pixcorr"] <= floor["pixcorr"] + 0.02 and m["mse"] >= floor["mse"] - 0.005, name
+
+
+def test_script_end_to_end_on_simulated_data(tmp_path):
+    D.main(["--data", "simulated", "--epochs", "4", "--mixup", "8", "--out-dir", str(tmp_path),
+            "--device", "cpu"])
+    args = ["--data", "simulated", "--out-dir", str(tmp_path), "--device", "cpu", "--seed", "3",
+            "--diffusion-steps", "20", "--gan-steps", "10", "--num-inference-steps", "5"]
+    metrics = G.main(args)
+    saved = json.loads((tmp_path / "miyawaki_generation.json").read_text())
+    for name in ("diffusion", "gan"):
+        assert {"mse", "pixcorr", "ssim", "two_way", "top1", "top5"} <= set(saved[name])
+        assert saved[name]["mse"] == metrics[name]["mse"]
+        assert {"mse", "pixcorr"} <= set(saved["oracle"][name]) and "ORACLE" in saved["oracle"]["note"]
+        assert (tmp_path / f"miyawaki_{name}_generation.png").stat().st_size > 0
+    assert saved["seed"] == 3 and saved["config"]["diffusion_steps"] == 20
+    assert saved["sampler"]["diffusion"]["num_inference_steps"] == 5
+    assert [p.name for p in (tmp_path / "diffusion_samples").iterdir()] != []
+    ckpt = torch.load(tmp_path / G.CHECKPOINT_NAME, weights_only=True)
+    assert ckpt["kind"] == G.CHECKPOINT_KIND and ckpt["seed"] == 3
+    # the saved decoders rebuild and reproduce the reported numbers from fMRI only
+    encoder, enc_ckpt = D.MiyawakiDualEncoder.from_checkpoint(tmp_path / "miyawaki_dual_encoder.pth")
+    fold = L.make_simulated_dataset().s1()
+    for cls, name in ((G.MiyawakiDiffusionDecoder, "diffusion"), (G.MiyawakiGANDecoder, "gan")):
+        decoder, _ = cls.from_checkpoint(tmp_path / G.CHECKPOINT_NAME)
+        recon = G.reconstruct(encoder, decoder, fold.test.fmri, torch.Generator().manual_seed(3))
+        again = L.reconstruction_metrics(recon, fold.test.images, fold.test.image_ids, fold.unique_images)
+        assert again["mse"] == pytest.approx(metrics[name]["mse"], abs=1e-6)
+    # an encoder checkpoint fitted on other data is refused with the script to rerun
+    enc_ckpt["data_fingerprint"] = "0" * 16
+    L.save_checkpoint(enc_ckpt, tmp_path / "miyawaki_dual_encoder.pth")
+    with pytest.raises(L.CheckpointError, match="miyawaki_dual_encoder.py"):
+        G.main(args)
+
+
+def test_import_creates_no_files(tmp_path):
+    watched = [tmp_path, L.DEFAULT_OUT]
+    before = [sorted(p.name for p in d.iterdir()) if d.exists() else None for d in watched]
+    env = {**os.environ, "PYTHONPATH": str(L.REPO_DIR), "PYTHONDONTWRITEBYTECODE": "1"}
+    subprocess.run([sys.executable, "-c", "import miyawaki_generative_backend"], cwd=tmp_path, env=env,
+                   check=True, timeout=120)
+    assert [sorted(p.name for p in d.iterdir()) if d.exists() else None for d in watched] == before
