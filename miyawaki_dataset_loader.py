@@ -20,11 +20,12 @@ import hashlib
 import http.client
 import json
 import os
+import random
 import sys
 import tempfile
 import urllib.request
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,7 @@ GRID = 10  # the stimuli are 10 x 10 binary grids, upsampled 3x and cropped to 2
 CONDITION_NAMES = {2: "shapes", 3: "letters (thin)", 4: "letters (long)", 5: "letters (regular)"}
 REQUIRED_KEYS = ("fmriTrn", "stimTrn", "labelTrn", "fmriTest", "stimTest", "labelTest")
 CHECKPOINT_FORMAT = 1
+COMMON_ARGS = ("data", "out_dir", "seed", "device")  # the options of add_common_args
 GET_DATA_HINT = ("get the real file with `python miyawaki_dataset_loader.py --download` "
                  "or run on the built-in simulated set with `--data simulated`")
 
@@ -73,6 +75,7 @@ class Trials:
         return len(self.fmri)
 
     def subset(self, idx: np.ndarray) -> "Trials":
+        """The trials at indices ``idx`` (``M``), in that order."""
         return Trials(self.fmri[idx], self.images[idx], self.labels[idx], self.image_ids[idx])
 
 
@@ -106,6 +109,7 @@ class MiyawakiData:
 
     @property
     def n_voxels(self) -> int:
+        """V, the number of fMRI features per trial."""
         return self.trials.fmri.shape[1]
 
     @property
@@ -522,7 +526,6 @@ def majority_rate(labels):
 # --------------------------------------------------------------------------- shared utilities
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch (CPU and CUDA) and ask torch for deterministic kernels."""
-    import random
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -547,6 +550,51 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return parser
+
+
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """A script's parser: the first line of its docstring ``doc``, defaults shown in ``--help``,
+    and the common options."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return add_common_args(parser)
+
+
+def add_config_args(parser: argparse.ArgumentParser, config_cls: type) -> argparse.ArgumentParser:
+    """One option ``--field-name`` per field of the dataclass ``config_cls`` except the common
+    ones: the field's default, ``help`` and ``choices`` from its metadata; a bool becomes
+    ``--x/--no-x``, a tuple takes one or more values of its first item's type."""
+    for f in fields(config_cls):
+        if f.name in COMMON_ARGS:
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()
+        flag, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
+        elif isinstance(default, tuple):
+            parser.add_argument(flag, type=type(default[0]), nargs="+", default=default, help=help_)
+        else:
+            parser.add_argument(flag, type=type(default), default=default,
+                                choices=f.metadata.get("choices"), help=help_)
+    return parser
+
+
+def parse_config(parser: argparse.ArgumentParser, config_cls: type, argv: list[str] | None = None):
+    """Parse ``argv`` (None: the command line) into ``config_cls``; lists become tuples."""
+    ns = vars(parser.parse_args(argv))
+    return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in ns.items()})
+
+
+def config_dict(cfg) -> dict:
+    """A config dataclass as plain values (paths as strings), for checkpoints and JSON files."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+
+
+def check_finite(loss: torch.Tensor, name: str) -> torch.Tensor:
+    """Return the scalar ``loss``; raise FloatingPointError on NaN or Inf instead of training on it."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{name} loss is {loss.item()}; lower the learning rate")
+    return loss
 
 
 def prepare_out_dir(out_dir: Path) -> Path:
@@ -687,6 +735,8 @@ def summary(data: MiyawakiData) -> str:
 # --------------------------------------------------------------------------- script
 @dataclass
 class LoaderConfig:
+    """Settings of this script; argparse mirrors the fields."""
+
     data: str | None = None
     out_dir: Path = DEFAULT_OUT
     seed: int = 0
@@ -716,13 +766,12 @@ def main(argv: list[str] | LoaderConfig | None = None) -> dict:
 
 
 def parse_args(argv=None) -> LoaderConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_common_args(p)
+    """Command line (None: sys.argv) -> LoaderConfig."""
+    p = script_parser(__doc__)
     p.add_argument("--download", action="store_true",
                    help="fetch the public preprocessed file (sha256-checked) into --data or data/")
     p.add_argument("--url", default=DATA_URL, help="download address")
-    return LoaderConfig(**vars(p.parse_args(argv)))
+    return parse_config(p, LoaderConfig, argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ candidate images, and identification ranks the candidates by cosine similarity.
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from dataclasses import asdict, dataclass, fields
@@ -26,10 +25,12 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
-from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, CheckpointError, Fold, Trials, add_common_args,
-                                     identification_ranks, load_checkpoint, prepare_out_dir,
-                                     resolve_data, resolve_device, run_cli, save_checkpoint,
-                                     save_figure, save_json, seed_everything)
+from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, DEFAULT_OUT, CheckpointError, Fold, Trials,
+                                     add_config_args, check_finite, config_dict,
+                                     identification_ranks, load_checkpoint, parse_config,
+                                     prepare_out_dir, resolve_data, resolve_device, run_cli,
+                                     save_checkpoint, save_figure, save_json, script_parser,
+                                     seed_everything)
 
 CHECKPOINT_NAME = "miyawaki_dual_encoder.pth"
 SCRIPT = "miyawaki_dual_encoder.py"
@@ -83,6 +84,7 @@ class FMRIEncoder(nn.Module):
         self.skip = nn.Linear(fmri_dim, latent_dim, bias=False) if skip else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """fMRI ``N x V`` -> latent ``N x latent_dim`` (not normalised)."""
         z = self.mlp(x)
         return z + self.skip(x) if self.skip is not None else z
 
@@ -105,6 +107,7 @@ class StimulusEncoder(nn.Module):
         self.fc = nn.Linear(c_in * 16, latent_dim)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
+        """Images ``N x 1 x 28 x 28`` -> latent ``N x latent_dim`` (not normalised)."""
         z = self.fc(self.conv(y).flatten(1))
         if self.skip is not None:
             flat = y.flatten(1)
@@ -124,6 +127,7 @@ class CLIPCorrelation(nn.Module):
         self.net = mlp([2 * latent_dim, *hidden, latent_dim], dropout)
 
     def forward(self, z_fmri_slot: torch.Tensor, z_image_slot: torch.Tensor) -> torch.Tensor:
+        """Two latents ``N x D`` -> correlation embedding ``N x D`` (not normalised)."""
         return self.net(torch.cat([z_fmri_slot, z_image_slot], dim=1))
 
 
@@ -208,9 +212,7 @@ def contrastive_loss(emb_fmri: torch.Tensor, emb_image: torch.Tensor, positives:
     pos = positives.float()
     loss = 0.5 * (F.cross_entropy(logits, pos / pos.sum(1, keepdim=True))
                   + F.cross_entropy(logits.T, (pos / pos.sum(0, keepdim=True)).T))
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite contrastive loss ({loss.item()}); lower --lr")
-    return loss
+    return check_finite(loss, "contrastive")
 
 
 def mixup(x: torch.Tensor, y: torch.Tensor, n_mix: int, alpha: float, generator: torch.Generator):
@@ -295,7 +297,9 @@ def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.d
                                                 pct_start=0.1 if total >= 20 else 0.5,
                                                 anneal_strategy="cos")
     history = {"train_loss": [], "val_loss": [], "val_top1": []}
-    bar = tqdm(range(1, config.epochs + 1), desc="dual encoder", disable=not progress, leave=False)
+    # disable=None: the bar switches itself off when stderr is not a terminal
+    bar = tqdm(range(1, config.epochs + 1), desc="dual encoder", disable=None if progress else True,
+               leave=False)
     for epoch in bar:
         model.train()
         order = torch.randperm(len(x), generator=gen).to(device)
@@ -351,8 +355,10 @@ def plot_training_curves(history: dict, chance: float) -> Figure:
 # --------------------------------------------------------------------------- script
 @dataclass
 class ScriptConfig(DualEncoderConfig):
+    """Settings of this script: the model and training fields plus the common options."""
+
     data: str | None = None
-    out_dir: Path = Path("outputs")
+    out_dir: Path = DEFAULT_OUT
     device: str = "auto"
     noise_control: bool = False
 
@@ -386,7 +392,7 @@ def main(argv: list[str] | ScriptConfig | None = None) -> dict:
     print(f"S1 identification from fMRI only: top-1 {metrics['top1']:.2f} (chance {1 / k:.2f}), "
           f"top-5 {metrics['top5']:.2f}, mean rank {metrics['mean_rank']:.1f} of {k}"
           f"{' [NOISE CONTROL]' if cfg.noise_control else ''} | {seconds:.1f} s on {device}")
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    config = config_dict(cfg)
     save_checkpoint({"kind": "dual_encoder", "format_version": CHECKPOINT_FORMAT,
                      "model_state": model.state_dict(), "config": asdict(model_cfg),
                      "script_config": config, "seed": cfg.seed,
@@ -401,25 +407,11 @@ def main(argv: list[str] | ScriptConfig | None = None) -> dict:
 
 
 def parse_args(argv=None) -> ScriptConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_common_args(p)
-    defaults = DualEncoderConfig()
-    for f in fields(DualEncoderConfig):
-        if f.name == "seed":
-            continue
-        v = getattr(defaults, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(v, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=v)
-        elif isinstance(v, tuple):
-            p.add_argument(flag, type=int, nargs="+", default=v)
-        else:
-            p.add_argument(flag, type=type(v), default=v)
+    """Command line (None: sys.argv) -> ScriptConfig; one option per DualEncoderConfig field."""
+    p = add_config_args(script_parser(__doc__), DualEncoderConfig)
     p.add_argument("--noise-control", action="store_true",
                    help="replace every fMRI row by Gaussian noise (leak check: must score chance)")
-    ns = vars(p.parse_args(argv))
-    return ScriptConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ns.items()})
+    return parse_config(p, ScriptConfig, argv)
 
 
 if __name__ == "__main__":

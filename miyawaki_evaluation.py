@@ -17,9 +17,8 @@ only under the ``oracle`` key (``--oracle``) and are labelled "oracle" wherever 
 
 from __future__ import annotations
 
-import argparse
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +32,12 @@ from sklearn.neighbors import KNeighborsClassifier
 from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CONDITION_NAMES, DEFAULT_OUT, GRID, IMAGE_SIDE, CheckpointError,
-                                     Fold, MiyawakiData, Trials, add_common_args, check_same_data,
-                                     condition_accuracy, identification_ranks, identified_labels,
-                                     majority_rate, mean_rank, pearson_matrix, per_trial_metrics,
-                                     prepare_out_dir, resolve_data, resolve_device, run_cli,
-                                     save_figure, save_json, splits, topk_accuracy, upsample_grid)
+                                     Fold, MiyawakiData, Trials, check_same_data, condition_accuracy,
+                                     config_dict, identification_ranks, identified_labels,
+                                     majority_rate, mean_rank, parse_config, pearson_matrix,
+                                     per_trial_metrics, prepare_out_dir, resolve_data,
+                                     resolve_device, run_cli, save_figure, save_json, script_parser,
+                                     splits, topk_accuracy, upsample_grid)
 from miyawaki_dual_encoder import (CHECKPOINT_NAME, SCRIPT as DUAL_ENCODER_SCRIPT, DualEncoderConfig,
                                    MiyawakiDualEncoder, train_dual_encoder)
 import miyawaki_generative_backend as G
@@ -95,10 +95,12 @@ class MeanImageBaseline:
     """Predicts the mean training image for every trial (information-free floor)."""
 
     def fit(self, fmri, images):
+        """fmri ``N x V`` (unused), images ``N x ...`` -> self."""
         self.mean_ = _flat(images).mean(axis=0)
         return self
 
     def predict(self, fmri):
+        """fmri ``N x V`` -> ``N x 784`` copies of the mean training image."""
         return np.tile(self.mean_, (len(fmri), 1))
 
 
@@ -106,11 +108,13 @@ class RidgeBaseline:
     """Ridge fMRI ``N x V`` -> 784 pixels; one alpha shared by all pixels, chosen by efficient LOO."""
 
     def fit(self, fmri, images):
+        """fmri ``N x V``, images ``N x ...`` -> self."""
         self.model_ = RidgeCV(alphas=RIDGE_ALPHAS).fit(fmri, _flat(images))
         self.alpha_ = float(self.model_.alpha_)
         return self
 
     def predict(self, fmri):
+        """fmri ``N x V`` -> ``N x 784`` pixels (not clipped)."""
         return self.model_.predict(fmri)
 
 
@@ -138,11 +142,13 @@ class MultiscaleLocalDecoder:
         self.cell_of_pixel_ = cell
 
     def fit(self, fmri, images):
+        """fmri ``N x V``, images ``N x ...`` -> self."""
         contrasts = _flat(images) @ self.contrast_.T              # N x B
         self.model_ = RidgeCV(alphas=RIDGE_ALPHAS, alpha_per_target=True).fit(fmri, contrasts)
         return self
 
     def predict(self, fmri):
+        """fmri ``N x V`` -> ``N x 784`` pixels in [0, 1]."""
         cells = self.model_.predict(fmri).clip(0.0, 1.0) @ self.combine_.T   # N x 100
         return cells[:, self.cell_of_pixel_]
 
@@ -159,6 +165,7 @@ class KNNBaseline:
         self.k = k
 
     def fit(self, fmri, images, image_ids, labels):
+        """Store the training trials: fmri ``N x V``, images ``N x ...``, image_ids and labels ``N``."""
         self.fmri_ = np.asarray(fmri, dtype=np.float64)
         self.images_ = _flat(images)
         self.image_ids_ = np.asarray(image_ids)
@@ -171,6 +178,7 @@ class KNNBaseline:
         return sim, np.argsort(-sim, axis=1, kind="stable")[:, :self.k]
 
     def predict(self, fmri):
+        """fmri ``N x V`` -> ``N x 784`` mean image of the k neighbours."""
         _, nn = self._neighbours(fmri)
         return self.images_[nn].mean(axis=1)
 
@@ -186,6 +194,7 @@ class KNNBaseline:
         return scores
 
     def predict_labels(self, fmri):
+        """fmri ``N x V`` -> ``N`` conditions by the neighbours' vote."""
         _, nn = self._neighbours(fmri)
         out = np.empty(len(nn), dtype=self.labels_.dtype)
         for i, row in enumerate(self.labels_[nn]):
@@ -583,7 +592,7 @@ def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
         },
         "condition_accuracy": cond,
         "baselines_s1": {name: fold_means(m) for name, m in base.items()},
-        "config": _config_dict(cfg),
+        "config": config_dict(cfg),
     }
     print_checkpoint_summary(result)
     if cfg.oracle:
@@ -791,7 +800,7 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
         "paired_vs_ridge_top1": paired_vs_reference(methods),
         "seconds": seconds,
         "dual_encoder_seconds_per_fit": seconds["dual_encoder"] / (len(folds) * len(cfg.seeds)),
-        "config": _config_dict(cfg),
+        "config": config_dict(cfg),
     }
     save_json(result, out / f"benchmark_{cfg.protocol}.json")
     (out / f"benchmark_{cfg.protocol}.md").write_text(benchmark_markdown(result))
@@ -826,10 +835,6 @@ class EvaluationConfig:
     oracle: bool = False
 
 
-def _config_dict(cfg: EvaluationConfig) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-
-
 def main(argv: list[str] | EvaluationConfig | None = None) -> dict:
     """Checkpoint evaluation on S1 (default) or, with a protocol, the benchmark; returns metrics."""
     cfg = argv if isinstance(argv, EvaluationConfig) else parse_args(argv)
@@ -839,9 +844,8 @@ def main(argv: list[str] | EvaluationConfig | None = None) -> dict:
 
 
 def parse_args(argv=None) -> EvaluationConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_common_args(p)
+    """Command line (None: sys.argv) -> EvaluationConfig."""
+    p = script_parser(__doc__)
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="dual-encoder checkpoint; default OUT_DIR/miyawaki_dual_encoder.pth")
     p.add_argument("--protocol", choices=["s1", "s2", "s3"], default=None,
@@ -860,9 +864,7 @@ def parse_args(argv=None) -> EvaluationConfig:
                    help="t-SNE perplexity (capped at (points - 1) / 3)")
     p.add_argument("--oracle", action="store_true",
                    help="also report ORACLE numbers that feed the true test image to the model")
-    ns = vars(p.parse_args(argv))
-    ns["seeds"] = tuple(ns["seeds"])
-    return EvaluationConfig(**ns)
+    return parse_config(p, EvaluationConfig, argv)
 
 
 if __name__ == "__main__":

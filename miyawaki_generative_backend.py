@@ -38,12 +38,10 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import math
-import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,20 +49,21 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import nn
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, DEFAULT_OUT, CheckpointError, Trials,
-                                     add_common_args, check_same_data, load_checkpoint,
-                                     pearson_rows, prepare_out_dir, reconstruction_metrics,
-                                     resolve_data, resolve_device, run_cli, save_checkpoint,
-                                     save_figure, save_json, seed_everything, standardize)
-from miyawaki_dual_encoder import MiyawakiDualEncoder
+                                     add_config_args, check_finite, check_same_data, config_dict,
+                                     load_checkpoint, parse_config, pearson_rows, prepare_out_dir,
+                                     reconstruction_metrics, resolve_data, resolve_device, run_cli,
+                                     save_checkpoint, save_figure, save_json, script_parser,
+                                     seed_everything, standardize)
+from miyawaki_dual_encoder import (CHECKPOINT_NAME as ENCODER_CHECKPOINT_NAME, SCRIPT as ENCODER_SCRIPT,
+                                   MiyawakiDualEncoder)
 
 IMAGE_PIXELS = 28 * 28
 CHECKPOINT_KIND = "generative_backends"
 CHECKPOINT_NAME = "miyawaki_generative_backends.pth"
 SCRIPT = "miyawaki_generative_backend.py"
-ENCODER_SCRIPT = "miyawaki_dual_encoder.py"
 
 
 # --------------------------------------------------------------------------- noise schedules
@@ -105,13 +104,6 @@ def scale_condition(condition: torch.Tensor) -> torch.Tensor:
     return condition * math.sqrt(condition.shape[1])
 
 
-def check_finite(loss: torch.Tensor, name: str) -> torch.Tensor:
-    """Raise on a NaN or infinite loss instead of training on it."""
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"{name} loss is {loss.item()}; lower the learning rate")
-    return loss
-
-
 # --------------------------------------------------------------------------- random draws
 def _gen_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
     """Where random numbers are drawn: the generator's device, else ``device``."""
@@ -136,6 +128,7 @@ class CheckpointMixin:
     CHECKPOINT_KEY = ""
 
     def checkpoint_entry(self) -> dict:
+        """{"config": constructor arguments, "state": state dict}, as ``from_checkpoint`` reads it."""
         return {"config": dict(self.config), "state": self.state_dict()}
 
     @classmethod
@@ -170,6 +163,7 @@ class MLPDenoiser(nn.Module):
             nn.Linear(hidden_dim, IMAGE_PIXELS))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """x_t ``N x 784``, timesteps ``N``, conditions ``N x D`` -> ``N x 784``."""
         t = sinusoidal_embedding(timesteps, self.time_dim)
         return self.net(torch.cat([x, t, scale_condition(condition)], dim=1))
 
@@ -320,6 +314,7 @@ class ProjectionDiscriminator(nn.Module):
         self.embed = sn(nn.Linear(condition_dim, hidden_dim, bias=False))
 
     def forward(self, images: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """Images ``N x 1 x 28 x 28`` in [0, 1], conditions ``N x D`` -> logits ``N``."""
         h = self.phi(images.reshape(len(images), -1) * 2 - 1)
         return self.psi(h)[:, 0] + (self.embed(scale_condition(condition)) * h).sum(1)
 
@@ -440,9 +435,8 @@ def pick_conditions(cond_fmri: torch.Tensor, cond_image: torch.Tensor, idx: torc
 
 
 def _progress(desc: str, total: int, progress: bool):
-    """A tqdm range that shows only on a terminal."""
-    return tqdm(range(1, total + 1), desc=desc, leave=False,
-                disable=not (progress and sys.stderr.isatty()))
+    """A tqdm range 1..total that shows only on a terminal (disable=None)."""
+    return tqdm(range(1, total + 1), desc=desc, leave=False, disable=None if progress else True)
 
 
 def train_diffusion(cond_fmri: torch.Tensor, cond_image: torch.Tensor, images: torch.Tensor,
@@ -614,7 +608,7 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
     out = prepare_out_dir(cfg.out_dir)
     device = resolve_device(cfg.device)
     data = resolve_data(cfg.data)
-    enc_path = Path(cfg.encoder_checkpoint) if cfg.encoder_checkpoint else out / "miyawaki_dual_encoder.pth"
+    enc_path = Path(cfg.encoder_checkpoint) if cfg.encoder_checkpoint else out / ENCODER_CHECKPOINT_NAME
     encoder, enc_ckpt = MiyawakiDualEncoder.from_checkpoint(enc_path, map_location=device)
     check_same_data(enc_ckpt, data, enc_path, ENCODER_SCRIPT)
     fold = data.s1()
@@ -651,7 +645,7 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
                                               "(one training trial per image, fMRI embedding)"),
                     grid_dir / f"step_{step:05d}.png")
     floor = reconstruction_metrics(np.repeat(train.images.mean(0, keepdims=True), len(test), 0), **scoring)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    config = config_dict(cfg)
     k = len(fold.unique_images)
     metrics = {
         "split": "s1", "seed": cfg.seed, "data_source": data.source, "device": str(device),
@@ -688,21 +682,9 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
 
 
 def parse_args(argv=None) -> GenerativeConfig:
-    """Command line -> GenerativeConfig; one option per field (the common four from the loader)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_common_args(p)
-    common = {a.dest for a in p._actions}
-    for f in fields(GenerativeConfig):
-        if f.name in common:
-            continue
-        flag, help_ = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default,
-                           choices=f.metadata.get("choices"), help=help_)
-    return GenerativeConfig(**vars(p.parse_args(argv)))
+    """Command line (None: sys.argv) -> GenerativeConfig; one option per field (the common four
+    from the loader)."""
+    return parse_config(add_config_args(script_parser(__doc__), GenerativeConfig), GenerativeConfig, argv)
 
 
 if __name__ == "__main__":

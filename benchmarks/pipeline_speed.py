@@ -51,6 +51,7 @@ def machine() -> str:
 
 
 def main(argv=None) -> dict:
+    """Run every stage ``--repeats`` times; print and save the table; returns the JSON dict."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=None, help="passed to every stage (default: the scripts' own)")
@@ -75,7 +76,7 @@ def main(argv=None) -> dict:
     cfg, m = de["config"], de["metrics"]
     extra["dual_encoder_trial_epochs_per_s"] = m["n_train"] * cfg["epochs"] / m["train_seconds"]
     gen = json.loads((args.out_dir / "miyawaki_generation.json").read_text())
-    extra["diffusion_sampling_s_per_image"] = gen["timing"]["diffusion_sampling_s_per_image"]
+    extra["diffusion_sampling_s_per_image"] = gen["diffusion"]["sample_seconds_per_image"]
     lines = [f"Machine: {machine()}; device {args.device}; median of {args.repeats} runs; "
              f"data {args.data or 'default'}.", "",
              "| stage | wall s | CPU s | peak MiB |", "|---|---|---|---|"]

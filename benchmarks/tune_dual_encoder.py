@@ -24,7 +24,7 @@ import torch
 from sklearn.model_selection import GroupKFold, StratifiedKFold
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from miyawaki_dataset_loader import DEFAULT_OUT, resolve_data  # noqa: E402
+from miyawaki_dataset_loader import DEFAULT_OUT, resolve_data, run_cli  # noqa: E402
 from miyawaki_dual_encoder import DualEncoderConfig, config_from_dict, identify, train_dual_encoder  # noqa: E402
 
 
@@ -59,7 +59,9 @@ def score(data, cfg: DualEncoderConfig, scheme: str, seeds: list[int]) -> tuple[
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """Score each ``--set`` candidate by inner CV; print a line each and save the JSON; returns it."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                    help="one candidate setting (repeat the flag for several)")
@@ -84,4 +86,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

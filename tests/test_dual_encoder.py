@@ -107,7 +107,7 @@ def test_script_checkpoint_round_trip(tmp_path):
     metrics = main(["--data", "simulated", "--epochs", "4", "--mixup", "8", "--out-dir", str(tmp_path),
                     "--device", "cpu"])
     path = tmp_path / "miyawaki_dual_encoder.pth"
-    ckpt = torch.load(path, weights_only=True)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     assert ckpt["kind"] == "dual_encoder" and ckpt["config"]["epochs"] == 4
     model, _ = MiyawakiDualEncoder.from_checkpoint(path)
     trained = MiyawakiDualEncoder(ckpt["n_voxels"], 512)
@@ -122,7 +122,7 @@ def test_checkpoint_of_other_architecture_is_refused(tmp_path):
     main(["--data", "simulated", "--epochs", "1", "--mixup", "0", "--out-dir", str(tmp_path),
           "--device", "cpu"])
     path = tmp_path / "miyawaki_dual_encoder.pth"
-    ckpt = torch.load(path, weights_only=True)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     ckpt["config"]["latent_dim"] = 64           # state dict no longer fits the rebuilt model
     torch.save(ckpt, path)
     with pytest.raises(CheckpointError, match="miyawaki_dual_encoder.py"):

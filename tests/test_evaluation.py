@@ -2,9 +2,6 @@
 run on the simulated set (dual encoder -> evaluation) and the benchmark's JSON schema."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -206,12 +203,3 @@ def test_generative_decoders_are_scored_from_fmri_only(sim):
     for recon in recons.values():
         assert recon.shape == (12, 1, 28, 28) and np.all((recon >= 0) & (recon <= 1))
         assert set(E.fold_means(E.score_reconstructions(recon, fold))) == set(E.METRICS)
-
-
-def test_import_creates_no_files(tmp_path):
-    watched = [tmp_path, L.DEFAULT_OUT]
-    before = [sorted(p.name for p in d.iterdir()) for d in watched]
-    env = {**os.environ, "PYTHONPATH": str(L.REPO_DIR), "PYTHONDONTWRITEBYTECODE": "1"}
-    subprocess.run([sys.executable, "-c", "import miyawaki_evaluation"], cwd=tmp_path, env=env,
-                   check=True, timeout=120)
-    assert [sorted(p.name for p in d.iterdir()) for d in watched] == before

@@ -3,9 +3,6 @@ checkpoints, the noise control and a tiny end-to-end run of the script on the si
 
 import json
 import math
-import os
-import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
@@ -169,7 +166,7 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
     path = tmp_path / G.CHECKPOINT_NAME
     L.save_checkpoint({"kind": G.CHECKPOINT_KIND, "format_version": L.CHECKPOINT_FORMAT,
                        "diffusion": diffusion.checkpoint_entry(), "gan": gan.checkpoint_entry()}, path)
-    torch.load(path, weights_only=True)
+    torch.load(path, map_location="cpu", weights_only=True)
     c = unit(3)
     for model in (diffusion, gan):
         loaded, _ = type(model).from_checkpoint(path)
@@ -226,7 +223,7 @@ def test_script_end_to_end_on_simulated_data(tmp_path):
     assert saved["seed"] == 3 and saved["config"]["diffusion_steps"] == 20
     assert saved["sampler"]["diffusion"]["num_inference_steps"] == 5
     assert [p.name for p in (tmp_path / "diffusion_samples").iterdir()] != []
-    ckpt = torch.load(tmp_path / G.CHECKPOINT_NAME, weights_only=True)
+    ckpt = torch.load(tmp_path / G.CHECKPOINT_NAME, map_location="cpu", weights_only=True)
     assert ckpt["kind"] == G.CHECKPOINT_KIND and ckpt["seed"] == 3
     # the saved decoders rebuild and reproduce the reported numbers from fMRI only
     encoder, enc_ckpt = D.MiyawakiDualEncoder.from_checkpoint(tmp_path / "miyawaki_dual_encoder.pth")
@@ -241,12 +238,3 @@ def test_script_end_to_end_on_simulated_data(tmp_path):
     L.save_checkpoint(enc_ckpt, tmp_path / "miyawaki_dual_encoder.pth")
     with pytest.raises(L.CheckpointError, match="miyawaki_dual_encoder.py"):
         G.main(args)
-
-
-def test_import_creates_no_files(tmp_path):
-    watched = [tmp_path, L.DEFAULT_OUT]
-    before = [sorted(p.name for p in d.iterdir()) if d.exists() else None for d in watched]
-    env = {**os.environ, "PYTHONPATH": str(L.REPO_DIR), "PYTHONDONTWRITEBYTECODE": "1"}
-    subprocess.run([sys.executable, "-c", "import miyawaki_generative_backend"], cwd=tmp_path, env=env,
-                   check=True, timeout=120)
-    assert [sorted(p.name for p in d.iterdir()) if d.exists() else None for d in watched] == before

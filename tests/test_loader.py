@@ -1,4 +1,4 @@
-"""Loading, validation, CLI errors, download, side-effect-free import, output dir and checkpoints."""
+"""Loading, validation, CLI errors, download, output dir and checkpoints."""
 
 import functools
 import hashlib
@@ -182,21 +182,7 @@ def test_cli_download_real_file(server, real_path, tmp_path):
     assert result["n_trials"] == 119 and result["source"] == str(dest)
 
 
-# --------------------------------------------------------------------------- side effects, outputs
-def test_import_creates_no_files(tmp_path):
-    watched = [tmp_path, L.DEFAULT_OUT, L.DEFAULT_DATA.parent]
-
-    def snapshot():
-        return [{p.name: p.stat().st_mtime_ns for p in d.iterdir()} if d.exists() else None
-                for d in watched]
-
-    before = snapshot()
-    env = {**os.environ, "PYTHONPATH": str(L.REPO_DIR), "PYTHONDONTWRITEBYTECODE": "1"}
-    subprocess.run([sys.executable, "-c", "import miyawaki_dataset_loader"], cwd=tmp_path,
-                   env=env, check=True, timeout=120)
-    assert snapshot() == before
-
-
+# --------------------------------------------------------------------------- outputs
 def test_out_dir_not_writable(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")

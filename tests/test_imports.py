@@ -1,0 +1,50 @@
+"""Importing a script of this repository creates or changes no file (STYLE.md 1 and 14)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import miyawaki_dataset_loader as L
+
+# in import order, so that each import runs only the module's own top level
+MODULES = ["miyawaki_dataset_loader", "miyawaki_dual_encoder", "miyawaki_generative_backend",
+           "miyawaki_evaluation"]
+
+# Run in one fresh interpreter: import the modules (argv[1], comma-separated) one by one and,
+# around each import, list the watched folders (argv[2:]): entry names, files with their mtime.
+# Prints {module: [folders whose listing that import changed]}.
+CHILD = """
+import importlib, json, sys
+from pathlib import Path
+
+def listing(folders):
+    return [sorted([p.name, p.stat().st_mtime_ns if p.is_file() else None] for p in d.iterdir())
+            if d.is_dir() else None for d in folders]
+
+folders, changed = [Path(p) for p in sys.argv[2:]], {}
+for name in sys.argv[1].split(","):
+    before = listing(folders)
+    importlib.import_module(name)
+    changed[name] = [str(d) for d, a, b in zip(folders, before, listing(folders)) if a != b]
+print(json.dumps(changed))
+"""
+
+
+@pytest.fixture(scope="module")
+def changed_by_import(tmp_path_factory) -> dict:
+    """{module: folders its import changed}, from a single child process run in an empty folder."""
+    cwd = tmp_path_factory.mktemp("import")
+    watched = [cwd, L.REPO_DIR, L.DEFAULT_OUT, L.DEFAULT_DATA.parent]
+    env = {**os.environ, "PYTHONPATH": str(L.REPO_DIR), "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run([sys.executable, "-c", CHILD, ",".join(MODULES), *map(str, watched)],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_import_creates_no_files(module, changed_by_import):
+    assert changed_by_import[module] == []
