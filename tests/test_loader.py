@@ -254,3 +254,14 @@ def test_bad_checkpoint_refused(case, tmp_path):
     assert str(path) in msg and "python make_it.py" in msg and "\n" not in msg
     for word in words:
         assert word in msg
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    import stat
+    from miyawaki_dataset_loader import save_json
+    umask = os.umask(0o022)
+    try:
+        save_json({"a": 1}, tmp_path / "m.json")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o644
