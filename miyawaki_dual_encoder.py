@@ -25,8 +25,8 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
-from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, DEFAULT_OUT, CheckpointError, Fold, Trials,
-                                     add_config_args, check_finite, config_dict,
+from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, DEFAULT_OUT, CheckpointError, Fold, MiyawakiData,
+                                     Trials, add_config_args, check_finite, check_same_data, config_dict,
                                      identification_ranks, load_checkpoint, parse_config,
                                      prepare_out_dir, resolve_data, resolve_device, run_cli,
                                      save_checkpoint, save_figure, save_json, script_parser,
@@ -182,6 +182,21 @@ class MiyawakiDualEncoder(nn.Module):
         except RuntimeError as e:
             raise_config_mismatch(path, e)
         return model.to(map_location).eval(), ckpt
+
+
+def load_for_s1(path: Path, data: MiyawakiData, device: torch.device | str = "cpu"):
+    """Reload the dual encoder for the S1 split of ``data``; returns (model, ckpt, fold).
+
+    Refuses (CheckpointError naming this script) a checkpoint fitted on other data or z-scored
+    with statistics other than the S1 training trials', so the fold's fMRI is what it was fed."""
+    model, ckpt = MiyawakiDualEncoder.from_checkpoint(path, map_location=device)
+    check_same_data(ckpt, data, path, SCRIPT)
+    fold = data.s1()
+    for name in ("fmri_mean", "fmri_std"):
+        if not np.allclose(ckpt[name].cpu().numpy(), getattr(fold, name), rtol=1e-5, atol=1e-6):
+            raise CheckpointError(f"{path} was z-scored with other statistics than the S1 training "
+                                  f"trials; rerun `python {SCRIPT}`")
+    return model, ckpt, fold
 
 
 def config_from_dict(d: dict) -> DualEncoderConfig:

@@ -31,15 +31,15 @@ from sklearn.manifold import TSNE
 from sklearn.neighbors import KNeighborsClassifier
 from tqdm.auto import tqdm
 
-from miyawaki_dataset_loader import (CONDITION_NAMES, DEFAULT_OUT, GRID, IMAGE_SIDE, CheckpointError,
-                                     Fold, MiyawakiData, Trials, check_same_data, condition_accuracy,
+from miyawaki_dataset_loader import (CONDITION_NAMES, DEFAULT_OUT, GRID, IMAGE_SIDE, Fold,
+                                     MiyawakiData, Trials, condition_accuracy,
                                      config_dict, identification_ranks, identified_labels,
                                      majority_rate, mean_rank, parse_config, pearson_matrix,
                                      per_trial_metrics, prepare_out_dir, resolve_data,
                                      resolve_device, run_cli, save_figure, save_json, script_parser,
                                      splits, topk_accuracy, upsample_grid)
-from miyawaki_dual_encoder import (CHECKPOINT_NAME, SCRIPT as DUAL_ENCODER_SCRIPT, DualEncoderConfig,
-                                   MiyawakiDualEncoder, train_dual_encoder)
+from miyawaki_dual_encoder import (CHECKPOINT_NAME, DualEncoderConfig, MiyawakiDualEncoder,
+                                   load_for_s1, train_dual_encoder)
 import miyawaki_generative_backend as G
 
 RIDGE_ALPHAS = np.logspace(-1, 5, 25)
@@ -536,14 +536,8 @@ def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
     out = prepare_out_dir(cfg.out_dir)
     device = resolve_device(cfg.device)
     path = Path(cfg.checkpoint) if cfg.checkpoint else out / CHECKPOINT_NAME
-    model, ckpt = MiyawakiDualEncoder.from_checkpoint(path, map_location=device)
     data = resolve_data(cfg.data)
-    check_same_data(ckpt, data, path, DUAL_ENCODER_SCRIPT)
-    fold = data.s1()
-    for name in ("fmri_mean", "fmri_std"):  # the checkpoint's z-scoring must be the S1 fold's
-        if not np.allclose(ckpt[name].cpu().numpy(), getattr(fold, name), rtol=1e-5, atol=1e-6):
-            raise CheckpointError(f"{path} was z-scored with other statistics than the S1 training "
-                                  f"trials; rerun `python {DUAL_ENCODER_SCRIPT}`")
+    model, ckpt, fold = load_for_s1(path, data, device)
     test, k = fold.test, len(fold.unique_images)
     cand = extract_latent_representations(model, images=fold.unique_images)
     tr = extract_latent_representations(model, fold.train.fmri, images=fold.train.images)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -52,13 +52,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, DEFAULT_OUT, CheckpointError, Trials,
-                                     add_config_args, check_finite, check_same_data, config_dict,
+                                     add_config_args, check_finite, config_dict,
                                      load_checkpoint, parse_config, pearson_rows, prepare_out_dir,
                                      reconstruction_metrics, resolve_data, resolve_device, run_cli,
                                      save_checkpoint, save_figure, save_json, script_parser,
-                                     seed_everything, standardize)
-from miyawaki_dual_encoder import (CHECKPOINT_NAME as ENCODER_CHECKPOINT_NAME, SCRIPT as ENCODER_SCRIPT,
-                                   MiyawakiDualEncoder)
+                                     seed_everything)
+from miyawaki_dual_encoder import CHECKPOINT_NAME as ENCODER_CHECKPOINT_NAME, load_for_s1
 
 IMAGE_PIXELS = 28 * 28
 CHECKPOINT_KIND = "generative_backends"
@@ -609,13 +608,8 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
     device = resolve_device(cfg.device)
     data = resolve_data(cfg.data)
     enc_path = Path(cfg.encoder_checkpoint) if cfg.encoder_checkpoint else out / ENCODER_CHECKPOINT_NAME
-    encoder, enc_ckpt = MiyawakiDualEncoder.from_checkpoint(enc_path, map_location=device)
-    check_same_data(enc_ckpt, data, enc_path, ENCODER_SCRIPT)
-    fold = data.s1()
-    # z-score with the statistics the encoder was trained with
-    mean, std = enc_ckpt["fmri_mean"].cpu().numpy(), enc_ckpt["fmri_std"].cpu().numpy()
-    train, test = (replace(t, fmri=standardize(data.trials.fmri[idx], mean, std))
-                   for t, idx in ((fold.train, fold.train_idx), (fold.test, fold.test_idx)))
+    encoder, enc_ckpt, fold = load_for_s1(enc_path, data, device)  # z-scored as the encoder saw it
+    train, test = fold.train, fold.test
 
     t0 = time.perf_counter()
     diffusion, gan, history = train_generative(encoder, train, cfg, device)
