@@ -33,7 +33,6 @@ import scipy.io
 import torch
 from matplotlib.figure import Figure
 from skimage.metrics import structural_similarity
-from sklearn.model_selection import StratifiedKFold
 
 REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_DATA = REPO_DIR / "data" / "miyawaki_structured_28x28.mat"
@@ -373,6 +372,8 @@ def splits(protocol: str, data: MiyawakiData, seeds=(0, 1, 2)) -> list[tuple[str
     if protocol == "s1":
         return [("s1", np.arange(data.n_file_train), np.arange(data.n_file_train, n))]
     if protocol == "s2":
+        # imported here: sklearn adds ~60 MiB to every script's memory, and only S2 needs it
+        from sklearn.model_selection import StratifiedKFold
         folds = []  # one image has 3 trials, fewer than 5 folds: sklearn's warning is expected
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)

@@ -238,19 +238,27 @@ def mixup(x: torch.Tensor, y: torch.Tensor, n_mix: int, alpha: float, generator:
     beta = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha)))
     lam = beta.sample((n_mix,)).to(x.device)
     lx, ly = lam[:, None], lam[:, None, None, None]
-    return lx * x[a] + (1 - lx) * x[b], ly * y[a] + (1 - ly) * y[b]
+    # b + lam * (a - b): a pair of one image mixes back to exactly that image (pair_loss relies on it)
+    return x[b] + lx * (x[a] - x[b]), y[b] + ly * (y[a] - y[b])
 
 
 def pair_loss(model: MiyawakiDualEncoder, x: torch.Tensor, y: torch.Tensor,
-              bf16: bool = False) -> torch.Tensor:
+              bf16: bool = False, n_mixed: int = 0) -> torch.Tensor:
     """Training objective for fMRI ``N x V`` paired with images ``N x 1 x 28 x 28``: InfoNCE on the
-    correlation embeddings plus InfoNCE on the encoder latents. Each distinct image is encoded
-    once (20 unique images in ~100 trials), which makes the CNN's cost small. With ``bf16`` the
-    networks run under bfloat16 autocast; the similarities and losses stay float32."""
-    uniq, own = torch.unique(y.flatten(1), dim=0, return_inverse=True)
+    correlation embeddings plus InfoNCE on the encoder latents.
+
+    The image columns are the distinct images of the first ``N - n_mixed`` rows (20 unique images
+    in ~100 trials, which keeps the CNN's cost small) followed by the last ``n_mixed`` rows' (mixup)
+    images as they are: a full-batch step then always gives the CNN the same number of images (a
+    varying number grew oneDNN's per-shape kernel cache by ~50 MiB). Positives are exact image
+    equality, so an image that fills two columns is never a negative. With ``bf16`` the networks
+    run under bfloat16 autocast; the similarities and losses stay float32."""
+    flat = y.flatten(1)
+    n_real = len(y) - n_mixed
+    cols = torch.cat([torch.unique(flat[:n_real], dim=0), flat[n_real:]])
+    pos = (flat[:, None] == cols[None]).all(-1)                      # N x J
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = model.latents(x, uniq.view(-1, *y.shape[1:]))
-    pos = own[:, None] == torch.arange(len(uniq), device=y.device)[None]
+        out = model.latents(x, cols.view(-1, *y.shape[1:]))
     scale = model.clamped_scale()
     return (contrastive_loss(out["fmri"], out["image"], pos, scale)
             + contrastive_loss(out["fmri_latent"], out["image_latent"], pos, scale))
@@ -327,7 +335,7 @@ def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.d
             if config.mixup:
                 xm, ym = mixup(xb, yb, config.mixup, config.mixup_alpha, gen)
                 xb, yb = torch.cat([xb, xm]), torch.cat([yb, ym])
-            loss = pair_loss(model, xb, yb, config.bf16)
+            loss = pair_loss(model, xb, yb, config.bf16, config.mixup)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

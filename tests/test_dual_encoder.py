@@ -9,7 +9,7 @@ import torch
 
 from miyawaki_dataset_loader import CheckpointError, Trials, splits
 from miyawaki_dual_encoder import (DualEncoderConfig, MiyawakiDualEncoder, contrastive_loss,
-                                   identify, main, train_dual_encoder)
+                                   identify, main, mixup, pair_loss, train_dual_encoder)
 
 FAST = DualEncoderConfig(epochs=25, mixup=32, val_fraction=0.0)
 
@@ -50,6 +50,33 @@ def test_repeats_are_positives_not_negatives():
     # its floor is the entropy of the soft target: image 0 -> {trial 0, trial 1} at 1/2 each,
     # i.e. ln 2 in one of 3 image rows, in one of the 2 directions
     assert loss_multi < math.log(2) / 6 + 0.01
+
+
+def test_mixup_of_one_image_is_that_image_and_counts_as_its_positive(monkeypatch):
+    """Mixing two trials of one image gives back exactly that image. pair_loss encodes the distinct
+    real images once plus every mixed image (a fixed count), and a mixed image equal to a real one
+    is a positive of all that image's trials, never a negative."""
+    y = (torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    y = y[[0, 0, 1]]                                           # trials 0 and 1 saw image 0
+    x = torch.randn(3, 10)
+    _, same = mixup(x[:2], y[:2], 5, 1.0, torch.Generator().manual_seed(1))
+    assert torch.equal(same, y[:1].expand(5, -1, -1, -1))
+    blend = 0.3 * y[:1] + 0.7 * y[2:]                          # a mix of two different images
+    xb, yb = torch.cat([x, torch.randn(6, 10)]), torch.cat([y, same, blend])
+    seen = {}
+
+    def spy(emb_fmri, emb_image, positives, scale):
+        seen["pos"] = positives
+        return emb_fmri.sum() * 0
+
+    monkeypatch.setattr("miyawaki_dual_encoder.contrastive_loss", spy)
+    pair_loss(MiyawakiDualEncoder(fmri_dim=10, latent_dim=8), xb, yb, n_mixed=6)
+    pos = seen["pos"]
+    assert pos.shape == (9, 2 + 6)                             # 2 distinct real images + 6 mixed
+    # image 0 fills 1 + 5 columns, all positives of its 2 + 5 rows; image 1 and the blend: 1 each
+    assert pos.sum(1).tolist() == [6, 6, 1, 6, 6, 6, 6, 6, 1]
+    assert all(torch.equal(pos[r], pos[0]) for r in (1, 3, 4, 5, 6, 7))
+    assert not (pos[2] & pos[0]).any() and not (pos[8] & (pos[0] | pos[2])).any()
 
 
 def test_non_finite_loss_raises():
