@@ -527,6 +527,8 @@ def majority_rate(labels):
 # --------------------------------------------------------------------------- shared utilities
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch (CPU and CUDA) and ask torch for deterministic kernels."""
+    # cuBLAS is deterministic only with a fixed workspace; it reads this when CUDA first starts
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -678,14 +680,21 @@ def save_json(obj: dict, path: Path) -> None:
         if isinstance(o, Path):
             return str(o)
         raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-    text = json.dumps(obj, indent=2, default=default)
+    save_text(json.dumps(obj, indent=2, default=default), path)
+
+
+def save_text(text: str, path: Path) -> None:
+    """Atomically write a text file (UTF-8)."""
     _atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def save_figure(fig: Figure, path: Path) -> None:
-    """Save a Figure (dpi 150, tight). Figures are built with ``matplotlib.figure.Figure``, not
-    pyplot, so no GUI backend or global figure state is involved and nothing needs closing."""
-    fig.savefig(path, dpi=150, bbox_inches="tight")
+    """Atomically save a Figure (dpi 150, tight; format from the suffix). Figures are built with
+    ``matplotlib.figure.Figure``, not pyplot, so no GUI backend or global figure state is involved
+    and nothing needs closing."""
+    path = Path(path)
+    _atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=150,
+                                              bbox_inches="tight"))
 
 
 # --------------------------------------------------------------------------- figures

@@ -36,7 +36,7 @@ from miyawaki_dataset_loader import (CONDITION_NAMES, DEFAULT_OUT, GRID, IMAGE_S
                                      config_dict, identification_ranks, identified_labels,
                                      majority_rate, mean_rank, parse_config, pearson_matrix,
                                      per_trial_metrics, prepare_out_dir, resolve_data,
-                                     resolve_device, run_cli, save_figure, save_json, script_parser,
+                                     resolve_device, run_cli, save_figure, save_json, save_text, script_parser,
                                      splits, topk_accuracy, upsample_grid)
 from miyawaki_dual_encoder import (CHECKPOINT_NAME, DualEncoderConfig, MiyawakiDualEncoder,
                                    load_for_s1, train_dual_encoder)
@@ -797,7 +797,7 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
         "config": config_dict(cfg),
     }
     save_json(result, out / f"benchmark_{cfg.protocol}.json")
-    (out / f"benchmark_{cfg.protocol}.md").write_text(benchmark_markdown(result))
+    save_text(benchmark_markdown(result), out / f"benchmark_{cfg.protocol}.md")
     for name in methods:
         m = methods[name]
         print(f"{METHOD_TITLES.get(name, name):40s} top-1 {m['top1']['mean']:.3f} ± {m['top1']['std']:.3f}"

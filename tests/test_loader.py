@@ -265,3 +265,22 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     finally:
         os.umask(umask)
     assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o644
+
+
+def test_interrupted_figure_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+    fig = Figure()
+    fig.subplots().plot([0, 1])
+    L.save_figure(fig, tmp_path / "f.png")
+    png = (tmp_path / "f.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+
+    def broken(self, f, **kwargs):
+        f.write(b"half a figure")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", broken)
+    with pytest.raises(KeyboardInterrupt):
+        L.save_figure(fig, tmp_path / "f.png")
+    assert (tmp_path / "f.png").read_bytes() == png
+    assert os.listdir(tmp_path) == ["f.png"]
