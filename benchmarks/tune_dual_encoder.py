@@ -24,7 +24,7 @@ import torch
 from sklearn.model_selection import GroupKFold, StratifiedKFold
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from miyawaki_dataset_loader import DEFAULT_OUT, resolve_data, run_cli  # noqa: E402
+from miyawaki_dataset_loader import DEFAULT_OUT, resolve_data, resolve_device, run_cli, save_json  # noqa: E402
 from miyawaki_dual_encoder import DualEncoderConfig, config_from_dict, identify, train_dual_encoder  # noqa: E402
 
 
@@ -38,7 +38,8 @@ def inner_folds(ids: np.ndarray, scheme: str) -> list[tuple[np.ndarray, np.ndarr
     return list(GroupKFold(5).split(x, ids, groups=ids))
 
 
-def score(data, cfg: DualEncoderConfig, scheme: str, seeds: list[int]) -> tuple[float, float]:
+def score(data, cfg: DualEncoderConfig, scheme: str, seeds: list[int],
+          device: torch.device) -> tuple[float, float]:
     """Mean inner-CV top-1 over folds and seeds, ranking by the correlation embeddings and by the
     encoder latents."""
     s1 = data.s1()
@@ -47,13 +48,13 @@ def score(data, cfg: DualEncoderConfig, scheme: str, seeds: list[int]) -> tuple[
         fold = data.fold(s1.train_idx[tr], s1.train_idx[va])
         for seed in seeds:
             model, _ = train_dual_encoder(fold.train, replace(cfg, seed=seed, val_fraction=0.0),
-                                          "cpu", fold.unique_images, progress=False)
-            ranks = identify(model, torch.as_tensor(fold.test.fmri),
-                             torch.as_tensor(fold.unique_images), fold.test.image_ids)
+                                          device, fold.unique_images, progress=False)
+            x, images = (torch.as_tensor(a, device=device) for a in (fold.test.fmri, fold.unique_images))
+            ranks = identify(model, x, images, fold.test.image_ids)
             top1.append((ranks == 1).mean())
             with torch.no_grad():
-                out = model.latents(torch.as_tensor(fold.test.fmri), torch.as_tensor(fold.unique_images))
-            scores = (out["fmri_latent"] @ out["image_latent"].T).numpy()
+                out = model.latents(x, images)
+            scores = (out["fmri_latent"] @ out["image_latent"].T).cpu().numpy()
             top1_latent.append((scores.argmax(1) == fold.test.image_ids).mean())
     return float(np.mean(top1)), float(np.mean(top1_latent))
 
@@ -67,9 +68,11 @@ def main(argv=None) -> dict:
                    help="one candidate setting (repeat the flag for several)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--schemes", nargs="+", default=["seen", "unseen"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT / "tune_dual_encoder.json")
     args = p.parse_args(argv)
     data = resolve_data(args.data)
+    device = resolve_device(args.device)
     base = DualEncoderConfig()
     results = {}
     for spec in args.set or [""]:
@@ -77,11 +80,12 @@ def main(argv=None) -> dict:
         cfg = config_from_dict({**vars(base), **{k: json.loads(v.replace("True", "true").replace("False", "false"))
                                                  for k, v in overrides.items()}})
         t0 = time.perf_counter()
-        results[spec or "default"] = {s: score(data, cfg, s, args.seeds) for s in args.schemes}
+        results[spec or "default"] = {s: score(data, cfg, s, args.seeds, device) for s in args.schemes}
         print(f"{spec or 'default':40s} " + " ".join(f"{s} {v[0]:.3f} (latent {v[1]:.3f})" for s, v in results[spec or 'default'].items())
               + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"data": data.source, "seeds": args.seeds, "results": results}, indent=2))
+    save_json({"data": data.source, "seeds": args.seeds, "device": str(device), "results": results},
+              args.out)
     return results
 
 
