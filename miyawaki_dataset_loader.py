@@ -642,6 +642,15 @@ def save_checkpoint(obj: dict, path: Path) -> None:
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def one_line(err: Exception, limit: int = 160) -> str:
+    """An exception's message as one short line: its first line or, under a header that ends in
+    ":" (as load_state_dict's "Error(s) in loading state_dict for ...:"), the first item listed."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return (lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0])[:limit]
+
+
 def load_checkpoint(path: Path, kind: str, script: str, map_location="cpu") -> dict:
     """Load a checkpoint of this project with ``weights_only=True``.
 
@@ -653,8 +662,7 @@ def load_checkpoint(path: Path, kind: str, script: str, map_location="cpu") -> d
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, pickled objects refused by weights_only, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} cannot be loaded safely ({first[:120]}); "
+        raise CheckpointError(f"checkpoint {path} cannot be loaded safely ({one_line(e)}); "
                               f"rerun `python {script}`") from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         raise CheckpointError(f"{path} is not a {kind} checkpoint; rerun `python {script}`")

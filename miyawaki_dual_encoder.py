@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, DEFAULT_OUT, CheckpointError, Fold, MiyawakiData,
                                      Trials, add_config_args, check_finite, check_same_data, config_dict,
-                                     identification_ranks, load_checkpoint, parse_config,
+                                     identification_ranks, load_checkpoint, one_line, parse_config,
                                      prepare_out_dir, resolve_data, resolve_device, run_cli,
                                      save_checkpoint, save_figure, save_json, script_parser,
                                      seed_everything)
@@ -211,7 +211,7 @@ def config_from_dict(d: dict) -> DualEncoderConfig:
 
 def raise_config_mismatch(path: Path, err: Exception):
     """A state dict that does not fit the rebuilt model: say which script to rerun."""
-    raise CheckpointError(f"{path} does not match this code's model ({str(err).splitlines()[0][:100]}); "
+    raise CheckpointError(f"{path} does not match this code's model ({one_line(err)}); "
                           f"rerun `python {SCRIPT}`") from None
 
 

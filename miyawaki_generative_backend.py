@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, DEFAULT_OUT, CheckpointError, Trials,
                                      add_config_args, check_finite, config_dict,
-                                     load_checkpoint, parse_config, pearson_rows, prepare_out_dir,
+                                     load_checkpoint, one_line, parse_config, pearson_rows, prepare_out_dir,
                                      reconstruction_metrics, resolve_data, resolve_device, run_cli,
                                      save_checkpoint, save_figure, save_json, script_parser,
                                      seed_everything)
@@ -144,7 +144,7 @@ class CheckpointMixin:
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             where = path_or_dict if from_file else "the checkpoint"
             raise CheckpointError(f"the {cls.CHECKPOINT_KEY} decoder in {where} does not fit this code "
-                                  f"({str(e).splitlines()[0][:100]}); rerun `python {SCRIPT}`") from None
+                                  f"({one_line(e)}); rerun `python {SCRIPT}`") from None
         return model.to(map_location).eval(), ckpt
 
 

@@ -175,6 +175,21 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
                            model.sample(c, torch.Generator().manual_seed(0)))
 
 
+def test_decoder_checkpoint_of_another_config_names_the_script(tmp_path):
+    diffusion = G.MiyawakiDiffusionDecoder(**SMALL)
+    entry = diffusion.checkpoint_entry()
+    entry["config"]["hidden_dim"] = 32                  # the saved weights no longer fit
+    path = tmp_path / G.CHECKPOINT_NAME
+    L.save_checkpoint({"kind": G.CHECKPOINT_KIND, "format_version": L.CHECKPOINT_FORMAT,
+                       "diffusion": entry}, path)
+    for cls, words in ((G.MiyawakiDiffusionDecoder, "size mismatch"), (G.MiyawakiGANDecoder, "'gan'")):
+        with pytest.raises(L.CheckpointError) as err:
+            cls.from_checkpoint(path)
+        msg = str(err.value)
+        assert str(path) in msg and "python miyawaki_generative_backend.py" in msg and words in msg
+        assert "\n" not in msg
+
+
 def test_missing_encoder_checkpoint_names_the_script(tmp_path):
     with pytest.raises(L.CheckpointError, match="miyawaki_dual_encoder.py"):
         G.main(["--data", "simulated", "--out-dir", str(tmp_path), "--device", "cpu"])
