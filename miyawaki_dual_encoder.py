@@ -247,18 +247,25 @@ def pair_loss(model: MiyawakiDualEncoder, x: torch.Tensor, y: torch.Tensor,
     """Training objective for fMRI ``N x V`` paired with images ``N x 1 x 28 x 28``: InfoNCE on the
     correlation embeddings plus InfoNCE on the encoder latents.
 
-    The image columns are the distinct images of the first ``N - n_mixed`` rows (20 unique images
-    in ~100 trials, which keeps the CNN's cost small) followed by the last ``n_mixed`` rows' (mixup)
-    images as they are: a full-batch step then always gives the CNN the same number of images (a
-    varying number grew oneDNN's per-shape kernel cache by ~50 MiB). Positives are exact image
-    equality, so an image that fills two columns is never a negative. With ``bf16`` the networks
-    run under bfloat16 autocast; the similarities and losses stay float32."""
+    The image columns are the U distinct images of the first ``N - n_mixed`` rows (20 unique
+    images in ~100 trials, which keeps the CNN's cost small) followed by the last ``n_mixed`` rows'
+    (mixup) images as they are: a full-batch step then always gives the CNN the same number of
+    images (a varying number grew oneDNN's per-shape kernel cache by ~50 MiB). A mixed image equal
+    to a real one (a mix of two trials of one image) takes that image's id, so an image that fills
+    two columns is never a negative; mixes of two different images are distinct (continuous
+    weights). With ``bf16`` the networks run under bfloat16 autocast; the similarities and losses
+    stay float32."""
     flat = y.flatten(1)
     n_real = len(y) - n_mixed
-    cols = torch.cat([torch.unique(flat[:n_real], dim=0), flat[n_real:]])
-    pos = (flat[:, None] == cols[None]).all(-1)                      # N x J
+    uniq, real_ids = torch.unique(flat[:n_real], dim=0, return_inverse=True)
+    mixed = flat[n_real:]
+    same = (mixed[:, None] == uniq[None]).all(-1)                    # n_mixed x U
+    mixed_ids = torch.where(same.any(1), same.int().argmax(1),
+                            len(uniq) + torch.arange(n_mixed, device=y.device))
+    col_ids = torch.cat([torch.arange(len(uniq), device=y.device), mixed_ids])
+    pos = torch.cat([real_ids, mixed_ids])[:, None] == col_ids[None]  # N x (U + n_mixed)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = model.latents(x, cols.view(-1, *y.shape[1:]))
+        out = model.latents(x, torch.cat([uniq, mixed]).view(-1, *y.shape[1:]))
     scale = model.clamped_scale()
     return (contrastive_loss(out["fmri"], out["image"], pos, scale)
             + contrastive_loss(out["fmri_latent"], out["image_latent"], pos, scale))
