@@ -250,11 +250,11 @@ def pair_loss(model: MiyawakiDualEncoder, x: torch.Tensor, y: torch.Tensor,
     The image columns are the U distinct images of the first ``N - n_mixed`` rows (20 unique
     images in ~100 trials, which keeps the CNN's cost small) followed by the last ``n_mixed`` rows'
     (mixup) images as they are: a full-batch step then always gives the CNN the same number of
-    images (a varying number grew oneDNN's per-shape kernel cache by ~50 MiB). A mixed image equal
-    to a real one (a mix of two trials of one image) takes that image's id, so an image that fills
-    two columns is never a negative; mixes of two different images are distinct (continuous
-    weights). With ``bf16`` the networks run under bfloat16 autocast; the similarities and losses
-    stay float32."""
+    images (a number that varied made oneDNN keep kernels for each shape: ~80 MiB more memory).
+    A mixed image equal to a real one (a mix of two trials of one image) takes that image's id, so
+    an image that fills two columns is never a negative; mixes of two different images are
+    distinct (continuous weights). With ``bf16`` the networks run under bfloat16 autocast; the
+    similarities and losses stay float32."""
     flat = y.flatten(1)
     n_real = len(y) - n_mixed
     uniq, real_ids = torch.unique(flat[:n_real], dim=0, return_inverse=True)

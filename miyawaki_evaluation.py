@@ -36,8 +36,8 @@ from miyawaki_dataset_loader import (CONDITION_NAMES, DEFAULT_OUT, GRID, IMAGE_S
                                      config_dict, identification_ranks, identified_labels,
                                      majority_rate, mean_rank, parse_config, pearson_matrix,
                                      per_trial_metrics, prepare_out_dir, resolve_data,
-                                     resolve_device, run_cli, save_figure, save_json, save_text, script_parser,
-                                     splits, topk_accuracy, upsample_grid)
+                                     resolve_device, run_cli, save_figure, save_json, save_text,
+                                     script_parser, splits, topk_accuracy, upsample_grid)
 from miyawaki_dual_encoder import (CHECKPOINT_NAME, DualEncoderConfig, MiyawakiDualEncoder,
                                    load_for_s1, train_dual_encoder)
 import miyawaki_generative_backend as G

@@ -52,8 +52,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, DEFAULT_OUT, CheckpointError, Trials,
-                                     add_config_args, check_finite, config_dict,
-                                     load_checkpoint, one_line, parse_config, pearson_rows, prepare_out_dir,
+                                     add_config_args, check_finite, config_dict, load_checkpoint,
+                                     one_line, parse_config, pearson_rows, prepare_out_dir,
                                      reconstruction_metrics, resolve_data, resolve_device, run_cli,
                                      save_checkpoint, save_figure, save_json, script_parser,
                                      seed_everything)
