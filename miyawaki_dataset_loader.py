@@ -644,11 +644,16 @@ def save_checkpoint(obj: dict, path: Path) -> None:
 
 def one_line(err: Exception, limit: int = 160) -> str:
     """An exception's message as one short line: its first line or, under a header that ends in
-    ":" (as load_state_dict's "Error(s) in loading state_dict for ...:"), the first item listed."""
+    ":" (as load_state_dict's "Error(s) in loading state_dict for ...:"), the first item listed;
+    a line longer than ``limit`` is cut after its last whole sentence that fits."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     if not lines:
         return type(err).__name__
-    return (lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0])[:limit]
+    line = lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    if len(line) <= limit:
+        return line
+    end = line.rfind(". ", 0, limit)
+    return line[:end + 1] if end > 0 else line[:limit - 1] + "…"
 
 
 def load_checkpoint(path: Path, kind: str, script: str, map_location="cpu") -> dict:

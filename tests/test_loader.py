@@ -284,3 +284,12 @@ def test_interrupted_figure_write_keeps_the_previous_file(tmp_path, monkeypatch)
         L.save_figure(fig, tmp_path / "f.png")
     assert (tmp_path / "f.png").read_bytes() == png
     assert os.listdir(tmp_path) == ["f.png"]
+
+
+def test_one_line_keeps_error_messages_short_and_whole():
+    long = "failed finding central directory. This is an internal error. " + "If you see this " * 20
+    assert L.one_line(RuntimeError(long)) == "failed finding central directory. This is an internal error."
+    assert L.one_line(RuntimeError("x" * 200)) == "x" * 159 + "…"
+    header = "Error(s) in loading state_dict for M:\n\tsize mismatch for fc.weight: copying a param"
+    assert L.one_line(RuntimeError(header)) == "size mismatch for fc.weight: copying a param"
+    assert L.one_line(KeyError()) == "KeyError"
