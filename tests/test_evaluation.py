@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import scipy.io
+import torch
 from matplotlib.figure import Figure
 
 import miyawaki_dataset_loader as L
@@ -191,6 +192,24 @@ def test_benchmark_s3_two_folds_writes_the_schema(tmp_path):
     md = (tmp_path / "benchmark_s3.md").read_text()
     assert "| *chance* | 0.050 | 0.250 |" in md and "wins" in md and "permutation control" in md
     assert result["methods"] == saved["methods"]
+
+
+def test_benchmark_workers_give_the_same_numbers_as_one_process(tmp_path):
+    """Folds run in 2 processes (1 thread each) match one process with 1 thread, fold by fold."""
+    args = [*FAST, "--protocol", "s3", "--max-folds", "3", "--seeds", "0", "--epochs", "3",
+            "--permutation-control"]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        pooled = E.main([*args, "--workers", "2", "--out-dir", str(tmp_path / "pooled")])
+        torch.set_num_threads(1)
+        single = E.main([*args, "--out-dir", str(tmp_path / "single")])
+    finally:
+        torch.set_num_threads(threads)
+    assert pooled["workers"] == 2 and single["workers"] == 1
+    for method in ("ridge", "dual_encoder", "dual_encoder_permuted"):
+        for metric, m in single["methods"][method].items():
+            assert pooled["methods"][method][metric]["per_fold"] == m["per_fold"], (method, metric)
 
 
 def test_generative_decoders_are_scored_from_fmri_only(sim):
