@@ -372,7 +372,7 @@ def splits(protocol: str, data: MiyawakiData, seeds=(0, 1, 2)) -> list[tuple[str
     if protocol == "s1":
         return [("s1", np.arange(data.n_file_train), np.arange(data.n_file_train, n))]
     if protocol == "s2":
-        # imported here: sklearn adds ~60 MiB to every script's memory, and only S2 needs it
+        # imported here: sklearn adds ~60 MiB, and of this module only the S2 splits need it
         from sklearn.model_selection import StratifiedKFold
         folds = []  # one image has 3 trials, fewer than 5 folds: sklearn's warning is expected
         with warnings.catch_warnings():

@@ -21,7 +21,7 @@ from pathlib import Path
 
 def rss_mib() -> dict:
     """Current and peak resident memory of this process, MiB (Linux /proc)."""
-    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
     return {key: int(status[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM")}
 
 
@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)   # the timeline export is still the CPU one
         prof.export_memory_timeline(f"{tmp}/timeline.json", device="cpu")
-        _, sizes = json.load(open(f"{tmp}/timeline.json"))
+        _, sizes = json.loads(Path(tmp, "timeline.json").read_text())
     kinds = ["parameter", "optimizer state", "input", "temporary", "activation", "gradient",
              "autograd detail", "unknown"]
     at_peak = max(sizes, key=sum)

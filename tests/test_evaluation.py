@@ -194,10 +194,18 @@ def test_benchmark_s3_two_folds_writes_the_schema(tmp_path):
     assert result["methods"] == saved["methods"]
 
 
-def test_benchmark_workers_give_the_same_numbers_as_one_process(tmp_path):
+def test_benchmark_workers_give_the_same_numbers_as_one_process(tmp_path, monkeypatch):
     """Folds run in 2 processes (1 thread each) match one process with 1 thread, fold by fold."""
     args = [*FAST, "--protocol", "s3", "--max-folds", "3", "--seeds", "0", "--epochs", "3",
             "--permutation-control"]
+    spawn, pools = E.multiprocessing.get_context("spawn"), []
+
+    class Context:  # the real spawn context, noting each worker pool it makes
+        def Pool(self, processes, *args):
+            pools.append(processes)
+            return spawn.Pool(processes, *args)
+
+    monkeypatch.setattr(E.multiprocessing, "get_context", lambda method: Context())
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -206,10 +214,12 @@ def test_benchmark_workers_give_the_same_numbers_as_one_process(tmp_path):
         single = E.main([*args, "--out-dir", str(tmp_path / "single")])
     finally:
         torch.set_num_threads(threads)
-    assert pooled["workers"] == 2 and single["workers"] == 1
+    assert pools == [2] and pooled["workers"] == 2 and single["workers"] == 1
     for method in ("ridge", "dual_encoder", "dual_encoder_permuted"):
         for metric, m in single["methods"][method].items():
             assert pooled["methods"][method][metric]["per_fold"] == m["per_fold"], (method, metric)
+    with pytest.raises(SystemExit):
+        E.parse_args(["--protocol", "s3", "--workers", "0"])
 
 
 def test_generative_decoders_are_scored_from_fmri_only(sim):
