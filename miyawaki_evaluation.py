@@ -731,7 +731,7 @@ def benchmark_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool,
+def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool, device: torch.device,
                    job: tuple[int, str, np.ndarray, np.ndarray]) -> list[tuple[str, dict, float]]:
     """One benchmark fold, ``job`` = (index, name, train_idx, test_idx): the baselines once, then
     per seed a dual encoder (the permutation control for the first seed, both decoders with
@@ -739,7 +739,6 @@ def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool,
     Returns (method, per-trial metrics, seconds)."""
     index, name, train_idx, test_idx = job
     fold = data.fold(train_idx, test_idx, name)
-    device = resolve_device(cfg.device)
     base, base_secs = evaluate_baselines(fold, pool)
     rows = [(method, per_trial, base_secs[method]) for method, per_trial in base.items()]
     for seed in cfg.seeds:
@@ -774,8 +773,7 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
     first_fold_trials: dict[str, dict] = {}      # method -> per-trial metrics of fold 0, seed 0
     seconds: dict[str, float] = {}
     t_start = time.perf_counter()
-    resolve_device(cfg.device)                   # a missing GPU fails here, before any fold
-    run_fold = partial(benchmark_fold, cfg, data, pool)
+    run_fold = partial(benchmark_fold, cfg, data, pool, resolve_device(cfg.device))
     jobs = [(i, *f) for i, f in enumerate(folds)]
     # worker processes share this process's threads (1 each for 2 workers on this 2-core machine,
     # which runs S3 in ~20 % less time than one process with 2 threads); leaving the block on an
