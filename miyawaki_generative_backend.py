@@ -540,25 +540,26 @@ def train_generative(encoder: nn.Module, fold_train: Trials, config: GenerativeC
 
 
 @torch.no_grad()
+def _decode(encode, decoder: nn.Module, inputs: np.ndarray,
+            generator: torch.Generator | None) -> np.ndarray:
+    """``decoder.sample`` conditioned on ``encode(inputs)``, on the decoder's device -> numpy."""
+    device = next(decoder.parameters()).device
+    condition = encode(torch.as_tensor(inputs, dtype=torch.float32, device=device))
+    return decoder.sample(condition, generator).cpu().numpy()
+
+
 def reconstruct(encoder: nn.Module, decoder: nn.Module, fmri: np.ndarray,
                 generator: torch.Generator | None = None) -> np.ndarray:
     """Test-time decoding from fMRI only: z-scored fMRI ``N x V`` -> encode_fmri -> decoder
     sample -> ``N x 1 x 28 x 28`` float32 numpy in [0, 1]."""
-    encoder.eval()
-    device = next(decoder.parameters()).device
-    condition = encoder.encode_fmri(torch.as_tensor(fmri, dtype=torch.float32, device=device))
-    return decoder.sample(condition, generator).cpu().numpy()
+    return _decode(encoder.eval().encode_fmri, decoder, fmri, generator)
 
 
-@torch.no_grad()
 def oracle_reconstruct(encoder: nn.Module, decoder: nn.Module, images: np.ndarray,
                        generator: torch.Generator | None = None) -> np.ndarray:
     """ORACLE decoding, conditioned on the true image's embedding (``N x 1 x 28 x 28`` in and
     out): an upper bound of the decoder, never a decoding result."""
-    encoder.eval()
-    device = next(decoder.parameters()).device
-    condition = encoder.encode_image(torch.as_tensor(images, dtype=torch.float32, device=device))
-    return decoder.sample(condition, generator).cpu().numpy()
+    return _decode(encoder.eval().encode_image, decoder, images, generator)
 
 
 # --------------------------------------------------------------------------- figures
