@@ -46,7 +46,6 @@ GRID = 10  # the stimuli are 10 x 10 binary grids, upsampled 3x and cropped to 2
 CONDITION_NAMES = {2: "shapes", 3: "letters (thin)", 4: "letters (long)", 5: "letters (regular)"}
 REQUIRED_KEYS = ("fmriTrn", "stimTrn", "labelTrn", "fmriTest", "stimTest", "labelTest")
 CHECKPOINT_FORMAT = 1
-COMMON_ARGS = ("data", "out_dir", "seed", "device")  # the options of add_common_args
 GET_DATA_HINT = ("get the real file with `python miyawaki_dataset_loader.py --download` "
                  "or run on the built-in simulated set with `--data simulated`")
 
@@ -544,14 +543,24 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+@dataclass
+class ScriptOptions:
+    """The settings every script shares (``add_common_args``); each script's config extends it."""
+
+    data: str | None = None
+    out_dir: Path = DEFAULT_OUT
+    seed: int = 0
+    device: str = "auto"
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The CLI options every script shares: --data, --out-dir, --seed, --device."""
+    """The CLI options of ScriptOptions: --data, --out-dir, --seed, --device."""
     parser.add_argument("--data", default=None,
                         help=f"a .mat file, or 'simulated'; default {DEFAULT_DATA.relative_to(REPO_DIR)}, "
                              "falling back to the simulated set when that file is absent")
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help="where outputs go")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--out-dir", type=Path, default=ScriptOptions.out_dir, help="where outputs go")
+    parser.add_argument("--seed", type=int, default=ScriptOptions.seed, help="random seed")
+    parser.add_argument("--device", default=ScriptOptions.device, choices=["auto", "cpu", "cuda"])
     return parser
 
 
@@ -564,11 +573,12 @@ def script_parser(doc: str) -> argparse.ArgumentParser:
 
 
 def add_config_args(parser: argparse.ArgumentParser, config_cls: type) -> argparse.ArgumentParser:
-    """One option ``--field-name`` per field of the dataclass ``config_cls`` except the common
+    """One option ``--field-name`` per field of the dataclass ``config_cls`` except ScriptOptions'
     ones: the field's default, ``help`` and ``choices`` from its metadata; a bool becomes
     ``--x/--no-x``, a tuple takes one or more values of its first item's type."""
+    common = {f.name for f in fields(ScriptOptions)}
     for f in fields(config_cls):
-        if f.name in COMMON_ARGS:
+        if f.name in common:
             continue
         default = f.default if f.default is not MISSING else f.default_factory()
         flag, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help")
@@ -760,13 +770,9 @@ def summary(data: MiyawakiData) -> str:
 
 # --------------------------------------------------------------------------- script
 @dataclass
-class LoaderConfig:
+class LoaderConfig(ScriptOptions):
     """Settings of this script; argparse mirrors the fields."""
 
-    data: str | None = None
-    out_dir: Path = DEFAULT_OUT
-    seed: int = 0
-    device: str = "auto"
     download: bool = False
     url: str = DATA_URL
 

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
-from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, DEFAULT_OUT, CheckpointError, Fold, MiyawakiData,
+from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, CheckpointError, Fold, MiyawakiData, ScriptOptions,
                                      Trials, add_config_args, check_finite, check_same_data, config_dict,
                                      identification_ranks, load_checkpoint, one_line, parse_config,
                                      prepare_out_dir, resolve_data, resolve_device, run_cli,
@@ -384,12 +384,9 @@ def plot_training_curves(history: dict, chance: float) -> Figure:
 
 # --------------------------------------------------------------------------- script
 @dataclass
-class ScriptConfig(DualEncoderConfig):
+class ScriptConfig(DualEncoderConfig, ScriptOptions):
     """Settings of this script: the model and training fields plus the common options."""
 
-    data: str | None = None
-    out_dir: Path = DEFAULT_OUT
-    device: str = "auto"
     noise_control: bool = False
 
 

@@ -34,7 +34,7 @@ from sklearn.manifold import TSNE
 from sklearn.neighbors import KNeighborsClassifier
 from tqdm.auto import tqdm
 
-from miyawaki_dataset_loader import (CONDITION_NAMES, DEFAULT_OUT, GRID, IMAGE_SIDE, Fold,
+from miyawaki_dataset_loader import (CONDITION_NAMES, GRID, IMAGE_SIDE, Fold, ScriptOptions,
                                      MiyawakiData, Trials, condition_accuracy,
                                      config_dict, identification_ranks, identified_labels,
                                      majority_rate, mean_rank, parse_config, pearson_matrix,
@@ -830,13 +830,10 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
 
 # --------------------------------------------------------------------------- script
 @dataclass
-class EvaluationConfig:
-    """Settings of this script; argparse mirrors the fields."""
+class EvaluationConfig(ScriptOptions):
+    """Settings of this script (``seed``: the t-SNE seed of the checkpoint evaluation); argparse
+    mirrors the fields."""
 
-    data: str | None = None
-    out_dir: Path = DEFAULT_OUT
-    seed: int = 0                  # t-SNE seed of the checkpoint evaluation
-    device: str = "auto"
     checkpoint: Path | None = None     # default: OUT_DIR/miyawaki_dual_encoder.pth
     protocol: str | None = None        # None: evaluate the checkpoint on S1; s1/s2/s3: benchmark
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)

@@ -51,7 +51,7 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
-from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, DEFAULT_OUT, CheckpointError, Trials,
+from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, CheckpointError, ScriptOptions, Trials,
                                      add_config_args, check_finite, config_dict, load_checkpoint,
                                      one_line, parse_config, pearson_rows, prepare_out_dir,
                                      reconstruction_metrics, resolve_data, resolve_device, run_cli,
@@ -359,14 +359,10 @@ def hinge_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- training
 @dataclass
-class GenerativeConfig:
+class GenerativeConfig(ScriptOptions):
     """Settings of both decoders and of the script (CPU-sized defaults). Fields named like a
     decoder's constructor argument are passed to it (``build_decoder``)."""
 
-    data: str | None = None
-    out_dir: Path = DEFAULT_OUT
-    seed: int = 0
-    device: str = "auto"
     encoder_checkpoint: str = field(default="", metadata={
         "help": "dual-encoder checkpoint; default OUT_DIR/miyawaki_dual_encoder.pth"})
     fmri_condition_prob: float = field(default=1.0, metadata={
