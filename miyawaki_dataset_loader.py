@@ -471,6 +471,12 @@ def ssim_rows(recon, true, shape=(28, 28)):
                      for r, t in zip(recon, true)])
 
 
+def identification_scores(recon, candidates) -> np.ndarray:
+    """The protocol's 20-way scores: Pearson r of each clipped reconstruction (N images) with each
+    candidate (K images) -> N x K."""
+    return pearson_matrix(_flat_clip(recon), _flat_clip(candidates))
+
+
 def per_trial_metrics(recon, true, image_ids, candidates, pool_true=None, pool_ids=None,
                       scores=None):
     """Per-trial metrics -> dict of N arrays: mse, pixcorr, ssim, two_way, rank.
@@ -480,9 +486,9 @@ def per_trial_metrics(recon, true, image_ids, candidates, pool_true=None, pool_i
     unless scores (N x K, higher = better) are given (e.g. kNN votes).
     pool_true/pool_ids: the 2-way rival pool (see two_way_identification).
     """
-    recon, true = _flat_clip(recon), _flat_clip(true)
     if scores is None:
-        scores = pearson_matrix(recon, _flat_clip(candidates))
+        scores = identification_scores(recon, candidates)
+    recon, true = _flat_clip(recon), _flat_clip(true)
     return {
         "mse": np.mean((recon - true) ** 2, axis=1),
         "pixcorr": pearson_rows(recon, true),

@@ -35,8 +35,8 @@ from sklearn.neighbors import KNeighborsClassifier
 from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CONDITION_NAMES, GRID, IMAGE_SIDE, Fold, ScriptOptions,
-                                     MiyawakiData, Trials, condition_accuracy,
-                                     config_dict, identification_ranks, identified_labels,
+                                     MiyawakiData, Trials, condition_accuracy, config_dict,
+                                     identification_ranks, identification_scores, identified_labels,
                                      majority_rate, mean_rank, parse_config, pearson_matrix,
                                      per_trial_metrics, prepare_out_dir, resolve_data,
                                      resolve_device, run_cli, save_figure, save_json, save_text,
@@ -209,8 +209,7 @@ class KNNBaseline:
 
 def snap_to_templates(recon, candidates) -> np.ndarray:
     """Replace each reconstruction (N images) by its best-correlated candidate (K) -> N x 784."""
-    candidates = _flat(candidates)
-    return candidates[np.argmax(pearson_matrix(_flat(recon).clip(0, 1), candidates), axis=1)]
+    return _flat(candidates)[np.argmax(identification_scores(recon, candidates), axis=1)]
 
 
 def score_reconstructions(recon, fold: Fold, pool=None, scores=None, cond=None) -> dict:
@@ -222,11 +221,11 @@ def score_reconstructions(recon, fold: Fold, pool=None, scores=None, cond=None) 
     pool (images, image ids): the 2-way rivals (S3: all trials)."""
     test = fold.test
     pool_true, pool_ids = pool if pool is not None else (None, None)
+    if scores is None:
+        scores = identification_scores(recon, fold.unique_images)
     m = per_trial_metrics(recon, test.images, test.image_ids, fold.unique_images, pool_true,
                           pool_ids, scores)
     if cond is None:
-        if scores is None:
-            scores = pearson_matrix(_flat(recon).clip(0, 1), _flat(fold.unique_images))
         cond = identified_labels(scores, fold.unique_labels)
     m.update(top1=(m["rank"] <= 1).astype(float), top5=(m["rank"] <= 5).astype(float),
              condition=(np.asarray(cond) == test.labels).astype(float))
@@ -254,7 +253,7 @@ def evaluate_baselines(fold: Fold, pool=None) -> tuple[dict, dict]:
     seconds["ridge"] = seconds["ridge_snap"] = time.perf_counter() - t
     results["ridge"] = score_reconstructions(recon, fold, pool)
     # snapping keeps ridge's 20-way ranking and identified condition by construction
-    ridge_scores = pearson_matrix(recon.clip(0, 1), _flat(fold.unique_images))
+    ridge_scores = identification_scores(recon, fold.unique_images)
     results["ridge_snap"] = score_reconstructions(snap_to_templates(recon, fold.unique_images), fold,
                                                   pool, scores=ridge_scores)
     t = time.perf_counter()
