@@ -442,6 +442,13 @@ def mean_rank(ranks):
     return float(np.mean(ranks))
 
 
+def rank_summary(ranks, k: int) -> dict:
+    """Top-1, top-5 and mean rank of ranks (N) among ``k`` candidates, each beside its chance."""
+    return {"n_candidates": k, "chance_top1": 1 / k, "chance_top5": min(5, k) / k,
+            "top1": topk_accuracy(ranks, 1), "top5": topk_accuracy(ranks, 5),
+            "mean_rank": mean_rank(ranks), "chance_mean_rank": (k + 1) / 2}
+
+
 def two_way_identification(recon, true, image_ids, pool_true=None, pool_ids=None):
     """Per-trial 2-way identification -> N floats in [0, 1] (nan if no rival exists).
 

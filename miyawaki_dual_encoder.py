@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, CheckpointError, Fold, MiyawakiData, ScriptOptions,
                                      Trials, add_config_args, check_finite, check_same_data, config_dict,
                                      identification_ranks, load_checkpoint, one_line, parse_config,
-                                     prepare_out_dir, resolve_data, resolve_device, run_cli,
+                                     prepare_out_dir, rank_summary, resolve_data, resolve_device, run_cli,
                                      save_checkpoint, save_figure, save_json, script_parser,
                                      seed_everything)
 
@@ -412,10 +412,8 @@ def main(argv: list[str] | ScriptConfig | None = None) -> dict:
                      fold.test.image_ids)
     k = len(fold.unique_images)
     metrics = {"split": "s1", "seed": cfg.seed, "n_train": len(train), "n_test": len(ranks),
-               "n_candidates": k,
-               "chance_top1": 1 / k, "top1": float((ranks == 1).mean()),
-               "top5": float((ranks <= 5).mean()), "mean_rank": float(ranks.mean()),
-               "noise_control": cfg.noise_control, "train_seconds": seconds}
+               **rank_summary(ranks, k), "noise_control": cfg.noise_control,
+               "train_seconds": seconds}
     print(f"S1 identification from fMRI only: top-1 {metrics['top1']:.2f} (chance {1 / k:.2f}), "
           f"top-5 {metrics['top5']:.2f}, mean rank {metrics['mean_rank']:.1f} of {k}"
           f"{' [NOISE CONTROL]' if cfg.noise_control else ''} | {seconds:.1f} s on {device}")

@@ -38,7 +38,7 @@ from miyawaki_dataset_loader import (CONDITION_NAMES, GRID, IMAGE_SIDE, Fold, Sc
                                      MiyawakiData, Trials, condition_accuracy, config_dict,
                                      identification_ranks, identification_scores, identified_labels,
                                      majority_rate, mean_rank, parse_config, pearson_matrix,
-                                     per_trial_metrics, prepare_out_dir, resolve_data,
+                                     per_trial_metrics, prepare_out_dir, rank_summary, resolve_data,
                                      resolve_device, run_cli, save_figure, save_json, save_text,
                                      script_parser, splits, topk_accuracy, upsample_grid)
 from miyawaki_dual_encoder import (CHECKPOINT_NAME, DualEncoderConfig, MiyawakiDualEncoder,
@@ -320,12 +320,8 @@ def retrieval_ranks(scores, query_ids, item_ids) -> np.ndarray:
 
 def identification_summary(scores, true_ids) -> dict:
     """fMRI -> image identification from scores ``N x K``: ranks, top1, top5, mean_rank, chance."""
-    scores = np.asarray(scores)
-    k = scores.shape[1]
     ranks = identification_ranks(scores, true_ids)
-    return {"n_candidates": k, "chance_top1": 1 / k, "chance_top5": min(5, k) / k,
-            "top1": topk_accuracy(ranks, 1), "top5": topk_accuracy(ranks, 5),
-            "mean_rank": mean_rank(ranks), "chance_mean_rank": (k + 1) / 2, "ranks": ranks}
+    return {**rank_summary(ranks, np.shape(scores)[1]), "ranks": ranks}
 
 
 def image_to_fmri_summary(image_emb, image_ids, trial_emb, trial_ids) -> dict:
