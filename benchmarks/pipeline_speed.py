@@ -77,7 +77,8 @@ def main(argv=None) -> dict:
     extra["dual_encoder_trial_epochs_per_s"] = m["n_train"] * cfg["epochs"] / m["train_seconds"]
     gen = json.loads((args.out_dir / "miyawaki_generation.json").read_text())
     extra["diffusion_sampling_s_per_image"] = gen["diffusion"]["sample_seconds_per_image"]
-    lines = [f"Machine: {machine()}; device {args.device}; median of {args.repeats} runs; "
+    host = machine()
+    lines = [f"Machine: {host}; device {args.device}; median of {args.repeats} runs; "
              f"data {args.data or 'default'}.", "",
              "| stage | wall s | CPU s | peak MiB |", "|---|---|---|---|"]
     lines += [f"| {s} | {v['wall_s']:.1f} | {v['cpu_s']:.1f} | {v['peak_mib']:.0f} |" for s, v in med.items()]
@@ -87,7 +88,7 @@ def main(argv=None) -> dict:
     text = "\n".join(lines)
     print(text)
     (args.out_dir / "pipeline_speed.md").write_text(text + "\n")
-    result = {"machine": machine(), "device": args.device, "repeats": args.repeats, "stages": med,
+    result = {"machine": host, "device": args.device, "repeats": args.repeats, "stages": med,
               "total": total, **extra, "runs": runs}
     (args.out_dir / "pipeline_speed.json").write_text(json.dumps(result, indent=2))
     return result

@@ -1,5 +1,5 @@
-"""Shared fixtures: the simulated data set, the real file (from $MIYAWAKI_DATA) and a writer of
-.mat files with the PROTOCOL.md schema, for the bad-input tests."""
+"""Shared fixtures: the simulated data set, the real file (from $MIYAWAKI_DATA), a writer of
+.mat files with the PROTOCOL.md schema for the bad-input tests, and seeded unit vectors."""
 
 import os
 import sys
@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, whatever the cwd
 
@@ -47,6 +48,12 @@ def file_arrays(data: L.MiyawakiData) -> dict:
 def mat_arrays(sim) -> dict:
     """A fresh, editable copy of the simulated set's arrays in the file's layout."""
     return {k: v.copy() for k, v in file_arrays(sim).items()}
+
+
+def unit(n, d=16, seed=0):
+    """``n x d`` random unit vectors (torch), seeded."""
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.normalize(x, dim=1)
 
 
 def _write_mat(path: Path, arrays: dict) -> Path:

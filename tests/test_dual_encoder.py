@@ -10,12 +10,9 @@ import torch
 from miyawaki_dataset_loader import CheckpointError, Trials, splits
 from miyawaki_dual_encoder import (DualEncoderConfig, MiyawakiDualEncoder, contrastive_loss,
                                    identify, main, mixup, pair_loss, train_dual_encoder)
+from conftest import unit
 
 FAST = DualEncoderConfig(epochs=25, mixup=32, val_fraction=0.0)
-
-
-def unit(n, d=16, seed=0):
-    return torch.nn.functional.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=1)
 
 
 def test_shapes_and_unit_norm():

@@ -12,16 +12,11 @@ import torch
 import miyawaki_dataset_loader as L
 import miyawaki_dual_encoder as D
 import miyawaki_generative_backend as G
+from conftest import unit
 
 FAST_ENCODER = D.DualEncoderConfig(epochs=25, mixup=32, val_fraction=0.0)
 TINY = G.GenerativeConfig(diffusion_steps=150, gan_steps=100, log_every=50, n_sample_grids=1)
 SMALL = dict(correlation_dim=16, hidden_dim=64, time_dim=16)   # a fast model for unit tests
-
-
-def unit(n, d=16, seed=0):
-    """``n x d`` random unit vectors."""
-    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
-    return torch.nn.functional.normalize(x, dim=1)
 
 
 def image_conditions(trials, d=16, seed=0):
