@@ -1,4 +1,4 @@
-"""Shared fixtures: the simulated data set, the real file (from $MIYAWAKI_DATA), a writer of
+"""Shared fixtures: the simulated data set, the real file ($MIYAWAKI_DATA, else data/), a writer of
 .mat files with the PROTOCOL.md schema for the bad-input tests, and seeded unit vectors."""
 
 import os
@@ -20,13 +20,31 @@ def sim() -> L.MiyawakiData:
     return L.make_simulated_dataset()
 
 
+def _find_real_data() -> tuple[Path | None, str]:
+    """The real file ($MIYAWAKI_DATA, else the scripts' default data/miyawaki_structured_28x28.mat)
+    and one line saying which file the real-data tests use, or why they skip."""
+    value = os.environ.get("MIYAWAKI_DATA")
+    path = Path(value) if value else L.DEFAULT_DATA
+    if path.is_file():
+        return path, f"real-data tests: {path}"
+    why = (f"MIYAWAKI_DATA={value} is not a file" if value else
+           f"no {L.DEFAULT_DATA.relative_to(L.REPO_DIR)} and MIYAWAKI_DATA is not set")
+    return None, f"real-data tests skipped: {why} (`python miyawaki_dataset_loader.py --download`)"
+
+
+REAL_PATH, REAL_STATUS = _find_real_data()
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(REAL_STATUS)
+
+
 @pytest.fixture(scope="session")
 def real_path() -> Path:
-    """The real file named by $MIYAWAKI_DATA; tests using it skip without it."""
-    value = os.environ.get("MIYAWAKI_DATA")
-    if not value or not Path(value).is_file():
-        pytest.skip("real data: set MIYAWAKI_DATA to the path of miyawaki_structured_28x28.mat")
-    return Path(value)
+    """The real file; tests using it skip (saying why) without it."""
+    if REAL_PATH is None:
+        pytest.skip(REAL_STATUS)
+    return REAL_PATH
 
 
 @pytest.fixture(scope="session")
