@@ -14,6 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, 
 
 import miyawaki_dataset_loader as L  # noqa: E402
 
+# The tests' models are small: one thread is as fast on idle cores, and on a machine shared with
+# another job it is many times faster (a busy core stalls every step of a 2-thread pool).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def sim() -> L.MiyawakiData:
