@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import http.client
 import json
+import operator
 import os
 import random
 import sys
@@ -56,6 +57,10 @@ class DataError(ValueError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt or from another run; the message names the fix."""
+
+
+class OptionError(ValueError):
+    """A setting out of its range, or a device this machine lacks; the message names the option."""
 
 
 # --------------------------------------------------------------------------- data containers
@@ -130,9 +135,9 @@ class MiyawakiData:
                     train_idx, test_idx, meta)
 
     def s1(self) -> Fold:
-        """The file's own split (protocol S1)."""
-        n = len(self.trials)
-        return self.fold(np.arange(self.n_file_train), np.arange(self.n_file_train, n), "s1")
+        """The file's own split (protocol S1); DataError when one side of it is empty."""
+        [(name, train_idx, test_idx)] = splits("s1", self)
+        return self.fold(train_idx, test_idx, name)
 
 
 def standardize(fmri: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -221,6 +226,10 @@ def load_miyawaki(path: str | os.PathLike) -> MiyawakiData:
                         "0/1 or 0..255")
     if not np.all(np.isfinite(labels.astype(np.float64))):
         raise DataError(f"{path}: labelTrn/labelTest contain non-finite values")
+    fractional = labels[labels != np.round(labels)]
+    if len(fractional):
+        raise DataError(f"{path}: labelTrn/labelTest hold non-integer values (e.g. {fractional[0]:g}); "
+                        "labels must be whole condition numbers (2 shapes, 3-5 letters)")
     return _assemble(fmri, stim, labels.astype(np.int64), len(parts["Trn"][0]), str(path))
 
 
@@ -369,6 +378,11 @@ def splits(protocol: str, data: MiyawakiData, seeds=(0, 1, 2)) -> list[tuple[str
     s3: leave-one-stimulus-out, one fold per unique image."""
     n, ids = len(data.trials), data.trials.image_ids
     if protocol == "s1":
+        if not 0 < data.n_file_train < n:
+            part = "test" if data.n_file_train == n else "training"
+            raise DataError(f"{data.source} has no {part} trials in its own split, so S1 cannot be "
+                            "run on it; use the cross-validated benchmark (`python miyawaki_evaluation.py "
+                            "--protocol s2` or `s3`), which splits all trials itself")
         return [("s1", np.arange(data.n_file_train), np.arange(data.n_file_train, n))]
     if protocol == "s2":
         # imported here: sklearn adds ~60 MiB, and of this module only the S2 splits need it
@@ -548,11 +562,12 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an OptionError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+        raise OptionError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu "
+                          "or auto")
     return torch.device(name)
 
 
@@ -562,8 +577,40 @@ class ScriptOptions:
 
     data: str | None = None
     out_dir: Path = DEFAULT_OUT
-    seed: int = 0
-    device: str = "auto"
+    seed: int = field(default=0, metadata={"min": 0})
+    device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "cuda")})
+
+
+# metadata key of a config field -> (test the value must pass, its sign in messages)
+BOUNDS = {"min": (operator.ge, ">="), "max": (operator.le, "<="), "above": (operator.gt, ">"),
+          "below": (operator.lt, "<")}
+
+
+def check_options(cfg):
+    """Return the config dataclass ``cfg`` after checking every field against its metadata:
+    ``min`` / ``max`` (inclusive), ``above`` / ``below`` (exclusive), each item of a tuple, and
+    ``choices``. Raises OptionError naming the first option out of range."""
+    for f in fields(cfg):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise OptionError(f"{flag} {value!r} is not one of {', '.join(map(str, f.metadata['choices']))}")
+        for item in value if isinstance(value, tuple) else (value,):
+            for key, (ok, sign) in BOUNDS.items():
+                if key in f.metadata and not ok(item, f.metadata[key]):
+                    raise OptionError(f"{flag} must be {sign} {f.metadata[key]:g}, got {item:g}")
+    return cfg
+
+
+def bounds_text(metadata) -> str:
+    """The range of a field's metadata for ``--help``, e.g. ``>= 1`` or ``>= 0, < 1``."""
+    return ", ".join(f"{sign} {metadata[k]:g}" for k, (_, sign) in BOUNDS.items() if k in metadata)
+
+
+class ScriptParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (``error: ...``, exit code 2), no usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -572,29 +619,31 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=f"a .mat file, or 'simulated'; default {DEFAULT_DATA.relative_to(REPO_DIR)}, "
                              "falling back to the simulated set when that file is absent")
     parser.add_argument("--out-dir", type=Path, default=ScriptOptions.out_dir, help="where outputs go")
-    parser.add_argument("--seed", type=int, default=ScriptOptions.seed, help="random seed")
+    parser.add_argument("--seed", type=int, default=ScriptOptions.seed, help="random seed (>= 0)")
     parser.add_argument("--device", default=ScriptOptions.device, choices=["auto", "cpu", "cuda"])
     return parser
 
 
 def script_parser(doc: str) -> argparse.ArgumentParser:
-    """A script's parser: the first line of its docstring ``doc``, defaults shown in ``--help``,
-    and the common options."""
-    parser = argparse.ArgumentParser(description=doc.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """A script's parser (one-line errors): the first line of its docstring ``doc``, defaults
+    shown in ``--help``, and the common options."""
+    parser = ScriptParser(description=doc.split("\n")[0],
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     return add_common_args(parser)
 
 
 def add_config_args(parser: argparse.ArgumentParser, config_cls: type) -> argparse.ArgumentParser:
     """One option ``--field-name`` per field of the dataclass ``config_cls`` except ScriptOptions'
-    ones: the field's default, ``help`` and ``choices`` from its metadata; a bool becomes
-    ``--x/--no-x``, a tuple takes one or more values of its first item's type."""
+    ones: the field's default, ``help`` and ``choices`` from its metadata (its bounds, which
+    parse_config checks, appended to the help); a bool becomes ``--x/--no-x``, a tuple takes one
+    or more values of its first item's type."""
     common = {f.name for f in fields(ScriptOptions)}
     for f in fields(config_cls):
         if f.name in common:
             continue
         default = f.default if f.default is not MISSING else f.default_factory()
-        flag, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help")
+        flag, bounds = "--" + f.name.replace("_", "-"), bounds_text(f.metadata)
+        help_ = " ".join(filter(None, (f.metadata.get("help"), bounds and f"({bounds})"))) or None
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
         elif isinstance(default, tuple):
@@ -606,9 +655,14 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls: type) -> argpar
 
 
 def parse_config(parser: argparse.ArgumentParser, config_cls: type, argv: list[str] | None = None):
-    """Parse ``argv`` (None: the command line) into ``config_cls``; lists become tuples."""
+    """Parse ``argv`` (None: the command line) into ``config_cls``; lists become tuples. A value
+    outside its field's bounds (check_options) is a parser error: one line, exit code 2."""
     ns = vars(parser.parse_args(argv))
-    return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in ns.items()})
+    cfg = config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in ns.items()})
+    try:
+        return check_options(cfg)
+    except OptionError as e:
+        parser.error(str(e))
 
 
 def config_dict(cfg) -> dict:
@@ -653,11 +707,13 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def run_cli(main) -> None:
-    """Run a script's ``main()``; a data or checkpoint problem ends it with its one-line message."""
+    """Run a script's ``main()``; a data or checkpoint problem (exit code 1) or a bad option
+    (exit code 2) ends it with its one-line message on stderr."""
     try:
         main()
-    except (DataError, CheckpointError) as e:
-        sys.exit(f"error: {e}")
+    except (DataError, CheckpointError, OptionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, OptionError) else 1)
 
 
 def save_checkpoint(obj: dict, path: Path) -> None:
@@ -792,7 +848,7 @@ class LoaderConfig(ScriptOptions):
 
 def main(argv: list[str] | LoaderConfig | None = None) -> dict:
     """Print the data summary and save the two data figures; returns the summary numbers."""
-    cfg = argv if isinstance(argv, LoaderConfig) else parse_args(argv)
+    cfg = check_options(argv) if isinstance(argv, LoaderConfig) else parse_args(argv)
     if cfg.download:
         path = download(cfg.url, Path(cfg.data) if cfg.data else DEFAULT_DATA)
         print(f"saved {path} (sha256 verified)")

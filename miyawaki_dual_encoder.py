@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +26,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, CheckpointError, Fold, MiyawakiData, ScriptOptions,
-                                     Trials, add_config_args, check_finite, check_same_data, config_dict,
-                                     identification_ranks, load_checkpoint, one_line, parse_config,
-                                     prepare_out_dir, rank_summary, resolve_data, resolve_device, run_cli,
-                                     save_checkpoint, save_figure, save_json, script_parser,
-                                     seed_everything)
+                                     Trials, add_config_args, check_finite, check_options,
+                                     check_same_data, config_dict, identification_ranks, load_checkpoint,
+                                     one_line, parse_config, prepare_out_dir, rank_summary, resolve_data,
+                                     resolve_device, run_cli, save_checkpoint, save_figure, save_json,
+                                     script_parser, seed_everything)
 
 CHECKPOINT_NAME = "miyawaki_dual_encoder.pth"
 SCRIPT = "miyawaki_dual_encoder.py"
@@ -39,26 +39,31 @@ MAX_LOGIT_SCALE = math.log(100.0)
 
 @dataclass
 class DualEncoderConfig:
-    """Model and training settings (defaults: the seed's layer sizes, CPU-sized training)."""
+    """Model and training settings (defaults: the seed's layer sizes, CPU-sized training); the
+    metadata bounds are checked on every command line and config (check_options)."""
 
-    latent_dim: int = 512
-    fmri_hidden: tuple[int, ...] = (1024, 768)
-    cnn_channels: tuple[int, ...] = (32, 64, 128)
-    head_hidden: tuple[int, ...] = (1024, 512)
-    dropout: float = 0.3
+    latent_dim: int = field(default=512, metadata={"min": 1})
+    fmri_hidden: tuple[int, ...] = field(default=(1024, 768), metadata={"min": 1})
+    cnn_channels: tuple[int, ...] = field(default=(32, 64, 128), metadata={"min": 1})
+    head_hidden: tuple[int, ...] = field(default=(1024, 512), metadata={"min": 1})
+    dropout: float = field(default=0.3, metadata={"min": 0, "below": 1})
     skip: bool = True              # linear skip paths beside the MLP and the CNN
     bf16: bool = True              # bfloat16 autocast in training (about 2x faster on CPUs with AVX512-BF16)
-    epochs: int = 100
-    batch_size: int = 0            # 0 = full batch
-    lr: float = 1e-3
-    weight_decay: float = 0.5
-    mixup: int = 64                # mixed (fMRI, image) pairs added to every step (0 = off)
-    mixup_alpha: float = 1.0       # Beta(alpha, alpha) mixing weights
-    fmri_noise: float = 0.5        # std of Gaussian noise added to z-scored fMRI in training
+    epochs: int = field(default=100, metadata={"min": 1})
+    batch_size: int = field(default=0, metadata={"min": 0, "help": "0 = full batch"})
+    lr: float = field(default=1e-3, metadata={"above": 0})
+    weight_decay: float = field(default=0.5, metadata={"min": 0})
+    mixup: int = field(default=64, metadata={
+        "min": 0, "help": "mixed (fMRI, image) pairs added to every step (0 = off)"})
+    mixup_alpha: float = field(default=1.0, metadata={
+        "above": 0, "help": "Beta(alpha, alpha) mixing weights"})
+    fmri_noise: float = field(default=0.5, metadata={
+        "min": 0, "help": "std of Gaussian noise added to z-scored fMRI in training"})
     logit_scale_init: float = math.log(1 / 0.07)
-    val_fraction: float = 0.1      # training trials held out for the curves (never test trials)
-    log_every: int = 20
-    seed: int = 0
+    val_fraction: float = field(default=0.1, metadata={
+        "min": 0, "below": 1, "help": "training trials held out for the curves (never test trials)"})
+    log_every: int = field(default=20, metadata={"min": 1})
+    seed: int = field(default=0, metadata={"min": 0})
 
 
 # --------------------------------------------------------------------------- model
@@ -188,10 +193,11 @@ def load_for_s1(path: Path, data: MiyawakiData, device: torch.device | str = "cp
     """Reload the dual encoder for the S1 split of ``data``; returns (model, ckpt, fold).
 
     Refuses (CheckpointError naming this script) a checkpoint fitted on other data or z-scored
-    with statistics other than the S1 training trials', so the fold's fMRI is what it was fed."""
+    with statistics other than the S1 training trials', so the fold's fMRI is what it was fed.
+    A file without an S1 split is refused (DataError) before the checkpoint is read."""
+    fold = data.s1()
     model, ckpt = MiyawakiDualEncoder.from_checkpoint(path, map_location=device)
     check_same_data(ckpt, data, path, SCRIPT)
-    fold = data.s1()
     for name in ("fmri_mean", "fmri_std"):
         if not np.allclose(ckpt[name].cpu().numpy(), getattr(fold, name), rtol=1e-5, atol=1e-6):
             raise CheckpointError(f"{path} was z-scored with other statistics than the S1 training "
@@ -393,11 +399,11 @@ class ScriptConfig(DualEncoderConfig, ScriptOptions):
 def main(argv: list[str] | ScriptConfig | None = None) -> dict:
     """Train on the S1 training trials, report S1 identification from fMRI only, save the
     checkpoint, curves and metrics; returns the metrics."""
-    cfg = argv if isinstance(argv, ScriptConfig) else parse_args(argv)
-    out = prepare_out_dir(cfg.out_dir)
+    cfg = check_options(argv) if isinstance(argv, ScriptConfig) else parse_args(argv)
     device = resolve_device(cfg.device)
     data = resolve_data(cfg.data)
     fold: Fold = data.s1()
+    out = prepare_out_dir(cfg.out_dir)
     train = fold.train
     if cfg.noise_control:  # every fMRI row replaced by Gaussian noise: identification must be chance
         rng = np.random.default_rng(cfg.seed + 1000)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CONDITION_NAMES, GRID, IMAGE_SIDE, Fold, ScriptOptions,
-                                     MiyawakiData, Trials, condition_accuracy, config_dict,
+                                     MiyawakiData, Trials, check_options, condition_accuracy, config_dict,
                                      identification_ranks, identification_scores, identified_labels,
                                      majority_rate, mean_rank, parse_config, pearson_matrix,
                                      per_trial_metrics, prepare_out_dir, rank_summary, resolve_data,
@@ -531,11 +531,11 @@ def print_checkpoint_summary(result: dict) -> None:
 
 def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
     """Reload the S1 dual encoder, score it from fMRI only, save the figures and the JSON."""
-    out = prepare_out_dir(cfg.out_dir)
     device = resolve_device(cfg.device)
-    path = Path(cfg.checkpoint) if cfg.checkpoint else out / CHECKPOINT_NAME
+    path = Path(cfg.checkpoint) if cfg.checkpoint else Path(cfg.out_dir) / CHECKPOINT_NAME
     data = resolve_data(cfg.data)
     model, ckpt, fold = load_for_s1(path, data, device)
+    out = prepare_out_dir(cfg.out_dir)
     test, k = fold.test, len(fold.unique_images)
     cand = extract_latent_representations(model, images=fold.unique_images)
     tr = extract_latent_representations(model, fold.train.fmri, images=fold.train.images)
@@ -758,9 +758,10 @@ def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool, device: to
 def run_benchmark(cfg: "EvaluationConfig") -> dict:
     """Run every fold (``cfg.workers`` processes at a time), aggregate as BASELINES.md, write
     ``benchmark_<protocol>.json`` / ``.md``; returns the JSON dict."""
-    out = prepare_out_dir(cfg.out_dir)
+    device = resolve_device(cfg.device)
     data: MiyawakiData = resolve_data(cfg.data)
     folds = splits(cfg.protocol, data)
+    out = prepare_out_dir(cfg.out_dir)
     if cfg.max_folds:
         folds = folds[:cfg.max_folds]
     pool = (data.trials.images, data.trials.image_ids) if cfg.protocol == "s3" else None
@@ -768,7 +769,7 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
     first_fold_trials: dict[str, dict] = {}      # method -> per-trial metrics of fold 0, seed 0
     seconds: dict[str, float] = {}
     t_start = time.perf_counter()
-    run_fold = partial(benchmark_fold, cfg, data, pool, resolve_device(cfg.device))
+    run_fold = partial(benchmark_fold, cfg, data, pool, device)
     jobs = [(i, *f) for i, f in enumerate(folds)]
     # worker processes share this process's threads (1 each for 2 workers on this 2-core machine,
     # which runs S3 in ~20 % less time than one process with 2 threads); leaving the block on an
@@ -831,20 +832,22 @@ class EvaluationConfig(ScriptOptions):
 
     checkpoint: Path | None = None     # default: OUT_DIR/miyawaki_dual_encoder.pth
     protocol: str | None = None        # None: evaluate the checkpoint on S1; s1/s2/s3: benchmark
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    epochs: int = DualEncoderConfig.epochs
-    max_folds: int = 0                 # 0 = all folds (a smaller number is for quick tests)
+    seeds: tuple[int, ...] = field(default=(0, 1, 2, 3, 4), metadata={"min": 0})
+    epochs: int = field(default=DualEncoderConfig.epochs, metadata={"min": 1})
+    # 0 = all folds (a smaller number is for quick tests)
+    max_folds: int = field(default=0, metadata={"min": 0})
     permutation_control: bool = False
     generative: bool = False
-    workers: int = 1                   # benchmark folds run in this many processes at once
-    knn_k: int = 5
-    tsne_perplexity: float = 30.0
+    # benchmark folds run in this many processes at once
+    workers: int = field(default=1, metadata={"min": 1})
+    knn_k: int = field(default=5, metadata={"min": 1})
+    tsne_perplexity: float = field(default=30.0, metadata={"above": 0})
     oracle: bool = False
 
 
 def main(argv: list[str] | EvaluationConfig | None = None) -> dict:
     """Checkpoint evaluation on S1 (default) or, with a protocol, the benchmark; returns metrics."""
-    cfg = argv if isinstance(argv, EvaluationConfig) else parse_args(argv)
+    cfg = check_options(argv) if isinstance(argv, EvaluationConfig) else parse_args(argv)
     if cfg.protocol is None:
         return evaluate_checkpoint(cfg)
     return run_benchmark(cfg)
@@ -874,10 +877,7 @@ def parse_args(argv=None) -> EvaluationConfig:
                    help="t-SNE perplexity (capped at (points - 1) / 3)")
     p.add_argument("--oracle", action="store_true",
                    help="also report ORACLE numbers that feed the true test image to the model")
-    cfg = parse_config(p, EvaluationConfig, argv)
-    if cfg.workers < 1:
-        p.error(f"--workers must be at least 1, got {cfg.workers}")
-    return cfg
+    return parse_config(p, EvaluationConfig, argv)
 
 
 if __name__ == "__main__":

@@ -52,8 +52,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, CheckpointError, ScriptOptions, Trials,
-                                     add_config_args, check_finite, config_dict, load_checkpoint,
-                                     one_line, parse_config, pearson_rows, prepare_out_dir,
+                                     add_config_args, check_finite, check_options, config_dict,
+                                     load_checkpoint, one_line, parse_config, pearson_rows,
+                                     prepare_out_dir,
                                      reconstruction_metrics, resolve_data, resolve_device, run_cli,
                                      save_checkpoint, save_figure, save_json, script_parser,
                                      seed_everything)
@@ -365,40 +366,41 @@ class GenerativeConfig(ScriptOptions):
 
     encoder_checkpoint: str = field(default="", metadata={
         "help": "dual-encoder checkpoint; default OUT_DIR/miyawaki_dual_encoder.pth"})
-    fmri_condition_prob: float = field(default=1.0, metadata={
+    fmri_condition_prob: float = field(default=1.0, metadata={"min": 0, "max": 1,
         "help": "train-time conditioning: probability of a trial's fMRI embedding instead of its "
                 "image embedding (0 = image only, 1 = fMRI only, as at test time)"})
     # diffusion model
-    num_train_timesteps: int = field(default=1000, metadata={"help": "diffusion steps T"})
+    num_train_timesteps: int = field(default=1000, metadata={"min": 1, "help": "diffusion steps T"})
     beta_schedule: str = field(default="cosine", metadata={
         "choices": sorted(BETA_SCHEDULES), "help": "noise schedule"})
     prediction_type: str = field(default="sample", metadata={
         "choices": PREDICTION_TYPES, "help": "what the MLP outputs (converted to epsilon)"})
-    snr_gamma: float = field(default=5.0, metadata={
+    snr_gamma: float = field(default=5.0, metadata={"min": 0,
         "help": "Min-SNR-gamma weighting of the epsilon loss (0 = unweighted)"})
-    condition_drop_prob: float = field(default=0.1, metadata={
+    condition_drop_prob: float = field(default=0.1, metadata={"min": 0, "below": 1,
         "help": "classifier-free guidance: probability of training on the null condition"})
     sampler: str = field(default="ddim", metadata={
         "choices": SAMPLERS, "help": "ddim: deterministic; ddpm: ancestral over all T steps"})
-    num_inference_steps: int = field(default=50, metadata={"help": "DDIM steps"})
+    num_inference_steps: int = field(default=50, metadata={"min": 1, "help": "DDIM steps"})
     guidance_scale: float = field(default=2.0, metadata={
         "help": "classifier-free guidance scale w (1 = the conditional model alone)"})
     # diffusion training
-    diffusion_steps: int = field(default=400, metadata={"help": "diffusion optimiser steps"})
-    diffusion_batch_size: int = field(default=256, metadata={
+    diffusion_steps: int = field(default=400, metadata={"min": 1, "help": "diffusion optimiser steps"})
+    diffusion_batch_size: int = field(default=256, metadata={"min": 1,
         "help": "trials per diffusion step, drawn with replacement"})
-    diffusion_lr: float = field(default=1e-3, metadata={"help": "peak one-cycle learning rate"})
-    n_sample_grids: int = field(default=4, metadata={
+    diffusion_lr: float = field(default=1e-3, metadata={"above": 0,
+                                                        "help": "peak one-cycle learning rate"})
+    n_sample_grids: int = field(default=4, metadata={"min": 0,
         "help": "DDIM sample grids kept during diffusion training"})
     # GAN
-    noise_dim: int = field(default=32, metadata={"help": "GAN noise z dimension"})
-    gan_steps: int = field(default=300, metadata={"help": "GAN steps (full batch; D then G)"})
-    gan_lr: float = field(default=2e-4, metadata={"help": "Adam learning rate of D and G"})
-    recon_weight: float = field(default=10.0, metadata={
+    noise_dim: int = field(default=32, metadata={"min": 1, "help": "GAN noise z dimension"})
+    gan_steps: int = field(default=300, metadata={"min": 1, "help": "GAN steps (full batch; D then G)"})
+    gan_lr: float = field(default=2e-4, metadata={"above": 0, "help": "Adam learning rate of D and G"})
+    recon_weight: float = field(default=10.0, metadata={"min": 0,
         "help": "weight of the MSE reconstruction loss beside the hinge adversarial loss"})
     bf16: bool = field(default=True, metadata={
         "help": "bfloat16 autocast for the training forward passes (sampling stays float32)"})
-    log_every: int = field(default=100, metadata={"help": "steps between log lines"})
+    log_every: int = field(default=100, metadata={"min": 1, "help": "steps between log lines"})
 
 
 def build_decoder(cls: type, correlation_dim: int, config: GenerativeConfig, seed: int) -> nn.Module:
@@ -599,13 +601,13 @@ def plot_sample_grid(samples: np.ndarray, title: str, cols: int = 10) -> Figure:
 def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
     """Train both decoders on the S1 training trials' frozen embeddings, decode the S1 test
     trials from fMRI only, save checkpoint, figures and metrics; returns the metrics."""
-    cfg = argv if isinstance(argv, GenerativeConfig) else parse_args(argv)
+    cfg = check_options(argv) if isinstance(argv, GenerativeConfig) else parse_args(argv)
     seed_everything(cfg.seed)
-    out = prepare_out_dir(cfg.out_dir)
     device = resolve_device(cfg.device)
     data = resolve_data(cfg.data)
-    enc_path = Path(cfg.encoder_checkpoint) if cfg.encoder_checkpoint else out / ENCODER_CHECKPOINT_NAME
+    enc_path = Path(cfg.encoder_checkpoint or Path(cfg.out_dir) / ENCODER_CHECKPOINT_NAME)
     encoder, enc_ckpt, fold = load_for_s1(enc_path, data, device)  # z-scored as the encoder saw it
+    out = prepare_out_dir(cfg.out_dir)
     train, test = fold.train, fold.test
 
     t0 = time.perf_counter()

@@ -153,14 +153,15 @@ def test_extract_latents_from_trials_uses_fmri_only(trained, sim):
     np.testing.assert_allclose(both["fmri"], reps["fmri"], atol=1e-6)
 
 
-def test_evaluation_before_training_names_the_script(tmp_path):
+def test_evaluation_before_training_names_the_script(tmp_path, capsys):
     with pytest.raises(L.CheckpointError, match="miyawaki_dual_encoder.py"):
         E.main([*FAST, "--out-dir", str(tmp_path)])
     with pytest.raises(SystemExit) as exc:
         L.run_cli(lambda: E.main([*FAST, "--out-dir", str(tmp_path)]))
-    message = str(exc.value.code)
-    assert "\n" not in message and "python miyawaki_dual_encoder.py" in message
-    assert not (tmp_path / "miyawaki_evaluation.json").exists()
+    message = capsys.readouterr().err
+    assert exc.value.code == 1 and message.count("\n") == 1
+    assert message.startswith("error: ") and "python miyawaki_dual_encoder.py" in message
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_checkpoint_from_another_voxel_count_is_refused(trained, tmp_path):

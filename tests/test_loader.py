@@ -88,6 +88,8 @@ BAD_FILES = {  # name -> (maker(path, arrays, write_mat), words the message must
     "nan fmri": (_mutated(_set("fmriTrn", np.nan)), ["NaN or Inf"]),
     "inf fmri": (_mutated(_set("fmriTest", np.inf)), ["NaN or Inf"]),
     "negative image": (_mutated(_set("stimTrn", -1.0)), ["image values"]),
+    "fractional label": (_mutated(lambda a: a.update(labelTest=a["labelTest"] + 0.5)),
+                         ["non-integer", "labelTrn/labelTest"]),
 }
 
 

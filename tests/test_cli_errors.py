@@ -1,0 +1,149 @@
+"""Bad settings and unusable data are refused before any work: one line on stderr (exit code 2
+for an option, 1 for data), no traceback, and the earlier outputs left byte-identical."""
+
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import miyawaki_dataset_loader as L
+import miyawaki_dual_encoder as D
+import miyawaki_evaluation as E
+import miyawaki_generative_backend as G
+
+SIM = ["--data", "simulated", "--device", "cpu"]
+EARLIER = ["miyawaki_dual_encoder.pth", "miyawaki_dual_encoder.json", "miyawaki_evaluation.json",
+           "miyawaki_generative_backends.pth", "miyawaki_generation.json", "benchmark_s1.json",
+           "benchmark_s3.json", "benchmark_s3.md", "diffusion_samples/step_00400.png"]
+
+
+@pytest.fixture
+def out(tmp_path):
+    """An output folder holding earlier results (stand-in bytes) of every script."""
+    out = tmp_path / "out"
+    for name in EARLIER:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(f"earlier {name}".encode())
+    return out
+
+
+def listing(folder):
+    """{path: (bytes, mtime)} of everything under ``folder``."""
+    return {p: (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))}
+
+
+def refused(main, argv, out, capsys) -> tuple[int, str]:
+    """Run ``main(argv)`` as the command line does (run_cli); it must stop with one line on
+    stderr and leave ``out`` as it was. Returns (exit code, that line)."""
+    before = listing(out)
+    with pytest.raises(SystemExit) as exc:
+        L.run_cli(lambda: main(argv))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    assert listing(out) == before
+    return exc.value.code, err
+
+
+BAD_OPTIONS = {  # name -> (script, options, words of the message)
+    "epochs 0": (D, ["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    "epochs -3": (D, ["--epochs", "-3"], "--epochs must be >= 1, got -3"),
+    "validation fraction 1": (D, ["--val-fraction", "1"], "--val-fraction must be < 1"),
+    "learning rate 0": (D, ["--lr", "0"], "--lr must be > 0"),
+    "hidden layer 0": (D, ["--fmri-hidden", "1024", "0"], "--fmri-hidden must be >= 1, got 0"),
+    "seed -1": (D, ["--seed", "-1"], "--seed must be >= 0"),
+    "not a number": (D, ["--epochs", "ten"], "invalid int value"),
+    "gan steps -1": (G, ["--gan-steps", "-1"], "--gan-steps must be >= 1"),
+    "inference steps 0": (G, ["--num-inference-steps", "0"], "--num-inference-steps must be >= 1"),
+    "diffusion steps 0": (G, ["--diffusion-steps", "0"], "--diffusion-steps must be >= 1"),
+    "condition probability 1.5": (G, ["--fmri-condition-prob", "1.5"], "--fmri-condition-prob must be <= 1"),
+    "max folds -19": (E, ["--protocol", "s3", "--max-folds", "-19"], "--max-folds must be >= 0"),
+    "benchmark epochs -1": (E, ["--protocol", "s3", "--epochs", "-1"], "--epochs must be >= 1"),
+    "workers 0": (E, ["--protocol", "s3", "--workers", "0"], "--workers must be >= 1"),
+    "seeds -1": (E, ["--protocol", "s3", "--seeds", "0", "-1"], "--seeds must be >= 0, got -1"),
+    "knn k 0": (E, ["--knn-k", "0"], "--knn-k must be >= 1"),
+    "perplexity 0": (E, ["--tsne-perplexity", "0"], "--tsne-perplexity must be > 0"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_OPTIONS)
+def test_bad_option_is_refused_before_any_work(case, out, capsys):
+    script, options, words = BAD_OPTIONS[case]
+    code, line = refused(script.main, [*SIM, *options, "--out-dir", str(out)], out, capsys)
+    assert code == 2 and words in line
+
+
+@pytest.mark.parametrize("cfg", [D.ScriptConfig(epochs=0), G.GenerativeConfig(gan_steps=-1),
+                                 E.EvaluationConfig(knn_k=0), E.EvaluationConfig(protocol="s3", max_folds=-19)],
+                         ids=["dual encoder", "generative", "evaluation", "benchmark"])
+def test_config_object_is_checked_like_the_command_line(cfg, out, capsys):
+    script = {D.ScriptConfig: D, G.GenerativeConfig: G, E.EvaluationConfig: E}[type(cfg)]
+    cfg = replace(cfg, data="simulated", device="cpu", out_dir=out)
+    with pytest.raises(L.OptionError, match="must be >="):
+        script.main(cfg)
+    assert refused(script.main, cfg, out, capsys)[0] == 2
+
+
+RUNS = {"dual encoder": (D, []), "evaluation": (E, []), "benchmark s1": (E, ["--protocol", "s1"]),
+        "benchmark s3": (E, ["--protocol", "s3"]), "generative": (G, [])}
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_cuda_without_a_gpu_is_one_line(run, out, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    script, options = RUNS[run]
+    code, line = refused(script.main, ["--data", "simulated", "--device", "cuda", *options,
+                                       "--out-dir", str(out)], out, capsys)
+    assert code == 2 and "--device cuda" in line and "--device cpu" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_from_the_shell(out):
+    """The same refusal through the real command line: exit code 2, one line, no traceback."""
+    before = listing(out)
+    proc = subprocess.run([sys.executable, str(L.REPO_DIR / "miyawaki_generative_backend.py"),
+                           "--data", "simulated", "--device", "cuda", "--out-dir", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--device cuda" in proc.stderr
+    assert listing(out) == before
+
+
+def no_test_trials(arrays):
+    for key in ("fmriTest", "stimTest", "labelTest"):
+        arrays[key] = arrays[key][:0]
+
+
+def fractional_label(arrays):
+    arrays["labelTrn"] = arrays["labelTrn"].astype(np.float64)
+    arrays["labelTrn"][3] = 2.5
+
+
+BAD_DATA = {  # name -> (edit of the file's arrays, script, options, words of the message)
+    **{f"no test trials, {run}": (no_test_trials, *RUNS[run], "no test trials")
+       for run in ("dual encoder", "evaluation", "benchmark s1", "generative")},
+    "non-integer labels": (fractional_label, D, [], "non-integer values (e.g. 2.5)"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DATA)
+def test_unusable_data_is_refused_before_any_work(case, out, mat_arrays, write_mat, capsys):
+    edit, script, options, words = BAD_DATA[case]
+    edit(mat_arrays)
+    path = write_mat(out.parent / "bad.mat", mat_arrays)
+    code, line = refused(script.main, ["--data", str(path), "--device", "cpu", *options,
+                                       "--out-dir", str(out)], out, capsys)
+    assert code == 1 and str(path) in line and words in line
+
+
+def test_a_file_without_test_trials_still_runs_the_s2_s3_benchmark(tmp_path, mat_arrays, write_mat):
+    no_test_trials(mat_arrays)
+    path = write_mat(tmp_path / "all_train.mat", mat_arrays)
+    data = L.load_miyawaki(path)
+    assert (len(data.trials), data.n_file_train) == (107, 107)
+    assert len(L.splits("s2", data)) == 15
+    result = E.main(["--data", str(path), "--device", "cpu", "--protocol", "s3", "--max-folds", "1",
+                     "--seeds", "0", "--epochs", "1", "--out-dir", str(tmp_path / "out")])
+    assert result["n_folds"] == 1 and result["n_trials"] == 107
