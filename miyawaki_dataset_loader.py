@@ -716,6 +716,15 @@ def run_cli(main) -> None:
         sys.exit(2 if isinstance(e, OptionError) else 1)
 
 
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def save_checkpoint(obj: dict, path: Path) -> None:
     """Atomically save a dict of tensors and plain Python values (loadable with weights_only)."""
     _atomic_write(path, lambda f: torch.save(obj, f))

@@ -53,12 +53,13 @@ from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, CheckpointError, ScriptOptions, Trials,
                                      add_config_args, check_finite, check_options, config_dict,
-                                     load_checkpoint, one_line, parse_config, pearson_rows,
-                                     prepare_out_dir,
+                                     file_sha256, load_checkpoint, one_line, parse_config,
+                                     pearson_rows, prepare_out_dir,
                                      reconstruction_metrics, resolve_data, resolve_device, run_cli,
                                      save_checkpoint, save_figure, save_json, script_parser,
                                      seed_everything)
-from miyawaki_dual_encoder import CHECKPOINT_NAME as ENCODER_CHECKPOINT_NAME, load_for_s1
+from miyawaki_dual_encoder import (CHECKPOINT_NAME as ENCODER_CHECKPOINT_NAME, SCRIPT as ENCODER_SCRIPT,
+                                   load_for_s1)
 
 IMAGE_PIXELS = 28 * 28
 CHECKPOINT_KIND = "generative_backends"
@@ -132,12 +133,14 @@ class CheckpointMixin:
         return {"config": dict(self.config), "state": self.state_dict()}
 
     @classmethod
-    def from_checkpoint(cls, path_or_dict, map_location="cpu"):
+    def from_checkpoint(cls, path_or_dict, map_location="cpu", encoder_checkpoint=None):
         """Rebuild from ``outputs/miyawaki_generative_backends.pth`` (a path or the loaded dict)
-        -> (model in eval mode, checkpoint dict)."""
+        -> (model in eval mode, checkpoint dict). The dual encoder it was trained on top of must be
+        unchanged (check_encoder; ``encoder_checkpoint`` overrides the path recorded in it)."""
         from_file = not isinstance(path_or_dict, dict)
         ckpt = (load_checkpoint(path_or_dict, CHECKPOINT_KIND, SCRIPT, map_location) if from_file
                 else path_or_dict)
+        check_encoder(ckpt, encoder_checkpoint, path_or_dict if from_file else "the checkpoint")
         try:
             entry = ckpt[cls.CHECKPOINT_KEY]
             model = cls(**entry["config"])
@@ -147,6 +150,23 @@ class CheckpointMixin:
             raise CheckpointError(f"the {cls.CHECKPOINT_KEY} decoder in {where} does not fit this code "
                                   f"({one_line(e)}); rerun `python {SCRIPT}`") from None
         return model.to(map_location).eval(), ckpt
+
+
+def check_encoder(ckpt: dict, encoder_checkpoint=None, where="the checkpoint") -> None:
+    """Refuse (CheckpointError naming the script to rerun) decoders whose dual encoder changed
+    since they were trained: the file ``encoder_checkpoint`` (default: the path recorded in the
+    generative checkpoint ``ckpt``) must have the sha256 recorded in ``ckpt``."""
+    path = Path(encoder_checkpoint or ckpt.get("encoder_checkpoint", ""))
+    if "encoder_sha256" not in ckpt:
+        raise CheckpointError(f"{where} does not record which dual encoder it was trained on; "
+                              f"rerun `python {SCRIPT}`")
+    if not path.is_file():
+        raise CheckpointError(f"{where} was trained on top of the dual encoder {path}, which is not "
+                              f"there; pass its new path, or rerun `python {ENCODER_SCRIPT}` and "
+                              f"`python {SCRIPT}`")
+    if file_sha256(path) != ckpt["encoder_sha256"]:
+        raise CheckpointError(f"{where} was trained on another dual encoder than the one now in {path} "
+                              f"(retrained since?); rerun `python {SCRIPT}`")
 
 
 class MLPDenoiser(nn.Module):
@@ -605,8 +625,9 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     data = resolve_data(cfg.data)
-    enc_path = Path(cfg.encoder_checkpoint or Path(cfg.out_dir) / ENCODER_CHECKPOINT_NAME)
+    enc_path = Path(cfg.encoder_checkpoint or Path(cfg.out_dir) / ENCODER_CHECKPOINT_NAME).resolve()
     encoder, enc_ckpt, fold = load_for_s1(enc_path, data, device)  # z-scored as the encoder saw it
+    enc_sha256 = file_sha256(enc_path)
     out = prepare_out_dir(cfg.out_dir)
     train, test = fold.train, fold.test
 
@@ -652,10 +673,11 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
                                   "guidance_scale": cfg.guidance_scale},
                     "gan": {"noise_dim": cfg.noise_dim}, "generator_seed": cfg.seed},
         "generative_stage_seconds": stage_seconds, "encoder_checkpoint": str(enc_path),
-        "config": config}
+        "encoder_sha256": enc_sha256, "config": config}
     save_checkpoint({"kind": CHECKPOINT_KIND, "format_version": CHECKPOINT_FORMAT,
                      "diffusion": diffusion.checkpoint_entry(), "gan": gan.checkpoint_entry(),
                      "config": config, "seed": cfg.seed, "encoder_checkpoint": str(enc_path),
+                     "encoder_sha256": enc_sha256,
                      "data_source": data.source, "data_fingerprint": data.fingerprint,
                      "n_voxels": data.n_voxels, "metrics": metrics,
                      "history": {n: {key: v for key, v in h.items() if key != "samples"}

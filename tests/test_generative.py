@@ -155,12 +155,20 @@ def test_same_seed_same_numbers(sim):
 
 
 # --------------------------------------------------------------------------- checkpoints
+def encoder_record(tmp_path) -> dict:
+    """The encoder fields of a generative checkpoint, for a stand-in encoder file in tmp_path."""
+    path = tmp_path / "encoder.pth"
+    path.write_bytes(b"a dual-encoder checkpoint")
+    return {"encoder_checkpoint": str(path), "encoder_sha256": L.file_sha256(path)}
+
+
 def test_checkpoint_round_trip_with_weights_only(tmp_path):
     diffusion = G.MiyawakiDiffusionDecoder(beta_schedule="linear", guidance_scale=2.0, **SMALL).eval()
     gan = G.MiyawakiGANDecoder(correlation_dim=16, noise_dim=8).eval()
     path = tmp_path / G.CHECKPOINT_NAME
     L.save_checkpoint({"kind": G.CHECKPOINT_KIND, "format_version": L.CHECKPOINT_FORMAT,
-                       "diffusion": diffusion.checkpoint_entry(), "gan": gan.checkpoint_entry()}, path)
+                       "diffusion": diffusion.checkpoint_entry(), "gan": gan.checkpoint_entry(),
+                       **encoder_record(tmp_path)}, path)
     torch.load(path, map_location="cpu", weights_only=True)
     c = unit(3)
     for model in (diffusion, gan):
@@ -176,13 +184,33 @@ def test_decoder_checkpoint_of_another_config_names_the_script(tmp_path):
     entry["config"]["hidden_dim"] = 32                  # the saved weights no longer fit
     path = tmp_path / G.CHECKPOINT_NAME
     L.save_checkpoint({"kind": G.CHECKPOINT_KIND, "format_version": L.CHECKPOINT_FORMAT,
-                       "diffusion": entry}, path)
+                       "diffusion": entry, **encoder_record(tmp_path)}, path)
     for cls, words in ((G.MiyawakiDiffusionDecoder, "size mismatch"), (G.MiyawakiGANDecoder, "'gan'")):
         with pytest.raises(L.CheckpointError) as err:
             cls.from_checkpoint(path)
         msg = str(err.value)
         assert str(path) in msg and "python miyawaki_generative_backend.py" in msg and words in msg
         assert "\n" not in msg
+
+
+@pytest.mark.parametrize("case", ["retrained", "moved", "not recorded"])
+def test_decoders_of_a_changed_encoder_are_refused(case, tmp_path):
+    """Decoders are conditioned on one dual encoder's embeddings: a retrained (other bytes),
+    missing or unrecorded encoder checkpoint is refused with one line naming the script to rerun."""
+    ckpt = {"kind": G.CHECKPOINT_KIND, "format_version": L.CHECKPOINT_FORMAT,
+            "gan": G.MiyawakiGANDecoder(correlation_dim=16).checkpoint_entry(), **encoder_record(tmp_path)}
+    G.MiyawakiGANDecoder.from_checkpoint(ckpt)
+    encoder = tmp_path / "encoder.pth"
+    if case == "retrained":
+        encoder.write_bytes(b"another dual-encoder checkpoint")
+    elif case == "moved":
+        encoder.rename(tmp_path / "elsewhere.pth")
+        G.MiyawakiGANDecoder.from_checkpoint(ckpt, encoder_checkpoint=tmp_path / "elsewhere.pth")
+    else:
+        del ckpt["encoder_sha256"]
+    with pytest.raises(L.CheckpointError) as err:
+        G.MiyawakiGANDecoder.from_checkpoint(ckpt)
+    assert "python miyawaki_generative_backend.py" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_missing_encoder_checkpoint_names_the_script(tmp_path):
@@ -243,8 +271,12 @@ def test_script_end_to_end_on_simulated_data(tmp_path):
         recon = G.reconstruct(encoder, decoder, fold.test.fmri, torch.Generator().manual_seed(3))
         again = L.reconstruction_metrics(recon, fold.test.images, fold.test.image_ids, fold.unique_images)
         assert again["mse"] == pytest.approx(metrics[name]["mse"], abs=1e-6)
+    assert saved["encoder_sha256"] == L.file_sha256(tmp_path / "miyawaki_dual_encoder.pth")
     # an encoder checkpoint fitted on other data is refused with the script to rerun
     enc_ckpt["data_fingerprint"] = "0" * 16
     L.save_checkpoint(enc_ckpt, tmp_path / "miyawaki_dual_encoder.pth")
     with pytest.raises(L.CheckpointError, match="miyawaki_dual_encoder.py"):
         G.main(args)
+    # and the decoders, trained on the encoder as it was, no longer load beside the changed one
+    with pytest.raises(L.CheckpointError, match="another dual encoder.*miyawaki_generative_backend.py"):
+        G.MiyawakiDiffusionDecoder.from_checkpoint(tmp_path / G.CHECKPOINT_NAME)
