@@ -306,7 +306,8 @@ def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.d
     """Fit a dual encoder on training trials (fMRI already z-scored).
 
     candidates ``K x 1 x 28 x 28``: the images validation identification ranks against (default:
-    the training images). Returns (model in eval mode, history dict of per-epoch lists)."""
+    the training images). Returns (model in eval mode, history): per-epoch lists ``train_loss``,
+    ``val_loss``, ``val_top1`` and the trial counts ``n_train`` (fitted on) and ``n_validation``."""
     device = torch.device(device)
     seed_everything(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
@@ -332,7 +333,8 @@ def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.d
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=max(total, 4),
                                                 pct_start=0.1 if total >= 20 else 0.5,
                                                 anneal_strategy="cos")
-    history = {"train_loss": [], "val_loss": [], "val_top1": []}
+    history = {"train_loss": [], "val_loss": [], "val_top1": [], "n_train": len(tr_idx),
+               "n_validation": len(val_idx)}
     # disable=None: the bar switches itself off when stderr is not a terminal
     bar = tqdm(range(1, config.epochs + 1), desc="dual encoder", disable=None if progress else True,
                leave=False)
@@ -417,7 +419,8 @@ def main(argv: list[str] | ScriptConfig | None = None) -> dict:
     ranks = identify(model, test_x, torch.as_tensor(fold.unique_images, device=device),
                      fold.test.image_ids)
     k = len(fold.unique_images)
-    metrics = {"split": "s1", "seed": cfg.seed, "n_train": len(train), "n_test": len(ranks),
+    metrics = {"split": "s1", "seed": cfg.seed, "n_train": history["n_train"],
+               "n_validation": history["n_validation"], "n_test": len(ranks),
                **rank_summary(ranks, k), "noise_control": cfg.noise_control,
                "train_seconds": seconds}
     print(f"S1 identification from fMRI only: top-1 {metrics['top1']:.2f} (chance {1 / k:.2f}), "
