@@ -129,13 +129,14 @@ def test_evaluation_end_to_end_from_fmri_only(trained):
     for key in ("n_candidates", "chance_top1", "fmri_to_image_top1", "fmri_to_image_top5",
                 "fmri_to_image_mean_rank", "image_to_fmri_top1"):
         assert key in ident
-    for key in ("fmri_latent", "image_latent", "correlation", "majority_rate"):
+    for key in ("fmri_latent", "correlation", "majority_rate"):
         assert key in saved["condition_accuracy"]
     assert (saved["split"], saved["n_test"], ident["n_candidates"]) == ("s1", 12, 20)
     assert ident["fmri_to_image_top1"] > 4 * ident["chance_top1"]     # 15 epochs, simulated SNR
     assert ident["fmri_to_image_mean_rank"] < 5
     assert saved["condition_accuracy"]["correlation"] > saved["condition_accuracy"]["majority_rate"]
     assert "oracle" in saved["oracle"]["label"].lower()
+    assert "uses the image" in saved["oracle"]["image_latent_condition_note"]
     assert saved["baselines_s1"]["ridge"]["top1"] >= 0.5
     for name in ("latent_space_tsne", "similarity_matrix", "correlation_analysis"):
         assert (out / f"miyawaki_{name}.png").stat().st_size > 10_000
