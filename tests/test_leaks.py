@@ -1,0 +1,202 @@
+"""Leak canaries: no test image reaches a model at test time (PROTOCOL.md, "oracle").
+
+Each path runs twice on the simulated set, the second time with the test trials' images swapped
+for other images (image ids, candidates and fMRI unchanged). Every number reported as fMRI-only
+must come out bit-identical; a number that changes must sit under an ``oracle`` key, score a
+reconstruction against the true image, or be the labelled retrieval among the test trials' own
+images. On an S3 fold the trained weights must not depend on the held-out image, and the
+permutation control must sit at chance over seeds."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import miyawaki_dual_encoder as D
+import miyawaki_evaluation as E
+import miyawaki_generative_backend as G
+from miyawaki_dataset_loader import make_simulated_dataset, splits
+
+SIM = ["--data", "simulated", "--device", "cpu"]
+TINY_DECODERS = G.GenerativeConfig(diffusion_steps=3, gan_steps=2, num_inference_steps=2,
+                                   n_sample_grids=1)
+TINY_DECODER_ARGS = ["--diffusion-steps", "3", "--gan-steps", "2", "--num-inference-steps", "2",
+                     "--n-sample-grids", "1"]
+# what may change with the test images without a leak: scores of a reconstruction against the
+# true image, the retrieval among the test trials' own images (labelled so), and timings
+AGAINST_TRUTH = {"mse", "pixcorr", "ssim", "two_way"}
+IMAGE_RETRIEVAL = "retrieval_test_trials"
+
+
+def swap_images(data, rows):
+    """``data`` whose trials ``rows`` show another unique image (id + 1 mod K) in their images
+    only: their image ids (the truth), the candidates and all fMRI unchanged."""
+    t = data.trials
+    images = t.images.copy()
+    images[rows] = data.unique_images[(t.image_ids[rows] + 1) % len(data.unique_images)]
+    return replace(data, trials=replace(t, images=images))
+
+
+def numbers(tree, path=()):
+    """(path, value) of every number in a JSON tree; path: the keys and indices leading to it."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from numbers(value, (*path, str(key)))
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            yield from numbers(value, (*path, str(i)))
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield path, tree
+
+
+def changed_numbers(a, b) -> list[tuple]:
+    """Paths of the numbers that differ between two JSON trees of one schema (NaN == NaN)."""
+    na, nb = dict(numbers(a)), dict(numbers(b))
+    assert na.keys() == nb.keys()
+    return [p for p in na if na[p] != nb[p] and not (np.isnan(na[p]) and np.isnan(nb[p]))]
+
+
+def may_use_test_images(path) -> bool:
+    return (any("oracle" in k or "seconds" in k for k in path) or bool(AGAINST_TRUTH & set(path))
+            or IMAGE_RETRIEVAL in path)
+
+
+# --------------------------------------------------------------------------- the scripts, S1
+def run_scripts(out, data):
+    """Run the four scripts' mains (tiny settings) on ``data`` into ``out``. Returns (every JSON
+    they wrote, by file name; the reconstructions the generative script shows as fMRI-only)."""
+    shown, plot = {}, G.plot_generation
+
+    def spy(true, recon, title):
+        shown[title.split()[0]] = recon
+        return plot(true, recon, title)
+
+    args = [*SIM, "--out-dir", str(out)]
+    with pytest.MonkeyPatch.context() as mp:
+        for module in (D, E, G):
+            mp.setattr(module, "resolve_data", lambda arg: data)
+        mp.setattr(G, "plot_generation", spy)
+        D.main([*args, "--epochs", "3", "--mixup", "8"])
+        E.main([*args, "--oracle"])
+        G.main([*args, *TINY_DECODER_ARGS])
+        E.main([*args, "--protocol", "s1", "--seeds", "0", "--epochs", "3", "--permutation-control"])
+    return {p.name: json.loads(p.read_text()) for p in out.glob("*.json")}, shown
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """The scripts run on the simulated set as it is and with its S1 test images swapped."""
+    data = make_simulated_dataset()
+    swapped = swap_images(data, np.arange(data.n_file_train, len(data.trials)))
+    assert not np.array_equal(swapped.s1().test.images, data.s1().test.images)
+    return [run_scripts(tmp_path_factory.mktemp(name), d)
+            for name, d in (("as_is", data), ("swapped", swapped))]
+
+
+def test_every_json_number_that_uses_a_test_image_is_an_oracle(two_runs):
+    """Walks every JSON the scripts write: the numbers that change with the test images are
+    oracles, scores against the true image or the labelled image retrieval; nothing else."""
+    (a, _), (b, _) = two_runs
+    assert set(a) == set(b) == {"miyawaki_dual_encoder.json", "miyawaki_evaluation.json",
+                                "miyawaki_generation.json", "benchmark_s1.json"}
+    for name in a:
+        leaks = [".".join(p) for p in changed_numbers(a[name], b[name]) if not may_use_test_images(p)]
+        assert leaks == [], name
+    # the swap does reach the oracle inputs, so the walk would see a number computed from them
+    for name in ("miyawaki_evaluation.json", "miyawaki_generation.json"):
+        assert any("oracle" in p for p in changed_numbers(a[name], b[name])), name
+
+
+def test_generative_script_reconstructs_from_fmri_only(two_runs):
+    (_, a), (_, b) = two_runs
+    assert set(a) == set(b) == {"diffusion", "gan"}
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_both_decoders_of_the_benchmark_reconstruct_from_fmri_only():
+    data = make_simulated_dataset()
+    fold = data.s1()
+    swapped = swap_images(data, np.arange(data.n_file_train, len(data.trials))).s1()
+    encoder, _ = D.train_dual_encoder(fold.train, D.DualEncoderConfig(epochs=2, val_fraction=0),
+                                      progress=False)
+    recons = [E.generative_reconstructions(encoder, f, TINY_DECODERS, "cpu")[0] for f in (fold, swapped)]
+    assert set(recons[0]) == {"diffusion", "gan"}
+    for name, recon in recons[0].items():
+        np.testing.assert_array_equal(recon, recons[1][name], err_msg=name)
+
+
+# --------------------------------------------------------------------------- benchmark folds
+BENCHMARK = E.EvaluationConfig(seeds=(0,), epochs=2, permutation_control=True)
+
+
+def run_fold(data, protocol, index, fits=None):
+    """benchmark_fold on fold ``index`` of ``protocol`` -> {method: per-trial metrics}; each
+    dual-encoder fit is appended to ``fits`` as (training trials, trained model)."""
+    def spy(train, *args, **kwargs):
+        model, history = train_fit(train, *args, **kwargs)
+        fits.append((train, model))
+        return model, history
+
+    train_fit = E.train_dual_encoder
+    pool = (data.trials.images, data.trials.image_ids) if protocol == "s3" else None
+    with pytest.MonkeyPatch.context() as mp:
+        if fits is not None:
+            mp.setattr(E, "train_dual_encoder", spy)
+        rows = E.benchmark_fold(BENCHMARK, data, pool, torch.device("cpu"),
+                                (index, *splits(protocol, data)[index]))
+    return {method: per_trial for method, per_trial, _ in rows}
+
+
+@pytest.mark.parametrize("protocol", ["s2", "s3"])
+def test_benchmark_rows_do_not_depend_on_the_test_images(protocol):
+    data = make_simulated_dataset()
+    _, _, test_idx = splits(protocol, data)[3]
+    a, b = (run_fold(d, protocol, 3) for d in (data, swap_images(data, test_idx)))
+    assert set(a) == {*E.BASELINES, "dual_encoder", "dual_encoder_permuted"}
+    for method, metrics in a.items():
+        for metric, values in metrics.items():
+            if metric not in AGAINST_TRUTH:
+                np.testing.assert_array_equal(values, b[method][metric], err_msg=f"{method} {metric}")
+
+
+def test_s3_training_never_sees_the_held_out_image():
+    """On an S3 fold no training trial shows the held-out image, and replacing that image (in
+    its trials and among the candidates) leaves every trained weight identical."""
+    data, k = make_simulated_dataset(), 7
+    held_out = data.unique_images[k]
+    other = 1.0 - held_out                                   # an image found nowhere in the set
+    unique = data.unique_images.copy()
+    unique[k] = other
+    images = data.trials.images.copy()
+    images[data.trials.image_ids == k] = other
+    replaced = replace(data, trials=replace(data.trials, images=images), unique_images=unique)
+    fits_a, fits_b = [], []
+    run_fold(data, "s3", k, fits_a)
+    run_fold(replaced, "s3", k, fits_b)
+    assert len(fits_a) == len(fits_b) == 2                   # the dual encoder and its control
+    binary = lambda a: (np.asarray(a) > 0.5).reshape(len(a), -1)  # noqa: E731
+    for (train, model), (_, model_b) in zip(fits_a, fits_b):
+        assert k not in train.image_ids
+        assert not (binary(train.images) == binary(held_out[None])).all(1).any()
+        state, state_b = model.state_dict(), model_b.state_dict()
+        assert state.keys() == state_b.keys()
+        for name in state:
+            assert torch.equal(state[name], state_b[name]), name
+
+
+def test_permutation_control_sits_at_chance_over_seeds():
+    """The benchmark's control (training fMRI shuffled against images, scored by the benchmark's
+    embedding_fold_metrics) identifies S1 test trials at chance for each of three seeds."""
+    fold = make_simulated_dataset().s1()
+    cfg = D.DualEncoderConfig(epochs=15, mixup=32, val_fraction=0.0)
+    ranks = []
+    for seed in (0, 1, 2):
+        train = E.permuted_trials(fold.train, np.random.default_rng([seed, 0]))
+        model, _ = D.train_dual_encoder(train, replace(cfg, seed=seed), "cpu", fold.unique_images,
+                                        progress=False)
+        ranks.append(E.embedding_fold_metrics(model, train, fold)["rank"])
+    ranks = np.concatenate(ranks)
+    assert np.mean(ranks == 1) <= 0.15 and np.mean(ranks) > 6      # chance 0.05, mean rank 10.5
