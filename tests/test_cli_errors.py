@@ -59,7 +59,8 @@ BAD_OPTIONS = {  # name -> (script, options, words of the message)
     "gan steps -1": (G, ["--gan-steps", "-1"], "--gan-steps must be >= 1"),
     "inference steps 0": (G, ["--num-inference-steps", "0"], "--num-inference-steps must be >= 1"),
     "diffusion steps 0": (G, ["--diffusion-steps", "0"], "--diffusion-steps must be >= 1"),
-    "condition probability 1.5": (G, ["--fmri-condition-prob", "1.5"], "--fmri-condition-prob must be <= 1"),
+    "condition probability 1.5": (G, ["--fmri-condition-prob", "1.5"],
+                                  "--fmri-condition-prob must be <= 1, got 1.5"),
     "max folds -19": (E, ["--protocol", "s3", "--max-folds", "-19"], "--max-folds must be >= 0"),
     "benchmark epochs -1": (E, ["--protocol", "s3", "--epochs", "-1"], "--epochs must be >= 1"),
     "workers 0": (E, ["--protocol", "s3", "--workers", "0"], "--workers must be >= 1"),
@@ -77,7 +78,8 @@ def test_bad_option_is_refused_before_any_work(case, out, capsys):
 
 
 @pytest.mark.parametrize("cfg", [D.ScriptConfig(epochs=0), G.GenerativeConfig(gan_steps=-1),
-                                 E.EvaluationConfig(knn_k=0), E.EvaluationConfig(protocol="s3", max_folds=-19)],
+                                 E.EvaluationConfig(knn_k=0),
+                                 E.EvaluationConfig(protocol="s3", max_folds=-19)],
                          ids=["dual encoder", "generative", "evaluation", "benchmark"])
 def test_config_object_is_checked_like_the_command_line(cfg, out, capsys):
     script = {D.ScriptConfig: D, G.GenerativeConfig: G, E.EvaluationConfig: E}[type(cfg)]
