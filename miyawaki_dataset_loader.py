@@ -44,7 +44,9 @@ DATA_SHA256 = "3ae3d618d919cf51ccc2649f60362400b44b87014e0c42afb31a74d5cb60e31e"
 IMAGE_SIDE = 28
 N_PIXELS = IMAGE_SIDE * IMAGE_SIDE
 GRID = 10  # the stimuli are 10 x 10 binary grids, upsampled 3x and cropped to 28 x 28
-CONDITION_NAMES = {2: "shapes", 3: "letters (thin)", 4: "letters (long)", 5: "letters (regular)"}
+CONDITION_NAMES = {1: "random", 2: "shapes", 3: "letters (thin)", 4: "letters (long)",
+                   5: "letters (regular)"}
+SIM_RANDOM_IMAGES = 440  # Miyawaki's random-image session: 440 trials
 REQUIRED_KEYS = ("fmriTrn", "stimTrn", "labelTrn", "fmriTest", "stimTest", "labelTest")
 CHECKPOINT_FORMAT = 1
 GET_DATA_HINT = ("get the real file with `python miyawaki_dataset_loader.py --download` "
@@ -290,23 +292,36 @@ def upsample_grid(img10: np.ndarray) -> np.ndarray:
 
 
 def make_simulated_dataset(seed: int = 0, snr: float = 1.5, n_voxels: int = 967,
-                           shared_noise: float = 0.3) -> MiyawakiData:
+                           shared_noise: float = 0.3, random_images: int = 0) -> MiyawakiData:
     """A data set shaped like the real file (119 trials: 107 train / 12 test, 20 images).
 
     fMRI comes from a retinotopic V1 model: each voxel has a Gaussian receptive field on the
     10 x 10 grid whose size grows with eccentricity, responds linearly to the stimulus contrast in
     it, and carries noise with a shared (global) component. ``snr`` is signal variance over noise
-    variance per voxel. Deterministic per seed."""
+    variance per voxel. Deterministic per seed.
+
+    ``random_images > 0`` gives Miyawaki's own protocol instead (``--data simulated-random``): a
+    *random-image session* of that many random 10 x 10 patterns (condition 1, each shown once) as
+    the file's training split, and the 20 figures, each shown once, as its test split, so that
+    every test image is new to a decoder trained on the file's split."""
     rng = np.random.default_rng(seed)
     grids, labels10 = figure_images()
-    counts = np.concatenate([_SIM_TRIALS[c] for c in (2, 3, 4, 5)])
-    ids = np.repeat(np.arange(20), counts)
-    # the file's test split holds 12 trials: 3 per condition, one trial each of different images
-    test_pick = np.concatenate([rng.choice(np.where(labels10 == c)[0], 3, replace=False)
-                                for c in (2, 3, 4, 5)])
-    test_rows = np.array([np.where(ids == k)[0][0] for k in test_pick])
-    train_rows = rng.permutation(np.setdiff1d(np.arange(len(ids)), test_rows))
-    ids = np.concatenate([ids[train_rows], ids[test_rows]])
+    if random_images:
+        density = rng.uniform(0.2, 0.6, (random_images, 1, 1))
+        patterns = (rng.random((random_images, GRID, GRID)) < density).astype(np.float32)
+        grids = np.concatenate([patterns, grids])
+        labels10 = np.concatenate([np.ones(random_images, np.int64), labels10])
+        ids = np.arange(len(grids))                      # patterns first (train), figures last
+        train_rows = np.arange(random_images)
+    else:
+        counts = np.concatenate([_SIM_TRIALS[c] for c in (2, 3, 4, 5)])
+        ids = np.repeat(np.arange(20), counts)
+        # the file's test split holds 12 trials: 3 per condition, one trial each of different images
+        test_pick = np.concatenate([rng.choice(np.where(labels10 == c)[0], 3, replace=False)
+                                    for c in (2, 3, 4, 5)])
+        test_rows = np.array([np.where(ids == k)[0][0] for k in test_pick])
+        train_rows = rng.permutation(np.setdiff1d(np.arange(len(ids)), test_rows))
+        ids = np.concatenate([ids[train_rows], ids[test_rows]])
 
     yy, xx = np.mgrid[0:GRID, 0:GRID] + 0.5
     centres = rng.uniform(0, GRID, size=(n_voxels, 2))
@@ -316,7 +331,7 @@ def make_simulated_dataset(seed: int = 0, snr: float = 1.5, n_voxels: int = 967,
     rf = np.exp(-d2 / (2 * sigma[:, None] ** 2))
     rf /= rf.sum(1, keepdims=True)
     gain = rng.lognormal(0, 0.3, n_voxels)
-    signal = (grids.reshape(20, -1) @ rf.T) * gain            # 20 x V
+    signal = (grids.reshape(len(grids), -1) @ rf.T) * gain    # K x V
     signal = signal[ids]
     noise_sd = signal.std(0).mean() / np.sqrt(snr)
     loading = rng.normal(1.0, 0.3, n_voxels)
@@ -324,15 +339,21 @@ def make_simulated_dataset(seed: int = 0, snr: float = 1.5, n_voxels: int = 967,
              + np.sqrt(shared_noise) * rng.normal(size=(len(ids), 1)) * loading)
     fmri = signal + noise_sd * noise + rng.normal(0, 1, n_voxels)   # plus a per-voxel baseline
     stim = upsample_grid(grids[ids]).transpose(0, 2, 1).reshape(len(ids), -1)  # column-major rows
-    return _assemble(fmri, stim, labels10[ids], len(train_rows), "simulated")
+    return _assemble(fmri, stim, labels10[ids], len(train_rows),
+                     "simulated-random" if random_images else "simulated")
 
 
 def resolve_data(arg: str | os.PathLike | None = None) -> MiyawakiData:
-    """``--data`` handling: a path, ``"simulated"``, or None for the default path, falling back
-    to the simulated set (with a one-line notice) when the default file is absent."""
+    """``--data`` handling: a path, ``"simulated"``, ``"simulated-random"``, or None for the
+    default path, falling back to the simulated set (with a one-line notice) when the default file
+    is absent."""
     if arg is not None and str(arg) == "simulated":
         print("data: built-in simulated data set (--data simulated)")
         return make_simulated_dataset()
+    if arg is not None and str(arg) == "simulated-random":
+        print(f"data: built-in simulated random-image session (--data simulated-random: "
+              f"{SIM_RANDOM_IMAGES} random patterns to train on, the 20 figures to test on)")
+        return make_simulated_dataset(random_images=SIM_RANDOM_IMAGES)
     path = Path(arg) if arg is not None else DEFAULT_DATA
     if arg is None and not path.is_file():
         print(f"data: no file at {path}; using the built-in SIMULATED data set "
@@ -532,6 +553,27 @@ def reconstruction_metrics(recon, true, image_ids, candidates, pool_true=None, p
     return out
 
 
+# --------------------------------------------------------------------------- the reference read-out
+RIDGE_ALPHAS = np.logspace(-1, 5, 25)
+
+
+class RidgeBaseline:
+    """Ridge fMRI ``N x V`` -> 784 pixels (BASELINES.md's ridge); one alpha shared by all pixels,
+    chosen by efficient leave-one-out. Also the decoders' low-level anchor."""
+
+    def fit(self, fmri, images):
+        """fmri ``N x V``, images ``N x ...`` -> self."""
+        from sklearn.linear_model import RidgeCV  # imported here: sklearn costs ~60 MiB
+        images = np.asarray(images, dtype=np.float64)
+        self.model_ = RidgeCV(alphas=RIDGE_ALPHAS).fit(fmri, images.reshape(len(images), -1))
+        self.alpha_ = float(self.model_.alpha_)
+        return self
+
+    def predict(self, fmri):
+        """fmri ``N x V`` -> ``N x 784`` pixels (not clipped)."""
+        return self.model_.predict(fmri)
+
+
 def identified_labels(scores, candidate_labels):
     """Condition of each trial's top-1 candidate: scores N x K, candidate_labels K -> N.
 
@@ -616,7 +658,7 @@ class ScriptParser(argparse.ArgumentParser):
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The CLI options of ScriptOptions: --data, --out-dir, --seed, --device."""
     parser.add_argument("--data", default=None,
-                        help=f"a .mat file, or 'simulated'; default {DEFAULT_DATA.relative_to(REPO_DIR)}, "
+                        help=f"a .mat file, 'simulated' or 'simulated-random'; default {DEFAULT_DATA.relative_to(REPO_DIR)}, "
                              "falling back to the simulated set when that file is absent")
     parser.add_argument("--out-dir", type=Path, default=ScriptOptions.out_dir, help="where outputs go")
     parser.add_argument("--seed", type=int, default=ScriptOptions.seed, help="random seed (>= 0)")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -34,10 +34,12 @@ from sklearn.manifold import TSNE
 from sklearn.neighbors import KNeighborsClassifier
 from tqdm.auto import tqdm
 
-from miyawaki_dataset_loader import (CONDITION_NAMES, GRID, IMAGE_SIDE, Fold, ScriptOptions,
+from miyawaki_dataset_loader import (CONDITION_NAMES, GRID, IMAGE_SIDE, RIDGE_ALPHAS, Fold,
+                                     RidgeBaseline, ScriptOptions,
                                      MiyawakiData, Trials, check_options, condition_accuracy, config_dict,
                                      identification_ranks, identification_scores, identified_labels,
                                      majority_rate, mean_rank, parse_config, pearson_matrix,
+                                     pearson_rows,
                                      per_trial_metrics, prepare_out_dir, rank_summary, resolve_data,
                                      resolve_device, run_cli, save_figure, save_json, save_text,
                                      script_parser, splits, topk_accuracy, upsample_grid)
@@ -45,12 +47,12 @@ from miyawaki_dual_encoder import (CHECKPOINT_NAME, DualEncoderConfig, MiyawakiD
                                    load_for_s1, train_dual_encoder)
 import miyawaki_generative_backend as G
 
-RIDGE_ALPHAS = np.logspace(-1, 5, 25)
 BASELINES = ("mean_image", "ridge", "ridge_snap", "multiscale_local", "knn1", "knn5")
 GENERATIVE = ("diffusion", "gan")
 METRICS = ("top1", "top5", "two_way", "mse", "pixcorr", "ssim", "condition")
-# the dual encoder's condition as the † baselines define it (condition of the top-1 image)
-EXTRA_METRICS = ("condition_top1",)
+# condition_top1: the dual encoder's condition as the † baselines define it; closer_than_train:
+# PROTOCOL.md's nearest-training-image check, on test trials whose image is absent from training
+EXTRA_METRICS = ("condition_top1", "closer_than_train")
 METHOD_TITLES = {
     "mean_image": "mean image (floor)",
     "ridge": "ridge (fMRI->784 px)",
@@ -106,20 +108,6 @@ class MeanImageBaseline:
     def predict(self, fmri):
         """fmri ``N x V`` -> ``N x 784`` copies of the mean training image."""
         return np.tile(self.mean_, (len(fmri), 1))
-
-
-class RidgeBaseline:
-    """Ridge fMRI ``N x V`` -> 784 pixels; one alpha shared by all pixels, chosen by efficient LOO."""
-
-    def fit(self, fmri, images):
-        """fmri ``N x V``, images ``N x ...`` -> self."""
-        self.model_ = RidgeCV(alphas=RIDGE_ALPHAS).fit(fmri, _flat(images))
-        self.alpha_ = float(self.model_.alpha_)
-        return self
-
-    def predict(self, fmri):
-        """fmri ``N x V`` -> ``N x 784`` pixels (not clipped)."""
-        return self.model_.predict(fmri)
 
 
 class MultiscaleLocalDecoder:
@@ -230,7 +218,22 @@ def score_reconstructions(recon, fold: Fold, pool=None, scores=None, cond=None) 
         cond = identified_labels(scores, fold.unique_labels)
     m.update(top1=(m["rank"] <= 1).astype(float), top5=(m["rank"] <= 5).astype(float),
              condition=(np.asarray(cond) == test.labels).astype(float))
+    unseen = ~np.isin(test.image_ids, fold.train.image_ids)
+    if unseen.any():
+        m["closer_than_train"] = np.where(unseen, nearest_training_check(recon, fold)[0], np.nan)
     return m
+
+
+def nearest_training_check(recon, fold: Fold) -> tuple[np.ndarray, np.ndarray]:
+    """PROTOCOL.md's nearest-training-image check (after Shirakawa et al. 2024) of reconstructions
+    ``N x ...`` of ``fold.test``: (N floats, 1 where PixCorr with the true image exceeds the largest
+    PixCorr with any image of the fold's training trials; N indices into ``fold.unique_images`` of
+    that most similar training image)."""
+    seen = np.unique(fold.train.image_ids)
+    recon = np.asarray(recon).reshape(len(recon), -1)
+    r_true = pearson_rows(np.clip(recon, 0, 1), fold.test.images.reshape(len(recon), -1))
+    r_train = identification_scores(recon, fold.unique_images[seen])
+    return (r_true > r_train.max(1)).astype(float), seen[r_train.argmax(1)]
 
 
 def fold_means(per_trial: dict) -> dict:
@@ -623,7 +626,9 @@ def generative_reconstructions(encoder: MiyawakiDualEncoder, fold: Fold, config:
 
     Returns ({"diffusion": recon, "gan": recon}, each ``N x 1 x 28 x 28``; {name: seconds})."""
     recons, seconds = {}, {}
-    *decoders, history = G.train_generative(encoder, fold.train, config, device, progress=False)
+    unseen = ~np.isin(fold.test.image_ids, fold.train.image_ids)  # S3: the held-out image
+    *decoders, history = G.train_generative(encoder, fold.train, config, device, progress=False,
+                                            exclude=fold.test.images[unseen])
     for name, decoder in zip(GENERATIVE, decoders):
         t = time.perf_counter()
         recons[name] = G.reconstruct(encoder, decoder, fold.test.fmri,
@@ -725,19 +730,35 @@ def benchmark_markdown(result: dict) -> str:
     if "dual_encoder_permuted" in result["methods"]:
         lines += ["", "Permutation control: training fMRI rows shuffled against the images within "
                   "every fold (one shuffle per fold and seed); it must sit at chance."]
+    if "paired_vs_ridge_pixcorr" in result:
+        lines += ["", "## Reconstruction: paired per-fold PixCorr against ridge", "",
+                  "| method | mean diff | wins | ties | losses |", "|---|---|---|---|---|"]
+        for name, d in result["paired_vs_ridge_pixcorr"].items():
+            lines.append(f"| {METHOD_TITLES.get(name, name)} | {d['mean_diff']:+.4f} | {d['wins']} | "
+                         f"{d['ties']} | {d['losses']} |")
+    novel = {n: m["closer_than_train"]["mean"] for n, m in result["methods"].items()
+             if "closer_than_train" in m}
+    if novel:
+        lines += ["", "Nearest-training-image check (PROTOCOL.md, Shirakawa et al. 2024): share of "
+                  "test trials whose reconstruction is closer (PixCorr) to the true, never-seen "
+                  "image than to every training image: "
+                  + ", ".join(f"{METHOD_TITLES.get(n, n)} {v:.3f}" for n, v in novel.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
 def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool, device: torch.device,
-                   job: tuple[int, str, np.ndarray, np.ndarray]) -> list[tuple[str, dict, float]]:
+                   job: tuple[int, str, np.ndarray, np.ndarray]) -> tuple[list, dict]:
     """One benchmark fold, ``job`` = (index, name, train_idx, test_idx): the baselines once, then
     per seed a dual encoder (the permutation control for the first seed, both decoders with
     ``--generative``). Every fit seeds itself, so a fold gives the same numbers in any process.
-    Returns (method, per-trial metrics, seconds)."""
+    Returns ([(method, per-trial metrics, seconds)], gallery): with ``--generative``, gallery holds
+    the fold's first test trial as ``1 x 28 x 28`` images (true, ridge, decoders of the first seed,
+    nearest training image) and each one's PixCorr with the true image; else it is empty."""
     index, name, train_idx, test_idx = job
     fold = data.fold(train_idx, test_idx, name)
     base, base_secs = evaluate_baselines(fold, pool)
     rows = [(method, per_trial, base_secs[method]) for method, per_trial in base.items()]
+    gallery = {}
     for seed in cfg.seeds:
         runs = [("dual_encoder", fold.train)]
         if cfg.permutation_control and seed == cfg.seeds[0]:  # one seed: a chance-level check
@@ -754,7 +775,49 @@ def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool, device: to
                                                           device)
                 rows += [(g, score_reconstructions(recon, fold, pool), secs[g])
                          for g, recon in recons.items()]
-    return rows
+                if not gallery:
+                    gallery = fold_gallery(fold, recons)
+    return rows, gallery
+
+
+def fold_gallery(fold: Fold, recons: dict) -> dict:
+    """The first test trial of ``fold``: {"true" | "ridge" | decoder | "nearest training image":
+    (image ``1 x 28 x 28``, PixCorr with the true image, memorised)}; memorised (reconstructions
+    only, else None) is True where the nearest-training-image check fails; the nearest training
+    image is the training image most correlated with the true one (what a look-up could give)."""
+    true = fold.test.images[:1]
+    one = replace(fold, test=fold.test.subset(np.arange(1)))
+    ridge = RidgeBaseline().fit(fold.train.fmri, fold.train.images).predict(fold.test.fmri[:1])
+    seen = np.unique(fold.train.image_ids)
+    nearest = fold.unique_images[seen][identification_scores(true, fold.unique_images[seen]).argmax()]
+    corr = lambda img: float(pearson_rows(np.clip(img.reshape(1, -1), 0, 1), true.reshape(1, -1))[0])  # noqa: E731
+    out = {"true": (true[0], 1.0, None)}
+    for name, recon in {"ridge": ridge.reshape(1, 1, 28, 28), **{g: r[:1] for g, r in recons.items()}}.items():
+        out[name] = (recon[0].clip(0, 1), corr(recon), not nearest_training_check(recon, one)[0][0])
+    out["nearest training image"] = (nearest, corr(nearest), None)
+    return out
+
+
+def plot_gallery(galleries: list[dict], names: list[str], title: str) -> Figure:
+    """One row per fold (``galleries`` from ``fold_gallery``, ``names`` their folds), one column
+    per panel, PixCorr with the true image in each title; a reconstruction that fails the
+    nearest-training-image check is marked "memorised?" in red."""
+    cols = list(galleries[0])
+    fig = Figure(figsize=(1.5 * len(cols), 1.55 * len(galleries) + 0.6))
+    axes = fig.subplots(len(galleries), len(cols), squeeze=False)
+    for r, (g, name) in enumerate(zip(galleries, names)):
+        for c, col in enumerate(cols):
+            img, corr, memorised = g[col]
+            ax = axes[r, c]
+            ax.imshow(img[0], cmap="gray", interpolation="nearest", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title((f"{col}\n" if r == 0 else "") + f"r={corr:.2f}"
+                         + (" memorised?" if memorised else ""), fontsize=7,
+                         color="tab:red" if memorised else "k")
+        axes[r, 0].set_ylabel(name, fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return fig
 
 
 def run_benchmark(cfg: "EvaluationConfig") -> dict:
@@ -782,7 +845,10 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
     with workers:
         results = workers.imap(run_fold, jobs) if cfg.workers > 1 else map(run_fold, jobs)
         bar = tqdm(results, total=len(folds), desc=f"{cfg.protocol} folds", disable=None)
-        for i, rows in enumerate(bar):             # in fold order, whichever process ran it
+        galleries = []
+        for i, (rows, gallery) in enumerate(bar):  # in fold order, whichever process ran it
+            if gallery:
+                galleries.append(gallery)
             for method, per_trial, secs in rows:
                 for metric, v in fold_means(per_trial).items():
                     fold_rows = values.setdefault(method, {}).setdefault(metric, [])
@@ -809,6 +875,8 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
                    "condition_majority": majority_rate(data.trials.labels)},
         "methods": methods,
         "paired_vs_ridge_top1": paired_vs_reference(methods),
+        **({"paired_vs_ridge_pixcorr": {g: v for g, v in paired_vs_reference(methods, metric="pixcorr")
+                                        .items() if g in GENERATIVE}} if cfg.generative else {}),
         "seconds": seconds,
         "dual_encoder_seconds_per_fit": seconds["dual_encoder"] / (len(folds) * len(cfg.seeds)),
         "workers": cfg.workers,
@@ -816,6 +884,11 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
     }
     save_json(result, out / f"benchmark_{cfg.protocol}.json")
     save_text(benchmark_markdown(result), out / f"benchmark_{cfg.protocol}.md")
+    if galleries:
+        save_figure(plot_gallery(galleries, [f[0] for f in folds], (
+            f"{cfg.protocol.upper()}: first test trial of each fold, from fMRI only (decoders: seed "
+            f"{cfg.seeds[0]}); red = closer to the nearest training image than to the true one")),
+            out / f"benchmark_{cfg.protocol}_reconstructions.png")
     for name in methods:
         m = methods[name]
         print(f"{METHOD_TITLES.get(name, name):40s} top-1 {m['top1']['mean']:.3f} ± {m['top1']['std']:.3f}"

@@ -42,6 +42,7 @@ import inspect
 import math
 import time
 from dataclasses import dataclass, field, fields
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +52,10 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
-from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, CheckpointError, ScriptOptions, Trials,
-                                     add_config_args, check_finite, check_options, config_dict,
-                                     file_sha256, load_checkpoint, one_line, parse_config,
-                                     pearson_rows, prepare_out_dir,
+from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, CheckpointError, RidgeBaseline, ScriptOptions,
+                                     Trials, add_config_args, check_finite, check_options,
+                                     config_dict, file_sha256, load_checkpoint, one_line,
+                                     parse_config, pearson_rows, prepare_out_dir,
                                      reconstruction_metrics, resolve_data, resolve_device, run_cli,
                                      save_checkpoint, save_figure, save_json, script_parser,
                                      seed_everything)
@@ -122,6 +123,93 @@ def _rand(shape, generator: torch.Generator | None, device: torch.device) -> tor
     return torch.rand(shape, generator=generator, device=_gen_device(generator, device)).to(device)
 
 
+# --------------------------------------------------------------------------- low-level anchor
+class LinearReadout(nn.Module):
+    """The low-level anchor: a linear read-out of the image from z-scored fMRI, ``N x V`` ->
+    ``N x 1 x 28 x 28`` (not clipped), holding the ridge baseline's weights as buffers so that a
+    decoder that uses it saves and loads it with its own state."""
+
+    def __init__(self, n_voxels: int):
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(IMAGE_PIXELS, n_voxels))
+        self.register_buffer("bias", torch.zeros(IMAGE_PIXELS))
+
+    @classmethod
+    def fit(cls, fmri: np.ndarray, images: np.ndarray) -> tuple["LinearReadout", float]:
+        """Ridge (BASELINES.md's, alpha by efficient LOO) on fMRI ``N x V`` and images ``N x 1 x 28
+        x 28`` -> (read-out, chosen alpha)."""
+        ridge = RidgeBaseline().fit(fmri, images)
+        readout = cls(fmri.shape[1])
+        readout.weight.copy_(torch.as_tensor(ridge.model_.coef_))
+        readout.bias.copy_(torch.as_tensor(ridge.model_.intercept_))
+        return readout, ridge.alpha_
+
+    def forward(self, fmri: torch.Tensor) -> torch.Tensor:
+        """z-scored fMRI ``N x V`` -> read-out ``N x 1 x 28 x 28``."""
+        return (fmri @ self.weight.T + self.bias).reshape(-1, 1, 28, 28)
+
+
+def out_of_fold_readouts(train: Trials, alpha: float, n_folds: int) -> np.ndarray:
+    """Read-outs ``N x 1 x 28 x 28`` of training trials, each by a ridge (``alpha``) fitted on the
+    trials of *other images* only (``min(n_folds, images)`` folds grouped by image id), so that the
+    decoders learn from anchors that look like the anchor of a never-seen test image."""
+    from sklearn.linear_model import Ridge  # imported here, as in the loader: ~60 MiB
+    from sklearn.model_selection import GroupKFold
+    ids = train.image_ids
+    n_splits = min(n_folds, len(np.unique(ids)))
+    flat = train.images.reshape(len(train), -1).astype(np.float64)
+    out = np.zeros_like(flat)
+    for tr, va in GroupKFold(n_splits).split(train.fmri, groups=ids):
+        out[va] = Ridge(alpha=alpha).fit(train.fmri[tr], flat[tr]).predict(train.fmri[va])
+    return out.reshape(train.images.shape).astype(np.float32)
+
+
+def anchor_features(anchor: torch.Tensor) -> torch.Tensor:
+    """Read-outs ``N x 1 x 28 x 28`` -> network inputs ``N x 784``: clipped to [0, 1], scaled to
+    [-1, 1] like the diffusion's pixels."""
+    return anchor.reshape(len(anchor), -1).clamp(0, 1) * 2 - 1
+
+
+# --------------------------------------------------------------------------- the image prior
+def augmentation_ops(shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paired augmentations as pixel gathers: the 8 rotations / reflections of the square,
+    each shifted by (dy, dx) in {-shift, 0, shift}^2 px with zero fill -> (index ``O x 784`` long,
+    mask ``O x 784`` float); op 0 is the identity. ``x.flatten(1).gather(1, index[ops]) *
+    mask[ops]`` applies ops ``N`` to images ``N x 1 x 28 x 28``."""
+    grid = np.arange(IMAGE_PIXELS).reshape(28, 28)
+    moves = sorted({0, -shift, shift}, key=abs)
+    index, mask = [], []
+    for k in range(4):
+        for flip in (False, True):
+            g = np.rot90(grid, k)
+            g = g[:, ::-1] if flip else g
+            for dy in moves:
+                for dx in moves:
+                    src = np.full((28, 28), -1)
+                    rows, cols = slice(max(dy, 0), 28 + min(dy, 0)), slice(max(dx, 0), 28 + min(dx, 0))
+                    src[rows, cols] = g[max(-dy, 0):28 - max(dy, 0), max(-dx, 0):28 - max(dx, 0)]
+                    index.append(np.maximum(src.ravel(), 0))
+                    mask.append(src.ravel() >= 0)
+    return torch.as_tensor(np.array(index)), torch.as_tensor(np.array(mask), dtype=torch.float32)
+
+
+def apply_ops(images: torch.Tensor, ops: torch.Tensor, index: torch.Tensor,
+              mask: torch.Tensor) -> torch.Tensor:
+    """Op ``ops[i]`` applied to image ``i``: images ``N x 1 x 28 x 28``, ops ``N`` -> ``N x 1 x 28 x 28``."""
+    return (images.flatten(1).gather(1, index[ops]) * mask[ops]).view_as(images)
+
+
+def random_boxes(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """``n`` masks ``n x 1 x 28 x 28`` (float 0/1), each a random axis-aligned box whose sides
+    are uniform in [7, 21] px, placed uniformly: the pasted part of a cut-and-paste recombination."""
+    side = 7 + (_rand((n, 2), generator, device) * 15).long()
+    start = (_rand((n, 2), generator, device) * (29 - side)).long()
+    r = torch.arange(28, device=device)
+    rows = (r[None] >= start[:, :1]) & (r[None] < start[:, :1] + side[:, :1])
+    cols = (r[None] >= start[:, 1:]) & (r[None] < start[:, 1:] + side[:, 1:])
+    return (rows[:, :, None] & cols[:, None, :]).float()[:, None]
+
+
 # --------------------------------------------------------------------------- models
 class CheckpointMixin:
     """``from_checkpoint`` for a decoder stored under ``CHECKPOINT_KEY`` as {"config", "state"}."""
@@ -171,24 +259,53 @@ def check_encoder(ckpt: dict, encoder_checkpoint=None, where="the checkpoint") -
 
 class MLPDenoiser(nn.Module):
     """The denoising network: concat(x_t ``N x 784``, sinusoidal t ``N x time_dim``, condition
-    ``N x D``) -> hidden -> hidden -> ``N x 784`` (SiLU), the seed project's widths. Its output is
-    read as the diffusion wrapper's ``prediction_type``."""
+    ``N x D`` [, anchor features ``N x 784``]) -> hidden -> hidden -> ``N x 784`` (SiLU), the seed
+    project's widths. Its output is read as the diffusion wrapper's ``prediction_type``."""
 
-    def __init__(self, condition_dim: int = 512, time_dim: int = 128, hidden_dim: int = 1024):
+    def __init__(self, condition_dim: int = 512, time_dim: int = 128, hidden_dim: int = 1024,
+                 anchor: bool = False):
         super().__init__()
         self.time_dim = time_dim
         self.net = nn.Sequential(
-            nn.Linear(IMAGE_PIXELS + time_dim + condition_dim, hidden_dim), nn.SiLU(),
+            nn.Linear(IMAGE_PIXELS * (1 + anchor) + time_dim + condition_dim, hidden_dim), nn.SiLU(),
             nn.Linear(hidden_dim, hidden_dim), nn.SiLU(),
             nn.Linear(hidden_dim, IMAGE_PIXELS))
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """x_t ``N x 784``, timesteps ``N``, conditions ``N x D`` -> ``N x 784``."""
-        t = sinusoidal_embedding(timesteps, self.time_dim)
-        return self.net(torch.cat([x, t, scale_condition(condition)], dim=1))
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor,
+                anchor: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t ``N x 784``, timesteps ``N``, conditions ``N x D``, anchor read-outs ``N x 1 x 28 x 28``
+        (when built with ``anchor``) -> ``N x 784``."""
+        parts = [x, sinusoidal_embedding(timesteps, self.time_dim), scale_condition(condition)]
+        if anchor is not None:
+            parts.append(anchor_features(anchor))
+        return self.net(torch.cat(parts, dim=1))
 
 
-class MiyawakiDiffusionDecoder(CheckpointMixin, nn.Module):
+class AnchorMixin:
+    """The low-level anchor of a decoder built with ``anchor_voxels > 0``: it owns a
+    ``LinearReadout`` (``readout``, fitted by ``train_generative``), takes read-outs as a second
+    input beside the embedding, and blends its samples with them (``anchor_blend``)."""
+
+    def _init_anchor(self, anchor_voxels: int, anchor_blend: float) -> None:
+        if not 0 <= anchor_blend <= 1:
+            raise ValueError(f"anchor_blend {anchor_blend}; use a value in [0, 1]")
+        if anchor_blend > 0 and not anchor_voxels:
+            raise ValueError("anchor_blend > 0 needs a decoder with a low-level anchor (anchor_voxels > 0)")
+        self.readout = LinearReadout(anchor_voxels) if anchor_voxels else None
+
+    def _check_anchor(self, anchor: torch.Tensor | None) -> None:
+        if (anchor is None) != (self.readout is None):
+            raise ValueError("this decoder " + ("needs the low-level anchor: pass anchor=decoder."
+                                                "readout(fmri) (reconstruct() does)" if anchor is None
+                                                else "was built without an anchor: pass anchor=None"))
+
+    def _blend(self, images: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
+        """Samples ``N x 1 x 28 x 28`` -> (1 - b) samples + b clip(anchor), b = anchor_blend."""
+        b = self.config.get("anchor_blend", 0.0)
+        return images if anchor is None or b == 0 else (1 - b) * images + b * anchor.clamp(0, 1)
+
+
+class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
     """Conditional DDPM on 28 x 28 images. Public images are ``N x 1 x 28 x 28`` in [0, 1]; the
     diffusion runs on flattened pixels scaled to [-1, 1]. Conditions are ``N x D`` unit vectors;
     the zero vector is the null condition of classifier-free guidance.
@@ -196,7 +313,11 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, nn.Module):
     Scheduler vocabulary follows diffusers: ``num_train_timesteps``, ``beta_schedule``,
     ``add_noise(original_samples, noise, timesteps)``, ``step(model_output, timestep, sample)``.
     The sampling defaults (``sampler``, ``num_inference_steps``, ``guidance_scale``) are part of
-    the model's config so that ``sample(condition, generator)`` is the same call as the GAN's."""
+    the model's config so that ``sample(condition, generator)`` is the same call as the GAN's.
+
+    With a low-level anchor (``anchor_voxels`` > 0) the denoiser also sees the linear read-out
+    of the image, and DDIM may start from it (SDEdit, Meng et al. 2022): the read-out noised to
+    ``init_strength`` x T (1 = from pure noise) is denoised from there."""
 
     CHECKPOINT_KEY = "diffusion"
 
@@ -204,8 +325,11 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, nn.Module):
                  beta_schedule: str = "cosine", prediction_type: str = "sample",
                  snr_gamma: float = 5.0, hidden_dim: int = 1024, time_dim: int = 128,
                  condition_drop_prob: float = 0.1, sampler: str = "ddim",
-                 num_inference_steps: int = 50, guidance_scale: float = 2.0):
+                 num_inference_steps: int = 50, guidance_scale: float = 2.0,
+                 anchor_voxels: int = 0, init_strength: float = 1.0, anchor_blend: float = 0.0):
         super().__init__()
+        if not 0 < init_strength <= 1:
+            raise ValueError(f"init_strength {init_strength}; use a value in (0, 1]")
         for name, value, allowed in (("beta_schedule", beta_schedule, BETA_SCHEDULES),
                                      ("prediction_type", prediction_type, PREDICTION_TYPES),
                                      ("sampler", sampler, SAMPLERS)):
@@ -215,12 +339,15 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, nn.Module):
                            beta_schedule=beta_schedule, prediction_type=prediction_type,
                            snr_gamma=snr_gamma, hidden_dim=hidden_dim, time_dim=time_dim,
                            condition_drop_prob=condition_drop_prob, sampler=sampler,
-                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                           anchor_voxels=anchor_voxels, init_strength=init_strength,
+                           anchor_blend=anchor_blend)
         self.num_train_timesteps = num_train_timesteps
         self.prediction_type = prediction_type
         self.snr_gamma = snr_gamma
         self.condition_drop_prob = condition_drop_prob
-        self.denoiser = MLPDenoiser(correlation_dim, time_dim, hidden_dim)
+        self.denoiser = MLPDenoiser(correlation_dim, time_dim, hidden_dim, anchor=anchor_voxels > 0)
+        self._init_anchor(anchor_voxels, anchor_blend)
         betas = BETA_SCHEDULES[beta_schedule](num_train_timesteps)
         # derived from the config, so not stored in checkpoints
         self.register_buffer("betas", betas.float(), persistent=False)
@@ -254,11 +381,11 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, nn.Module):
 
     # ---- model
     def noise_estimate(self, sample: torch.Tensor, timesteps: torch.Tensor,
-                       condition: torch.Tensor) -> torch.Tensor:
+                       condition: torch.Tensor, anchor: torch.Tensor | None = None) -> torch.Tensor:
         """epsilon ``N x P`` at x_t = ``sample`` from the denoiser's output, read as
         ``prediction_type``: epsilon itself, v = sqrt(a) eps - sqrt(1 - a) x_0, or the clean
-        sample x_0 (a = alpha_bar_t)."""
-        out = self.denoiser(sample, timesteps, condition).float()  # float32 under autocast too
+        sample x_0 (a = alpha_bar_t). ``anchor``: read-outs ``N x 1 x 28 x 28`` (anchored models)."""
+        out = self.denoiser(sample, timesteps, condition, anchor).float()  # float32 under autocast
         if self.prediction_type == "epsilon":
             return out
         a_bar = self.alphas_cumprod[timesteps][:, None]
@@ -267,27 +394,30 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, nn.Module):
         return (sample - a_bar.sqrt() * out) / (1 - a_bar).sqrt()
 
     def predict_noise(self, sample: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor,
-                      guidance_scale: float = 1.0) -> torch.Tensor:
-        """epsilon ``N x P`` with classifier-free guidance: eps_u + w (eps_c - eps_u); w = 1 is
-        the plain conditional model (one forward pass)."""
+                      guidance_scale: float = 1.0, anchor: torch.Tensor | None = None) -> torch.Tensor:
+        """epsilon ``N x P`` with classifier-free guidance on the embedding: eps_u + w (eps_c -
+        eps_u), where eps_u keeps the anchor and zeroes the embedding; w = 1 is the plain
+        conditional model (one forward pass)."""
         if guidance_scale == 1.0:
-            return self.noise_estimate(sample, timesteps, condition)
-        eps_c, eps_u = self.noise_estimate(sample.repeat(2, 1), timesteps.repeat(2),
-                                           torch.cat([condition, torch.zeros_like(condition)])).chunk(2)
+            return self.noise_estimate(sample, timesteps, condition, anchor)
+        eps_c, eps_u = self.noise_estimate(
+            sample.repeat(2, 1), timesteps.repeat(2), torch.cat([condition, torch.zeros_like(condition)]),
+            None if anchor is None else anchor.repeat(2, 1, 1, 1)).chunk(2)
         return eps_u + guidance_scale * (eps_c - eps_u)
 
     def loss(self, images: torch.Tensor, condition: torch.Tensor,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, anchor: torch.Tensor | None = None) -> torch.Tensor:
         """Epsilon-prediction MSE (scalar) for images ``N x 1 x 28 x 28`` in [0, 1] and conditions
-        ``N x D``: uniform t, Gaussian noise, each condition dropped to zero with
-        ``condition_drop_prob`` (classifier-free guidance training)."""
+        ``N x D`` (anchored models: read-outs ``N x 1 x 28 x 28`` too): uniform t, Gaussian noise,
+        each embedding dropped to zero with ``condition_drop_prob`` (classifier-free guidance)."""
+        self._check_anchor(anchor)
         n, device = len(images), images.device
         x0 = images.reshape(n, -1) * 2 - 1
         t = torch.randint(self.num_train_timesteps, (n,), generator=generator,
                           device=_gen_device(generator, device)).to(device)
         noise = _randn(x0.shape, generator, device)
         keep = _rand((n, 1), generator, device) >= self.condition_drop_prob
-        pred = self.noise_estimate(self.add_noise(x0, noise, t), t, condition * keep)
+        pred = self.noise_estimate(self.add_noise(x0, noise, t), t, condition * keep, anchor)
         per_sample = ((pred - noise) ** 2).mean(1)
         if self.snr_gamma > 0:
             snr = self.alphas_cumprod[t] / (1 - self.alphas_cumprod[t])
@@ -298,73 +428,99 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, nn.Module):
 
     @torch.no_grad()
     def sample(self, condition: torch.Tensor, generator: torch.Generator | None = None,
-               sampler: str | None = None, num_inference_steps: int | None = None,
-               guidance_scale: float | None = None) -> torch.Tensor:
-        """Images ``N x 1 x 28 x 28`` in [0, 1] for conditions ``N x D``. ``ddim``: deterministic
-        DDIM over ``num_inference_steps`` evenly spaced timesteps from T - 1 to 0 (the same
-        generator gives the same images); ``ddpm``: ancestral sampling over all T steps."""
+               anchor: torch.Tensor | None = None, sampler: str | None = None,
+               num_inference_steps: int | None = None, guidance_scale: float | None = None,
+               init_strength: float | None = None) -> torch.Tensor:
+        """Images ``N x 1 x 28 x 28`` in [0, 1] for conditions ``N x D`` (anchored models: and
+        read-outs ``N x 1 x 28 x 28``). ``ddim``: deterministic DDIM over ``num_inference_steps``
+        evenly spaced timesteps from T - 1 to 0 (the same generator gives the same images) or, with
+        an anchor and ``init_strength`` s < 1, from the anchor noised to step s (T - 1) over
+        ``ceil(s x steps)`` steps; ``ddpm``: ancestral sampling over all T steps. Then blended with
+        the anchor (``anchor_blend``)."""
+        self._check_anchor(anchor)
         sampler = sampler or self.config["sampler"]
         steps = num_inference_steps or self.config["num_inference_steps"]
         w = self.config["guidance_scale"] if guidance_scale is None else guidance_scale
+        s = self.config["init_strength"] if init_strength is None else init_strength
+        s = 1.0 if anchor is None else s
         T = self.num_train_timesteps
+        start = round(s * (T - 1))
         if sampler == "ddim":
-            timesteps, eta = torch.linspace(T - 1, 0, min(steps, T)).round().long().tolist(), 0.0
+            n = min(max(1, math.ceil(s * steps)), start + 1)
+            timesteps, eta = torch.linspace(start, 0, n).round().long().tolist(), 0.0
         elif sampler == "ddpm":
-            timesteps, eta = list(range(T - 1, -1, -1)), 1.0
+            timesteps, eta = list(range(start, -1, -1)), 1.0
         else:
             raise ValueError(f"sampler {sampler!r}; use one of {SAMPLERS}")
         x = _randn((len(condition), IMAGE_PIXELS), generator, condition.device)
+        if s < 1:
+            x = self.add_noise(anchor_features(anchor), x, torch.full((len(x),), start, device=x.device))
         for i, t in enumerate(timesteps):
             prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
             tt = torch.full((len(x),), t, dtype=torch.long, device=x.device)
-            x = self.step(self.predict_noise(x, tt, condition, w), t, x, prev, eta, generator)
-        return ((x + 1) / 2).clamp(0, 1).reshape(-1, 1, 28, 28)
+            x = self.step(self.predict_noise(x, tt, condition, w, anchor), t, x, prev, eta, generator)
+        return self._blend(((x + 1) / 2).clamp(0, 1).reshape(-1, 1, 28, 28), anchor)
 
 
 class ProjectionDiscriminator(nn.Module):
     """D(x, c) = psi(phi(x)) + <embed(c), phi(x)> (Miyato & Koyama 2018), spectral norm on every
-    layer; images ``N x 1 x 28 x 28`` in [0, 1], conditions ``N x D`` -> logits ``N``."""
+    layer; images ``N x 1 x 28 x 28`` in [0, 1], conditions ``N x D`` -> logits ``N``. With
+    ``anchor``, phi sees concat(image, anchor read-out) and so judges the pair."""
 
-    def __init__(self, condition_dim: int = 512, hidden_dim: int = 512):
+    def __init__(self, condition_dim: int = 512, hidden_dim: int = 512, anchor: bool = False):
         super().__init__()
         sn = nn.utils.parametrizations.spectral_norm
-        self.phi = nn.Sequential(sn(nn.Linear(IMAGE_PIXELS, hidden_dim)), nn.LeakyReLU(0.2),
+        self.phi = nn.Sequential(sn(nn.Linear(IMAGE_PIXELS * (1 + anchor), hidden_dim)), nn.LeakyReLU(0.2),
                                  sn(nn.Linear(hidden_dim, hidden_dim)), nn.LeakyReLU(0.2))
         self.psi = sn(nn.Linear(hidden_dim, 1))
         self.embed = sn(nn.Linear(condition_dim, hidden_dim, bias=False))
 
-    def forward(self, images: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """Images ``N x 1 x 28 x 28`` in [0, 1], conditions ``N x D`` -> logits ``N``."""
-        h = self.phi(images.reshape(len(images), -1) * 2 - 1)
+    def forward(self, images: torch.Tensor, condition: torch.Tensor,
+                anchor: torch.Tensor | None = None) -> torch.Tensor:
+        """Images ``N x 1 x 28 x 28`` in [0, 1], conditions ``N x D`` (, read-outs ``N x 1 x 28 x
+        28``) -> logits ``N``."""
+        x = images.reshape(len(images), -1) * 2 - 1
+        h = self.phi(x if anchor is None else torch.cat([x, anchor_features(anchor)], 1))
         return self.psi(h)[:, 0] + (self.embed(scale_condition(condition)) * h).sum(1)
 
 
-class MiyawakiGANDecoder(CheckpointMixin, nn.Module):
-    """Conditional GAN: generator concat(condition ``N x D``, z ``N x noise_dim``) -> 512 -> 1024
-    -> 784 (LeakyReLU, sigmoid) -> ``N x 1 x 28 x 28`` in [0, 1]; projection discriminator."""
+class MiyawakiGANDecoder(CheckpointMixin, AnchorMixin, nn.Module):
+    """Conditional GAN: generator concat(condition ``N x D``, z ``N x noise_dim`` [, anchor
+    features ``N x 784``]) -> 512 -> 1024 -> 784 (LeakyReLU, sigmoid) -> ``N x 1 x 28 x 28`` in
+    [0, 1]; projection discriminator (on image and anchor when anchored)."""
 
     CHECKPOINT_KEY = "gan"
 
-    def __init__(self, correlation_dim: int = 512, noise_dim: int = 32, disc_hidden_dim: int = 512):
+    def __init__(self, correlation_dim: int = 512, noise_dim: int = 32, disc_hidden_dim: int = 512,
+                 anchor_voxels: int = 0, anchor_blend: float = 0.0):
         super().__init__()
         self.config = dict(correlation_dim=correlation_dim, noise_dim=noise_dim,
-                           disc_hidden_dim=disc_hidden_dim)
+                           disc_hidden_dim=disc_hidden_dim, anchor_voxels=anchor_voxels,
+                           anchor_blend=anchor_blend)
         self.noise_dim = noise_dim
+        anchored = anchor_voxels > 0
         self.generator = nn.Sequential(
-            nn.Linear(correlation_dim + noise_dim, 512), nn.LeakyReLU(0.2),
+            nn.Linear(correlation_dim + noise_dim + IMAGE_PIXELS * anchored, 512), nn.LeakyReLU(0.2),
             nn.Linear(512, 1024), nn.LeakyReLU(0.2),
             nn.Linear(1024, IMAGE_PIXELS), nn.Sigmoid())
-        self.discriminator = ProjectionDiscriminator(correlation_dim, disc_hidden_dim)
+        self.discriminator = ProjectionDiscriminator(correlation_dim, disc_hidden_dim, anchored)
+        self._init_anchor(anchor_voxels, anchor_blend)
 
-    def generate(self, condition: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Images ``N x 1 x 28 x 28`` from conditions ``N x D`` and noise ``N x noise_dim``."""
-        return self.generator(torch.cat([scale_condition(condition), z], 1)).reshape(-1, 1, 28, 28)
+    def generate(self, condition: torch.Tensor, z: torch.Tensor,
+                 anchor: torch.Tensor | None = None) -> torch.Tensor:
+        """Images ``N x 1 x 28 x 28`` from conditions ``N x D``, noise ``N x noise_dim`` (and
+        read-outs ``N x 1 x 28 x 28`` when anchored)."""
+        parts = [scale_condition(condition), z] + ([] if anchor is None else [anchor_features(anchor)])
+        return self.generator(torch.cat(parts, 1)).reshape(-1, 1, 28, 28)
 
     @torch.no_grad()
-    def sample(self, condition: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images ``N x 1 x 28 x 28`` in [0, 1]; z drawn from ``generator``."""
-        return self.generate(condition, _randn((len(condition), self.noise_dim), generator,
-                                               condition.device))
+    def sample(self, condition: torch.Tensor, generator: torch.Generator | None = None,
+               anchor: torch.Tensor | None = None) -> torch.Tensor:
+        """Images ``N x 1 x 28 x 28`` in [0, 1]; z drawn from ``generator``; blended with the
+        anchor (``anchor_blend``)."""
+        self._check_anchor(anchor)
+        z = _randn((len(condition), self.noise_dim), generator, condition.device)
+        return self._blend(self.generate(condition, z, anchor), anchor)
 
 
 # --------------------------------------------------------------------------- losses
@@ -421,16 +577,41 @@ class GenerativeConfig(ScriptOptions):
     bf16: bool = field(default=True, metadata={
         "help": "bfloat16 autocast for the training forward passes (sampling stays float32)"})
     log_every: int = field(default=100, metadata={"min": 1, "help": "steps between log lines"})
+    # low-level anchor and image prior (what lets the decoders reconstruct never-seen images)
+    anchor: bool = field(default=True, metadata={
+        "help": "condition both decoders on the ridge read-out of the image as well (low-level "
+                "anchor; fitted on the training trials, out-of-fold for them)"})
+    anchor_folds: int = field(default=10, metadata={"min": 2,
+        "help": "image-grouped folds for the training trials' out-of-fold anchors"})
+    augment_prob: float = field(default=0.5, metadata={"min": 0, "below": 1,
+        "help": "share of training samples replaced by a rotated / reflected / shifted copy of a "
+                "(anchor, image) pair, embedding set to the null condition (the image prior)"})
+    augment_mix: float = field(default=0.5, metadata={"min": 0, "max": 1,
+        "help": "share of the prior samples that also get a random box pasted from a second "
+                "transformed pair (cut-and-paste recombination of figures)"})
+    prior_condition: str = field(default="image", metadata={"choices": ("image", "null"),
+        "help": "condition of the prior's samples: the frozen encoder's encode_image of the new "
+                "image, or the null condition"})
+    augment_shift: int = field(default=3, metadata={"min": 0,
+        "help": "shift of the augmentations in pixels (3 = one cell of the 10 x 10 grid)"})
+    init_strength: float = field(default=0.15, metadata={"above": 0, "max": 1,
+        "help": "DDIM starts from the anchor noised to this fraction of T (1 = from pure noise)"})
+    anchor_blend: float = field(default=0.5, metadata={"min": 0, "max": 1,
+        "help": "final image = (1 - b) sample + b clipped anchor"})
 
 
-def build_decoder(cls: type, correlation_dim: int, config: GenerativeConfig, seed: int) -> nn.Module:
-    """A decoder with the config fields that name its constructor arguments, initialised from
-    ``seed`` without touching the global random state."""
+def build_decoder(cls: type, correlation_dim: int, config: GenerativeConfig, seed: int,
+                  anchor_voxels: int = 0) -> nn.Module:
+    """A decoder with the config fields that name its constructor arguments (and a low-level
+    anchor over ``anchor_voxels`` voxels, 0 = none), initialised from ``seed`` without touching
+    the global random state."""
     names = inspect.signature(cls).parameters
     kwargs = {f.name: getattr(config, f.name) for f in fields(config) if f.name in names}
+    if not anchor_voxels:
+        kwargs.pop("anchor_blend", None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return cls(correlation_dim=correlation_dim, **kwargs)
+        return cls(correlation_dim=correlation_dim, anchor_voxels=anchor_voxels, **kwargs)
 
 
 @torch.no_grad()
@@ -443,12 +624,78 @@ def embed_trials(encoder: nn.Module, fmri: np.ndarray, images: np.ndarray,
             encoder.encode_image(torch.as_tensor(images, device=device)))
 
 
-def pick_conditions(cond_fmri: torch.Tensor, cond_image: torch.Tensor, idx: torch.Tensor,
-                    fmri_prob: float, generator: torch.Generator) -> torch.Tensor:
-    """Conditions ``B x D`` for trial indices ``idx``: each the fMRI embedding with probability
-    ``fmri_prob``, else the image embedding of the same trial."""
-    use_fmri = _rand((len(idx), 1), generator, cond_fmri.device) < fmri_prob
-    return torch.where(use_fmri, cond_fmri[idx], cond_image[idx])
+@dataclass
+class DecoderTrainingSet:
+    """What both decoders learn from, all on one device: per training trial its image ``N x 1 x 28
+    x 28``, fMRI- and image-side embeddings ``N x D`` and out-of-fold anchor ``N x 1 x 28 x 28``
+    (None without an anchor) with the read-out fitted on all trials and its ridge alpha; the
+    augmentation gathers (``augmentation_ops``) and ``exclude`` ``E x 784`` (bool: the binarised
+    images the prior must never produce); ``rejected`` counts augmented samples that did."""
+
+    images: torch.Tensor
+    cond_fmri: torch.Tensor
+    cond_image: torch.Tensor
+    anchor: torch.Tensor | None = None
+    readout: LinearReadout | None = None
+    alpha: float | None = None
+    index: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    exclude: torch.Tensor | None = None
+    encode_image: Callable[[torch.Tensor], torch.Tensor] | None = None
+    rejected: int = 0
+
+    @property
+    def anchor_voxels(self) -> int:
+        """V of the read-out behind the anchors (0 = no anchor)."""
+        return 0 if self.readout is None else self.readout.weight.shape[1]
+
+    def _transformed(self, idx: torch.Tensor, generator: torch.Generator):
+        """(images, anchors or None) of trials ``idx``, each under a random op."""
+        ops = torch.randint(len(self.index), (len(idx),), generator=generator,
+                            device=_gen_device(generator, idx.device)).to(idx.device)
+        images = apply_ops(self.images[idx], ops, self.index, self.mask)
+        anchor = None if self.anchor is None else apply_ops(self.anchor[idx], ops, self.index, self.mask)
+        return images, anchor
+
+    def draw(self, idx: torch.Tensor, config: GenerativeConfig, generator: torch.Generator):
+        """Samples for trial indices ``idx`` ``B`` -> (images, conditions ``B x D``, anchors or None).
+
+        Conditions: each the fMRI embedding with probability ``fmri_condition_prob``, else the image
+        embedding of the same trial. With ``augment_prob`` > 0 that share of the samples comes from
+        the image prior instead: a random rotation / reflection / shift of a (anchor, image) pair,
+        applied to both, and with ``augment_mix`` of those a random box of a second transformed
+        pair pasted into both (V1 and so the read-out are retinotopic: a part of the image maps to
+        that part of the anchor). No fMRI exists for a prior sample, so its condition is the frozen
+        encoder's image-side embedding of the new image (``prior_condition="image"``) or the null
+        condition; one that equals an excluded image after binarising keeps its real trial."""
+        device = self.images.device
+        use_fmri = _rand((len(idx), 1), generator, device) < config.fmri_condition_prob
+        cond = torch.where(use_fmri, self.cond_fmri[idx], self.cond_image[idx])
+        images, anchor = self.images[idx], None if self.anchor is None else self.anchor[idx]
+        if config.augment_prob == 0:
+            return images, cond, anchor
+        aug = _rand((len(idx),), generator, device) < config.augment_prob
+        new_images, new_anchor = self._transformed(idx, generator)
+        if config.augment_mix > 0:
+            other = torch.randint(len(self.images), (len(idx),), generator=generator,
+                                  device=_gen_device(generator, device)).to(device)
+            paste_images, paste_anchor = self._transformed(other, generator)
+            box = random_boxes(len(idx), generator, device)
+            box = box * (_rand((len(idx), 1, 1, 1), generator, device) < config.augment_mix)
+            new_images = new_images + box * (paste_images - new_images)
+            if new_anchor is not None:
+                new_anchor = new_anchor + box * (paste_anchor - new_anchor)
+        if self.exclude is not None and len(self.exclude):
+            hit = ((new_images.flatten(1) > 0.5)[:, None] == self.exclude[None]).all(-1).any(1)
+            self.rejected += int((aug & hit).sum())
+            aug = aug & ~hit
+        images = torch.where(aug[:, None, None, None], new_images, images)
+        if anchor is not None:
+            anchor = torch.where(aug[:, None, None, None], new_anchor, anchor)
+        prior_cond = (torch.zeros_like(cond) if self.encode_image is None else
+                      self.encode_image(images).to(cond.dtype))
+        cond = torch.where(aug[:, None], prior_cond, cond)
+        return images, cond, anchor
 
 
 def _progress(desc: str, total: int, progress: bool):
@@ -456,28 +703,30 @@ def _progress(desc: str, total: int, progress: bool):
     return tqdm(range(1, total + 1), desc=desc, leave=False, disable=None if progress else True)
 
 
-def train_diffusion(cond_fmri: torch.Tensor, cond_image: torch.Tensor, images: torch.Tensor,
-                    config: GenerativeConfig, grid_condition: torch.Tensor | None = None,
+def train_diffusion(data: DecoderTrainingSet, config: GenerativeConfig,
+                    grid_condition: torch.Tensor | None = None, grid_anchor: torch.Tensor | None = None,
                     progress: bool = True) -> tuple[MiyawakiDiffusionDecoder, dict]:
-    """Fit the diffusion decoder on training conditions ``N x D`` and images ``N x 1 x 28 x 28``
-    (all on one device); each step draws ``diffusion_batch_size`` trials with replacement.
+    """Fit the diffusion decoder on a training set; each step draws ``diffusion_batch_size``
+    trials with replacement (``DecoderTrainingSet.draw``).
 
     Returns (model in eval mode, history): ``loss`` (mean per ``log_every`` steps) and
-    ``samples`` {step: DDIM samples ``G x 1 x 28 x 28`` for ``grid_condition`` ``G x D``}."""
-    device = images.device
+    ``samples`` {step: DDIM samples ``G x 1 x 28 x 28`` for ``grid_condition`` ``G x D`` (and
+    ``grid_anchor``)}."""
+    device = data.images.device
     gen = torch.Generator(device).manual_seed(config.seed)
-    model = build_decoder(MiyawakiDiffusionDecoder, cond_fmri.shape[1], config, config.seed).to(device)
+    model = build_decoder(MiyawakiDiffusionDecoder, data.cond_fmri.shape[1], config, config.seed,
+                          data.anchor_voxels).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=config.diffusion_lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.diffusion_lr,
                                                 total_steps=config.diffusion_steps, pct_start=0.1)
     grid_at = set(np.linspace(0, config.diffusion_steps, config.n_sample_grids + 1)[1:].round().astype(int))
     history, running = {"loss": [], "samples": {}}, []
     for step in _progress("diffusion", config.diffusion_steps, progress):
-        idx = torch.randint(len(images), (config.diffusion_batch_size,), generator=gen,
+        idx = torch.randint(len(data.images), (config.diffusion_batch_size,), generator=gen,
                             device=gen.device).to(device)
-        cond = pick_conditions(cond_fmri, cond_image, idx, config.fmri_condition_prob, gen)
+        images, cond, anchor = data.draw(idx, config, gen)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            loss = model.loss(images[idx], cond, gen)
+            loss = model.loss(images, cond, gen, anchor)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -491,36 +740,37 @@ def train_diffusion(cond_fmri: torch.Tensor, cond_image: torch.Tensor, images: t
         if grid_condition is not None and step in grid_at:
             model.eval()
             history["samples"][step] = model.sample(
-                grid_condition, torch.Generator().manual_seed(config.seed)).cpu().numpy()
+                grid_condition, torch.Generator().manual_seed(config.seed), grid_anchor).cpu().numpy()
             model.train()
     return model.eval(), history
 
 
-def train_gan(cond_fmri: torch.Tensor, cond_image: torch.Tensor, images: torch.Tensor,
-              config: GenerativeConfig, progress: bool = True) -> tuple[MiyawakiGANDecoder, dict]:
-    """Fit the GAN decoder on training conditions ``N x D`` and images ``N x 1 x 28 x 28``,
-    full batch: per step one discriminator update (hinge) and one generator update
-    (hinge + ``recon_weight`` x MSE). Returns (model in eval mode, history of means per
+def train_gan(data: DecoderTrainingSet, config: GenerativeConfig,
+              progress: bool = True) -> tuple[MiyawakiGANDecoder, dict]:
+    """Fit the GAN decoder on a training set, full batch (every trial once per step, through
+    ``DecoderTrainingSet.draw``): per step one discriminator update (hinge) and one generator
+    update (hinge + ``recon_weight`` x MSE). Returns (model in eval mode, history of means per
     ``log_every`` steps: ``d_loss``, ``g_adv``, ``g_recon``)."""
-    device = images.device
+    device = data.images.device
     gen = torch.Generator(device).manual_seed(config.seed + 1)
-    model = build_decoder(MiyawakiGANDecoder, cond_fmri.shape[1], config, config.seed + 1).to(device)
+    model = build_decoder(MiyawakiGANDecoder, data.cond_fmri.shape[1], config, config.seed + 1,
+                          data.anchor_voxels).to(device)
     opt_g = torch.optim.Adam(model.generator.parameters(), lr=config.gan_lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(model.discriminator.parameters(), lr=config.gan_lr, betas=(0.5, 0.999))
     history = {"d_loss": [], "g_adv": [], "g_recon": []}
     running = {k: [] for k in history}
-    idx = torch.arange(len(images), device=device)
+    idx = torch.arange(len(data.images), device=device)
     for step in _progress("gan", config.gan_steps, progress):
-        cond = pick_conditions(cond_fmri, cond_image, idx, config.fmri_condition_prob, gen)
+        images, cond, anchor = data.draw(idx, config, gen)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            fake = model.generate(cond, _randn((len(images), config.noise_dim), gen, device)).float()
-            d_loss = hinge_discriminator_loss(model.discriminator(images, cond).float(),
-                                              model.discriminator(fake.detach(), cond).float())
+            fake = model.generate(cond, _randn((len(images), config.noise_dim), gen, device), anchor).float()
+            d_loss = hinge_discriminator_loss(model.discriminator(images, cond, anchor).float(),
+                                              model.discriminator(fake.detach(), cond, anchor).float())
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_d.step()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            g_adv = hinge_generator_loss(model.discriminator(fake, cond).float())
+            g_adv = hinge_generator_loss(model.discriminator(fake, cond, anchor).float())
         g_recon = check_finite(F.mse_loss(fake, images), "reconstruction")
         opt_g.zero_grad(set_to_none=True)
         (g_adv + config.recon_weight * g_recon).backward()
@@ -537,47 +787,85 @@ def train_gan(cond_fmri: torch.Tensor, cond_image: torch.Tensor, images: torch.T
     return model.eval(), history
 
 
+def training_set(encoder: nn.Module, train: Trials, config: GenerativeConfig,
+                 device: torch.device, exclude: np.ndarray | None = None) -> DecoderTrainingSet:
+    """The decoders' training set for one fold's training trials (fMRI z-scored): frozen
+    embeddings; with ``config.anchor`` the ridge read-out fitted on all of them and out-of-fold
+    anchors; with ``config.augment_prob`` the augmentation ops,
+    none of which may turn a training image into an image of ``exclude`` (``E x 1 x 28 x 28``)."""
+    cond_fmri, cond_image = embed_trials(encoder, train.fmri, train.images, device)
+    data = DecoderTrainingSet(torch.as_tensor(train.images, device=device), cond_fmri, cond_image)
+    if config.anchor:
+        data.readout, data.alpha = LinearReadout.fit(train.fmri, train.images)
+        data.readout.to(device)
+        data.anchor = torch.as_tensor(out_of_fold_readouts(train, data.alpha, config.anchor_folds),
+                                      device=device)
+    if config.augment_prob > 0:
+        index, mask = augmentation_ops(config.augment_shift)
+        data.index, data.mask = index.to(device), mask.to(device)
+        if exclude is not None:
+            data.exclude = torch.as_tensor(np.asarray(exclude), device=device).flatten(1) > 0.5
+        if config.prior_condition == "image":
+            data.encode_image = torch.no_grad()(encoder.eval().encode_image)
+    return data
+
+
 def train_generative(encoder: nn.Module, fold_train: Trials, config: GenerativeConfig,
-                     device: torch.device | str = "cpu", progress: bool = True):
-    """Fit both decoders on the frozen embeddings of one fold's training trials (``Trials``,
-    fMRI z-scored). Usable per cross-validation fold; no I/O.
+                     device: torch.device | str = "cpu", progress: bool = True,
+                     exclude: np.ndarray | None = None):
+    """Fit both decoders on the frozen embeddings (and anchors) of one fold's training trials
+    (``Trials``, fMRI z-scored); ``exclude``: images the image prior must not produce (a fold's
+    never-seen test images, ``E x 1 x 28 x 28``). Usable per cross-validation fold; no I/O.
 
     Returns (diffusion, gan, history): history["diffusion"] / ["gan"] hold the loss curves and
-    ``seconds``; history["diffusion"]["samples"] the DDIM grids of one training trial per image."""
+    ``seconds``; history["diffusion"]["samples"] the DDIM grids of one training trial per image;
+    history["prior"] what the image prior held. Anchored decoders carry the fitted read-out."""
     device = torch.device(device)
-    cond_fmri, cond_image = embed_trials(encoder, fold_train.fmri, fold_train.images, device)
-    images = torch.as_tensor(fold_train.images, device=device)
-    _, first = np.unique(fold_train.image_ids, return_index=True)
     t0 = time.perf_counter()
-    diffusion, hist_d = train_diffusion(cond_fmri, cond_image, images, config,
-                                        cond_fmri[torch.as_tensor(first, device=device)], progress)
+    data = training_set(encoder, fold_train, config, device, exclude)
+    _, first = np.unique(fold_train.image_ids, return_index=True)
+    first = torch.as_tensor(first, device=device)
     t1 = time.perf_counter()
-    gan, hist_g = train_gan(cond_fmri, cond_image, images, config, progress)
-    hist_d["seconds"], hist_g["seconds"] = t1 - t0, time.perf_counter() - t1
-    return diffusion, gan, {"diffusion": hist_d, "gan": hist_g}
+    diffusion, hist_d = train_diffusion(data, config, data.cond_fmri[first],
+                                        None if data.anchor is None else data.anchor[first], progress)
+    t2 = time.perf_counter()
+    gan, hist_g = train_gan(data, config, progress)
+    hist_d["seconds"], hist_g["seconds"] = t2 - t0, time.perf_counter() - t2 + (t1 - t0)
+    for model in (diffusion, gan):
+        if data.anchor is not None:
+            model.readout.load_state_dict(data.readout.state_dict())
+    prior = {"augment_prob": config.augment_prob, "augment_mix": config.augment_mix,
+             "n_ops": 0 if data.index is None else len(data.index),
+             "n_excluded_images": 0 if data.exclude is None else len(data.exclude),
+             "rejected_samples": data.rejected, "anchor_alpha": data.alpha}
+    return diffusion, gan, {"diffusion": hist_d, "gan": hist_g, "prior": prior}
 
 
 @torch.no_grad()
-def _decode(encode, decoder: nn.Module, inputs: np.ndarray,
+def _decode(encode, decoder: nn.Module, inputs: np.ndarray, anchor,
             generator: torch.Generator | None) -> np.ndarray:
-    """``decoder.sample`` conditioned on ``encode(inputs)``, on the decoder's device -> numpy."""
+    """``decoder.sample`` conditioned on ``encode(inputs)`` and, for an anchored decoder,
+    ``anchor(inputs)``, on the decoder's device -> numpy."""
     device = next(decoder.parameters()).device
-    condition = encode(torch.as_tensor(inputs, dtype=torch.float32, device=device))
-    return decoder.sample(condition, generator).cpu().numpy()
+    x = torch.as_tensor(inputs, dtype=torch.float32, device=device)
+    a = None if decoder.readout is None else anchor(x)
+    return decoder.sample(encode(x), generator, a).cpu().numpy()
 
 
 def reconstruct(encoder: nn.Module, decoder: nn.Module, fmri: np.ndarray,
                 generator: torch.Generator | None = None) -> np.ndarray:
-    """Test-time decoding from fMRI only: z-scored fMRI ``N x V`` -> encode_fmri -> decoder
-    sample -> ``N x 1 x 28 x 28`` float32 numpy in [0, 1]."""
-    return _decode(encoder.eval().encode_fmri, decoder, fmri, generator)
+    """Test-time decoding from fMRI only: z-scored fMRI ``N x V`` -> encode_fmri (and, for an
+    anchored decoder, its linear read-out of the same fMRI) -> decoder sample -> ``N x 1 x 28 x
+    28`` float32 numpy in [0, 1]."""
+    return _decode(encoder.eval().encode_fmri, decoder, fmri, decoder.readout, generator)
 
 
 def oracle_reconstruct(encoder: nn.Module, decoder: nn.Module, images: np.ndarray,
                        generator: torch.Generator | None = None) -> np.ndarray:
-    """ORACLE decoding, conditioned on the true image's embedding (``N x 1 x 28 x 28`` in and
-    out): an upper bound of the decoder, never a decoding result."""
-    return _decode(encoder.eval().encode_image, decoder, images, generator)
+    """ORACLE decoding, conditioned on the true image's embedding (and, for an anchored decoder,
+    the true image as its anchor) (``N x 1 x 28 x 28`` in and out): an upper bound of the
+    decoder, never a decoding result."""
+    return _decode(encoder.eval().encode_image, decoder, images, lambda y: y, generator)
 
 
 # --------------------------------------------------------------------------- figures
@@ -632,7 +920,9 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
     train, test = fold.train, fold.test
 
     t0 = time.perf_counter()
-    diffusion, gan, history = train_generative(encoder, train, cfg, device)
+    unseen = ~np.isin(test.image_ids, train.image_ids)   # test images the prior must not contain
+    diffusion, gan, history = train_generative(encoder, train, cfg, device,
+                                               exclude=test.images[unseen])
     scoring = dict(true=test.images, image_ids=test.image_ids, candidates=fold.unique_images)
     results, oracle = {}, {}
     for name, decoder in (("diffusion", diffusion), ("gan", gan)):
@@ -672,6 +962,7 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
         "sampler": {"diffusion": {"sampler": cfg.sampler, "num_inference_steps": cfg.num_inference_steps,
                                   "guidance_scale": cfg.guidance_scale},
                     "gan": {"noise_dim": cfg.noise_dim}, "generator_seed": cfg.seed},
+        "image_prior": history["prior"],
         "generative_stage_seconds": stage_seconds, "encoder_checkpoint": str(enc_path),
         "encoder_sha256": enc_sha256, "config": config}
     save_checkpoint({"kind": CHECKPOINT_KIND, "format_version": CHECKPOINT_FORMAT,
@@ -680,8 +971,8 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
                      "encoder_sha256": enc_sha256,
                      "data_source": data.source, "data_fingerprint": data.fingerprint,
                      "n_voxels": data.n_voxels, "metrics": metrics,
-                     "history": {n: {key: v for key, v in h.items() if key != "samples"}
-                                 for n, h in history.items()}}, out / CHECKPOINT_NAME)
+                     "history": {n: {key: v for key, v in history[n].items() if key != "samples"}
+                                 for n in ("diffusion", "gan")}}, out / CHECKPOINT_NAME)
     save_json(metrics, out / "miyawaki_generation.json")
     for name in ("diffusion", "gan"):
         m = results[name]

@@ -181,7 +181,7 @@ def test_benchmark_s3_two_folds_writes_the_schema(tmp_path):
     assert set(saved["methods"]) == {*E.BASELINES, "dual_encoder", "dual_encoder_permuted"}
     for name, metrics in saved["methods"].items():
         wanted = ({"top1", "top5", "condition", "condition_top1"} if name.startswith("dual")
-                  else set(E.METRICS))
+                  else {*E.METRICS, "closer_than_train"})   # the S3 nearest-training-image check
         assert set(metrics) == wanted, name
         for m in metrics.values():
             assert {"mean", "std"} <= set(m) and len(m["per_fold"]) == 2

@@ -24,6 +24,12 @@ def image_conditions(trials, d=16, seed=0):
     return unit(int(trials.image_ids.max()) + 1, d, seed)[torch.as_tensor(trials.image_ids)]
 
 
+def plain_set(trials, d=512):
+    """A training set without anchor or prior: the trials' images and stand-in embeddings."""
+    cond = image_conditions(trials, d)
+    return G.DecoderTrainingSet(torch.as_tensor(trials.images), cond, cond)
+
+
 # --------------------------------------------------------------------------- schedules and steps
 def test_cosine_alpha_bar_is_monotone_and_matches_the_closed_form():
     T, s = 1000, 0.008
@@ -87,7 +93,7 @@ def test_noise_estimate_is_epsilon_for_every_prediction_type(prediction_type):
     xt = model.add_noise(x0, eps, t)
     a = model.alphas_cumprod[t][:, None]
     target = {"epsilon": eps, "sample": x0, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0}
-    model.denoiser.forward = lambda x, ts, c: target[prediction_type]
+    model.denoiser.forward = lambda x, ts, c, anchor=None: target[prediction_type]
     assert torch.allclose(model.noise_estimate(xt, t, unit(6)), eps, atol=2e-3)
 
 
@@ -103,10 +109,11 @@ def test_bad_settings_and_non_finite_loss_raise():
 # --------------------------------------------------------------------------- training and sampling
 def test_few_steps_of_training_lower_the_denoising_loss(sim):
     train = sim.s1().train
-    images, cond = torch.as_tensor(train.images), image_conditions(train, d=512)
-    cfg = replace(TINY, diffusion_steps=60)
+    data = plain_set(train)
+    images, cond = data.images, data.cond_fmri
+    cfg = replace(TINY, diffusion_steps=60, augment_prob=0.0)
     before = G.build_decoder(G.MiyawakiDiffusionDecoder, 512, cfg, cfg.seed)
-    after, hist = G.train_diffusion(cond, cond, images, cfg, progress=False)
+    after, hist = G.train_diffusion(data, cfg, progress=False)
     fixed = lambda m: m.loss(images, cond, torch.Generator().manual_seed(123)).item()  # noqa: E731
     assert fixed(after) < 0.5 * fixed(before)
     assert hist["loss"][-1] < hist["loss"][0]
@@ -142,10 +149,11 @@ def test_gan_discriminator_and_generator_both_receive_gradients():
 
 def test_same_seed_same_numbers(sim):
     train = sim.s1().train
-    images, cond = torch.as_tensor(train.images), image_conditions(train, d=512)
-    cfg = replace(TINY, diffusion_steps=5, gan_steps=5, num_inference_steps=5)
-    runs = [(G.train_diffusion(cond, cond, images, cfg, progress=False),
-             G.train_gan(cond, cond, images, cfg, progress=False)) for _ in range(2)]
+    data = plain_set(train)
+    cond = data.cond_fmri
+    cfg = replace(TINY, diffusion_steps=5, gan_steps=5, num_inference_steps=5, augment_prob=0.0)
+    runs = [(G.train_diffusion(data, cfg, progress=False),
+             G.train_gan(data, cfg, progress=False)) for _ in range(2)]
     (d1, h1), (g1, k1) = runs[0]
     (d2, h2), (g2, k2) = runs[1]
     assert h1["loss"] == h2["loss"] and k1 == k2
@@ -280,3 +288,77 @@ def test_script_end_to_end_on_simulated_data(tmp_path):
     # and the decoders, trained on the encoder as it was, no longer load beside the changed one
     with pytest.raises(L.CheckpointError, match="another dual encoder.*miyawaki_generative_backend.py"):
         G.MiyawakiDiffusionDecoder.from_checkpoint(tmp_path / G.CHECKPOINT_NAME)
+
+
+# --------------------------------------------------------------------------- anchor and image prior
+def test_augmentation_ops_are_the_square_symmetries_and_shifts():
+    index, mask = G.augmentation_ops(3)
+    assert len(index) == 72
+    img = torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    moved = torch.cat([G.apply_ops(img, torch.tensor([o]), index, mask) for o in range(72)])
+    assert torch.equal(moved[0], img[0])                                  # op 0: identity
+    expected = [np.rot90(img[0, 0].numpy(), k) for k in range(4)]
+    for k in range(4):                                                   # unshifted rotations
+        np.testing.assert_array_equal(moved[18 * k, 0].numpy(), expected[k])
+        np.testing.assert_array_equal(moved[18 * k + 9, 0].numpy(), expected[k][:, ::-1])
+    # op 1 shifts down by 3 px (the first nonzero move), zero filling the rows it uncovers
+    assert torch.equal(moved[3, 0, 3:], img[0, 0, :-3]) and moved[3, 0, :3].abs().sum() == 0
+
+
+def test_image_prior_never_produces_an_excluded_image():
+    """An image the fold must not see (here the mirror image of a training figure, which the prior
+    would otherwise make) never comes out of the prior; the check can fail: it was hit."""
+    grids, _ = L.figure_images()
+    images = torch.as_tensor(L.upsample_grid(grids[5:10]))[:, None]     # n e u r o
+    banned = torch.flip(images[3], dims=[-1])                           # a mirrored "r"
+    assert not (banned == images).flatten(1).all(1).any()
+    index, mask = G.augmentation_ops(3)
+    cond = unit(5)
+    data = G.DecoderTrainingSet(images, cond, cond, index=index, mask=mask,
+                                exclude=banned.flatten()[None] > 0.5)
+    cfg = replace(TINY, augment_prob=1.0, augment_mix=0.0)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        drawn, c, _ = data.draw(torch.arange(5).repeat(20), cfg, gen)
+        assert not ((drawn.flatten(1) > 0.5) == (banned.flatten() > 0.5)).all(1).any()
+    assert data.rejected > 0
+
+
+def test_out_of_fold_anchor_of_a_trial_ignores_its_image_s_other_trials(sim):
+    """A training trial's anchor comes from a ridge fitted on other images' trials only: changing
+    the fMRI of the other trials of its image leaves it unchanged (a plain K-fold would not)."""
+    train = sim.s1().train
+    alpha = 10.0
+    a = G.out_of_fold_readouts(train, alpha, 10)
+    k = train.image_ids[0]
+    rows = np.where(train.image_ids == k)[0][1:]
+    fmri = train.fmri.copy()
+    fmri[rows] = np.random.default_rng(0).standard_normal(fmri[rows].shape)
+    b = G.out_of_fold_readouts(replace(train, fmri=fmri), alpha, 10)
+    np.testing.assert_allclose(a[0], b[0], atol=1e-6)
+    assert not np.allclose(a, b, atol=1e-3)                  # other trials' anchors did change
+
+
+def test_anchored_decoders_round_trip_and_need_their_anchor(tmp_path, sim):
+    fold = sim.s1()
+    readout, alpha = G.LinearReadout.fit(fold.train.fmri, fold.train.images)
+    ridge = L.RidgeBaseline().fit(fold.train.fmri, fold.train.images).predict(fold.test.fmri)
+    x = torch.as_tensor(fold.test.fmri)
+    np.testing.assert_allclose(readout(x).reshape(len(x), -1).numpy(), ridge, atol=1e-4)
+    models = [G.MiyawakiDiffusionDecoder(anchor_voxels=sim.n_voxels, num_inference_steps=3,
+                                         init_strength=0.5, anchor_blend=0.3, **SMALL),
+              G.MiyawakiGANDecoder(correlation_dim=16, anchor_voxels=sim.n_voxels, anchor_blend=0.3)]
+    path = tmp_path / G.CHECKPOINT_NAME
+    for m in models:
+        m.readout.load_state_dict(readout.state_dict())
+        m.eval()
+    L.save_checkpoint({"kind": G.CHECKPOINT_KIND, "format_version": L.CHECKPOINT_FORMAT,
+                       **{type(m).CHECKPOINT_KEY: m.checkpoint_entry() for m in models},
+                       **encoder_record(tmp_path)}, path)
+    c = unit(len(x))
+    for m in models:
+        with pytest.raises(ValueError, match="needs the low-level anchor"):
+            m.sample(c)
+        loaded, _ = type(m).from_checkpoint(path)
+        a = m.sample(c, torch.Generator().manual_seed(0), readout(x))
+        assert torch.equal(loaded.sample(c, torch.Generator().manual_seed(0), loaded.readout(x)), a)

@@ -1,0 +1,113 @@
+"""Choose the decoders' settings by inner cross-validation on the S1 *training* trials only.
+
+The inner folds are those of ``tune_dual_encoder.py`` (the 12 S1 test trials are never read):
+``unseen`` holds out all trials of 4 images per fold (like S3, the zero-shot case the decoders'
+anchor and image prior are for) and ``seen`` is stratified by image (like S1/S2). Per inner fold
+a dual encoder with the default settings is trained once; then each ``--set`` candidate trains
+both decoders on its frozen embeddings, and each sampling setting (``--guidance``,
+``--init-strength``, ``--blend``: no retraining needed) decodes the held-out trials from fMRI only.
+Scores are PROTOCOL.md's (20-way identification among all unique images), ridge beside them.
+
+    python benchmarks/tune_decoders.py --set anchor=False,augment_prob=0 --set augment_prob=0
+    python benchmarks/tune_decoders.py --guidance 1 2 --init-strength 1 0.5 --blend 0 0.3 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from miyawaki_dataset_loader import (DEFAULT_OUT, RidgeBaseline, reconstruction_metrics,  # noqa: E402
+                                     resolve_data, resolve_device, run_cli, save_json)
+from miyawaki_dual_encoder import DualEncoderConfig, train_dual_encoder  # noqa: E402
+from miyawaki_generative_backend import GenerativeConfig, reconstruct, train_generative  # noqa: E402
+from tune_dual_encoder import inner_folds  # noqa: E402
+
+METRICS = ("pixcorr", "ssim", "mse", "two_way", "top1")
+
+
+def parse_overrides(spec: str) -> dict:
+    """``"a=1,b=False"`` -> {"a": 1, "b": False} (JSON values, Python's True/False accepted)."""
+    pairs = (kv.split("=", 1) for kv in spec.split(",") if kv)
+    return {k: json.loads(v.replace("True", "true").replace("False", "false")) for k, v in pairs}
+
+
+def run(data, specs: list[str], sampling: list[dict], schemes: list[str], seed: int,
+        device: torch.device) -> dict:
+    """{scheme: {candidate: {"ridge" | "<decoder> <sampling>": mean metrics over inner folds}}}."""
+    s1 = data.s1()
+    out = {}
+    for scheme in schemes:
+        scores: dict[str, dict[str, list]] = {}
+        for tr, va in inner_folds(s1.train.image_ids, scheme):
+            fold = data.fold(s1.train_idx[tr], s1.train_idx[va])
+            unseen = ~np.isin(fold.test.image_ids, fold.train.image_ids)
+            score = lambda recon: reconstruction_metrics(  # noqa: E731
+                recon, fold.test.images, fold.test.image_ids, fold.unique_images)
+            ridge = RidgeBaseline().fit(fold.train.fmri, fold.train.images).predict(fold.test.fmri)
+            scores.setdefault("ridge", {}).setdefault("ridge", []).append(score(ridge))
+            encoder, _ = train_dual_encoder(fold.train, DualEncoderConfig(seed=seed, val_fraction=0.0),
+                                            device, fold.unique_images, progress=False)
+            for spec in specs:
+                cfg = replace(GenerativeConfig(seed=seed), **parse_overrides(spec))
+                diffusion, gan, _ = train_generative(encoder, fold.train, cfg, device, progress=False,
+                                                     exclude=fold.test.images[unseen])
+                row = scores.setdefault(spec or "default", {})
+                for kw in sampling:
+                    diffusion.config.update({k: v for k, v in kw.items() if k in diffusion.config})
+                    gan.config.update({k: v for k, v in kw.items() if k in gan.config})
+                    for name, dec in (("diffusion", diffusion), ("gan", gan)):
+                        if not dec.config.get("anchor_voxels") and kw.get("anchor_blend"):
+                            continue
+                        key = f"{name} " + " ".join(f"{k}={v}" for k, v in kw.items())
+                        recon = reconstruct(encoder, dec, fold.test.fmri, torch.Generator().manual_seed(seed))
+                        row.setdefault(key, []).append(score(recon))
+        out[scheme] = {spec: {key: {m: float(np.mean([r[m] for r in rows])) for m in METRICS}
+                              for key, rows in row.items()} for spec, row in scores.items()}
+    return out
+
+
+def main(argv=None) -> dict:
+    """Score each candidate by inner CV; print a line each and save the JSON; returns it."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="one candidate training setting of GenerativeConfig (repeat for several)")
+    p.add_argument("--guidance", type=float, nargs="+", default=[GenerativeConfig.guidance_scale])
+    p.add_argument("--init-strength", type=float, nargs="+", default=[GenerativeConfig.init_strength])
+    p.add_argument("--blend", type=float, nargs="+", default=[GenerativeConfig.anchor_blend])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--schemes", nargs="+", default=["unseen", "seen"], choices=["unseen", "seen"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT / "tune_decoders.json")
+    args = p.parse_args(argv)
+    data = resolve_data(args.data)
+    device = resolve_device(args.device)
+    sampling = [dict(guidance_scale=w, init_strength=s, anchor_blend=b)
+                for w, s, b in itertools.product(args.guidance, args.init_strength, args.blend)]
+    t0 = time.perf_counter()
+    results = run(data, args.set or [""], sampling, args.schemes, args.seed, device)
+    for scheme, per_spec in results.items():
+        for spec, rows in per_spec.items():
+            for key, m in rows.items():
+                print(f"{scheme:6s} | {spec or 'default':36s} | {key:60s} | "
+                      + " ".join(f"{k} {v:.4f}" for k, v in m.items()))
+    print(f"{time.perf_counter() - t0:.0f} s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_json({"data": data.source, "seed": args.seed, "device": str(device),
+               "base": vars(GenerativeConfig()) | {"out_dir": None}, "results": results}, args.out)
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)
