@@ -841,18 +841,23 @@ def save_figure(fig: Figure, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- figures
-def plot_unique_images(images: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> Figure:
-    """The K unique stimuli (``K x 1 x 28 x 28``), titled by condition and trial count."""
+def plot_unique_images(images: np.ndarray, labels: np.ndarray, counts: np.ndarray,
+                       max_images: int = 40) -> Figure:
+    """The K unique stimuli (``K x 1 x 28 x 28``; the last ``max_images`` of them when there are
+    more, e.g. the figures of a random-image session), titled by condition and trial count."""
+    shown = range(max(0, len(images) - max_images), len(images))
     cols = 5
-    rows = int(np.ceil(len(images) / cols))
+    rows = int(np.ceil(len(shown) / cols))
     fig = Figure(figsize=(2.0 * cols, 2.2 * rows))
-    for k, img in enumerate(images):
-        ax = fig.add_subplot(rows, cols, k + 1)
+    for pos, k in enumerate(shown):
+        img = images[k]
+        ax = fig.add_subplot(rows, cols, pos + 1)
         ax.imshow(img[0], cmap="gray", interpolation="nearest", vmin=0, vmax=1)
         ax.set_title(f"#{k} {CONDITION_NAMES.get(int(labels[k]), labels[k])}\n{counts[k]} trials",
                      fontsize=8)
         ax.axis("off")
-    fig.suptitle("Unique stimuli (upright)")
+    fig.suptitle("Unique stimuli (upright)" + (f", the last {len(shown)} of {len(images)}"
+                                               if len(shown) < len(images) else ""))
     return fig
 
 
@@ -864,9 +869,10 @@ def plot_fmri_correlation(fmri: np.ndarray, image_ids: np.ndarray, labels: np.nd
     fig = Figure(figsize=(6.5, 5.5))
     ax = fig.add_subplot()
     im = ax.imshow(corr, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
-    ticks = [f"#{k} ({labels[k]})" for k in range(len(labels))]
-    ax.set_xticks(range(len(labels)), ticks, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(labels)), ticks, fontsize=7)
+    if len(labels) <= 40:  # more images than that get no tick labels (unreadable)
+        ticks = [f"#{k} ({labels[k]})" for k in range(len(labels))]
+        ax.set_xticks(range(len(labels)), ticks, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(labels)), ticks, fontsize=7)
     for b in np.where(np.diff(labels) != 0)[0]:
         ax.axhline(b + 0.5, color="k", lw=0.8)
         ax.axvline(b + 0.5, color="k", lw=0.8)

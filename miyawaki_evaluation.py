@@ -803,8 +803,10 @@ def plot_gallery(galleries: list[dict], names: list[str], title: str) -> Figure:
     per panel, PixCorr with the true image in each title; a reconstruction that fails the
     nearest-training-image check is marked "memorised?" in red."""
     cols = list(galleries[0])
-    fig = Figure(figsize=(1.5 * len(cols), 1.55 * len(galleries) + 0.6))
+    height = 1.55 * len(galleries) + 0.8
+    fig = Figure(figsize=(1.5 * len(cols), height))
     axes = fig.subplots(len(galleries), len(cols), squeeze=False)
+    fig.subplots_adjust(top=1 - 1.0 / height, bottom=0.1 / height, hspace=0.45)
     for r, (g, name) in enumerate(zip(galleries, names)):
         for c, col in enumerate(cols):
             img, corr, memorised = g[col]
@@ -816,7 +818,7 @@ def plot_gallery(galleries: list[dict], names: list[str], title: str) -> Figure:
                          + (" memorised?" if memorised else ""), fontsize=7,
                          color="tab:red" if memorised else "k")
         axes[r, 0].set_ylabel(name, fontsize=7)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, y=1 - 0.15 / height)
     return fig
 
 
