@@ -12,6 +12,13 @@ the true test image (``encoder.encode_image``) appear only under the ``oracle`` 
   a spectral-norm projection discriminator, trained with the hinge loss plus
   ``recon_weight`` x MSE to the trial's image.
 
+For images never seen in training (S3) both decoders also take a *low-level anchor*, the ridge
+read-out of the image from the same fMRI (out-of-fold for the training trials), learn from an
+*image prior* of rotated / reflected / shifted / cut-and-pasted (anchor, image) pairs conditioned
+through the frozen ``encode_image`` (never equal to a fold's unseen test image), start DDIM from
+the noised anchor and blend their output with it; ``benchmarks/tune_decoders.py`` chose these
+settings by inner CV on the S1 training trials (README, "Decoders").
+
 Choices, each measured:
 
 * The MLP's output is read as the clean image x_0 (``prediction_type="sample"``) and converted to
