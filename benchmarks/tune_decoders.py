@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from dataclasses import replace
@@ -30,15 +29,9 @@ from miyawaki_dataset_loader import (DEFAULT_OUT, RidgeBaseline, reconstruction_
                                      resolve_data, resolve_device, run_cli, save_json)
 from miyawaki_dual_encoder import DualEncoderConfig, train_dual_encoder  # noqa: E402
 from miyawaki_generative_backend import GenerativeConfig, reconstruct, train_generative  # noqa: E402
-from tune_dual_encoder import inner_folds  # noqa: E402
+from tune_dual_encoder import inner_folds, parse_overrides  # noqa: E402
 
 METRICS = ("pixcorr", "ssim", "mse", "two_way", "top1")
-
-
-def parse_overrides(spec: str) -> dict:
-    """``"a=1,b=False"`` -> {"a": 1, "b": False} (JSON values, Python's True/False accepted)."""
-    pairs = (kv.split("=", 1) for kv in spec.split(",") if kv)
-    return {k: json.loads(v.replace("True", "true").replace("False", "false")) for k, v in pairs}
 
 
 def run(data, specs: list[str], sampling: list[dict], schemes: list[str], seed: int,

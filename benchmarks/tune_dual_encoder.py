@@ -38,6 +38,12 @@ def inner_folds(ids: np.ndarray, scheme: str) -> list[tuple[np.ndarray, np.ndarr
     return list(GroupKFold(5).split(x, ids, groups=ids))
 
 
+def parse_overrides(spec: str) -> dict:
+    """``"a=1,b=False"`` -> {"a": 1, "b": False} (JSON values, Python's True/False accepted)."""
+    pairs = (kv.split("=", 1) for kv in spec.split(",") if kv)
+    return {k: json.loads(v.replace("True", "true").replace("False", "false")) for k, v in pairs}
+
+
 def score(data, cfg: DualEncoderConfig, scheme: str, seeds: list[int],
           device: torch.device) -> tuple[float, float]:
     """Mean inner-CV top-1 over folds and seeds, ranking by the correlation embeddings and by the
@@ -76,9 +82,7 @@ def main(argv=None) -> dict:
     base = DualEncoderConfig()
     results = {}
     for spec in args.set or [""]:
-        overrides = dict(kv.split("=", 1) for kv in spec.split(",") if kv)
-        cfg = config_from_dict({**vars(base), **{k: json.loads(v.replace("True", "true").replace("False", "false"))
-                                                 for k, v in overrides.items()}})
+        cfg = config_from_dict({**vars(base), **parse_overrides(spec)})
         t0 = time.perf_counter()
         results[spec or "default"] = {s: score(data, cfg, s, args.seeds, device) for s in args.schemes}
         print(f"{spec or 'default':40s} " + " ".join(f"{s} {v[0]:.3f} (latent {v[1]:.3f})" for s, v in results[spec or 'default'].items())
