@@ -134,12 +134,15 @@ def _rand(shape, generator: torch.Generator | None, device: torch.device) -> tor
 class LinearReadout(nn.Module):
     """The low-level anchor: a linear read-out of the image from z-scored fMRI, ``N x V`` ->
     ``N x 1 x 28 x 28`` (not clipped), holding the ridge baseline's weights as buffers so that a
-    decoder that uses it saves and loads it with its own state."""
+    decoder that uses it saves and loads it with its own state; with ``gate_images`` > 0 also its
+    novelty gate (``novelty``): the fold's ``K`` training images and a logistic fit."""
 
-    def __init__(self, n_voxels: int):
+    def __init__(self, n_voxels: int, gate_images: int = 0):
         super().__init__()
         self.register_buffer("weight", torch.zeros(IMAGE_PIXELS, n_voxels))
         self.register_buffer("bias", torch.zeros(IMAGE_PIXELS))
+        self.register_buffer("gate_images", torch.zeros(gate_images, IMAGE_PIXELS))
+        self.register_buffer("gate_coef", torch.zeros(2))
 
     @classmethod
     def fit(cls, fmri: np.ndarray, images: np.ndarray) -> tuple["LinearReadout", float]:
@@ -151,9 +154,37 @@ class LinearReadout(nn.Module):
         readout.bias.copy_(torch.as_tensor(ridge.model_.intercept_))
         return readout, ridge.alpha_
 
+    def with_gate(self, images: np.ndarray, coef: np.ndarray) -> "LinearReadout":
+        """This read-out with a novelty gate over training images ``K x 1 x 28 x 28`` and logistic
+        coefficients (slope, intercept) (``fit_novelty_gate``)."""
+        gated = LinearReadout(self.weight.shape[1], len(images)).to(self.weight.device)
+        gated.weight.copy_(self.weight)
+        gated.bias.copy_(self.bias)
+        gated.gate_images.copy_(torch.as_tensor(images).reshape(len(images), -1))
+        gated.gate_coef.copy_(torch.as_tensor(coef))
+        return gated
+
     def forward(self, fmri: torch.Tensor) -> torch.Tensor:
         """z-scored fMRI ``N x V`` -> read-out ``N x 1 x 28 x 28``."""
         return (fmri @ self.weight.T + self.bias).reshape(-1, 1, 28, 28)
+
+    def novelty(self, anchor: torch.Tensor) -> torch.Tensor:
+        """P(the image behind each read-out ``N x 1 x 28 x 28`` is not a training image) ``N``:
+        the logistic gate on its nearest-training-image similarity (ones without a gate)."""
+        if not len(self.gate_images):
+            return torch.ones(len(anchor), device=anchor.device)
+        s = nearest_image_similarity(anchor, self.gate_images)
+        return torch.sigmoid(self.gate_coef[0] * s + self.gate_coef[1])
+
+
+def nearest_image_similarity(readouts, images):
+    """Max Pearson correlation of each clipped read-out ``N x 1 x 28 x 28`` with the images ``K x
+    784`` -> ``N`` (torch or numpy, as given)."""
+    if isinstance(readouts, np.ndarray):
+        return nearest_image_similarity(torch.as_tensor(readouts), torch.as_tensor(images)).numpy()
+    unit = lambda x: F.normalize(x - x.mean(1, keepdim=True), dim=1)  # noqa: E731
+    a = unit(readouts.reshape(len(readouts), -1).clamp(0, 1).float())
+    return (a @ unit(images.reshape(len(images), -1).float()).T).max(1).values
 
 
 def out_of_fold_readouts(train: Trials, alpha: float, n_folds: int) -> np.ndarray:
@@ -169,6 +200,40 @@ def out_of_fold_readouts(train: Trials, alpha: float, n_folds: int) -> np.ndarra
     for tr, va in GroupKFold(n_splits).split(train.fmri, groups=ids):
         out[va] = Ridge(alpha=alpha).fit(train.fmri[tr], flat[tr]).predict(train.fmri[va])
     return out.reshape(train.images.shape).astype(np.float32)
+
+
+def fit_novelty_gate(train: Trials, alpha: float, unseen: np.ndarray,
+                     n_folds: int = 5) -> tuple[np.ndarray, np.ndarray] | None:
+    """Calibrate the novelty gate on training trials only -> (training images ``K x 1 x 28 x 28``,
+    logistic (slope, intercept) on the nearest-training-image similarity) or None when no image
+    has two trials. "Unseen" examples: the out-of-fold read-outs ``unseen`` (image-grouped,
+    ``out_of_fold_readouts``); "seen": read-outs of trials by a ridge (``alpha``) fitted without
+    them but with other trials of their image (each image's trials dealt round-robin to
+    ``n_folds`` folds; trials of images shown once are left out)."""
+    from sklearn.linear_model import LogisticRegression, Ridge
+    ids = train.image_ids
+    _, first, inverse, counts = np.unique(ids, return_index=True, return_inverse=True, return_counts=True)
+    repeated = counts[inverse] >= 2
+    if not repeated.any():
+        return None
+    rank = np.zeros(len(ids), dtype=int)
+    for k in range(len(counts)):
+        rank[inverse == k] = np.arange(counts[k])
+    flat = train.images.reshape(len(train), -1).astype(np.float64)
+    seen = np.zeros_like(flat)
+    for f in range(n_folds):
+        va = rank % n_folds == f
+        if va.any():
+            seen[va] = Ridge(alpha=alpha).fit(train.fmri[~va], flat[~va]).predict(train.fmri[va])
+    images = train.images[first]
+    s = np.concatenate([nearest_image_similarity(unseen, images.reshape(len(images), -1)),
+                        nearest_image_similarity(seen[repeated].reshape(-1, 1, 28, 28).astype(np.float32),
+                                                 images.reshape(len(images), -1))])
+    y = np.r_[np.ones(len(unseen)), np.zeros(int(repeated.sum()))]
+    mu, sd = s.mean(), s.std() + 1e-8
+    fit = LogisticRegression().fit(((s - mu) / sd)[:, None], y)
+    slope = fit.coef_[0, 0] / sd
+    return images, np.array([slope, fit.intercept_[0] - slope * mu], dtype=np.float32)
 
 
 def anchor_features(anchor: torch.Tensor) -> torch.Tensor:
@@ -293,12 +358,12 @@ class AnchorMixin:
     ``LinearReadout`` (``readout``, fitted by ``train_generative``), takes read-outs as a second
     input beside the embedding, and blends its samples with them (``anchor_blend``)."""
 
-    def _init_anchor(self, anchor_voxels: int, anchor_blend: float) -> None:
+    def _init_anchor(self, anchor_voxels: int, anchor_blend: float, gate_images: int = 0) -> None:
         if not 0 <= anchor_blend <= 1:
             raise ValueError(f"anchor_blend {anchor_blend}; use a value in [0, 1]")
         if anchor_blend > 0 and not anchor_voxels:
             raise ValueError("anchor_blend > 0 needs a decoder with a low-level anchor (anchor_voxels > 0)")
-        self.readout = LinearReadout(anchor_voxels) if anchor_voxels else None
+        self.readout = LinearReadout(anchor_voxels, gate_images) if anchor_voxels else None
 
     def _check_anchor(self, anchor: torch.Tensor | None) -> None:
         if (anchor is None) != (self.readout is None):
@@ -307,9 +372,14 @@ class AnchorMixin:
                                                 else "was built without an anchor: pass anchor=None"))
 
     def _blend(self, images: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
-        """Samples ``N x 1 x 28 x 28`` -> (1 - b) samples + b clip(anchor), b = anchor_blend."""
+        """Samples ``N x 1 x 28 x 28`` -> (1 - b) samples + b clip(anchor): b = anchor_blend, with
+        ``novelty_gate`` times the read-out's P(new image) (``LinearReadout.novelty``)."""
         b = self.config.get("anchor_blend", 0.0)
-        return images if anchor is None or b == 0 else (1 - b) * images + b * anchor.clamp(0, 1)
+        if anchor is None or b == 0:
+            return images
+        if self.config.get("novelty_gate"):
+            b = b * self.readout.novelty(anchor)[:, None, None, None]
+        return (1 - b) * images + b * anchor.clamp(0, 1)
 
 
 class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
@@ -333,7 +403,8 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
                  snr_gamma: float = 5.0, hidden_dim: int = 1024, time_dim: int = 128,
                  condition_drop_prob: float = 0.1, sampler: str = "ddim",
                  num_inference_steps: int = 50, guidance_scale: float = 2.0,
-                 anchor_voxels: int = 0, init_strength: float = 1.0, anchor_blend: float = 0.0):
+                 anchor_voxels: int = 0, init_strength: float = 1.0, anchor_blend: float = 0.0,
+                 gate_images: int = 0, novelty_gate: bool = False):
         super().__init__()
         if not 0 < init_strength <= 1:
             raise ValueError(f"init_strength {init_strength}; use a value in (0, 1]")
@@ -348,13 +419,14 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
                            condition_drop_prob=condition_drop_prob, sampler=sampler,
                            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                            anchor_voxels=anchor_voxels, init_strength=init_strength,
-                           anchor_blend=anchor_blend)
+                           anchor_blend=anchor_blend, gate_images=gate_images,
+                           novelty_gate=novelty_gate)
         self.num_train_timesteps = num_train_timesteps
         self.prediction_type = prediction_type
         self.snr_gamma = snr_gamma
         self.condition_drop_prob = condition_drop_prob
         self.denoiser = MLPDenoiser(correlation_dim, time_dim, hidden_dim, anchor=anchor_voxels > 0)
-        self._init_anchor(anchor_voxels, anchor_blend)
+        self._init_anchor(anchor_voxels, anchor_blend, gate_images)
         betas = BETA_SCHEDULES[beta_schedule](num_train_timesteps)
         # derived from the config, so not stored in checkpoints
         self.register_buffer("betas", betas.float(), persistent=False)
@@ -499,11 +571,13 @@ class MiyawakiGANDecoder(CheckpointMixin, AnchorMixin, nn.Module):
     CHECKPOINT_KEY = "gan"
 
     def __init__(self, correlation_dim: int = 512, noise_dim: int = 32, disc_hidden_dim: int = 512,
-                 anchor_voxels: int = 0, anchor_blend: float = 0.0):
+                 anchor_voxels: int = 0, anchor_blend: float = 0.0, gate_images: int = 0,
+                 novelty_gate: bool = False):
         super().__init__()
         self.config = dict(correlation_dim=correlation_dim, noise_dim=noise_dim,
                            disc_hidden_dim=disc_hidden_dim, anchor_voxels=anchor_voxels,
-                           anchor_blend=anchor_blend)
+                           anchor_blend=anchor_blend, gate_images=gate_images,
+                           novelty_gate=novelty_gate)
         self.noise_dim = noise_dim
         anchored = anchor_voxels > 0
         self.generator = nn.Sequential(
@@ -511,7 +585,7 @@ class MiyawakiGANDecoder(CheckpointMixin, AnchorMixin, nn.Module):
             nn.Linear(512, 1024), nn.LeakyReLU(0.2),
             nn.Linear(1024, IMAGE_PIXELS), nn.Sigmoid())
         self.discriminator = ProjectionDiscriminator(correlation_dim, disc_hidden_dim, anchored)
-        self._init_anchor(anchor_voxels, anchor_blend)
+        self._init_anchor(anchor_voxels, anchor_blend, gate_images)
 
     def generate(self, condition: torch.Tensor, z: torch.Tensor,
                  anchor: torch.Tensor | None = None) -> torch.Tensor:
@@ -591,8 +665,8 @@ class GenerativeConfig(ScriptOptions):
     anchor_folds: int = field(default=10, metadata={"min": 2,
         "help": "image-grouped folds for the training trials' out-of-fold anchors"})
     augment_prob: float = field(default=0.5, metadata={"min": 0, "below": 1,
-        "help": "share of training samples replaced by a rotated / reflected / shifted copy of a "
-                "(anchor, image) pair, embedding set to the null condition (the image prior)"})
+        "help": "share of training samples replaced by samples of the image prior (rotated / "
+                "reflected / shifted and recombined copies of training (anchor, image) pairs)"})
     augment_mix: float = field(default=0.5, metadata={"min": 0, "max": 1,
         "help": "share of the prior samples that also get a random box pasted from a second "
                 "transformed pair (cut-and-paste recombination of figures)"})
@@ -601,14 +675,20 @@ class GenerativeConfig(ScriptOptions):
                 "image, or the null condition"})
     augment_shift: int = field(default=3, metadata={"min": 0,
         "help": "shift of the augmentations in pixels (3 = one cell of the 10 x 10 grid)"})
+    prior_size: int = field(default=4096, metadata={"min": 1,
+        "help": "image-prior samples made (and encoded) once per fit, drawn from at every step"})
     init_strength: float = field(default=0.15, metadata={"above": 0, "max": 1,
         "help": "DDIM starts from the anchor noised to this fraction of T (1 = from pure noise)"})
-    anchor_blend: float = field(default=0.5, metadata={"min": 0, "max": 1,
+    anchor_blend: float = field(default=0.7, metadata={"min": 0, "max": 1,
         "help": "final image = (1 - b) sample + b clipped anchor"})
+    novelty_gate: bool = field(default=True, metadata={
+        "help": "scale the blend b by the probability that the anchor shows a new image (a "
+                "logistic fit of its similarity to the nearest training image, calibrated on "
+                "training trials' read-outs of seen and of held-out images)"})
 
 
 def build_decoder(cls: type, correlation_dim: int, config: GenerativeConfig, seed: int,
-                  anchor_voxels: int = 0) -> nn.Module:
+                  anchor_voxels: int = 0, gate_images: int = 0) -> nn.Module:
     """A decoder with the config fields that name its constructor arguments (and a low-level
     anchor over ``anchor_voxels`` voxels, 0 = none), initialised from ``seed`` without touching
     the global random state."""
@@ -618,7 +698,8 @@ def build_decoder(cls: type, correlation_dim: int, config: GenerativeConfig, see
         kwargs.pop("anchor_blend", None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return cls(correlation_dim=correlation_dim, anchor_voxels=anchor_voxels, **kwargs)
+        return cls(correlation_dim=correlation_dim, anchor_voxels=anchor_voxels,
+                   gate_images=gate_images, **kwargs)
 
 
 @torch.no_grad()
@@ -635,9 +716,9 @@ def embed_trials(encoder: nn.Module, fmri: np.ndarray, images: np.ndarray,
 class DecoderTrainingSet:
     """What both decoders learn from, all on one device: per training trial its image ``N x 1 x 28
     x 28``, fMRI- and image-side embeddings ``N x D`` and out-of-fold anchor ``N x 1 x 28 x 28``
-    (None without an anchor) with the read-out fitted on all trials and its ridge alpha; the
-    augmentation gathers (``augmentation_ops``) and ``exclude`` ``E x 784`` (bool: the binarised
-    images the prior must never produce); ``rejected`` counts augmented samples that did."""
+    (None without an anchor) with the read-out fitted on all trials and its ridge alpha; and the
+    image prior (``image_prior``): ``P`` new images, their conditions ``P x D`` and anchors (None
+    without a prior or an anchor), ``rejected`` counting the prior samples dropped as excluded."""
 
     images: torch.Tensor
     cond_fmri: torch.Tensor
@@ -645,10 +726,9 @@ class DecoderTrainingSet:
     anchor: torch.Tensor | None = None
     readout: LinearReadout | None = None
     alpha: float | None = None
-    index: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
-    exclude: torch.Tensor | None = None
-    encode_image: Callable[[torch.Tensor], torch.Tensor] | None = None
+    prior_images: torch.Tensor | None = None
+    prior_cond: torch.Tensor | None = None
+    prior_anchor: torch.Tensor | None = None
     rejected: int = 0
 
     @property
@@ -656,53 +736,76 @@ class DecoderTrainingSet:
         """V of the read-out behind the anchors (0 = no anchor)."""
         return 0 if self.readout is None else self.readout.weight.shape[1]
 
-    def _transformed(self, idx: torch.Tensor, generator: torch.Generator):
-        """(images, anchors or None) of trials ``idx``, each under a random op."""
-        ops = torch.randint(len(self.index), (len(idx),), generator=generator,
-                            device=_gen_device(generator, idx.device)).to(idx.device)
-        images = apply_ops(self.images[idx], ops, self.index, self.mask)
-        anchor = None if self.anchor is None else apply_ops(self.anchor[idx], ops, self.index, self.mask)
-        return images, anchor
+    @property
+    def gate_images(self) -> int:
+        """K training images of the read-out's novelty gate (0 = none)."""
+        return 0 if self.readout is None else len(self.readout.gate_images)
 
     def draw(self, idx: torch.Tensor, config: GenerativeConfig, generator: torch.Generator):
         """Samples for trial indices ``idx`` ``B`` -> (images, conditions ``B x D``, anchors or None).
 
         Conditions: each the fMRI embedding with probability ``fmri_condition_prob``, else the image
-        embedding of the same trial. With ``augment_prob`` > 0 that share of the samples comes from
-        the image prior instead: a random rotation / reflection / shift of a (anchor, image) pair,
-        applied to both, and with ``augment_mix`` of those a random box of a second transformed
-        pair pasted into both (V1 and so the read-out are retinotopic: a part of the image maps to
-        that part of the anchor). No fMRI exists for a prior sample, so its condition is the frozen
-        encoder's image-side embedding of the new image (``prior_condition="image"``) or the null
-        condition; one that equals an excluded image after binarising keeps its real trial."""
+        embedding of the same trial. With a prior, ``augment_prob`` of the samples are replaced by
+        prior samples drawn uniformly (image, its condition and anchor together)."""
         device = self.images.device
         use_fmri = _rand((len(idx), 1), generator, device) < config.fmri_condition_prob
         cond = torch.where(use_fmri, self.cond_fmri[idx], self.cond_image[idx])
         images, anchor = self.images[idx], None if self.anchor is None else self.anchor[idx]
-        if config.augment_prob == 0:
+        if self.prior_images is None or config.augment_prob == 0:
             return images, cond, anchor
         aug = _rand((len(idx),), generator, device) < config.augment_prob
-        new_images, new_anchor = self._transformed(idx, generator)
-        if config.augment_mix > 0:
-            other = torch.randint(len(self.images), (len(idx),), generator=generator,
-                                  device=_gen_device(generator, device)).to(device)
-            paste_images, paste_anchor = self._transformed(other, generator)
-            box = random_boxes(len(idx), generator, device)
-            box = box * (_rand((len(idx), 1, 1, 1), generator, device) < config.augment_mix)
-            new_images = new_images + box * (paste_images - new_images)
-            if new_anchor is not None:
-                new_anchor = new_anchor + box * (paste_anchor - new_anchor)
-        if self.exclude is not None and len(self.exclude):
-            hit = ((new_images.flatten(1) > 0.5)[:, None] == self.exclude[None]).all(-1).any(1)
-            self.rejected += int((aug & hit).sum())
-            aug = aug & ~hit
-        images = torch.where(aug[:, None, None, None], new_images, images)
+        pick = torch.randint(len(self.prior_images), (len(idx),), generator=generator,
+                             device=_gen_device(generator, device)).to(device)
+        images = torch.where(aug[:, None, None, None], self.prior_images[pick], images)
+        cond = torch.where(aug[:, None], self.prior_cond[pick], cond)
         if anchor is not None:
-            anchor = torch.where(aug[:, None, None, None], new_anchor, anchor)
-        prior_cond = (torch.zeros_like(cond) if self.encode_image is None else
-                      self.encode_image(images).to(cond.dtype))
-        cond = torch.where(aug[:, None], prior_cond, cond)
+            anchor = torch.where(aug[:, None, None, None], self.prior_anchor[pick], anchor)
         return images, cond, anchor
+
+
+def image_prior(images: torch.Tensor, anchor: torch.Tensor | None, config: GenerativeConfig,
+                generator: torch.Generator, exclude: torch.Tensor | None = None,
+                encode_image: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                cond_dim: int = 0):
+    """The image prior: ``config.prior_size`` new images made from training (image, anchor) pairs
+    ``N x 1 x 28 x 28`` -> (images ``P x 1 x 28 x 28``, conditions ``P x D``, anchors or None,
+    rejected). Each is a random rotation / reflection / shift (``augmentation_ops``) of a pair,
+    applied to both, and with probability ``augment_mix`` a random box of a second transformed
+    pair pasted into both (V1, and so the read-out, is retinotopic: a part of the image maps to
+    that part of the anchor). No fMRI exists for them, so their condition is the frozen encoder's
+    ``encode_image`` of the new image (``prior_condition="image"``), computed once here, or the
+    null condition (zeros ``P x cond_dim``). A sample equal to an image of ``exclude`` ``E x 784``
+    (bool) after binarising is dropped (P = prior_size - rejected)."""
+    device, n = images.device, config.prior_size
+    index, mask = (t.to(device) for t in augmentation_ops(config.augment_shift))
+
+    def transformed():
+        trials = torch.randint(len(images), (n,), generator=generator,
+                               device=_gen_device(generator, device)).to(device)
+        ops = torch.randint(len(index), (n,), generator=generator,
+                            device=_gen_device(generator, device)).to(device)
+        return (apply_ops(images[trials], ops, index, mask),
+                None if anchor is None else apply_ops(anchor[trials], ops, index, mask))
+
+    new_images, new_anchor = transformed()
+    if config.augment_mix > 0:
+        paste_images, paste_anchor = transformed()
+        box = random_boxes(n, generator, device)
+        box = box * (_rand((n, 1, 1, 1), generator, device) < config.augment_mix)
+        new_images = new_images + box * (paste_images - new_images)
+        if new_anchor is not None:
+            new_anchor = new_anchor + box * (paste_anchor - new_anchor)
+    keep = torch.ones(n, dtype=torch.bool, device=device)
+    if exclude is not None and len(exclude):
+        keep = ~((new_images.flatten(1) > 0.5)[:, None] == exclude[None]).all(-1).any(1)
+    new_images = new_images[keep]
+    new_anchor = None if new_anchor is None else new_anchor[keep]
+    if encode_image is None:
+        cond = torch.zeros(len(new_images), cond_dim, device=device)
+    else:
+        with torch.no_grad():
+            cond = torch.cat([encode_image(chunk) for chunk in new_images.split(1024)])
+    return new_images, cond, new_anchor, int((~keep).sum())
 
 
 def _progress(desc: str, total: int, progress: bool):
@@ -722,7 +825,7 @@ def train_diffusion(data: DecoderTrainingSet, config: GenerativeConfig,
     device = data.images.device
     gen = torch.Generator(device).manual_seed(config.seed)
     model = build_decoder(MiyawakiDiffusionDecoder, data.cond_fmri.shape[1], config, config.seed,
-                          data.anchor_voxels).to(device)
+                          data.anchor_voxels, data.gate_images).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=config.diffusion_lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.diffusion_lr,
                                                 total_steps=config.diffusion_steps, pct_start=0.1)
@@ -761,7 +864,7 @@ def train_gan(data: DecoderTrainingSet, config: GenerativeConfig,
     device = data.images.device
     gen = torch.Generator(device).manual_seed(config.seed + 1)
     model = build_decoder(MiyawakiGANDecoder, data.cond_fmri.shape[1], config, config.seed + 1,
-                          data.anchor_voxels).to(device)
+                          data.anchor_voxels, data.gate_images).to(device)
     opt_g = torch.optim.Adam(model.generator.parameters(), lr=config.gan_lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(model.discriminator.parameters(), lr=config.gan_lr, betas=(0.5, 0.999))
     history = {"d_loss": [], "g_adv": [], "g_recon": []}
@@ -798,22 +901,22 @@ def training_set(encoder: nn.Module, train: Trials, config: GenerativeConfig,
                  device: torch.device, exclude: np.ndarray | None = None) -> DecoderTrainingSet:
     """The decoders' training set for one fold's training trials (fMRI z-scored): frozen
     embeddings; with ``config.anchor`` the ridge read-out fitted on all of them and out-of-fold
-    anchors; with ``config.augment_prob`` the augmentation ops,
-    none of which may turn a training image into an image of ``exclude`` (``E x 1 x 28 x 28``)."""
+    anchors; with ``config.augment_prob`` the image prior (``image_prior``), which never holds an
+    image of ``exclude`` (``E x 1 x 28 x 28``)."""
     cond_fmri, cond_image = embed_trials(encoder, train.fmri, train.images, device)
     data = DecoderTrainingSet(torch.as_tensor(train.images, device=device), cond_fmri, cond_image)
     if config.anchor:
-        data.readout, data.alpha = LinearReadout.fit(train.fmri, train.images)
-        data.readout.to(device)
-        data.anchor = torch.as_tensor(out_of_fold_readouts(train, data.alpha, config.anchor_folds),
-                                      device=device)
+        readout, data.alpha = LinearReadout.fit(train.fmri, train.images)
+        anchor = out_of_fold_readouts(train, data.alpha, config.anchor_folds)
+        gate = fit_novelty_gate(train, data.alpha, anchor)
+        data.readout = (readout if gate is None else readout.with_gate(*gate)).to(device)
+        data.anchor = torch.as_tensor(anchor, device=device)
     if config.augment_prob > 0:
-        index, mask = augmentation_ops(config.augment_shift)
-        data.index, data.mask = index.to(device), mask.to(device)
-        if exclude is not None:
-            data.exclude = torch.as_tensor(np.asarray(exclude), device=device).flatten(1) > 0.5
-        if config.prior_condition == "image":
-            data.encode_image = torch.no_grad()(encoder.eval().encode_image)
+        banned = None if exclude is None else torch.as_tensor(np.asarray(exclude), device=device).flatten(1) > 0.5
+        encode = encoder.eval().encode_image if config.prior_condition == "image" else None
+        gen = torch.Generator(device).manual_seed(config.seed + 2)
+        data.prior_images, data.prior_cond, data.prior_anchor, data.rejected = image_prior(
+            data.images, data.anchor, config, gen, banned, encode, cond_fmri.shape[1])
     return data
 
 
@@ -842,8 +945,8 @@ def train_generative(encoder: nn.Module, fold_train: Trials, config: GenerativeC
         if data.anchor is not None:
             model.readout.load_state_dict(data.readout.state_dict())
     prior = {"augment_prob": config.augment_prob, "augment_mix": config.augment_mix,
-             "n_ops": 0 if data.index is None else len(data.index),
-             "n_excluded_images": 0 if data.exclude is None else len(data.exclude),
+             "prior_size": 0 if data.prior_images is None else len(data.prior_images),
+             "n_excluded_images": 0 if exclude is None else len(exclude),
              "rejected_samples": data.rejected, "anchor_alpha": data.alpha}
     return diffusion, gan, {"diffusion": hist_d, "gan": hist_g, "prior": prior}
 

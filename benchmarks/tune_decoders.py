@@ -5,11 +5,12 @@ The inner folds are those of ``tune_dual_encoder.py`` (the 12 S1 test trials are
 anchor and image prior are for) and ``seen`` is stratified by image (like S1/S2). Per inner fold
 a dual encoder with the default settings is trained once; then each ``--set`` candidate trains
 both decoders on its frozen embeddings, and each sampling setting (``--guidance``,
-``--init-strength``, ``--blend``: no retraining needed) decodes the held-out trials from fMRI only.
+``--init-strength``, ``--blend``, ``--gate``: no retraining needed) decodes the held-out trials from fMRI only.
 Scores are PROTOCOL.md's (20-way identification among all unique images), ridge beside them.
 
     python benchmarks/tune_decoders.py --set anchor=False,augment_prob=0 --set augment_prob=0
     python benchmarks/tune_decoders.py --guidance 1 2 --init-strength 1 0.5 --blend 0 0.3 0.5
+    python benchmarks/tune_decoders.py --blend 0.5 0.7 --gate 0 1
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def main(argv=None) -> dict:
     p.add_argument("--guidance", type=float, nargs="+", default=[GenerativeConfig.guidance_scale])
     p.add_argument("--init-strength", type=float, nargs="+", default=[GenerativeConfig.init_strength])
     p.add_argument("--blend", type=float, nargs="+", default=[GenerativeConfig.anchor_blend])
+    p.add_argument("--gate", type=int, nargs="+", default=[int(GenerativeConfig.novelty_gate)],
+                   choices=[0, 1], help="novelty gate of the blend off / on")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--schemes", nargs="+", default=["unseen", "seen"], choices=["unseen", "seen"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -86,8 +89,9 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     data = resolve_data(args.data)
     device = resolve_device(args.device)
-    sampling = [dict(guidance_scale=w, init_strength=s, anchor_blend=b)
-                for w, s, b in itertools.product(args.guidance, args.init_strength, args.blend)]
+    sampling = [dict(guidance_scale=w, init_strength=s, anchor_blend=b, novelty_gate=bool(g))
+                for w, s, b, g in itertools.product(args.guidance, args.init_strength, args.blend,
+                                                    args.gate)]
     t0 = time.perf_counter()
     results = run(data, args.set or [""], sampling, args.schemes, args.seed, device)
     for scheme, per_spec in results.items():

@@ -314,16 +314,12 @@ def test_image_prior_never_produces_an_excluded_image():
     images = torch.as_tensor(L.upsample_grid(grids[5:10]))[:, None]     # n e u r o
     banned = torch.flip(images[3], dims=[-1])                           # a mirrored "r"
     assert not (banned == images).flatten(1).all(1).any()
-    index, mask = G.augmentation_ops(3)
-    cond = unit(5)
-    data = G.DecoderTrainingSet(images, cond, cond, index=index, mask=mask,
-                                exclude=banned.flatten()[None] > 0.5)
-    cfg = replace(TINY, augment_prob=1.0, augment_mix=0.0)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(30):
-        drawn, c, _ = data.draw(torch.arange(5).repeat(20), cfg, gen)
-        assert not ((drawn.flatten(1) > 0.5) == (banned.flatten() > 0.5)).all(1).any()
-    assert data.rejected > 0
+    cfg = replace(TINY, augment_prob=0.5, augment_mix=0.0, prior_size=3000)
+    prior, cond, anchor, rejected = G.image_prior(images, images, cfg, torch.Generator().manual_seed(0),
+                                                  banned.flatten()[None] > 0.5, cond_dim=7)
+    assert not ((prior.flatten(1) > 0.5) == (banned.flatten() > 0.5)).all(1).any()
+    assert rejected > 0 and len(prior) == len(cond) == len(anchor) == 3000 - rejected
+    assert torch.equal(anchor, prior) and cond.shape[1] == 7 and not cond.any()  # null condition
 
 
 def test_out_of_fold_anchor_of_a_trial_ignores_its_image_s_other_trials(sim):
@@ -347,9 +343,10 @@ def test_anchored_decoders_round_trip_and_need_their_anchor(tmp_path, sim):
     ridge = L.RidgeBaseline().fit(fold.train.fmri, fold.train.images).predict(fold.test.fmri)
     x = torch.as_tensor(fold.test.fmri)
     np.testing.assert_allclose(readout(x).reshape(len(x), -1).numpy(), ridge, atol=1e-4)
-    models = [G.MiyawakiDiffusionDecoder(anchor_voxels=sim.n_voxels, num_inference_steps=3,
-                                         init_strength=0.5, anchor_blend=0.3, **SMALL),
-              G.MiyawakiGANDecoder(correlation_dim=16, anchor_voxels=sim.n_voxels, anchor_blend=0.3)]
+    readout = readout.with_gate(fold.unique_images[:3], np.array([-20.0, 18.0]))
+    gate = dict(anchor_voxels=sim.n_voxels, anchor_blend=0.3, gate_images=3, novelty_gate=True)
+    models = [G.MiyawakiDiffusionDecoder(num_inference_steps=3, init_strength=0.5, **gate, **SMALL),
+              G.MiyawakiGANDecoder(correlation_dim=16, **gate)]
     path = tmp_path / G.CHECKPOINT_NAME
     for m in models:
         m.readout.load_state_dict(readout.state_dict())
@@ -364,6 +361,20 @@ def test_anchored_decoders_round_trip_and_need_their_anchor(tmp_path, sim):
         loaded, _ = type(m).from_checkpoint(path)
         a = m.sample(c, torch.Generator().manual_seed(0), readout(x))
         assert torch.equal(loaded.sample(c, torch.Generator().manual_seed(0), loaded.readout(x)), a)
+
+
+def test_novelty_gate_opens_for_a_never_seen_image_and_closes_for_seen_ones(sim):
+    """The gate, calibrated on an S3 fold's training trials only, judges the held-out image's
+    read-outs new (P > 0.5) and, on S1, the read-outs of test trials whose images were seen old."""
+    def gate_of(fold):
+        readout, alpha = G.LinearReadout.fit(fold.train.fmri, fold.train.images)
+        gate = G.fit_novelty_gate(fold.train, alpha, G.out_of_fold_readouts(fold.train, alpha, 10))
+        readout = readout.with_gate(*gate)
+        return readout.novelty(readout(torch.as_tensor(fold.test.fmri))).numpy()
+    _, train_idx, test_idx = L.splits("s3", sim)[6]
+    new, seen = gate_of(sim.fold(train_idx, test_idx)), gate_of(sim.s1())
+    print(f"P(new): held-out image {new.round(2)}, seen images {seen.mean():.2f}")
+    assert new.min() > 0.5 and seen.mean() < 0.5
 
 
 def test_decoders_beat_ridge_on_the_never_seen_figures_of_a_random_image_session():
