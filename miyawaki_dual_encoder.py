@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +164,10 @@ class MiyawakiDualEncoder(nn.Module):
                 out[key] = F.normalize(self.clip_correlation(z, z).float(), dim=1)
         return out
 
+    def forward(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> dict:
+        """``model(x, y)`` is ``latents(x, y)`` (what ``torch.func.functional_call`` calls)."""
+        return self.latents(x, y)
+
     def encode_fmri(self, x: torch.Tensor) -> torch.Tensor:
         """fMRI ``N x V`` (z-scored) -> unit embedding ``N x D``. No image is involved."""
         return self.latents(x=x)["fmri"]
@@ -231,9 +235,8 @@ def contrastive_loss(emb_fmri: torch.Tensor, emb_image: torch.Tensor, positives:
     negatives: each direction is a cross-entropy against the uniform distribution over positives."""
     logits = scale * emb_fmri @ emb_image.T
     pos = positives.float()
-    loss = 0.5 * (F.cross_entropy(logits, pos / pos.sum(1, keepdim=True))
+    return 0.5 * (F.cross_entropy(logits, pos / pos.sum(1, keepdim=True))
                   + F.cross_entropy(logits.T, (pos / pos.sum(0, keepdim=True)).T))
-    return check_finite(loss, "contrastive")
 
 
 def mixup(x: torch.Tensor, y: torch.Tensor, n_mix: int, alpha: float, generator: torch.Generator):
@@ -248,19 +251,16 @@ def mixup(x: torch.Tensor, y: torch.Tensor, n_mix: int, alpha: float, generator:
     return x[b] + lx * (x[a] - x[b]), y[b] + ly * (y[a] - y[b])
 
 
-def pair_loss(model: MiyawakiDualEncoder, x: torch.Tensor, y: torch.Tensor,
-              bf16: bool = False, n_mixed: int = 0) -> torch.Tensor:
-    """Training objective for fMRI ``N x V`` paired with images ``N x 1 x 28 x 28``: InfoNCE on the
-    correlation embeddings plus InfoNCE on the encoder latents.
+def pair_batch(y: torch.Tensor, n_mixed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image side of a training step for images ``N x 1 x 28 x 28`` whose last ``n_mixed``
+    rows are mixup images -> (image columns ``C x 1 x 28 x 28``, positives ``N x C`` bool).
 
-    The image columns are the U distinct images of the first ``N - n_mixed`` rows (20 unique
-    images in ~100 trials, which keeps the CNN's cost small) followed by the last ``n_mixed`` rows'
-    (mixup) images as they are: a full-batch step then always gives the CNN the same number of
-    images (a number that varied made oneDNN keep kernels for each shape: ~80 MiB more memory).
-    A mixed image equal to a real one (a mix of two trials of one image) takes that image's id, so
-    an image that fills two columns is never a negative; mixes of two different images are
-    distinct (continuous weights). With ``bf16`` the networks run under bfloat16 autocast; the
-    similarities and losses stay float32."""
+    The columns are the U distinct images of the first ``N - n_mixed`` rows (20 unique images in
+    ~100 trials, which keeps the CNN's cost small) followed by the mixed rows' images as they are:
+    a full-batch step then always gives the CNN the same number of images (a number that varied
+    made oneDNN keep kernels for each shape: ~80 MiB more memory). A mixed image equal to a real
+    one (a mix of two trials of one image) takes that image's id, so an image that fills two
+    columns is never a negative; mixes of two different images are distinct (continuous weights)."""
     flat = y.flatten(1)
     n_real = len(y) - n_mixed
     uniq, real_ids = torch.unique(flat[:n_real], dim=0, return_inverse=True)
@@ -270,11 +270,26 @@ def pair_loss(model: MiyawakiDualEncoder, x: torch.Tensor, y: torch.Tensor,
                             len(uniq) + torch.arange(n_mixed, device=y.device))
     col_ids = torch.cat([torch.arange(len(uniq), device=y.device), mixed_ids])
     pos = torch.cat([real_ids, mixed_ids])[:, None] == col_ids[None]  # N x (U + n_mixed)
+    return torch.cat([uniq, mixed]).view(-1, *y.shape[1:]), pos
+
+
+def pair_objective(out: dict, positives: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """InfoNCE on the correlation embeddings plus InfoNCE on the encoder latents, from
+    ``latents(x, image columns)`` and the positives of ``pair_batch`` (not checked for NaN)."""
+    return (contrastive_loss(out["fmri"], out["image"], positives, scale)
+            + contrastive_loss(out["fmri_latent"], out["image_latent"], positives, scale))
+
+
+def pair_loss(model: MiyawakiDualEncoder, x: torch.Tensor, y: torch.Tensor,
+              bf16: bool = False, n_mixed: int = 0) -> torch.Tensor:
+    """Training objective for fMRI ``N x V`` paired with images ``N x 1 x 28 x 28`` (the last
+    ``n_mixed`` rows mixup pairs; image columns and positives by ``pair_batch``): InfoNCE on the
+    correlation embeddings plus InfoNCE on the encoder latents. With ``bf16`` the networks run
+    under bfloat16 autocast; the similarities and losses stay float32. A NaN / Inf raises."""
+    images, pos = pair_batch(y, n_mixed)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = model.latents(x, torch.cat([uniq, mixed]).view(-1, *y.shape[1:]))
-    scale = model.clamped_scale()
-    return (contrastive_loss(out["fmri"], out["image"], pos, scale)
-            + contrastive_loss(out["fmri_latent"], out["image_latent"], pos, scale))
+        out = model.latents(x, images)
+    return check_finite(pair_objective(out, pos, model.clamped_scale()), "contrastive")
 
 
 # --------------------------------------------------------------------------- training
@@ -301,6 +316,30 @@ def split_validation(trials: Trials, fraction: float, seed: int) -> tuple[np.nda
     return np.setdiff1d(np.arange(len(trials)), val), val
 
 
+def optimizer(params, config: DualEncoderConfig, total_steps: int):
+    """AdamW and its one-cycle cosine schedule over ``total_steps`` -> (optimiser, scheduler)."""
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # one-cycle cosine schedule (warm-up, then anneal; AdamW's beta1 cycles inversely). Chosen over
+    # plain warm-up + cosine by the inner CV of benchmarks/tune_dual_encoder.py (unseen 0.60 vs 0.54).
+    # (very short runs, as in tests, get a longer warm-up so the schedule stays well defined)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=max(total_steps, 4),
+                                                pct_start=0.1 if total_steps >= 20 else 0.5,
+                                                anneal_strategy="cos")
+    return opt, sched
+
+
+def augment(xb: torch.Tensor, yb: torch.Tensor, config: DualEncoderConfig, gen: torch.Generator):
+    """One step's training pairs: Gaussian noise on the fMRI ``B x V`` (``fmri_noise``), then
+    ``mixup`` mixed pairs appended -> (fMRI ``(B + mixup) x V``, images ``(B + mixup) x 1 x 28 x
+    28``). Noise and pairs come from ``gen``; mixup's Beta weights from torch's global stream."""
+    if config.fmri_noise > 0:
+        xb = xb + config.fmri_noise * torch.randn(xb.shape, generator=gen).to(xb.device)
+    if config.mixup:
+        xm, ym = mixup(xb, yb, config.mixup, config.mixup_alpha, gen)
+        xb, yb = torch.cat([xb, xm]), torch.cat([yb, ym])
+    return xb, yb
+
+
 def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.device | str = "cpu",
                        candidates: np.ndarray | None = None, progress: bool = True):
     """Fit a dual encoder on training trials (fMRI already z-scored).
@@ -323,16 +362,9 @@ def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.d
     cand = to(candidates)
 
     model = MiyawakiDualEncoder(train.fmri.shape[1], config.latent_dim, config).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     bs = config.batch_size or len(x)
     steps_per_epoch = math.ceil(len(x) / bs)
-    total = config.epochs * steps_per_epoch
-    # one-cycle cosine schedule (warm-up, then anneal; AdamW's beta1 cycles inversely). Chosen over
-    # plain warm-up + cosine by the inner CV of benchmarks/tune_dual_encoder.py (unseen 0.60 vs 0.54).
-    # (very short runs, as in tests, get a longer warm-up so the schedule stays well defined)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=max(total, 4),
-                                                pct_start=0.1 if total >= 20 else 0.5,
-                                                anneal_strategy="cos")
+    opt, sched = optimizer(model.parameters(), config, config.epochs * steps_per_epoch)
     history = {"train_loss": [], "val_loss": [], "val_top1": [], "n_train": len(tr_idx),
                "n_validation": len(val_idx)}
     # disable=None: the bar switches itself off when stderr is not a terminal
@@ -344,12 +376,7 @@ def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.d
         losses = []
         for s in range(steps_per_epoch):
             b = order[s * bs:(s + 1) * bs]
-            xb, yb = x[b], y[b]
-            if config.fmri_noise > 0:
-                xb = xb + config.fmri_noise * torch.randn(xb.shape, generator=gen).to(device)
-            if config.mixup:
-                xm, ym = mixup(xb, yb, config.mixup, config.mixup_alpha, gen)
-                xb, yb = torch.cat([xb, xm]), torch.cat([yb, ym])
+            xb, yb = augment(x[b], y[b], config, gen)
             loss = pair_loss(model, xb, yb, config.bf16, config.mixup)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -369,6 +396,70 @@ def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.d
                         f"{history['val_top1'][-1]:.2f} (chance {1 / len(cand):.2f})")
             tqdm.write(msg)
     return model.eval(), history
+
+
+def train_dual_encoders(train: Trials, configs: list[DualEncoderConfig],
+                        device: torch.device | str = "cpu") -> tuple[list[MiyawakiDualEncoder], list[dict]]:
+    """Several fits on the same trials as one batched model, one per config (configs that differ
+    in ``seed`` only; full batch, no validation split): the models' parameters are stacked
+    (``torch.func.stack_module_state``) and every step runs all of them at once under ``vmap``,
+    what keeps a GPU busy with models this small.
+
+    Each fit draws what ``train_dual_encoder`` draws for its seed, in the same order: the same
+    initial weights, epoch order, fMRI noise and mixup pairs; so with ``dropout`` 0 the fits equal
+    separate ``train_dual_encoder`` fits within float rounding (tests/test_dual_encoder.py). Dropout
+    masks come from vmap (``randomness="different"``): with dropout > 0 the fits are separate fits
+    in distribution, not number for number. Returns (models in eval mode, histories with
+    ``train_loss`` per epoch, ``n_train``, ``n_validation``)."""
+    from torch.func import functional_call, stack_module_state, vmap
+    base = configs[0]
+    if any(replace(c, seed=base.seed) != base for c in configs):
+        raise ValueError("batched fits need configs that differ in seed only")
+    if base.batch_size or base.val_fraction:
+        raise ValueError("batched fits are full batch without a validation split "
+                         "(batch_size=0, val_fraction=0)")
+    device = torch.device(device)
+    x, y = torch.as_tensor(train.fmri, device=device), torch.as_tensor(train.images, device=device)
+    models, gens, states = [], [], []
+    for c in configs:                       # what train_dual_encoder does before its first step
+        seed_everything(c.seed)
+        gens.append(torch.Generator().manual_seed(c.seed))
+        models.append(MiyawakiDualEncoder(train.fmri.shape[1], c.latent_dim, c).to(device))
+        states.append(torch.get_rng_state())
+    params, buffers = stack_module_state(models)
+    template = MiyawakiDualEncoder(train.fmri.shape[1], base.latent_dim, base).to("meta")
+    opt, sched = optimizer(list(params.values()), base, base.epochs)
+
+    def one_loss(p, b, xb, images, pos):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=base.bf16):
+            out = functional_call(template, (p, b), (xb, images))
+        scale = p["logit_scale"].clamp(max=MAX_LOGIT_SCALE).exp()
+        return pair_objective(out, pos, scale)
+
+    batched_loss = vmap(one_loss, randomness="different")
+    histories = [{"train_loss": [], "val_loss": [], "val_top1": [], "n_train": len(x),
+                  "n_validation": 0} for _ in configs]
+    for _ in range(base.epochs):
+        xs, cols, poss = [], [], []
+        for i, gen in enumerate(gens):      # each fit's draws, from its own generators
+            order = torch.randperm(len(x), generator=gen).to(device)
+            torch.set_rng_state(states[i])              # this fit's global stream (mixup's Beta)
+            xb, yb = augment(x[order], y[order], base, gen)
+            states[i] = torch.get_rng_state()
+            images, pos = pair_batch(yb, base.mixup)
+            xs.append(xb), cols.append(images), poss.append(pos)
+        losses = batched_loss(params, buffers, torch.stack(xs), torch.stack(cols), torch.stack(poss))
+        check_finite(losses.sum(), "contrastive")
+        opt.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        opt.step()
+        sched.step()
+        for h, v in zip(histories, losses.tolist()):
+            h["train_loss"].append(v)
+    with torch.no_grad():
+        for i, model in enumerate(models):
+            model.load_state_dict({k: v[i] for k, v in {**params, **buffers}.items()})
+    return [m.eval() for m in models], histories
 
 
 # --------------------------------------------------------------------------- figures

@@ -44,7 +44,7 @@ from miyawaki_dataset_loader import (CONDITION_NAMES, GRID, IMAGE_SIDE, RIDGE_AL
                                      resolve_device, run_cli, save_figure, save_json, save_text,
                                      script_parser, splits, topk_accuracy, upsample_grid)
 from miyawaki_dual_encoder import (CHECKPOINT_NAME, DualEncoderConfig, MiyawakiDualEncoder,
-                                   load_for_s1, train_dual_encoder)
+                                   load_for_s1, train_dual_encoder, train_dual_encoders)
 import miyawaki_generative_backend as G
 
 BASELINES = ("mean_image", "ridge", "ridge_snap", "multiscale_local", "knn1", "knn5")
@@ -759,17 +759,27 @@ def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool, device: to
     base, base_secs = evaluate_baselines(fold, pool)
     rows = [(method, per_trial, base_secs[method]) for method, per_trial in base.items()]
     gallery = {}
-    for seed in cfg.seeds:
+    de_cfgs = [DualEncoderConfig(epochs=cfg.epochs, seed=seed, val_fraction=0.0) for seed in cfg.seeds]
+    batched = {}
+    if batched_seed_fits(cfg, device):             # all seeds' dual encoders as one vmapped fit
+        t = time.perf_counter()
+        models, _ = train_dual_encoders(fold.train, de_cfgs, device)
+        batched = {c.seed: (m, (time.perf_counter() - t) / len(models)) for c, m in zip(de_cfgs, models)}
+    for de_cfg in de_cfgs:
+        seed = de_cfg.seed
         runs = [("dual_encoder", fold.train)]
         if cfg.permutation_control and seed == cfg.seeds[0]:  # one seed: a chance-level check
             runs.append(("dual_encoder_permuted",
                          permuted_trials(fold.train, np.random.default_rng([seed, index]))))
         for method, train in runs:
             t = time.perf_counter()
-            de_cfg = DualEncoderConfig(epochs=cfg.epochs, seed=seed, val_fraction=0.0)
-            model, _ = train_dual_encoder(train, de_cfg, device, fold.unique_images, progress=False)
+            if method == "dual_encoder" and batched:
+                model, fit_secs = batched[seed]
+            else:
+                model, _ = train_dual_encoder(train, de_cfg, device, fold.unique_images, progress=False)
+                fit_secs = 0.0
             rows.append((method, embedding_fold_metrics(model, train, fold, cfg.knn_k),
-                         time.perf_counter() - t))
+                         time.perf_counter() - t + fit_secs))
             if cfg.generative and method == "dual_encoder":
                 recons, secs = generative_reconstructions(model, fold, G.GenerativeConfig(seed=seed),
                                                           device)
@@ -778,6 +788,14 @@ def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool, device: to
                 if not gallery:
                     gallery = fold_gallery(fold, recons)
     return rows, gallery
+
+
+def batched_seed_fits(cfg: "EvaluationConfig", device: torch.device) -> bool:
+    """Whether a fold's seeds train as one batched model (``train_dual_encoders``): ``--seed-fits
+    batched``, or ``auto`` on a GPU with several seeds (on a CPU separate fits are as fast, and
+    their numbers are the reference ones)."""
+    return len(cfg.seeds) > 1 and (cfg.seed_fits == "batched"
+                                   or (cfg.seed_fits == "auto" and device.type == "cuda"))
 
 
 def fold_gallery(fold: Fold, recons: dict) -> dict:
@@ -882,6 +900,7 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
         "seconds": seconds,
         "dual_encoder_seconds_per_fit": seconds["dual_encoder"] / (len(folds) * len(cfg.seeds)),
         "workers": cfg.workers,
+        "seed_fits": "batched" if batched_seed_fits(cfg, device) else "separate",
         "config": config_dict(cfg),
     }
     save_json(result, out / f"benchmark_{cfg.protocol}.json")
@@ -917,6 +936,8 @@ class EvaluationConfig(ScriptOptions):
     generative: bool = False
     # benchmark folds run in this many processes at once
     workers: int = field(default=1, metadata={"min": 1})
+    # a fold's dual encoders: all seeds as one batched model, or one fit per seed (auto: batched on a GPU)
+    seed_fits: str = field(default="auto", metadata={"choices": ("auto", "batched", "separate")})
     knn_k: int = field(default=5, metadata={"min": 1})
     tsne_perplexity: float = field(default=30.0, metadata={"above": 0})
     oracle: bool = False
@@ -949,6 +970,10 @@ def parse_args(argv=None) -> EvaluationConfig:
     p.add_argument("--workers", type=int, default=1,
                    help="benchmark: folds run in this many processes at once (each gets 1/workers of "
                         "torch's threads; numbers depend slightly on the thread count)")
+    p.add_argument("--seed-fits", choices=["auto", "batched", "separate"], default="auto",
+                   help="benchmark: train a fold's seeds as one batched (vmapped) model or one by one; "
+                        "auto = batched on a GPU (with dropout the batched fits equal separate ones "
+                        "in distribution, not number for number)")
     p.add_argument("--knn-k", type=int, default=5, help="neighbours of the kNN condition classifier")
     p.add_argument("--tsne-perplexity", type=float, default=30.0,
                    help="t-SNE perplexity (capped at (points - 1) / 3)")

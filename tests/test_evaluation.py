@@ -178,6 +178,7 @@ def test_benchmark_s3_two_folds_writes_the_schema(tmp_path):
                      "--epochs", "4", "--permutation-control", "--out-dir", str(tmp_path)])
     saved = json.loads((tmp_path / "benchmark_s3.json").read_text())
     assert saved["protocol"] == "s3" and saved["n_folds"] == 2 and saved["seeds"] == [0, 1]
+    assert saved["seed_fits"] == "separate"                   # auto on a CPU: one fit per seed
     assert set(saved["methods"]) == {*E.BASELINES, "dual_encoder", "dual_encoder_permuted"}
     for name, metrics in saved["methods"].items():
         wanted = ({"top1", "top5", "condition", "condition_top1"} if name.startswith("dual")
