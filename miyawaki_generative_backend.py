@@ -804,7 +804,7 @@ def image_prior(images: torch.Tensor, anchor: torch.Tensor | None, config: Gener
         cond = torch.zeros(len(new_images), cond_dim, device=device)
     else:
         with torch.no_grad():
-            cond = torch.cat([encode_image(chunk) for chunk in new_images.split(1024)])
+            cond = torch.cat([encode_image(chunk) for chunk in new_images.split(256)])
     return new_images, cond, new_anchor, int((~keep).sum())
 
 
