@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -131,6 +132,8 @@ def main(argv=None) -> dict:
         inner["generative_stage_s"] = gen.get("generative_stage_seconds")
     result["stage_inner_seconds"] = inner
 
+    for sub in ("s3", "s3_generative"):                      # no stale results from an earlier check
+        shutil.rmtree(args.out_dir / sub, ignore_errors=True)
     bench = ["miyawaki_evaluation.py", *common[:4], "--protocol", "s3"]
     result["steps"]["s3_dual_encoder"] = timed(
         [sys.executable, *bench, "--seeds", "0", "1", "2", "3", "4", "--permutation-control",
@@ -138,8 +141,17 @@ def main(argv=None) -> dict:
     result["steps"]["s3_generative"] = timed(
         [sys.executable, *bench, "--seeds", "0", "--generative", "--max-folds", "2",
          "--out-dir", str(args.out_dir / "s3_generative")], min(60.0, left() - 50))
-    for name in ("s3_dual_encoder", "s3_generative"):
+    for name, sub in (("s3_dual_encoder", "s3"), ("s3_generative", "s3_generative")):
         print(f"{name}: {result['steps'][name]['wall_s']} s rc {result['steps'][name]['rc']}", flush=True)
+        saved = args.out_dir / sub / "benchmark_s3.json"
+        if saved.is_file():
+            bench_json = json.loads(saved.read_text())
+            result["steps"][name]["summary"] = {
+                "n_folds": bench_json["n_folds"], "seed_fits": bench_json.get("seed_fits"),
+                "dual_encoder_seconds_per_fit": bench_json["dual_encoder_seconds_per_fit"],
+                **{m: {k: v["mean"] for k, v in bench_json["methods"][m].items()}
+                   for m in ("ridge", "dual_encoder", "dual_encoder_permuted", "diffusion", "gan")
+                   if m in bench_json["methods"]}}
 
     if device == "cuda" and left() > 30:                     # one seed, CPU against CUDA
         data = resolve_data(data_arg)
@@ -160,6 +172,15 @@ def main(argv=None) -> dict:
              "| step | wall s | rc |", "|---|---|---|"]
     lines += [f"| {k} | {v['wall_s']}{' (time limit)' if v['timed_out'] else ''} | {v['rc']} |"
               for k, v in steps.items()]
+    lines.append("")
+    for name in ("s3_dual_encoder", "s3_generative"):
+        summ = steps[name].get("summary")
+        if summ:
+            lines.append(f"{name}: {summ['n_folds']} folds, seed fits {summ['seed_fits']}, "
+                         f"{summ['dual_encoder_seconds_per_fit']:.2f} s per dual-encoder fit; top-1 "
+                         + ", ".join(f"{m} {v['top1']:.3f}" for m, v in summ.items() if isinstance(v, dict))
+                         + (f"; PixCorr diffusion {summ['diffusion']['pixcorr']:.3f}, GAN "
+                            f"{summ['gan']['pixcorr']:.3f}" if "diffusion" in summ else ""))
     pipeline = sum(steps[s]["wall_s"] for s in STAGES)
     lines += ["", f"Default pipeline: {pipeline:.1f} s wall with Python start-up; inner seconds {inner}."]
     if "cpu_vs_cuda" in result:
