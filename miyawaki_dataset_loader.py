@@ -162,6 +162,17 @@ class MiyawakiTorchDataset(torch.utils.data.Dataset):
                 int(t.labels[i]), int(t.image_ids[i]))
 
 
+def make_dataloaders(data: "MiyawakiData | Fold | None" = None, batch_size: int = 32,
+                     shuffle_train: bool = False) -> tuple[torch.utils.data.DataLoader,
+                                                            torch.utils.data.DataLoader]:
+    """(train_loader, test_loader) over ``MiyawakiTorchDataset`` for a fold (default: the S1 split
+    of ``data``, itself by default ``resolve_data()``), fMRI z-scored by the training trials. Each
+    batch is (fmri ``B x V``, image ``B x 1 x 28 x 28``, label ``B``, image id ``B``)."""
+    fold = data if isinstance(data, Fold) else (data or resolve_data()).s1()
+    return (torch.utils.data.DataLoader(MiyawakiTorchDataset(fold.train), batch_size, shuffle=shuffle_train),
+            torch.utils.data.DataLoader(MiyawakiTorchDataset(fold.test), batch_size, shuffle=False))
+
+
 # --------------------------------------------------------------------------- loading
 def _assemble(fmri: np.ndarray, stim: np.ndarray, labels: np.ndarray, n_file_train: int,
               source: str) -> MiyawakiData:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -120,6 +121,10 @@ class StimulusEncoder(nn.Module):
         return z
 
 
+class OracleWarning(UserWarning):
+    """A model input carries the true image: what comes out is an oracle, not a decoding result."""
+
+
 class CLIPCorrelation(nn.Module):
     """Correlation head: concat(fMRI slot, image slot) ``N x 2D`` -> hidden -> ``N x D``.
 
@@ -132,7 +137,13 @@ class CLIPCorrelation(nn.Module):
         self.net = mlp([2 * latent_dim, *hidden, latent_dim], dropout)
 
     def forward(self, z_fmri_slot: torch.Tensor, z_image_slot: torch.Tensor) -> torch.Tensor:
-        """Two latents ``N x D`` -> correlation embedding ``N x D`` (not normalised)."""
+        """Two latents ``N x D`` -> correlation embedding ``N x D`` (not normalised). Called with
+        two different latents (an fMRI latent and the image's, as the seed project did) it warns:
+        that embedding has seen the image, so anything decoded from it is an oracle."""
+        if z_image_slot is not z_fmri_slot:
+            warnings.warn("clip_correlation(fmri_latent, image_latent) mixes in the image's latent: "
+                          "an ORACLE embedding, not decoding from fMRI; use model.encode_fmri(fmri)",
+                          OracleWarning, stacklevel=2)
         return self.net(torch.cat([z_fmri_slot, z_image_slot], dim=1))
 
 
@@ -163,6 +174,15 @@ class MiyawakiDualEncoder(nn.Module):
                 out[key + "_latent"] = F.normalize(z.float(), dim=1)  # float32 under bf16 autocast
                 out[key] = F.normalize(self.clip_correlation(z, z).float(), dim=1)
         return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; a state of a differently built model names the call
+        that rebuilds it from its checkpoint."""
+        try:
+            return super().load_state_dict(state_dict, strict, assign)
+        except RuntimeError as e:
+            raise RuntimeError(f"{one_line(e)}: that state is of a differently configured model; "
+                               "use MiyawakiDualEncoder.from_checkpoint(path)") from None
 
     def forward(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> dict:
         """``model(x, y)`` is ``latents(x, y)`` (what ``torch.func.functional_call`` calls)."""
@@ -518,8 +538,10 @@ def main(argv: list[str] | ScriptConfig | None = None) -> dict:
           f"top-5 {metrics['top5']:.2f}, mean rank {metrics['mean_rank']:.1f} of {k}"
           f"{' [NOISE CONTROL]' if cfg.noise_control else ''} | {seconds:.1f} s on {device}")
     config = config_dict(cfg)
+    state = model.state_dict()
     save_checkpoint({"kind": "dual_encoder", "format_version": CHECKPOINT_FORMAT,
-                     "model_state": model.state_dict(), "config": asdict(model_cfg),
+                     "model_state": state, "model_state_dict": state,  # the seed's key, same tensors
+                     "config": asdict(model_cfg),
                      "script_config": config, "seed": cfg.seed,
                      "fmri_mean": torch.as_tensor(fold.fmri_mean),
                      "fmri_std": torch.as_tensor(fold.fmri_std), "n_voxels": data.n_voxels,

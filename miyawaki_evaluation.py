@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -44,7 +45,7 @@ from miyawaki_dataset_loader import (CONDITION_NAMES, GRID, IMAGE_SIDE, RIDGE_AL
                                      resolve_device, run_cli, save_figure, save_json, save_text,
                                      script_parser, splits, topk_accuracy, upsample_grid)
 from miyawaki_dual_encoder import (CHECKPOINT_NAME, DualEncoderConfig, MiyawakiDualEncoder,
-                                   load_for_s1, train_dual_encoder, train_dual_encoders)
+                                   OracleWarning, load_for_s1, train_dual_encoder, train_dual_encoders)
 import miyawaki_generative_backend as G
 
 BASELINES = ("mean_image", "ridge", "ridge_snap", "multiscale_local", "knn1", "knn5")
@@ -284,7 +285,10 @@ def extract_latent_representations(model: MiyawakiDualEncoder, fmri=None, images
     are never fed to the model, so the result is fMRI-only); images: ``M x 1 x 28 x 28``.
     Returns ``model.latents`` as numpy for whichever inputs are given: ``fmri_latent``, ``fmri``
     (correlation embedding, ``N x D``), ``image_latent``, ``image`` (``M x D``), and any other
-    key the model adds."""
+    key the model adds. Given a DataLoader instead (the seed project's call), it returns
+    ``loader_representations``: tensors, with the fMRI-only embedding under ``correlation``."""
+    if isinstance(fmri, torch.utils.data.DataLoader):
+        return loader_representations(model, fmri)
     if isinstance(fmri, Trials):
         fmri = fmri.fmri
     device = next(model.parameters()).device
@@ -297,6 +301,27 @@ def extract_latent_representations(model: MiyawakiDualEncoder, fmri=None, images
     out = model.latents(x=as_tensor(fmri), y=as_tensor(images))
     model.train(was_training)
     return {k: v.cpu().numpy() for k, v in out.items()}
+
+
+@torch.no_grad()
+def loader_representations(model: MiyawakiDualEncoder, loader) -> dict:
+    """The seed project's representations of every batch of a ``make_dataloaders`` loader, as
+    CPU tensors: ``fmri`` and ``image`` (unit encoder latents ``N x D``), ``correlation`` (the
+    fMRI-only embedding ``encode_fmri``, ``N x D``: what to retrieve with), ``image_correlation``
+    (``encode_image`` of each trial's image), ``labels`` and ``image_ids`` ``N``. No embedding mixes
+    a trial's fMRI with its image (the seed's pair embedding did: ``clip_correlation`` warns)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list] = {}
+    for fmri, images, labels, image_ids in loader:
+        out = model.latents(x=fmri.to(device), y=images.to(device))
+        for key, value in (("fmri", out["fmri_latent"]), ("image", out["image_latent"]),
+                           ("correlation", out["fmri"]), ("image_correlation", out["image"]),
+                           ("labels", labels), ("image_ids", image_ids)):
+            parts.setdefault(key, []).append(value.cpu())
+    model.train(was_training)
+    return {k: torch.cat(v) for k, v in parts.items()}
 
 
 def cosine_scores(queries: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -502,7 +527,9 @@ def oracle_metrics(model: MiyawakiDualEncoder, fold: Fold, cand_emb: np.ndarray,
     def joint(trials: Trials) -> np.ndarray:
         x = torch.as_tensor(trials.fmri, device=device)
         y = torch.as_tensor(trials.images, device=device)
-        z = model.clip_correlation(model.fmri_encoder(x), model.stimulus_encoder(y))
+        with warnings.catch_warnings():             # an oracle on purpose, reported as one
+            warnings.simplefilter("ignore", OracleWarning)
+            z = model.clip_correlation(model.fmri_encoder(x), model.stimulus_encoder(y))
         return torch.nn.functional.normalize(z, dim=1).cpu().numpy()
 
     model.eval()

@@ -292,6 +292,16 @@ class CheckpointMixin:
         """{"config": constructor arguments, "state": state dict}, as ``from_checkpoint`` reads it."""
         return {"config": dict(self.config), "state": self.state_dict()}
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; a state of a differently built decoder names the call
+        that rebuilds it from its checkpoint."""
+        try:
+            return super().load_state_dict(state_dict, strict, assign)
+        except RuntimeError as e:
+            raise RuntimeError(f"{one_line(e)}: that state is of a differently configured decoder "
+                               f"(e.g. with a low-level anchor); use {type(self).__name__}"
+                               f".from_checkpoint(path)") from None
+
     @classmethod
     def from_checkpoint(cls, path_or_dict, map_location="cpu", encoder_checkpoint=None):
         """Rebuild from ``outputs/miyawaki_generative_backends.pth`` (a path or the loaded dict)
@@ -364,6 +374,12 @@ class AnchorMixin:
         if anchor_blend > 0 and not anchor_voxels:
             raise ValueError("anchor_blend > 0 needs a decoder with a low-level anchor (anchor_voxels > 0)")
         self.readout = LinearReadout(anchor_voxels, gate_images) if anchor_voxels else None
+
+    def forward(self, condition: torch.Tensor, anchor: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """``decoder(condition[, anchor])`` samples images ``N x 1 x 28 x 28`` (``sample``); from
+        fMRI, ``reconstruct(encoder, decoder, fmri)`` does it all."""
+        return self.sample(condition, generator, anchor)
 
     def _check_anchor(self, anchor: torch.Tensor | None) -> None:
         if (anchor is None) != (self.readout is None):
@@ -502,8 +518,6 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
             snr = self.alphas_cumprod[t] / (1 - self.alphas_cumprod[t])
             per_sample = per_sample * snr.clamp(max=self.snr_gamma) / snr
         return check_finite(per_sample.mean(), "diffusion")
-
-    forward = loss
 
     @torch.no_grad()
     def sample(self, condition: torch.Tensor, generator: torch.Generator | None = None,
@@ -1077,6 +1091,8 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
         "encoder_sha256": enc_sha256, "config": config}
     save_checkpoint({"kind": CHECKPOINT_KIND, "format_version": CHECKPOINT_FORMAT,
                      "diffusion": diffusion.checkpoint_entry(), "gan": gan.checkpoint_entry(),
+                     # the seed project's keys, the same tensors (load with from_checkpoint)
+                     "diffusion_state_dict": diffusion.state_dict(), "gan_state_dict": gan.state_dict(),
                      "config": config, "seed": cfg.seed, "encoder_checkpoint": str(enc_path),
                      "encoder_sha256": enc_sha256,
                      "data_source": data.source, "data_fingerprint": data.fingerprint,
