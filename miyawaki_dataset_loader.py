@@ -797,6 +797,19 @@ def one_line(err: Exception, limit: int = 160) -> str:
     return line[:end + 1] if end > 0 else line[:limit - 1] + "…"
 
 
+class FromCheckpointHint:
+    """Mixin of the models: ``load_state_dict`` of a state saved from a differently configured
+    model fails naming the call that rebuilds it, ``<Class>.from_checkpoint(path)``."""
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        try:
+            return super().load_state_dict(state_dict, strict, assign)
+        except RuntimeError as e:
+            name = type(self).__name__
+            raise RuntimeError(f"{one_line(e)}: that state is of a differently configured {name}; "
+                               f"use {name}.from_checkpoint(path)") from None
+
+
 def load_checkpoint(path: Path, kind: str, script: str, map_location="cpu") -> dict:
     """Load a checkpoint of this project with ``weights_only=True``.
 

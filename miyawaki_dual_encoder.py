@@ -26,7 +26,8 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
-from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, CheckpointError, Fold, MiyawakiData, ScriptOptions,
+from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, CheckpointError, Fold, FromCheckpointHint,
+                                     MiyawakiData, ScriptOptions,
                                      Trials, add_config_args, check_finite, check_options,
                                      check_same_data, config_dict, identification_ranks, load_checkpoint,
                                      one_line, parse_config, prepare_out_dir, rank_summary, resolve_data,
@@ -147,7 +148,7 @@ class CLIPCorrelation(nn.Module):
         return self.net(torch.cat([z_fmri_slot, z_image_slot], dim=1))
 
 
-class MiyawakiDualEncoder(nn.Module):
+class MiyawakiDualEncoder(FromCheckpointHint, nn.Module):
     """fMRI encoder ``V -> 1024 -> 768 -> D``, stimulus CNN ``-> D`` and the correlation head.
 
     ``encode_fmri`` / ``encode_image`` return unit vectors ``N x D`` in the shared space."""
@@ -174,15 +175,6 @@ class MiyawakiDualEncoder(nn.Module):
                 out[key + "_latent"] = F.normalize(z.float(), dim=1)  # float32 under bf16 autocast
                 out[key] = F.normalize(self.clip_correlation(z, z).float(), dim=1)
         return out
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """``nn.Module.load_state_dict``; a state of a differently built model names the call
-        that rebuilds it from its checkpoint."""
-        try:
-            return super().load_state_dict(state_dict, strict, assign)
-        except RuntimeError as e:
-            raise RuntimeError(f"{one_line(e)}: that state is of a differently configured model; "
-                               "use MiyawakiDualEncoder.from_checkpoint(path)") from None
 
     def forward(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> dict:
         """``model(x, y)`` is ``latents(x, y)`` (what ``torch.func.functional_call`` calls)."""

@@ -59,7 +59,8 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
-from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, CheckpointError, RidgeBaseline, ScriptOptions,
+from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, CheckpointError, FromCheckpointHint,
+                                     RidgeBaseline, ScriptOptions,
                                      Trials, add_config_args, check_finite, check_options,
                                      config_dict, file_sha256, load_checkpoint, one_line,
                                      parse_config, pearson_rows, prepare_out_dir,
@@ -283,7 +284,7 @@ def random_boxes(n: int, generator: torch.Generator, device: torch.device) -> to
 
 
 # --------------------------------------------------------------------------- models
-class CheckpointMixin:
+class CheckpointMixin(FromCheckpointHint):
     """``from_checkpoint`` for a decoder stored under ``CHECKPOINT_KEY`` as {"config", "state"}."""
 
     CHECKPOINT_KEY = ""
@@ -291,16 +292,6 @@ class CheckpointMixin:
     def checkpoint_entry(self) -> dict:
         """{"config": constructor arguments, "state": state dict}, as ``from_checkpoint`` reads it."""
         return {"config": dict(self.config), "state": self.state_dict()}
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """``nn.Module.load_state_dict``; a state of a differently built decoder names the call
-        that rebuilds it from its checkpoint."""
-        try:
-            return super().load_state_dict(state_dict, strict, assign)
-        except RuntimeError as e:
-            raise RuntimeError(f"{one_line(e)}: that state is of a differently configured decoder "
-                               f"(e.g. with a low-level anchor); use {type(self).__name__}"
-                               f".from_checkpoint(path)") from None
 
     @classmethod
     def from_checkpoint(cls, path_or_dict, map_location="cpu", encoder_checkpoint=None):
