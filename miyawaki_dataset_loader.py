@@ -568,6 +568,19 @@ def reconstruction_metrics(recon, true, image_ids, candidates, pool_true=None, p
 RIDGE_ALPHAS = np.logspace(-1, 5, 25)
 
 
+class MeanImageBaseline:
+    """Predicts the mean training image for every trial (the information-free floor)."""
+
+    def fit(self, fmri, images):
+        """fmri ``N x V`` (unused), images ``N x ...`` -> self."""
+        self.mean_ = np.asarray(images, dtype=np.float64).reshape(len(images), -1).mean(axis=0)
+        return self
+
+    def predict(self, fmri):
+        """fmri ``N x V`` -> ``N x 784`` copies of the mean training image."""
+        return np.tile(self.mean_, (len(fmri), 1))
+
+
 class RidgeBaseline:
     """Ridge fMRI ``N x V`` -> 784 pixels (BASELINES.md's ridge); one alpha shared by all pixels,
     chosen by efficient leave-one-out. Also the decoders' low-level anchor."""

@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CONDITION_NAMES, GRID, IMAGE_SIDE, RIDGE_ALPHAS, Fold,
                                      RidgeBaseline, ScriptOptions,
-                                     MiyawakiData, Trials, check_options, condition_accuracy, config_dict,
+                                     MeanImageBaseline, MiyawakiData, Trials, check_options,
+                                     condition_accuracy, config_dict,
                                      identification_ranks, identification_scores, identified_labels,
                                      majority_rate, mean_rank, parse_config, pearson_matrix,
                                      pearson_rows,
@@ -96,19 +97,6 @@ def multiscale_bases(sizes=((1, 1), (1, 2), (2, 1), (2, 2))) -> np.ndarray:
                 block[r:r + h, c:c + w] = 1.0
                 bases.append(block.ravel())
     return np.array(bases)
-
-
-class MeanImageBaseline:
-    """Predicts the mean training image for every trial (information-free floor)."""
-
-    def fit(self, fmri, images):
-        """fmri ``N x V`` (unused), images ``N x ...`` -> self."""
-        self.mean_ = _flat(images).mean(axis=0)
-        return self
-
-    def predict(self, fmri):
-        """fmri ``N x V`` -> ``N x 784`` copies of the mean training image."""
-        return np.tile(self.mean_, (len(fmri), 1))
 
 
 class MultiscaleLocalDecoder:
@@ -645,28 +633,9 @@ def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
 
 
 # --------------------------------------------------------------------------- benchmark
-def generative_reconstructions(encoder: MiyawakiDualEncoder, fold: Fold, config: G.GenerativeConfig,
-                               device: torch.device) -> tuple[dict, dict]:
-    """Reconstructions of ``fold.test`` from its fMRI only by both decoders of
-    miyawaki_generative_backend, trained on ``fold.train`` on top of the frozen ``encoder`` and
-    sampled with a generator seeded by ``config.seed``.
-
-    Returns ({"diffusion": recon, "gan": recon}, each ``N x 1 x 28 x 28``; {name: seconds})."""
-    recons, seconds = {}, {}
-    unseen = ~np.isin(fold.test.image_ids, fold.train.image_ids)  # S3: the held-out image
-    *decoders, history = G.train_generative(encoder, fold.train, config, device, progress=False,
-                                            exclude=fold.test.images[unseen])
-    for name, decoder in zip(GENERATIVE, decoders):
-        t = time.perf_counter()
-        recons[name] = G.reconstruct(encoder, decoder, fold.test.fmri,
-                                     torch.Generator().manual_seed(config.seed))
-        seconds[name] = history[name]["seconds"] + time.perf_counter() - t
-    return recons, seconds
-
-
 def permuted_trials(train: Trials, rng: np.random.Generator) -> Trials:
     """Training trials with the fMRI rows shuffled against images, labels and ids (leak control)."""
-    return Trials(train.fmri[rng.permutation(len(train))], train.images, train.labels, train.image_ids)
+    return replace(train, fmri=train.fmri[rng.permutation(len(train))])
 
 
 def aggregate(values: np.ndarray, trial_values: np.ndarray | None = None) -> dict:
@@ -808,7 +777,7 @@ def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool, device: to
             rows.append((method, embedding_fold_metrics(model, train, fold, cfg.knn_k),
                          time.perf_counter() - t + fit_secs))
             if cfg.generative and method == "dual_encoder":
-                recons, secs = generative_reconstructions(model, fold, G.GenerativeConfig(seed=seed),
+                recons, secs = G.decode_fold(model, fold, G.GenerativeConfig(seed=seed),
                                                           device)
                 rows += [(g, score_reconstructions(recon, fold, pool), secs[g])
                          for g, recon in recons.items()]

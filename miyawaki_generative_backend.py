@@ -59,8 +59,8 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
-from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, CheckpointError, FromCheckpointHint,
-                                     RidgeBaseline, ScriptOptions,
+from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, CheckpointError, Fold, FromCheckpointHint,
+                                     MeanImageBaseline, RidgeBaseline, ScriptOptions,
                                      Trials, add_config_args, check_finite, check_options,
                                      config_dict, file_sha256, load_checkpoint, one_line,
                                      parse_config, pearson_rows, prepare_out_dir,
@@ -956,6 +956,23 @@ def train_generative(encoder: nn.Module, fold_train: Trials, config: GenerativeC
     return diffusion, gan, {"diffusion": hist_d, "gan": hist_g, "prior": prior}
 
 
+def decode_fold(encoder: nn.Module, fold: Fold, config: GenerativeConfig,
+                device: torch.device | str = "cpu") -> tuple[dict, dict]:
+    """One cross-validation fold: both decoders trained on ``fold.train`` on top of the frozen
+    ``encoder`` (the image prior excluding the test images absent from training: S3's held-out
+    image), then ``fold.test`` reconstructed from its fMRI only, sampled with a generator seeded
+    by ``config.seed`` -> ({"diffusion" | "gan": ``N x 1 x 28 x 28``}, {name: seconds})."""
+    unseen = ~np.isin(fold.test.image_ids, fold.train.image_ids)
+    *decoders, history = train_generative(encoder, fold.train, config, device, progress=False,
+                                          exclude=fold.test.images[unseen])
+    recons, seconds = {}, {}
+    for name, decoder in zip(("diffusion", "gan"), decoders):
+        t = time.perf_counter()
+        recons[name] = reconstruct(encoder, decoder, fold.test.fmri, torch.Generator().manual_seed(config.seed))
+        seconds[name] = history[name]["seconds"] + time.perf_counter() - t
+    return recons, seconds
+
+
 @torch.no_grad()
 def _decode(encode, decoder: nn.Module, inputs: np.ndarray, anchor,
             generator: torch.Generator | None) -> np.ndarray:
@@ -1063,7 +1080,8 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
         save_figure(plot_sample_grid(samples, f"diffusion DDIM samples after {step} steps "
                                               "(one training trial per image, fMRI embedding)"),
                     grid_dir / f"step_{step:05d}.png")
-    floor = reconstruction_metrics(np.repeat(train.images.mean(0, keepdims=True), len(test), 0), **scoring)
+    floor = reconstruction_metrics(MeanImageBaseline().fit(train.fmri, train.images).predict(test.fmri)
+                                   .reshape(test.images.shape), **scoring)
     config = config_dict(cfg)
     k = len(fold.unique_images)
     metrics = {

@@ -230,7 +230,7 @@ def test_generative_decoders_are_scored_from_fmri_only(sim):
     encoder, _ = D.train_dual_encoder(fold.train, D.DualEncoderConfig(epochs=4, val_fraction=0),
                                       progress=False)
     tiny = G.GenerativeConfig(seed=0, diffusion_steps=3, gan_steps=3, num_inference_steps=2)
-    recons, seconds = E.generative_reconstructions(encoder, fold, tiny, "cpu")
+    recons, seconds = G.decode_fold(encoder, fold, tiny, "cpu")
     assert set(recons) == set(seconds) == {"diffusion", "gan"}
     for recon in recons.values():
         assert recon.shape == (12, 1, 28, 28) and np.all((recon >= 0) & (recon <= 1))
