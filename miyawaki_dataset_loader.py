@@ -641,10 +641,14 @@ def resolve_device(name: str = "auto") -> torch.device:
 class ScriptOptions:
     """The settings every script shares (``add_common_args``); each script's config extends it."""
 
-    data: str | None = None
-    out_dir: Path = DEFAULT_OUT
-    seed: int = field(default=0, metadata={"min": 0})
-    device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "cuda")})
+    data: str | None = field(default=None, metadata={
+        "help": f"a .mat file, 'simulated' or 'simulated-random'; default "
+                f"{DEFAULT_DATA.relative_to(REPO_DIR)}, falling back to the simulated set when that "
+                f"file is absent"})
+    out_dir: Path = field(default=DEFAULT_OUT, metadata={"help": "where outputs go"})
+    seed: int = field(default=0, metadata={"min": 0, "help": "random seed"})
+    device: str = field(default="auto", metadata={
+        "choices": ("auto", "cpu", "cuda"), "help": "auto = CUDA when available, else the CPU"})
 
 
 # metadata key of a config field -> (test the value must pass, its sign in messages)
@@ -658,7 +662,7 @@ def check_options(cfg):
     ``choices``. Raises OptionError naming the first option out of range."""
     for f in fields(cfg):
         value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
-        if "choices" in f.metadata and value not in f.metadata["choices"]:
+        if "choices" in f.metadata and value is not None and value not in f.metadata["choices"]:
             raise OptionError(f"{flag} {value!r} is not one of {', '.join(map(str, f.metadata['choices']))}")
         for item in value if isinstance(value, tuple) else (value,):
             for key, (ok, sign) in BOUNDS.items():
@@ -681,43 +685,44 @@ class ScriptParser(argparse.ArgumentParser):
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The CLI options of ScriptOptions: --data, --out-dir, --seed, --device."""
-    parser.add_argument("--data", default=None,
-                        help=f"a .mat file, 'simulated' or 'simulated-random'; default {DEFAULT_DATA.relative_to(REPO_DIR)}, "
-                             "falling back to the simulated set when that file is absent")
-    parser.add_argument("--out-dir", type=Path, default=ScriptOptions.out_dir, help="where outputs go")
-    parser.add_argument("--seed", type=int, default=ScriptOptions.seed, help="random seed (>= 0)")
-    parser.add_argument("--device", default=ScriptOptions.device, choices=["auto", "cpu", "cuda"])
+    for f in fields(ScriptOptions):
+        _add_field_option(parser, f)
     return parser
 
 
 def script_parser(doc: str) -> argparse.ArgumentParser:
-    """A script's parser (one-line errors): the first line of its docstring ``doc``, defaults
-    shown in ``--help``, and the common options."""
-    parser = ScriptParser(description=doc.split("\n")[0],
+    """A script's parser (one-line errors): the first paragraph of its docstring ``doc``,
+    defaults shown in ``--help``, and the common options."""
+    parser = ScriptParser(description=" ".join(doc.strip().split("\n\n")[0].split()),
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     return add_common_args(parser)
 
 
 def add_config_args(parser: argparse.ArgumentParser, config_cls: type) -> argparse.ArgumentParser:
     """One option ``--field-name`` per field of the dataclass ``config_cls`` except ScriptOptions'
-    ones: the field's default, ``help`` and ``choices`` from its metadata (its bounds, which
-    parse_config checks, appended to the help); a bool becomes ``--x/--no-x``, a tuple takes one
-    or more values of its first item's type."""
+    ones: the field's default, ``help``, ``choices`` and (for a None default) ``type`` from its
+    metadata (its bounds, which parse_config checks, appended to the help); a bool becomes
+    ``--x/--no-x``, a tuple takes one or more values of its first item's type."""
     common = {f.name for f in fields(ScriptOptions)}
     for f in fields(config_cls):
-        if f.name in common:
-            continue
-        default = f.default if f.default is not MISSING else f.default_factory()
-        flag, bounds = "--" + f.name.replace("_", "-"), bounds_text(f.metadata)
-        help_ = " ".join(filter(None, (f.metadata.get("help"), bounds and f"({bounds})"))) or None
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
-        elif isinstance(default, tuple):
-            parser.add_argument(flag, type=type(default[0]), nargs="+", default=default, help=help_)
-        else:
-            parser.add_argument(flag, type=type(default), default=default,
-                                choices=f.metadata.get("choices"), help=help_)
+        if f.name not in common:
+            _add_field_option(parser, f)
     return parser
+
+
+def _add_field_option(parser: argparse.ArgumentParser, f) -> None:
+    """The option ``--field-name`` of one dataclass field (see add_config_args)."""
+    default = f.default if f.default is not MISSING else f.default_factory()
+    flag, bounds = "--" + f.name.replace("_", "-"), bounds_text(f.metadata)
+    help_ = " ".join(filter(None, (f.metadata.get("help"), bounds and f"({bounds})"))) or None
+    if isinstance(default, bool):
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
+    elif isinstance(default, tuple):
+        parser.add_argument(flag, type=type(default[0]), nargs="+", default=default, help=help_)
+    else:
+        type_ = f.metadata.get("type", str if default is None else type(default))
+        parser.add_argument(flag, type=type_, default=default, choices=f.metadata.get("choices"),
+                            help=help_)
 
 
 def parse_config(parser: argparse.ArgumentParser, config_cls: type, argv: list[str] | None = None):
@@ -934,10 +939,11 @@ def summary(data: MiyawakiData) -> str:
 # --------------------------------------------------------------------------- script
 @dataclass
 class LoaderConfig(ScriptOptions):
-    """Settings of this script; argparse mirrors the fields."""
+    """Settings of this script; one command-line option per field (add_config_args)."""
 
-    download: bool = False
-    url: str = DATA_URL
+    download: bool = field(default=False, metadata={
+        "help": "fetch the public preprocessed file (sha256-checked) into --data or data/"})
+    url: str = field(default=DATA_URL, metadata={"help": "download address"})
 
 
 def main(argv: list[str] | LoaderConfig | None = None) -> dict:
@@ -961,12 +967,8 @@ def main(argv: list[str] | LoaderConfig | None = None) -> dict:
 
 
 def parse_args(argv=None) -> LoaderConfig:
-    """Command line (None: sys.argv) -> LoaderConfig."""
-    p = script_parser(__doc__)
-    p.add_argument("--download", action="store_true",
-                   help="fetch the public preprocessed file (sha256-checked) into --data or data/")
-    p.add_argument("--url", default=DATA_URL, help="download address")
-    return parse_config(p, LoaderConfig, argv)
+    """Command line (None: sys.argv) -> LoaderConfig; one option per field."""
+    return parse_config(add_config_args(script_parser(__doc__), LoaderConfig), LoaderConfig, argv)
 
 
 if __name__ == "__main__":

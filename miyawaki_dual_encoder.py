@@ -44,28 +44,36 @@ class DualEncoderConfig:
     """Model and training settings (defaults: the seed's layer sizes, CPU-sized training); the
     metadata bounds are checked on every command line and config (check_options)."""
 
-    latent_dim: int = field(default=512, metadata={"min": 1})
-    fmri_hidden: tuple[int, ...] = field(default=(1024, 768), metadata={"min": 1})
-    cnn_channels: tuple[int, ...] = field(default=(32, 64, 128), metadata={"min": 1})
-    head_hidden: tuple[int, ...] = field(default=(1024, 512), metadata={"min": 1})
-    dropout: float = field(default=0.3, metadata={"min": 0, "below": 1})
-    skip: bool = True              # linear skip paths beside the MLP and the CNN
-    bf16: bool = True              # bfloat16 autocast in training (about 2x faster on CPUs with AVX512-BF16)
-    epochs: int = field(default=100, metadata={"min": 1})
-    batch_size: int = field(default=0, metadata={"min": 0, "help": "0 = full batch"})
-    lr: float = field(default=1e-3, metadata={"above": 0})
-    weight_decay: float = field(default=0.5, metadata={"min": 0})
+    latent_dim: int = field(default=512, metadata={
+        "min": 1, "help": "D: the encoder latents and the correlation embedding"})
+    fmri_hidden: tuple[int, ...] = field(default=(1024, 768), metadata={
+        "min": 1, "help": "hidden widths of the fMRI MLP"})
+    cnn_channels: tuple[int, ...] = field(default=(32, 64, 128), metadata={
+        "min": 1, "help": "channels of the stimulus CNN's conv blocks"})
+    head_hidden: tuple[int, ...] = field(default=(1024, 512), metadata={
+        "min": 1, "help": "hidden widths of the correlation head"})
+    dropout: float = field(default=0.3, metadata={
+        "min": 0, "below": 1, "help": "dropout of the fMRI MLP and the head"})
+    skip: bool = field(default=True, metadata={
+        "help": "linear skip paths beside the fMRI MLP and the CNN"})
+    bf16: bool = field(default=True, metadata={
+        "help": "bfloat16 autocast in training (about 2x faster on CPUs with AVX512-BF16)"})
+    epochs: int = field(default=100, metadata={"min": 1, "help": "training epochs"})
+    batch_size: int = field(default=0, metadata={"min": 0, "help": "trials per step (0 = full batch)"})
+    lr: float = field(default=1e-3, metadata={"above": 0, "help": "peak one-cycle learning rate"})
+    weight_decay: float = field(default=0.5, metadata={"min": 0, "help": "AdamW weight decay"})
     mixup: int = field(default=64, metadata={
         "min": 0, "help": "mixed (fMRI, image) pairs added to every step (0 = off)"})
     mixup_alpha: float = field(default=1.0, metadata={
         "above": 0, "help": "Beta(alpha, alpha) mixing weights"})
     fmri_noise: float = field(default=0.5, metadata={
         "min": 0, "help": "std of Gaussian noise added to z-scored fMRI in training"})
-    logit_scale_init: float = math.log(1 / 0.07)
+    logit_scale_init: float = field(default=math.log(1 / 0.07), metadata={
+        "help": "initial InfoNCE logit scale (log of 1 / temperature, CLIP's ln(1 / 0.07))"})
     val_fraction: float = field(default=0.1, metadata={
         "min": 0, "below": 1, "help": "training trials held out for the curves (never test trials)"})
-    log_every: int = field(default=20, metadata={"min": 1})
-    seed: int = field(default=0, metadata={"min": 0})
+    log_every: int = field(default=20, metadata={"min": 1, "help": "epochs between log lines"})
+    seed: int = field(default=0, metadata={"min": 0, "help": "random seed"})
 
 
 # --------------------------------------------------------------------------- model
@@ -498,7 +506,8 @@ def plot_training_curves(history: dict, chance: float) -> Figure:
 class ScriptConfig(DualEncoderConfig, ScriptOptions):
     """Settings of this script: the model and training fields plus the common options."""
 
-    noise_control: bool = False
+    noise_control: bool = field(default=False, metadata={
+        "help": "replace every fMRI row by Gaussian noise (leak check: must score chance)"})
 
 
 def main(argv: list[str] | ScriptConfig | None = None) -> dict:
@@ -546,11 +555,8 @@ def main(argv: list[str] | ScriptConfig | None = None) -> dict:
 
 
 def parse_args(argv=None) -> ScriptConfig:
-    """Command line (None: sys.argv) -> ScriptConfig; one option per DualEncoderConfig field."""
-    p = add_config_args(script_parser(__doc__), DualEncoderConfig)
-    p.add_argument("--noise-control", action="store_true",
-                   help="replace every fMRI row by Gaussian noise (leak check: must score chance)")
-    return parse_config(p, ScriptConfig, argv)
+    """Command line (None: sys.argv) -> ScriptConfig; one option per field."""
+    return parse_config(add_config_args(script_parser(__doc__), ScriptConfig), ScriptConfig, argv)
 
 
 if __name__ == "__main__":

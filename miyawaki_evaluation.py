@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CONDITION_NAMES, GRID, IMAGE_SIDE, RIDGE_ALPHAS, Fold,
                                      RidgeBaseline, ScriptOptions,
-                                     MeanImageBaseline, MiyawakiData, Trials, check_options,
+                                     MeanImageBaseline, MiyawakiData, Trials, add_config_args,
+                                     check_options,
                                      condition_accuracy, config_dict,
                                      identification_ranks, identification_scores, identified_labels,
                                      majority_rate, mean_rank, parse_config, pearson_matrix,
@@ -919,24 +920,37 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
 # --------------------------------------------------------------------------- script
 @dataclass
 class EvaluationConfig(ScriptOptions):
-    """Settings of this script (``seed``: the t-SNE seed of the checkpoint evaluation); argparse
-    mirrors the fields."""
+    """Settings of this script (``seed``: the t-SNE seed of the checkpoint evaluation); one
+    command-line option per field (add_config_args)."""
 
-    checkpoint: Path | None = None     # default: OUT_DIR/miyawaki_dual_encoder.pth
-    protocol: str | None = None        # None: evaluate the checkpoint on S1; s1/s2/s3: benchmark
-    seeds: tuple[int, ...] = field(default=(0, 1, 2, 3, 4), metadata={"min": 0})
-    epochs: int = field(default=DualEncoderConfig.epochs, metadata={"min": 1})
-    # 0 = all folds (a smaller number is for quick tests)
-    max_folds: int = field(default=0, metadata={"min": 0})
-    permutation_control: bool = False
-    generative: bool = False
-    # benchmark folds run in this many processes at once
-    workers: int = field(default=1, metadata={"min": 1})
-    # a fold's dual encoders: all seeds as one batched model, or one fit per seed (auto: batched on a GPU)
-    seed_fits: str = field(default="auto", metadata={"choices": ("auto", "batched", "separate")})
-    knn_k: int = field(default=5, metadata={"min": 1})
-    tsne_perplexity: float = field(default=30.0, metadata={"above": 0})
-    oracle: bool = False
+    checkpoint: Path | None = field(default=None, metadata={"type": Path,
+        "help": "dual-encoder checkpoint; default OUT_DIR/miyawaki_dual_encoder.pth"})
+    protocol: str | None = field(default=None, metadata={"choices": ("s1", "s2", "s3"),
+        "help": "run the benchmark on this protocol instead of evaluating the checkpoint"})
+    seeds: tuple[int, ...] = field(default=(0, 1, 2, 3, 4), metadata={"min": 0,
+        "help": "benchmark: dual-encoder seeds per fold"})
+    epochs: int = field(default=DualEncoderConfig.epochs, metadata={"min": 1,
+        "help": "benchmark: dual-encoder epochs per fit"})
+    max_folds: int = field(default=0, metadata={"min": 0,
+        "help": "benchmark: only the first N folds (0 = all)"})
+    permutation_control: bool = field(default=False, metadata={
+        "help": "benchmark: also train on fMRI rows shuffled against images, first seed only "
+                "(must be at chance)"})
+    generative: bool = field(default=False, metadata={
+        "help": "benchmark: also train the diffusion and GAN decoders per fold and seed"})
+    workers: int = field(default=1, metadata={"min": 1,
+        "help": "benchmark: folds run in this many processes at once (each gets 1/workers of "
+                "torch's threads; numbers depend slightly on the thread count)"})
+    seed_fits: str = field(default="auto", metadata={"choices": ("auto", "batched", "separate"),
+        "help": "benchmark: train a fold's seeds as one batched (vmapped) model or one by one; "
+                "auto = batched on a GPU (with dropout the batched fits equal separate ones in "
+                "distribution, not number for number)"})
+    knn_k: int = field(default=5, metadata={"min": 1,
+        "help": "neighbours of the kNN condition classifier"})
+    tsne_perplexity: float = field(default=30.0, metadata={"above": 0,
+        "help": "t-SNE perplexity (capped at (points - 1) / 3)"})
+    oracle: bool = field(default=False, metadata={
+        "help": "also report ORACLE numbers that feed the true test image to the model"})
 
 
 def main(argv: list[str] | EvaluationConfig | None = None) -> dict:
@@ -948,34 +962,8 @@ def main(argv: list[str] | EvaluationConfig | None = None) -> dict:
 
 
 def parse_args(argv=None) -> EvaluationConfig:
-    """Command line (None: sys.argv) -> EvaluationConfig."""
-    p = script_parser(__doc__)
-    p.add_argument("--checkpoint", type=Path, default=None,
-                   help="dual-encoder checkpoint; default OUT_DIR/miyawaki_dual_encoder.pth")
-    p.add_argument("--protocol", choices=["s1", "s2", "s3"], default=None,
-                   help="run the benchmark on this protocol instead of evaluating the checkpoint")
-    p.add_argument("--seeds", type=int, nargs="+", default=list(EvaluationConfig.seeds),
-                   help="benchmark: dual-encoder seeds per fold")
-    p.add_argument("--epochs", type=int, default=EvaluationConfig.epochs,
-                   help="benchmark: dual-encoder epochs per fit")
-    p.add_argument("--max-folds", type=int, default=0, help="benchmark: only the first N folds (0 = all)")
-    p.add_argument("--permutation-control", action="store_true",
-                   help="benchmark: also train on fMRI rows shuffled against images, first seed only (must be at chance)")
-    p.add_argument("--generative", action="store_true",
-                   help="benchmark: also train the diffusion and GAN decoders per fold and seed")
-    p.add_argument("--workers", type=int, default=1,
-                   help="benchmark: folds run in this many processes at once (each gets 1/workers of "
-                        "torch's threads; numbers depend slightly on the thread count)")
-    p.add_argument("--seed-fits", choices=["auto", "batched", "separate"], default="auto",
-                   help="benchmark: train a fold's seeds as one batched (vmapped) model or one by one; "
-                        "auto = batched on a GPU (with dropout the batched fits equal separate ones "
-                        "in distribution, not number for number)")
-    p.add_argument("--knn-k", type=int, default=5, help="neighbours of the kNN condition classifier")
-    p.add_argument("--tsne-perplexity", type=float, default=30.0,
-                   help="t-SNE perplexity (capped at (points - 1) / 3)")
-    p.add_argument("--oracle", action="store_true",
-                   help="also report ORACLE numbers that feed the true test image to the model")
-    return parse_config(p, EvaluationConfig, argv)
+    """Command line (None: sys.argv) -> EvaluationConfig; one option per field."""
+    return parse_config(add_config_args(script_parser(__doc__), EvaluationConfig), EvaluationConfig, argv)
 
 
 if __name__ == "__main__":

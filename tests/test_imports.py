@@ -48,3 +48,22 @@ def changed_by_import(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("module", MODULES)
 def test_import_creates_no_files(module, changed_by_import):
     assert changed_by_import[module] == []
+
+
+def test_every_script_option_has_help_and_shows_its_default(monkeypatch):
+    """One config style: each script's options are dataclass fields with help (add_config_args),
+    and ``--help`` (ArgumentDefaultsHelpFormatter) shows every option's help and default."""
+    import argparse
+    import dataclasses
+
+    import miyawaki_dual_encoder as D
+    import miyawaki_evaluation as E
+    import miyawaki_generative_backend as G
+    for module, cls in ((L, L.LoaderConfig), (D, D.ScriptConfig), (E, E.EvaluationConfig),
+                        (G, G.GenerativeConfig)):
+        monkeypatch.setattr(module, "parse_config", lambda parser, config_cls, argv: parser)
+        parser = module.parse_args([])
+        assert parser.formatter_class is argparse.ArgumentDefaultsHelpFormatter
+        helps = {a.dest: a.help for a in parser._actions}
+        for f in dataclasses.fields(cls):
+            assert helps.get(f.name), f"{cls.__name__}.{f.name}: no --help text"
