@@ -488,11 +488,65 @@ def mean_rank(ranks):
     return float(np.mean(ranks))
 
 
+def chance_levels(k: int) -> dict:
+    """The protocol's chance levels among ``k`` candidates: top-1 1/k, top-5 min(5, k)/k, mean
+    rank (k + 1)/2 and 2-way identification 0.5."""
+    return {"top1": 1 / k, "top5": min(5, k) / k, "mean_rank": (k + 1) / 2, "two_way": 0.5}
+
+
 def rank_summary(ranks, k: int) -> dict:
     """Top-1, top-5 and mean rank of ranks (N) among ``k`` candidates, each beside its chance."""
-    return {"n_candidates": k, "chance_top1": 1 / k, "chance_top5": min(5, k) / k,
+    chance = chance_levels(k)
+    return {"n_candidates": k, "chance_top1": chance["top1"], "chance_top5": chance["top5"],
             "top1": topk_accuracy(ranks, 1), "top5": topk_accuracy(ranks, 5),
-            "mean_rank": mean_rank(ranks), "chance_mean_rank": (k + 1) / 2}
+            "mean_rank": mean_rank(ranks), "chance_mean_rank": chance["mean_rank"]}
+
+
+def cosine_scores(queries: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Cosine similarity of every row of queries ``N x D`` with every row of items ``M x D``."""
+    q = np.asarray(queries, np.float64)
+    v = np.asarray(items, np.float64)
+    q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    return q @ v.T
+
+
+def retrieval_ranks(scores, query_ids, item_ids) -> np.ndarray:
+    """Rank of the first match for each query: scores ``N x M`` (higher = better), query_ids ``N``,
+    item_ids ``M``; item j matches query i when their ids are equal (several may match).
+
+    rank = 1 + number of non-matching items scoring >= the best match (ties pessimistic, as in
+    identification_ranks, which this equals when every query has exactly one match)."""
+    scores = np.asarray(scores, np.float64)
+    match = np.asarray(query_ids)[:, None] == np.asarray(item_ids)[None, :]
+    if not match.any(axis=1).all():
+        raise ValueError("every query needs at least one matching item")
+    best = np.where(match, scores, -np.inf).max(axis=1)
+    return 1 + np.sum(~match & (scores >= best[:, None]), axis=1)
+
+
+def identification_summary(scores, true_ids) -> dict:
+    """fMRI -> image identification from scores ``N x K``: ranks, top1, top5, mean_rank, chance."""
+    ranks = identification_ranks(scores, true_ids)
+    return {**rank_summary(ranks, np.shape(scores)[1]), "ranks": ranks}
+
+
+def image_to_fmri_summary(image_emb, image_ids, trial_emb, trial_ids) -> dict:
+    """Reverse direction: each unique image that has test trials (image_emb ``Q x D`` with ids
+    ``Q``) ranks the test trials (trial_emb ``N x D``, ids ``N``); a hit is any trial of that image.
+
+    top1: share of images whose most similar test trial shows them; chance_top1 = mean over the
+    images of (its trials / N). Undefined (nan) when the test trials show a single image."""
+    present = np.isin(image_ids, trial_ids)
+    image_emb, image_ids = np.asarray(image_emb)[present], np.asarray(image_ids)[present]
+    if len(image_ids) < 2:
+        return {"n_queries": int(len(image_ids)), "n_items": int(len(trial_ids)),
+                "top1": float("nan"), "mean_rank": float("nan"), "chance_top1": float("nan")}
+    ranks = retrieval_ranks(cosine_scores(image_emb, trial_emb), image_ids, trial_ids)
+    hits = np.array([np.mean(trial_ids == k) for k in image_ids])
+    return {"n_queries": int(len(image_ids)), "n_items": int(len(trial_ids)),
+            "top1": topk_accuracy(ranks, 1), "mean_rank": mean_rank(ranks),
+            "chance_top1": float(hits.mean())}
 
 
 def two_way_identification(recon, true, image_ids, pool_true=None, pool_ids=None):

@@ -36,15 +36,15 @@ from sklearn.neighbors import KNeighborsClassifier
 from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CONDITION_NAMES, GRID, IMAGE_SIDE, RIDGE_ALPHAS, Fold,
-                                     RidgeBaseline, ScriptOptions,
-                                     MeanImageBaseline, MiyawakiData, Trials, add_config_args,
-                                     check_options,
-                                     condition_accuracy, config_dict,
-                                     identification_ranks, identification_scores, identified_labels,
-                                     majority_rate, mean_rank, parse_config, pearson_matrix,
-                                     pearson_rows,
-                                     per_trial_metrics, prepare_out_dir, rank_summary, resolve_data,
-                                     resolve_device, run_cli, save_figure, save_json, save_text,
+                                     MeanImageBaseline, MiyawakiData, RidgeBaseline, ScriptOptions,
+                                     Trials, add_config_args, chance_levels, check_options,
+                                     condition_accuracy, config_dict, cosine_scores,
+                                     identification_ranks, identification_scores,
+                                     identification_summary, identified_labels,
+                                     image_to_fmri_summary, majority_rate, mean_rank, parse_config,
+                                     pearson_matrix, pearson_rows, per_trial_metrics,
+                                     prepare_out_dir, resolve_data, resolve_device,
+                                     retrieval_ranks, run_cli, save_figure, save_json, save_text,
                                      script_parser, splits, topk_accuracy, upsample_grid)
 from miyawaki_dual_encoder import (CHECKPOINT_NAME, DualEncoderConfig, MiyawakiDualEncoder,
                                    OracleWarning, load_for_s1, train_dual_encoder, train_dual_encoders)
@@ -311,53 +311,6 @@ def loader_representations(model: MiyawakiDualEncoder, loader) -> dict:
             parts.setdefault(key, []).append(value.cpu())
     model.train(was_training)
     return {k: torch.cat(v) for k, v in parts.items()}
-
-
-def cosine_scores(queries: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """Cosine similarity of every row of queries ``N x D`` with every row of items ``M x D``."""
-    q = np.asarray(queries, np.float64)
-    v = np.asarray(items, np.float64)
-    q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-    return q @ v.T
-
-
-def retrieval_ranks(scores, query_ids, item_ids) -> np.ndarray:
-    """Rank of the first match for each query: scores ``N x M`` (higher = better), query_ids ``N``,
-    item_ids ``M``; item j matches query i when their ids are equal (several may match).
-
-    rank = 1 + number of non-matching items scoring >= the best match (ties pessimistic, as in
-    identification_ranks, which this equals when every query has exactly one match)."""
-    scores = np.asarray(scores, np.float64)
-    match = np.asarray(query_ids)[:, None] == np.asarray(item_ids)[None, :]
-    if not match.any(axis=1).all():
-        raise ValueError("every query needs at least one matching item")
-    best = np.where(match, scores, -np.inf).max(axis=1)
-    return 1 + np.sum(~match & (scores >= best[:, None]), axis=1)
-
-
-def identification_summary(scores, true_ids) -> dict:
-    """fMRI -> image identification from scores ``N x K``: ranks, top1, top5, mean_rank, chance."""
-    ranks = identification_ranks(scores, true_ids)
-    return {**rank_summary(ranks, np.shape(scores)[1]), "ranks": ranks}
-
-
-def image_to_fmri_summary(image_emb, image_ids, trial_emb, trial_ids) -> dict:
-    """Reverse direction: each unique image that has test trials (image_emb ``Q x D`` with ids
-    ``Q``) ranks the test trials (trial_emb ``N x D``, ids ``N``); a hit is any trial of that image.
-
-    top1: share of images whose most similar test trial shows them; chance_top1 = mean over the
-    images of (its trials / N). Undefined (nan) when the test trials show a single image."""
-    present = np.isin(image_ids, trial_ids)
-    image_emb, image_ids = np.asarray(image_emb)[present], np.asarray(image_ids)[present]
-    if len(image_ids) < 2:
-        return {"n_queries": int(len(image_ids)), "n_items": int(len(trial_ids)),
-                "top1": float("nan"), "mean_rank": float("nan"), "chance_top1": float("nan")}
-    ranks = retrieval_ranks(cosine_scores(image_emb, trial_emb), image_ids, trial_ids)
-    hits = np.array([np.mean(trial_ids == k) for k in image_ids])
-    return {"n_queries": int(len(image_ids)), "n_items": int(len(trial_ids)),
-            "top1": topk_accuracy(ranks, 1), "mean_rank": mean_rank(ranks),
-            "chance_top1": float(hits.mean())}
 
 
 def knn_condition(train_emb, train_labels, test_emb, k: int = 5) -> np.ndarray:
@@ -887,7 +840,7 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
     result = {
         "protocol": cfg.protocol, "folds": [f[0] for f in folds], "n_folds": len(folds),
         "seeds": list(cfg.seeds), "data_source": data.source, "n_trials": len(data.trials),
-        "chance": {"top1": 1 / k, "top5": min(5, k) / k, "two_way": 0.5,
+        "chance": {**chance_levels(k),
                    "condition_uniform": 1 / len(np.unique(data.unique_labels)),
                    "condition_majority": majority_rate(data.trials.labels)},
         "methods": methods,
@@ -911,7 +864,7 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
         m = methods[name]
         print(f"{METHOD_TITLES.get(name, name):40s} top-1 {m['top1']['mean']:.3f} ± {m['top1']['std']:.3f}"
               f"  top-5 {m['top5']['mean']:.3f}  condition {m['condition']['mean']:.3f}")
-    print(f"chance: top-1 {1 / k:.3f}, top-5 {min(5, k) / k:.3f} | dual encoder "
+    print(f"chance: top-1 {result['chance']['top1']:.3f}, top-5 {result['chance']['top5']:.3f} | dual encoder "
           f"{result['dual_encoder_seconds_per_fit']:.1f} s per fit | total {seconds['total']:.0f} s")
     print(f"saved {out / f'benchmark_{cfg.protocol}.json'} and .md")
     return result

@@ -59,8 +59,8 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
-from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, CheckpointError, Fold, FromCheckpointHint,
-                                     MeanImageBaseline, RidgeBaseline, ScriptOptions,
+from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, CheckpointError, Fold,
+                                     FromCheckpointHint, MeanImageBaseline, RidgeBaseline, ScriptOptions,
                                      Trials, add_config_args, check_finite, check_options,
                                      config_dict, file_sha256, load_checkpoint, one_line,
                                      parse_config, pearson_rows, prepare_out_dir,
@@ -70,7 +70,6 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, CheckpointError, Fold, F
 from miyawaki_dual_encoder import (CHECKPOINT_NAME as ENCODER_CHECKPOINT_NAME, SCRIPT as ENCODER_SCRIPT,
                                    load_for_s1)
 
-IMAGE_PIXELS = 28 * 28
 CHECKPOINT_KIND = "generative_backends"
 CHECKPOINT_NAME = "miyawaki_generative_backends.pth"
 SCRIPT = "miyawaki_generative_backend.py"
@@ -140,9 +139,9 @@ class LinearReadout(nn.Module):
 
     def __init__(self, n_voxels: int, gate_images: int = 0):
         super().__init__()
-        self.register_buffer("weight", torch.zeros(IMAGE_PIXELS, n_voxels))
-        self.register_buffer("bias", torch.zeros(IMAGE_PIXELS))
-        self.register_buffer("gate_images", torch.zeros(gate_images, IMAGE_PIXELS))
+        self.register_buffer("weight", torch.zeros(N_PIXELS, n_voxels))
+        self.register_buffer("bias", torch.zeros(N_PIXELS))
+        self.register_buffer("gate_images", torch.zeros(gate_images, N_PIXELS))
         self.register_buffer("gate_coef", torch.zeros(2))
 
     @classmethod
@@ -167,7 +166,7 @@ class LinearReadout(nn.Module):
 
     def forward(self, fmri: torch.Tensor) -> torch.Tensor:
         """z-scored fMRI ``N x V`` -> read-out ``N x 1 x 28 x 28``."""
-        return (fmri @ self.weight.T + self.bias).reshape(-1, 1, 28, 28)
+        return (fmri @ self.weight.T + self.bias).reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
 
     def novelty(self, anchor: torch.Tensor) -> torch.Tensor:
         """P(the image behind each read-out ``N x 1 x 28 x 28`` is not a training image) ``N``:
@@ -228,7 +227,7 @@ def fit_novelty_gate(train: Trials, alpha: float, unseen: np.ndarray,
             seen[va] = Ridge(alpha=alpha).fit(train.fmri[~va], flat[~va]).predict(train.fmri[va])
     images = train.images[first]
     s = np.concatenate([nearest_image_similarity(unseen, images.reshape(len(images), -1)),
-                        nearest_image_similarity(seen[repeated].reshape(-1, 1, 28, 28).astype(np.float32),
+                        nearest_image_similarity(seen[repeated].reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE).astype(np.float32),
                                                  images.reshape(len(images), -1))])
     y = np.r_[np.ones(len(unseen)), np.zeros(int(repeated.sum()))]
     mu, sd = s.mean(), s.std() + 1e-8
@@ -249,7 +248,8 @@ def augmentation_ops(shift: int) -> tuple[torch.Tensor, torch.Tensor]:
     each shifted by (dy, dx) in {-shift, 0, shift}^2 px with zero fill -> (index ``O x 784`` long,
     mask ``O x 784`` float); op 0 is the identity. ``x.flatten(1).gather(1, index[ops]) *
     mask[ops]`` applies ops ``N`` to images ``N x 1 x 28 x 28``."""
-    grid = np.arange(IMAGE_PIXELS).reshape(28, 28)
+    n = IMAGE_SIDE
+    grid = np.arange(N_PIXELS).reshape(n, n)
     moves = sorted({0, -shift, shift}, key=abs)
     index, mask = [], []
     for k in range(4):
@@ -258,9 +258,9 @@ def augmentation_ops(shift: int) -> tuple[torch.Tensor, torch.Tensor]:
             g = g[:, ::-1] if flip else g
             for dy in moves:
                 for dx in moves:
-                    src = np.full((28, 28), -1)
-                    rows, cols = slice(max(dy, 0), 28 + min(dy, 0)), slice(max(dx, 0), 28 + min(dx, 0))
-                    src[rows, cols] = g[max(-dy, 0):28 - max(dy, 0), max(-dx, 0):28 - max(dx, 0)]
+                    src = np.full((n, n), -1)
+                    rows, cols = slice(max(dy, 0), n + min(dy, 0)), slice(max(dx, 0), n + min(dx, 0))
+                    src[rows, cols] = g[max(-dy, 0):n - max(dy, 0), max(-dx, 0):n - max(dx, 0)]
                     index.append(np.maximum(src.ravel(), 0))
                     mask.append(src.ravel() >= 0)
     return torch.as_tensor(np.array(index)), torch.as_tensor(np.array(mask), dtype=torch.float32)
@@ -277,7 +277,7 @@ def random_boxes(n: int, generator: torch.Generator, device: torch.device) -> to
     are uniform in [7, 21] px, placed uniformly: the pasted part of a cut-and-paste recombination."""
     side = 7 + (_rand((n, 2), generator, device) * 15).long()
     start = (_rand((n, 2), generator, device) * (29 - side)).long()
-    r = torch.arange(28, device=device)
+    r = torch.arange(IMAGE_SIDE, device=device)
     rows = (r[None] >= start[:, :1]) & (r[None] < start[:, :1] + side[:, :1])
     cols = (r[None] >= start[:, 1:]) & (r[None] < start[:, 1:] + side[:, 1:])
     return (rows[:, :, None] & cols[:, None, :]).float()[:, None]
@@ -340,9 +340,9 @@ class MLPDenoiser(nn.Module):
         super().__init__()
         self.time_dim = time_dim
         self.net = nn.Sequential(
-            nn.Linear(IMAGE_PIXELS * (1 + anchor) + time_dim + condition_dim, hidden_dim), nn.SiLU(),
+            nn.Linear(N_PIXELS * (1 + anchor) + time_dim + condition_dim, hidden_dim), nn.SiLU(),
             nn.Linear(hidden_dim, hidden_dim), nn.SiLU(),
-            nn.Linear(hidden_dim, IMAGE_PIXELS))
+            nn.Linear(hidden_dim, N_PIXELS))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor,
                 anchor: torch.Tensor | None = None) -> torch.Tensor:
@@ -536,14 +536,14 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
             timesteps, eta = list(range(start, -1, -1)), 1.0
         else:
             raise ValueError(f"sampler {sampler!r}; use one of {SAMPLERS}")
-        x = _randn((len(condition), IMAGE_PIXELS), generator, condition.device)
+        x = _randn((len(condition), N_PIXELS), generator, condition.device)
         if s < 1:
             x = self.add_noise(anchor_features(anchor), x, torch.full((len(x),), start, device=x.device))
         for i, t in enumerate(timesteps):
             prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
             tt = torch.full((len(x),), t, dtype=torch.long, device=x.device)
             x = self.step(self.predict_noise(x, tt, condition, w, anchor), t, x, prev, eta, generator)
-        return self._blend(((x + 1) / 2).clamp(0, 1).reshape(-1, 1, 28, 28), anchor)
+        return self._blend(((x + 1) / 2).clamp(0, 1).reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE), anchor)
 
 
 class ProjectionDiscriminator(nn.Module):
@@ -554,7 +554,7 @@ class ProjectionDiscriminator(nn.Module):
     def __init__(self, condition_dim: int = 512, hidden_dim: int = 512, anchor: bool = False):
         super().__init__()
         sn = nn.utils.parametrizations.spectral_norm
-        self.phi = nn.Sequential(sn(nn.Linear(IMAGE_PIXELS * (1 + anchor), hidden_dim)), nn.LeakyReLU(0.2),
+        self.phi = nn.Sequential(sn(nn.Linear(N_PIXELS * (1 + anchor), hidden_dim)), nn.LeakyReLU(0.2),
                                  sn(nn.Linear(hidden_dim, hidden_dim)), nn.LeakyReLU(0.2))
         self.psi = sn(nn.Linear(hidden_dim, 1))
         self.embed = sn(nn.Linear(condition_dim, hidden_dim, bias=False))
@@ -586,9 +586,9 @@ class MiyawakiGANDecoder(CheckpointMixin, AnchorMixin, nn.Module):
         self.noise_dim = noise_dim
         anchored = anchor_voxels > 0
         self.generator = nn.Sequential(
-            nn.Linear(correlation_dim + noise_dim + IMAGE_PIXELS * anchored, 512), nn.LeakyReLU(0.2),
+            nn.Linear(correlation_dim + noise_dim + N_PIXELS * anchored, 512), nn.LeakyReLU(0.2),
             nn.Linear(512, 1024), nn.LeakyReLU(0.2),
-            nn.Linear(1024, IMAGE_PIXELS), nn.Sigmoid())
+            nn.Linear(1024, N_PIXELS), nn.Sigmoid())
         self.discriminator = ProjectionDiscriminator(correlation_dim, disc_hidden_dim, anchored)
         self._init_anchor(anchor_voxels, anchor_blend, gate_images)
 
@@ -597,7 +597,7 @@ class MiyawakiGANDecoder(CheckpointMixin, AnchorMixin, nn.Module):
         """Images ``N x 1 x 28 x 28`` from conditions ``N x D``, noise ``N x noise_dim`` (and
         read-outs ``N x 1 x 28 x 28`` when anchored)."""
         parts = [scale_condition(condition), z] + ([] if anchor is None else [anchor_features(anchor)])
-        return self.generator(torch.cat(parts, 1)).reshape(-1, 1, 28, 28)
+        return self.generator(torch.cat(parts, 1)).reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
 
     @torch.no_grad()
     def sample(self, condition: torch.Tensor, generator: torch.Generator | None = None,

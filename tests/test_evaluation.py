@@ -28,7 +28,7 @@ def test_identification_summary_matches_brute_force_cosine_ranking():
     rng = np.random.default_rng(0)
     fmri, cand = unit(rng, 30) * rng.uniform(0.5, 2, (30, 1)), unit(rng, 20)  # norms must not matter
     ids = rng.integers(0, 20, 30)
-    got = E.identification_summary(E.cosine_scores(fmri, cand), ids)
+    got = L.identification_summary(L.cosine_scores(fmri, cand), ids)
     ranks = []
     for f, t in zip(fmri, ids):
         cos = [f @ c / np.linalg.norm(f) / np.linalg.norm(c) for c in cand]
@@ -49,24 +49,24 @@ def test_retrieval_ranks_match_brute_force_with_several_matches_and_ties():
         # best first; a tie puts non-matches first (pessimistic); rank of the first match
         order = sorted(range(12), key=lambda j: (-row[j], item_ids[j] == q))
         want.append(1 + next(p for p, j in enumerate(order) if item_ids[j] == q))
-    np.testing.assert_array_equal(E.retrieval_ranks(scores, query_ids, item_ids), want)
+    np.testing.assert_array_equal(L.retrieval_ranks(scores, query_ids, item_ids), want)
     # one match per query: the same as the protocol's identification ranks
     ids = rng.integers(0, 12, 40)
-    np.testing.assert_array_equal(E.retrieval_ranks(scores, ids, np.arange(12)),
+    np.testing.assert_array_equal(L.retrieval_ranks(scores, ids, np.arange(12)),
                                   L.identification_ranks(scores, ids))
     with pytest.raises(ValueError, match="matching"):
-        E.retrieval_ranks(scores[:1], [9], np.zeros(12))
+        L.retrieval_ranks(scores[:1], [9], np.zeros(12))
 
 
 def test_image_to_fmri_ranks_test_trials_and_is_undefined_for_one_image():
     images = np.eye(4)                                   # image k embedded as e_k
     trials = np.array([[1, 0, 0, 0], [0, 0.2, 1, 0], [0, 0.9, 0.1, 0]], float)
     ids = np.array([0, 1, 2])                            # trial 1 looks like image 2 and vice versa
-    got = E.image_to_fmri_summary(images, np.arange(4), trials, ids)
+    got = L.image_to_fmri_summary(images, np.arange(4), trials, ids)
     assert got["n_queries"] == 3                         # image 3 has no test trial
     assert got["top1"] == pytest.approx(1 / 3) and got["mean_rank"] == pytest.approx(5 / 3)
     assert got["chance_top1"] == pytest.approx(1 / 3)
-    assert np.isnan(E.image_to_fmri_summary(images, np.arange(4), trials, np.zeros(3, int))["top1"])
+    assert np.isnan(L.image_to_fmri_summary(images, np.arange(4), trials, np.zeros(3, int))["top1"])
 
 
 def test_knn_condition_votes_among_training_embeddings():
