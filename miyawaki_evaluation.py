@@ -507,18 +507,25 @@ def print_checkpoint_summary(result: dict) -> None:
     print(f"S1 ridge baseline for reference: top-1 {ridge['top1']:.3f}, top-5 {ridge['top5']:.3f}")
 
 
-def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
-    """Reload the S1 dual encoder, score it from fMRI only, save the figures and the JSON."""
-    device = resolve_device(cfg.device)
-    path = Path(cfg.checkpoint) if cfg.checkpoint else Path(cfg.out_dir) / CHECKPOINT_NAME
-    data = resolve_data(cfg.data)
-    model, ckpt, fold = load_for_s1(path, data, device)
-    out = prepare_out_dir(cfg.out_dir)
-    test, k = fold.test, len(fold.unique_images)
-    cand = extract_latent_representations(model, images=fold.unique_images)
-    tr, te = (extract_latent_representations(model, t) for t in (fold.train, test))  # fMRI only
-    te_img = extract_latent_representations(model, images=test.images)
+def checkpoint_embeddings(model: MiyawakiDualEncoder, fold: Fold) -> dict:
+    """The embeddings the checkpoint evaluation uses: ``candidates`` (the K unique images),
+    ``train`` / ``test`` (fMRI only) and ``test_images`` (the test trials' own images, for the
+    labelled retrieval among them), each ``extract_latent_representations``' dict."""
+    return {"candidates": extract_latent_representations(model, images=fold.unique_images),
+            "train": extract_latent_representations(model, fold.train),
+            "test": extract_latent_representations(model, fold.test),
+            "test_images": extract_latent_representations(model, images=fold.test.images)}
 
+
+def score_checkpoint(model: MiyawakiDualEncoder, fold: Fold, knn_k: int = 5, oracle: bool = False) -> dict:
+    """Score a dual encoder on ``fold`` (fMRI only at test time; no I/O): fMRI -> image
+    identification among the K candidates and the reverse direction, the labelled retrieval
+    among the test trials' own images, condition accuracy (kNN among training trials), the
+    classic baselines, each beside its chance; with ``oracle`` also the ORACLE numbers under
+    ``oracle``. What ``miyawaki_evaluation.py`` writes to ``miyawaki_evaluation.json``."""
+    emb = checkpoint_embeddings(model, fold)
+    cand, tr, te, te_img = (emb[k] for k in ("candidates", "train", "test", "test_images"))
+    test, k = fold.test, len(fold.unique_images)
     sim = cosine_scores(te["fmri"], cand["image"])                       # N x K
     ident = identification_summary(sim, test.image_ids)
     reverse = image_to_fmri_summary(cand["image"], np.arange(k), te["fmri"], test.image_ids)
@@ -526,18 +533,17 @@ def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
     r12 = retrieval_ranks(cosine_scores(te["fmri"], te_img["image"]), test.image_ids, test.image_ids)
     same = test.image_ids[:, None] == test.image_ids[None, :]
     cond = {
-        "k": cfg.knn_k,
+        "k": knn_k,
         "fmri_latent": condition_accuracy(
-            knn_condition(tr["fmri_latent"], fold.train.labels, te["fmri_latent"], cfg.knn_k), test.labels),
+            knn_condition(tr["fmri_latent"], fold.train.labels, te["fmri_latent"], knn_k), test.labels),
         "correlation": condition_accuracy(
-            knn_condition(tr["fmri"], fold.train.labels, te["fmri"], cfg.knn_k), test.labels),
+            knn_condition(tr["fmri"], fold.train.labels, te["fmri"], knn_k), test.labels),
         "majority_rate": majority_rate(test.labels),
-        "uniform_chance": 1 / len(np.unique(data.unique_labels)),
+        "uniform_chance": 1 / len(np.unique(fold.unique_labels)),
     }
     base, _ = evaluate_baselines(fold)
     result = {
-        "split": "s1", "seed": ckpt["seed"], "n_test": n, "checkpoint": str(path),
-        "data_source": data.source,
+        "split": fold.meta.get("split", ""), "n_test": n,
         "identification": {
             "n_candidates": k, "chance_top1": ident["chance_top1"], "chance_top5": ident["chance_top5"],
             "fmri_to_image_top1": ident["top1"], "fmri_to_image_top5": ident["top5"],
@@ -557,12 +563,33 @@ def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
         },
         "condition_accuracy": cond,
         "baselines_s1": {name: fold_means(m) for name, m in base.items()},
-        "config": config_dict(cfg),
     }
+    if oracle:
+        result["oracle"] = oracle_metrics(model, fold, cand["image"], knn_k)
+    return result
+
+
+def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
+    """Reload the S1 dual encoder, score it from fMRI only (score_checkpoint), save the figures
+    and the JSON."""
+    device = resolve_device(cfg.device)
+    path = Path(cfg.checkpoint) if cfg.checkpoint else Path(cfg.out_dir) / CHECKPOINT_NAME
+    data = resolve_data(cfg.data)
+    model, ckpt, fold = load_for_s1(path, data, device)
+    out = prepare_out_dir(cfg.out_dir)
+    scores = score_checkpoint(model, fold, cfg.knn_k, cfg.oracle)
+    result = {"split": "s1", "seed": ckpt["seed"], "n_test": scores["n_test"], "checkpoint": str(path),
+              "data_source": data.source,
+              **{key: v for key, v in scores.items() if key not in ("split", "n_test", "oracle")},
+              "config": config_dict(cfg)}
+    emb = checkpoint_embeddings(model, fold)
+    cand, tr, te = emb["candidates"], emb["train"], emb["test"]
+    test, k, n = fold.test, len(fold.unique_images), len(fold.test)
+    sim = cosine_scores(te["fmri"], cand["image"])
+    ident = {"top1": scores["identification"]["fmri_to_image_top1"]}
     print_checkpoint_summary(result)
     if cfg.oracle:
-        result["oracle"] = oracle_metrics(model, fold, cand["image"], cfg.knn_k)
-        o = result["oracle"]
+        result["oracle"] = o = scores["oracle"]
         print(f"ORACLE (uses the true test image): joint-embedding top-1 "
               f"{o['joint_embedding_top1']:.3f}, top-5 {o['joint_embedding_top5']:.3f}, "
               f"condition {o['joint_embedding_condition']:.3f}; condition from the image latent "

@@ -142,6 +142,18 @@ def test_evaluation_end_to_end_from_fmri_only(trained):
         assert (out / f"miyawaki_{name}.png").stat().st_size > 10_000
 
 
+def test_score_checkpoint_gives_the_script_s_numbers_without_writing(trained, sim):
+    """The notebook call: a pure function of (model, fold) that returns what the script saves."""
+    out, _ = trained
+    saved = json.loads((out / "miyawaki_evaluation.json").read_text())
+    model, _ = D.MiyawakiDualEncoder.from_checkpoint(out / D.CHECKPOINT_NAME)
+    before = sorted(p.name for p in out.iterdir())
+    scores = E.score_checkpoint(model, sim.s1(), oracle=True)
+    assert sorted(p.name for p in out.iterdir()) == before
+    for key in ("identification", "retrieval_test_trials", "condition_accuracy", "oracle"):
+        assert json.loads(json.dumps(scores[key], default=lambda a: a.tolist())) == saved[key], key
+
+
 def test_extract_latents_from_trials_uses_fmri_only(trained, sim):
     model, _ = D.MiyawakiDualEncoder.from_checkpoint(trained[0] / D.CHECKPOINT_NAME)
     test = sim.s1().test
