@@ -1,11 +1,10 @@
 """Shared fixtures: the simulated data set, the real file ($MIYAWAKI_DATA, else data/), a writer of
-.mat files with the PROTOCOL.md schema for the bad-input tests, and seeded unit vectors."""
+.mat files with the PROTOCOL.md schema for the bad-input tests (plain helpers: helpers.py)."""
 
 import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import scipy.io
 import torch
@@ -13,6 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, whatever the cwd
 
 import miyawaki_dataset_loader as L  # noqa: E402
+from helpers import file_arrays  # noqa: E402
 
 # The tests' models are small: one thread is as fast on idle cores, and on a machine shared with
 # another job it is many times faster (a busy core stalls every step of a 2-thread pool).
@@ -56,26 +56,10 @@ def real(real_path) -> L.MiyawakiData:
     return L.load_miyawaki(real_path)
 
 
-def file_arrays(data: L.MiyawakiData) -> dict:
-    """The six PROTOCOL.md keys of a data set in the file's layout: fmri ``N x V``, stim ``N x 784``
-    (MATLAB column-major rows), labels ``N x 1``; the file's split at ``data.n_file_train``."""
-    t, n = data.trials, data.n_file_train
-    stim = t.images[:, 0].transpose(0, 2, 1).reshape(len(t), -1).astype(np.float64)
-    fmri, labels = t.fmri.astype(np.float64), t.labels[:, None].astype(np.uint16)
-    return {"fmriTrn": fmri[:n], "stimTrn": stim[:n], "labelTrn": labels[:n],
-            "fmriTest": fmri[n:], "stimTest": stim[n:], "labelTest": labels[n:]}
-
-
 @pytest.fixture
 def mat_arrays(sim) -> dict:
     """A fresh, editable copy of the simulated set's arrays in the file's layout."""
     return {k: v.copy() for k, v in file_arrays(sim).items()}
-
-
-def unit(n, d=16, seed=0):
-    """``n x d`` random unit vectors (torch), seeded."""
-    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
-    return torch.nn.functional.normalize(x, dim=1)
 
 
 def _write_mat(path: Path, arrays: dict) -> Path:

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-import miyawaki_dataset_loader as M
-import miyawaki_evaluation as B
+import miyawaki_dataset_loader as L
+import miyawaki_evaluation as E
 
 
 def grid_images(rng, n):
@@ -31,14 +31,14 @@ def test_all_baselines_predict_n_by_784():
     images, _ = grid_images(rng, 30)
     fmri = rng.normal(size=(30, 50))
     ids, labels = np.arange(30) % 6, 2 + np.arange(30) % 4
-    for model in (B.MeanImageBaseline(), B.RidgeBaseline(), B.MultiscaleLocalDecoder(),
-                  B.MultiscaleLocalDecoder(only_1x1=True)):
+    for model in (E.MeanImageBaseline(), E.RidgeBaseline(), E.MultiscaleLocalDecoder(),
+                  E.MultiscaleLocalDecoder(only_1x1=True)):
         assert model.fit(fmri[:25], images[:25]).predict(fmri[25:]).shape == (5, 784)
-    knn = B.KNNBaseline(k=5).fit(fmri[:25], images[:25], ids[:25], labels[:25])
+    knn = E.KNNBaseline(k=5).fit(fmri[:25], images[:25], ids[:25], labels[:25])
     assert knn.predict(fmri[25:]).shape == (5, 784)
     assert knn.candidate_scores(fmri[25:], 6).shape == (5, 6)
     assert knn.predict_labels(fmri[25:]).shape == (5,)
-    np.testing.assert_allclose(B.MeanImageBaseline().fit(fmri, images).predict(fmri[:2]),
+    np.testing.assert_allclose(E.MeanImageBaseline().fit(fmri, images).predict(fmri[:2]),
                                np.tile(images.reshape(30, -1).mean(0), (2, 1)))
 
 
@@ -46,21 +46,21 @@ def test_ridge_recovers_a_linear_map():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(300, 20))
     y = x @ rng.normal(size=(20, 784)) + 0.5
-    model = B.RidgeBaseline().fit(x[:250], y[:250])
-    assert model.alpha_ == B.RIDGE_ALPHAS[0]
+    model = E.RidgeBaseline().fit(x[:250], y[:250])
+    assert model.alpha_ == E.RIDGE_ALPHAS[0]
     np.testing.assert_allclose(model.predict(x[250:]), y[250:], atol=0.05)
 
 
 def test_grid_layout_and_basis_counts():
     rng = np.random.default_rng(2)
     images, grids = grid_images(rng, 3)
-    np.testing.assert_array_equal(grids[:, B.grid_cell_of_pixel()], images.reshape(3, 784))
-    sizes = B.multiscale_bases().sum(axis=1)
+    np.testing.assert_array_equal(grids[:, E.grid_cell_of_pixel()], images.reshape(3, 784))
+    sizes = E.multiscale_bases().sum(axis=1)
     assert len(sizes) == 361 and list(np.bincount(sizes.astype(int))[[1, 2, 4]]) == [100, 180, 81]
-    assert B.MultiscaleLocalDecoder().n_bases == 361
-    assert B.MultiscaleLocalDecoder(only_1x1=True).n_bases == 100
+    assert E.MultiscaleLocalDecoder().n_bases == 361
+    assert E.MultiscaleLocalDecoder(only_1x1=True).n_bases == 100
     # 1x1 contrasts are the grid cells; a 2x2 contrast is the mean of its four cells
-    contrast = B.MultiscaleLocalDecoder().contrast_
+    contrast = E.MultiscaleLocalDecoder().contrast_
     np.testing.assert_allclose(images.reshape(3, 784) @ contrast[:100].T, grids)
     np.testing.assert_allclose(images.reshape(3, 784) @ contrast[-1], grids[:, [88, 89, 98, 99]].mean(1))
 
@@ -72,11 +72,11 @@ def test_local_decoder_decodes_a_linear_grid_code_and_keeps_constant_bases():
     images[:, 0, :2, :2] = 1.0
     # more voxels than training trials: RidgeCV's fast eigen mode
     fmri = grids @ rng.normal(size=(100, 200)) + 0.01 * rng.normal(size=(180, 200))
-    recon = B.MultiscaleLocalDecoder(only_1x1=True).fit(fmri[:150], images[:150]).predict(fmri[150:])
+    recon = E.MultiscaleLocalDecoder(only_1x1=True).fit(fmri[:150], images[:150]).predict(fmri[150:])
     np.testing.assert_allclose(recon, images[150:].reshape(30, 784), atol=0.15)
     np.testing.assert_allclose(recon.reshape(30, 28, 28)[:, :2, :2], 1.0, atol=1e-12)
-    multi = B.MultiscaleLocalDecoder().fit(fmri[:150], images[:150]).predict(fmri[150:])
-    assert M.pearson_rows(multi, images[150:].reshape(30, 784)).mean() > 0.8
+    multi = E.MultiscaleLocalDecoder().fit(fmri[:150], images[:150]).predict(fmri[150:])
+    assert L.pearson_rows(multi, images[150:].reshape(30, 784)).mean() > 0.8
 
 
 def brute_knn_order(sim, train_ids, k, n_images):
@@ -94,14 +94,14 @@ def test_knn_ranking_matches_brute_force(k):
     fmri, images = rng.normal(size=(40, 30)), rng.random((40, 784))
     ids = rng.integers(0, 7, 40)
     ids[ids == 6] = 5  # image 6 absent from training
-    knn = B.KNNBaseline(k).fit(fmri[:30], images[:30], ids[:30], np.zeros(30, int))
-    ranks = M.identification_ranks(knn.candidate_scores(fmri[30:], 7), np.zeros(10, int))
-    sim = M.pearson_matrix(fmri[30:], fmri[:30])
+    knn = E.KNNBaseline(k).fit(fmri[:30], images[:30], ids[:30], np.zeros(30, int))
+    ranks = L.identification_ranks(knn.candidate_scores(fmri[30:], 7), np.zeros(10, int))
+    sim = L.pearson_matrix(fmri[30:], fmri[:30])
     for i in range(10):
         order = brute_knn_order(sim[i], ids[:30], k, 7)
         assert ranks[i] == order.index(0) + 1
         assert order[-1] == 6
-    assert np.all(M.identification_ranks(knn.candidate_scores(fmri[30:], 7), np.full(10, 6)) == 7)
+    assert np.all(L.identification_ranks(knn.candidate_scores(fmri[30:], 7), np.full(10, 6)) == 7)
 
 
 def test_knn_votes_beat_similarity_and_label_ties_go_to_the_closest():
@@ -109,13 +109,13 @@ def test_knn_votes_beat_similarity_and_label_ties_go_to_the_closest():
     test, train = correlated_fmri([0.9, 0.8, 0.7, 0.6, 0.5, 0.1])
     images = np.eye(6, 784)
     ids, labels = np.array([2, 0, 0, 1, 1, 3]), np.array([3, 2, 2, 3, 5, 4])
-    knn5 = B.KNNBaseline(5).fit(train, images, ids, labels)
+    knn5 = E.KNNBaseline(5).fit(train, images, ids, labels)
     scores = knn5.candidate_scores(test, 5)[0]
     # votes 2, 2, 1, 0 for images 0, 1, 2, 3; image 0 has the closer trial; image 4 absent
     assert list(np.argsort(-scores, kind="stable")) == [0, 1, 2, 3, 4] and scores[4] == -np.inf
     assert knn5.predict_labels(test)[0] == 3  # labels 3,2,2,3,5: tie 2 vs 3, trial 0 is closest
     np.testing.assert_allclose(knn5.predict(test)[0], images[:5].mean(0))
-    knn1 = B.KNNBaseline(1).fit(train, images, ids, labels)
+    knn1 = E.KNNBaseline(1).fit(train, images, ids, labels)
     assert np.argmax(knn1.candidate_scores(test, 5)[0]) == 2 and knn1.predict_labels(test)[0] == 3
 
 
@@ -123,13 +123,13 @@ def test_snap_to_templates_picks_the_best_correlated_candidate():
     rng = np.random.default_rng(5)
     templates = rng.random((4, 784))
     recon = templates[[2, 0]] + 0.1 * rng.normal(size=(2, 784))
-    np.testing.assert_array_equal(B.snap_to_templates(recon, templates), templates[[2, 0]])
+    np.testing.assert_array_equal(E.snap_to_templates(recon, templates), templates[[2, 0]])
 
 
 def test_ridge_reproduces_baselines_md_on_real_s1(real):
     fold = real.s1()
-    recon = B.RidgeBaseline().fit(fold.train.fmri, fold.train.images).predict(fold.test.fmri)
-    m = M.reconstruction_metrics(recon, fold.test.images, fold.test.image_ids, fold.unique_images)
+    recon = E.RidgeBaseline().fit(fold.train.fmri, fold.train.images).predict(fold.test.fmri)
+    m = L.reconstruction_metrics(recon, fold.test.images, fold.test.image_ids, fold.unique_images)
     assert m["top1"] >= 0.95
     assert m["pixcorr"] == pytest.approx(0.940, abs=0.02)
 
@@ -146,11 +146,11 @@ S1_REFERENCE = {
 
 
 def test_evaluate_baselines_reproduces_the_s1_table(real):
-    results, seconds = B.evaluate_baselines(real.s1())
-    assert set(results) == set(S1_REFERENCE) == set(B.BASELINES) == set(seconds)
+    results, seconds = E.evaluate_baselines(real.s1())
+    assert set(results) == set(S1_REFERENCE) == set(E.BASELINES) == set(seconds)
     for name, ref in S1_REFERENCE.items():
-        got = B.fold_means(results[name])
-        for metric, want in zip(B.METRICS, ref):
+        got = E.fold_means(results[name])
+        for metric, want in zip(E.METRICS, ref):
             assert got[metric] == pytest.approx(want, abs=6e-5 if metric == "mse" else 6e-4), \
                 (name, metric)
 
@@ -158,10 +158,10 @@ def test_evaluate_baselines_reproduces_the_s1_table(real):
 def test_ridge_reproduces_the_s3_zero_shot_numbers(real):
     pool = (real.trials.images, real.trials.image_ids)
     top1, pixcorr = [], []
-    for name, tr, te in M.splits("s3", real):
+    for name, tr, te in L.splits("s3", real):
         fold = real.fold(tr, te, name)
-        recon = B.RidgeBaseline().fit(fold.train.fmri, fold.train.images).predict(fold.test.fmri)
-        m = B.score_reconstructions(recon, fold, pool)
+        recon = E.RidgeBaseline().fit(fold.train.fmri, fold.train.images).predict(fold.test.fmri)
+        m = E.score_reconstructions(recon, fold, pool)
         top1.append(m["top1"].mean())
         pixcorr.append(m["pixcorr"].mean())
     assert np.mean(top1) == pytest.approx(0.515, abs=0.0006)   # mean over the 20 LOSO folds

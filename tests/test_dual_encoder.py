@@ -12,7 +12,7 @@ from miyawaki_dataset_loader import CheckpointError, Trials, splits
 from miyawaki_dual_encoder import (DualEncoderConfig, MiyawakiDualEncoder, contrastive_loss,
                                    identify, main, mixup, pair_loss, train_dual_encoder,
                                    train_dual_encoders)
-from conftest import unit
+from helpers import unit
 
 FAST = DualEncoderConfig(epochs=25, mixup=32, val_fraction=0.0)
 

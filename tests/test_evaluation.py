@@ -13,7 +13,7 @@ import miyawaki_dataset_loader as L
 import miyawaki_dual_encoder as D
 import miyawaki_evaluation as E
 import miyawaki_generative_backend as G
-from conftest import file_arrays
+from helpers import file_arrays
 
 FAST = ["--device", "cpu", "--data", "simulated"]
 

@@ -12,7 +12,7 @@ import torch
 import miyawaki_dataset_loader as L
 import miyawaki_dual_encoder as D
 import miyawaki_generative_backend as G
-from conftest import unit
+from helpers import unit
 
 FAST_ENCODER = D.DualEncoderConfig(epochs=25, mixup=32, val_fraction=0.0)
 TINY = G.GenerativeConfig(diffusion_steps=150, gan_steps=100, log_every=50, n_sample_grids=1)

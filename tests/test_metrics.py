@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
 
-import miyawaki_dataset_loader as M
+import miyawaki_dataset_loader as L
 
 
 def brute_pearson(x, y):
@@ -25,11 +25,11 @@ def test_pearson_matrix_matches_loop_and_constant_rows_give_zero():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(5, 30)), rng.normal(size=(7, 30))
     a[2], b[4] = 3.0, 0.1  # constant rows (0.1 leaves rounding residue when centred)
-    got = M.pearson_matrix(a, b)
+    got = L.pearson_matrix(a, b)
     want = np.array([[brute_pearson(x, y) for y in b] for x in a])
     np.testing.assert_allclose(got, want, atol=1e-12)
     assert np.all(got[2] == 0) and np.all(got[:, 4] == 0)
-    np.testing.assert_allclose(M.pearson_rows(a, b[:5]), np.diag(want[:, :5]), atol=1e-12)
+    np.testing.assert_allclose(L.pearson_rows(a, b[:5]), np.diag(want[:, :5]), atol=1e-12)
 
 
 def test_identification_ranks_match_loop_and_ties_are_pessimistic():
@@ -37,15 +37,15 @@ def test_identification_ranks_match_loop_and_ties_are_pessimistic():
     scores = rng.integers(0, 4, size=(50, 6)).astype(float)  # many ties
     ids = rng.integers(0, 6, 50)
     want = [sum(s >= row[t] for s in row) for row, t in zip(scores, ids)]
-    np.testing.assert_array_equal(M.identification_ranks(scores, ids), want)
-    np.testing.assert_array_equal(M.identification_ranks([[0.9, 0.1, 0.5], [0.0, 0.0, 0.0]], [0, 1]),
+    np.testing.assert_array_equal(L.identification_ranks(scores, ids), want)
+    np.testing.assert_array_equal(L.identification_ranks([[0.9, 0.1, 0.5], [0.0, 0.0, 0.0]], [0, 1]),
                                   [1, 3])
 
 
 def test_topk_and_mean_rank():
     ranks = np.array([1, 2, 5, 6, 20])
-    assert M.topk_accuracy(ranks, 1) == 0.2 and M.topk_accuracy(ranks, 5) == 0.6
-    assert M.mean_rank(ranks) == 6.8
+    assert L.topk_accuracy(ranks, 1) == 0.2 and L.topk_accuracy(ranks, 5) == 0.6
+    assert L.mean_rank(ranks) == 6.8
 
 
 def brute_two_way(recon, true, ids, pool_true, pool_ids):
@@ -62,10 +62,10 @@ def test_two_way_matches_loop_for_fold_and_external_pool():
     rng = np.random.default_rng(2)
     true, ids, templates = random_images(rng, 12, k=5)
     recon = true + rng.normal(scale=2.0, size=true.shape)
-    np.testing.assert_allclose(M.two_way_identification(recon, true, ids),
+    np.testing.assert_allclose(L.two_way_identification(recon, true, ids),
                                brute_two_way(recon, true, ids, true, ids))
     pool, pool_ids = templates[[0, 1, 1, 2, 3, 4, 4]], np.array([0, 1, 1, 2, 3, 4, 4])
-    np.testing.assert_allclose(M.two_way_identification(recon, true, ids, pool, pool_ids),
+    np.testing.assert_allclose(L.two_way_identification(recon, true, ids, pool, pool_ids),
                                brute_two_way(recon, true, ids, pool, pool_ids))
 
 
@@ -73,11 +73,11 @@ def test_two_way_hand_cases():
     true = np.array([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0]])
     ids = np.array([0, 1, 2])
     # perfect reconstructions win everything; a constant one ties everything (0.5)
-    np.testing.assert_array_equal(M.two_way_identification(true, true, ids), [1, 1, 1])
+    np.testing.assert_array_equal(L.two_way_identification(true, true, ids), [1, 1, 1])
     recon = np.vstack([true[:2], np.full(4, 0.3)])
-    np.testing.assert_array_equal(M.two_way_identification(recon, true, ids), [1, 1, 0.5])
+    np.testing.assert_array_equal(L.two_way_identification(recon, true, ids), [1, 1, 0.5])
     # same-image trials are not rivals; a trial with no rival gives nan
-    got = M.two_way_identification(true[:2], true[:2], np.array([0, 0]))
+    got = L.two_way_identification(true[:2], true[:2], np.array([0, 0]))
     assert np.all(np.isnan(got))
 
 
@@ -85,7 +85,7 @@ def test_reconstruction_metrics_match_loops_and_clip():
     rng = np.random.default_rng(3)
     true, ids, templates = random_images(rng, 10)
     recon = true + rng.normal(scale=0.4, size=true.shape)   # leaves [0, 1]: clipped first
-    got = M.reconstruction_metrics(recon.reshape(10, 1, 28, 28), true.reshape(10, 1, 28, 28),
+    got = L.reconstruction_metrics(recon.reshape(10, 1, 28, 28), true.reshape(10, 1, 28, 28),
                                    ids, templates)
     c = np.clip(recon, 0, 1)
     ranks = [sum(brute_pearson(r, t) >= brute_pearson(r, templates[i]) for t in templates)
@@ -109,13 +109,13 @@ def test_reconstruction_metrics_scores_override_ranking():
     true, ids, templates = random_images(rng, 4, k=3)
     scores = np.zeros((4, 3))
     scores[np.arange(4), (ids + 1) % 3] = 1.0  # always ranks a wrong candidate first
-    got = M.reconstruction_metrics(true, true, ids, templates, scores=scores)
+    got = L.reconstruction_metrics(true, true, ids, templates, scores=scores)
     assert got["pixcorr"] == pytest.approx(1.0) and got["top1"] == 0.0
 
 
 def test_condition_helpers():
     scores = np.array([[0.1, 0.9, 0.2], [0.8, 0.1, 0.1], [0.5, 0.5, 0.0]])
-    labels = M.identified_labels(scores, np.array([2, 3, 5]))
+    labels = L.identified_labels(scores, np.array([2, 3, 5]))
     np.testing.assert_array_equal(labels, [3, 2, 2])   # tie at the top: first candidate
-    assert M.condition_accuracy(labels, [3, 2, 5]) == pytest.approx(2 / 3)
-    assert M.majority_rate([2, 3, 3, 5]) == 0.5
+    assert L.condition_accuracy(labels, [3, 2, 5]) == pytest.approx(2 / 3)
+    assert L.majority_rate([2, 3, 3, 5]) == 0.5
