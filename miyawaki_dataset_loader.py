@@ -48,7 +48,7 @@ CONDITION_NAMES = {1: "random", 2: "shapes", 3: "letters (thin)", 4: "letters (l
                    5: "letters (regular)"}
 SIM_RANDOM_IMAGES = 440  # Miyawaki's random-image session: 440 trials
 REQUIRED_KEYS = ("fmriTrn", "stimTrn", "labelTrn", "fmriTest", "stimTest", "labelTest")
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: one layout, a model's {config, state} beside the script_config
 GET_DATA_HINT = ("get the real file with `python miyawaki_dataset_loader.py --download` "
                  "or run on the built-in simulated set with `--data simulated`")
 
@@ -246,6 +246,54 @@ def load_miyawaki(path: str | os.PathLike) -> MiyawakiData:
     return _assemble(fmri, stim, labels.astype(np.int64), len(parts["Trn"][0]), str(path))
 
 
+def resolve_data(arg: str | os.PathLike | None = None) -> MiyawakiData:
+    """``--data`` handling: a path, ``"simulated"``, ``"simulated-random"``, or None for the
+    default path, falling back to the simulated set (with a one-line notice) when the default file
+    is absent."""
+    if arg is not None and str(arg) == "simulated":
+        print("data: built-in simulated data set (--data simulated)")
+        return make_simulated_dataset()
+    if arg is not None and str(arg) == "simulated-random":
+        print(f"data: built-in simulated random-image session (--data simulated-random: "
+              f"{SIM_RANDOM_IMAGES} random patterns to train on, the 20 figures to test on)")
+        return make_simulated_dataset(random_images=SIM_RANDOM_IMAGES)
+    path = Path(arg) if arg is not None else DEFAULT_DATA
+    if arg is None and not path.is_file():
+        print(f"data: no file at {path}; using the built-in SIMULATED data set "
+              f"(to use the real one, {GET_DATA_HINT.split(' or ')[0]})")
+        return make_simulated_dataset()
+    data = load_miyawaki(path)
+    print(f"data: {path} ({len(data.trials)} trials, {data.n_voxels} voxels)")
+    return data
+
+
+def download(url: str = DATA_URL, dest: Path = DEFAULT_DATA, sha256: str = DATA_SHA256,
+             timeout: float = 60.0) -> Path:
+    """Fetch the public preprocessed file, verify its sha256 and move it into place atomically.
+
+    A failed or corrupted download leaves nothing behind."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
+            while chunk := r.read(1 << 20):
+                digest.update(chunk)
+                f.write(chunk)
+        if digest.hexdigest() != sha256:
+            raise DataError(f"download from {url} has sha256 {digest.hexdigest()[:12]}..., expected "
+                            f"{sha256[:12]}...; nothing was saved, try again or copy the file by hand")
+        os.replace(tmp, dest)
+    except (OSError, http.client.HTTPException) as e:  # network errors, cut-off transfers
+        raise DataError(f"could not download {url} ({e}); copy the file to {dest} by hand "
+                        "or use `--data simulated`") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dest
+
+
 # --------------------------------------------------------------------------- simulated data
 _LETTER_STROKES = {"n": "TLR", "e": "TLMBh", "u": "LRB", "r": "TL", "o": "TLRB"}
 # condition -> (x0, y0, width, height, stroke thickness) of the letter box on the 10 x 10 grid
@@ -352,54 +400,6 @@ def make_simulated_dataset(seed: int = 0, snr: float = 1.5, n_voxels: int = 967,
     stim = upsample_grid(grids[ids]).transpose(0, 2, 1).reshape(len(ids), -1)  # column-major rows
     return _assemble(fmri, stim, labels10[ids], len(train_rows),
                      "simulated-random" if random_images else "simulated")
-
-
-def resolve_data(arg: str | os.PathLike | None = None) -> MiyawakiData:
-    """``--data`` handling: a path, ``"simulated"``, ``"simulated-random"``, or None for the
-    default path, falling back to the simulated set (with a one-line notice) when the default file
-    is absent."""
-    if arg is not None and str(arg) == "simulated":
-        print("data: built-in simulated data set (--data simulated)")
-        return make_simulated_dataset()
-    if arg is not None and str(arg) == "simulated-random":
-        print(f"data: built-in simulated random-image session (--data simulated-random: "
-              f"{SIM_RANDOM_IMAGES} random patterns to train on, the 20 figures to test on)")
-        return make_simulated_dataset(random_images=SIM_RANDOM_IMAGES)
-    path = Path(arg) if arg is not None else DEFAULT_DATA
-    if arg is None and not path.is_file():
-        print(f"data: no file at {path}; using the built-in SIMULATED data set "
-              f"(to use the real one, {GET_DATA_HINT.split(' or ')[0]})")
-        return make_simulated_dataset()
-    data = load_miyawaki(path)
-    print(f"data: {path} ({len(data.trials)} trials, {data.n_voxels} voxels)")
-    return data
-
-
-def download(url: str = DATA_URL, dest: Path = DEFAULT_DATA, sha256: str = DATA_SHA256,
-             timeout: float = 60.0) -> Path:
-    """Fetch the public preprocessed file, verify its sha256 and move it into place atomically.
-
-    A failed or corrupted download leaves nothing behind."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
-    try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
-            while chunk := r.read(1 << 20):
-                digest.update(chunk)
-                f.write(chunk)
-        if digest.hexdigest() != sha256:
-            raise DataError(f"download from {url} has sha256 {digest.hexdigest()[:12]}..., expected "
-                            f"{sha256[:12]}...; nothing was saved, try again or copy the file by hand")
-        os.replace(tmp, dest)
-    except (OSError, http.client.HTTPException) as e:  # network errors, cut-off transfers
-        raise DataError(f"could not download {url} ({e}); copy the file to {dest} by hand "
-                        "or use `--data simulated`") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return dest
 
 
 # --------------------------------------------------------------------------- splits (PROTOCOL.md)
@@ -670,7 +670,7 @@ def majority_rate(labels):
     return float(np.max(np.unique(labels, return_counts=True)[1]) / len(labels))
 
 
-# --------------------------------------------------------------------------- shared utilities
+# --------------------------------------------------------------------------- plumbing (seeding, device, options, files)
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch (CPU and CUDA) and ask torch for deterministic kernels."""
     # cuBLAS is deterministic only with a fixed workspace; it reads this when CUDA first starts

@@ -207,7 +207,7 @@ class MiyawakiDualEncoder(FromCheckpointHint, nn.Module):
         cfg = config_from_dict(ckpt["config"])
         model = cls(ckpt["n_voxels"], cfg.latent_dim, cfg)
         try:
-            model.load_state_dict(ckpt["model_state"])
+            model.load_state_dict(ckpt["state"])
         except RuntimeError as e:
             raise_config_mismatch(path, e)
         return model.to(map_location).eval(), ckpt
@@ -541,7 +541,7 @@ def main(argv: list[str] | ScriptConfig | None = None) -> dict:
     config = config_dict(cfg)
     state = model.state_dict()
     save_checkpoint({"kind": "dual_encoder", "format_version": CHECKPOINT_FORMAT,
-                     "model_state": state, "model_state_dict": state,  # the seed's key, same tensors
+                     "state": state, "model_state_dict": state,  # the seed's key, same tensors
                      "config": asdict(model_cfg),
                      "script_config": config, "seed": cfg.seed,
                      "fmri_mean": torch.as_tensor(fold.fmri_mean),

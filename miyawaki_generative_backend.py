@@ -1102,7 +1102,7 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
                      "diffusion": diffusion.checkpoint_entry(), "gan": gan.checkpoint_entry(),
                      # the seed project's keys, the same tensors (load with from_checkpoint)
                      "diffusion_state_dict": diffusion.state_dict(), "gan_state_dict": gan.state_dict(),
-                     "config": config, "seed": cfg.seed, "encoder_checkpoint": str(enc_path),
+                     "script_config": config, "seed": cfg.seed, "encoder_checkpoint": str(enc_path),
                      "encoder_sha256": enc_sha256,
                      "data_source": data.source, "data_fingerprint": data.fingerprint,
                      "n_voxels": data.n_voxels, "metrics": metrics,

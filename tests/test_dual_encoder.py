@@ -139,7 +139,7 @@ def test_script_checkpoint_round_trip(tmp_path):
     assert ckpt["kind"] == "dual_encoder" and ckpt["config"]["epochs"] == 4
     model, _ = MiyawakiDualEncoder.from_checkpoint(path)
     trained = MiyawakiDualEncoder(ckpt["n_voxels"], 512)
-    trained.load_state_dict(ckpt["model_state"])
+    trained.load_state_dict(ckpt["state"])
     x = torch.randn(3, ckpt["n_voxels"])
     assert torch.equal(model.encode_fmri(x), trained.eval().encode_fmri(x))
     assert (tmp_path / "miyawaki_training_curves.png").stat().st_size > 0
