@@ -26,6 +26,7 @@ import sys
 import tempfile
 import urllib.request
 import warnings
+from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -793,6 +794,21 @@ def parse_config(parser: argparse.ArgumentParser, config_cls: type, argv: list[s
 def config_dict(cfg) -> dict:
     """A config dataclass as plain values (paths as strings), for checkpoints and JSON files."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+
+
+@contextmanager
+def evaluating(*models: torch.nn.Module):
+    """A block with ``models`` in eval mode and without gradients; each model's mode is restored
+    after (the one way this project runs a model for scores or samples)."""
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
 
 
 def check_finite(loss: torch.Tensor, name: str) -> torch.Tensor:

@@ -32,7 +32,7 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, CheckpointError, Fold, F
                                      check_same_data, config_dict, identification_ranks, load_checkpoint,
                                      one_line, parse_config, prepare_out_dir, rank_summary, resolve_data,
                                      resolve_device, run_cli, save_checkpoint, save_figure, save_json,
-                                     script_parser, seed_everything)
+                                     script_parser, seed_everything, evaluating)
 
 CHECKPOINT_NAME = "miyawaki_dual_encoder.pth"
 SCRIPT = "miyawaki_dual_encoder.py"
@@ -313,15 +313,12 @@ def pair_loss(model: MiyawakiDualEncoder, x: torch.Tensor, y: torch.Tensor,
 
 
 # --------------------------------------------------------------------------- training
-@torch.no_grad()
 def identify(model: MiyawakiDualEncoder, fmri: torch.Tensor, candidates: torch.Tensor,
              true_ids: np.ndarray) -> np.ndarray:
     """Rank of the true image (1 = best) among ``K`` candidates for each fMRI trial ``N x V``,
     by cosine similarity of fMRI-only and image embeddings."""
-    was_training = model.training
-    model.eval()
-    scores = (model.encode_fmri(fmri) @ model.encode_image(candidates).T).cpu().numpy()
-    model.train(was_training)
+    with evaluating(model):
+        scores = (model.encode_fmri(fmri) @ model.encode_image(candidates).T).cpu().numpy()
     return identification_ranks(scores, true_ids)
 
 
@@ -405,8 +402,7 @@ def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.d
             losses.append(loss.item())
         history["train_loss"].append(float(np.mean(losses)))
         if len(val_idx):
-            model.eval()
-            with torch.no_grad():
+            with evaluating(model):
                 history["val_loss"].append(pair_loss(model, xv, yv).item())
             history["val_top1"].append(float((identify(model, xv, cand, val_ids) == 1).mean()))
         if progress and (epoch % config.log_every == 0 or epoch == config.epochs):

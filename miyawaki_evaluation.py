@@ -45,7 +45,7 @@ from miyawaki_dataset_loader import (CONDITION_NAMES, GRID, IMAGE_SIDE, RIDGE_AL
                                      pearson_matrix, pearson_rows, per_trial_metrics,
                                      prepare_out_dir, resolve_data, resolve_device,
                                      retrieval_ranks, run_cli, save_figure, save_json, save_text,
-                                     script_parser, splits, topk_accuracy, upsample_grid)
+                                     script_parser, splits, topk_accuracy, upsample_grid, evaluating)
 from miyawaki_dual_encoder import (CHECKPOINT_NAME, DualEncoderConfig, MiyawakiDualEncoder,
                                    OracleWarning, load_for_s1, train_dual_encoder, train_dual_encoders)
 import miyawaki_generative_backend as G
@@ -266,7 +266,6 @@ def evaluate_baselines(fold: Fold, pool=None) -> tuple[dict, dict]:
 
 
 # --------------------------------------------------------------------------- embedding metrics
-@torch.no_grad()
 def extract_latent_representations(model: MiyawakiDualEncoder, fmri=None, images=None) -> dict:
     """Embeddings of a dual encoder as numpy arrays (unit rows).
 
@@ -285,14 +284,11 @@ def extract_latent_representations(model: MiyawakiDualEncoder, fmri=None, images
     def as_tensor(a):
         return None if a is None else torch.as_tensor(np.asarray(a, np.float32), device=device)
 
-    was_training = model.training
-    model.eval()
-    out = model.latents(x=as_tensor(fmri), y=as_tensor(images))
-    model.train(was_training)
+    with evaluating(model):
+        out = model.latents(x=as_tensor(fmri), y=as_tensor(images))
     return {k: v.cpu().numpy() for k, v in out.items()}
 
 
-@torch.no_grad()
 def loader_representations(model: MiyawakiDualEncoder, loader) -> dict:
     """The seed project's representations of every batch of a ``make_dataloaders`` loader, as
     CPU tensors: ``fmri`` and ``image`` (unit encoder latents ``N x D``), ``correlation`` (the
@@ -300,16 +296,14 @@ def loader_representations(model: MiyawakiDualEncoder, loader) -> dict:
     (``encode_image`` of each trial's image), ``labels`` and ``image_ids`` ``N``. No embedding mixes
     a trial's fMRI with its image (the seed's pair embedding did: ``clip_correlation`` warns)."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     parts: dict[str, list] = {}
-    for fmri, images, labels, image_ids in loader:
-        out = model.latents(x=fmri.to(device), y=images.to(device))
-        for key, value in (("fmri", out["fmri_latent"]), ("image", out["image_latent"]),
-                           ("correlation", out["fmri"]), ("image_correlation", out["image"]),
-                           ("labels", labels), ("image_ids", image_ids)):
-            parts.setdefault(key, []).append(value.cpu())
-    model.train(was_training)
+    with evaluating(model):
+        for fmri, images, labels, image_ids in loader:
+            out = model.latents(x=fmri.to(device), y=images.to(device))
+            for key, value in (("fmri", out["fmri_latent"]), ("image", out["image_latent"]),
+                               ("correlation", out["fmri"]), ("image_correlation", out["image"]),
+                               ("labels", labels), ("image_ids", image_ids)):
+                parts.setdefault(key, []).append(value.cpu())
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
@@ -459,7 +453,6 @@ def plot_correlation_analysis(sim, true_ids, title="") -> Figure:
 
 
 # --------------------------------------------------------------------------- checkpoint evaluation
-@torch.no_grad()
 def oracle_metrics(model: MiyawakiDualEncoder, fold: Fold, cand_emb: np.ndarray, k: int) -> dict:
     """The seed's joint embedding clip_correlation(fMRI latent, latent of the TRUE test image),
     scored against the candidate image embeddings, and the condition of each test image from its
@@ -474,8 +467,8 @@ def oracle_metrics(model: MiyawakiDualEncoder, fold: Fold, cand_emb: np.ndarray,
             z = model.clip_correlation(model.fmri_encoder(x), model.stimulus_encoder(y))
         return torch.nn.functional.normalize(z, dim=1).cpu().numpy()
 
-    model.eval()
-    test, train = joint(fold.test), joint(fold.train)
+    with evaluating(model):
+        test, train = joint(fold.test), joint(fold.train)
     ident = identification_summary(cosine_scores(test, cand_emb), fold.test.image_ids)
     pred = knn_condition(train, fold.train.labels, test, k)
     latent = [extract_latent_representations(model, images=t.images)["image_latent"]

@@ -66,7 +66,7 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, Ch
                                      parse_config, pearson_rows, prepare_out_dir,
                                      reconstruction_metrics, resolve_data, resolve_device, run_cli,
                                      save_checkpoint, save_figure, save_json, script_parser,
-                                     seed_everything)
+                                     seed_everything, evaluating)
 from miyawaki_dual_encoder import (CHECKPOINT_NAME as ENCODER_CHECKPOINT_NAME, SCRIPT as ENCODER_SCRIPT,
                                    load_for_s1)
 
@@ -707,14 +707,13 @@ def build_decoder(cls: type, correlation_dim: int, config: GenerativeConfig, see
                    gate_images=gate_images, **kwargs)
 
 
-@torch.no_grad()
 def embed_trials(encoder: nn.Module, fmri: np.ndarray, images: np.ndarray,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen dual-encoder embeddings of trials: (encode_fmri(fmri ``N x V``), encode_image(images
     ``N x 1 x 28 x 28``)), both ``N x D`` unit vectors on ``device``."""
-    encoder.eval()
-    return (encoder.encode_fmri(torch.as_tensor(fmri, device=device)),
-            encoder.encode_image(torch.as_tensor(images, device=device)))
+    with evaluating(encoder):
+        return (encoder.encode_fmri(torch.as_tensor(fmri, device=device)),
+                encoder.encode_image(torch.as_tensor(images, device=device)))
 
 
 @dataclass
@@ -853,10 +852,9 @@ def train_diffusion(data: DecoderTrainingSet, config: GenerativeConfig,
             if progress:
                 tqdm.write(f"diffusion step {step} | loss {history['loss'][-1]:.4f}")
         if grid_condition is not None and step in grid_at:
-            model.eval()
-            history["samples"][step] = model.sample(
-                grid_condition, torch.Generator().manual_seed(config.seed), grid_anchor).cpu().numpy()
-            model.train()
+            with evaluating(model):
+                history["samples"][step] = model.sample(
+                    grid_condition, torch.Generator().manual_seed(config.seed), grid_anchor).cpu().numpy()
     return model.eval(), history
 
 
@@ -918,10 +916,11 @@ def training_set(encoder: nn.Module, train: Trials, config: GenerativeConfig,
         data.anchor = torch.as_tensor(anchor, device=device)
     if config.augment_prob > 0:
         banned = None if exclude is None else torch.as_tensor(np.asarray(exclude), device=device).flatten(1) > 0.5
-        encode = encoder.eval().encode_image if config.prior_condition == "image" else None
+        encode = encoder.encode_image if config.prior_condition == "image" else None
         gen = torch.Generator(device).manual_seed(config.seed + 2)
-        data.prior_images, data.prior_cond, data.prior_anchor, data.rejected = image_prior(
-            data.images, data.anchor, config, gen, banned, encode, cond_fmri.shape[1])
+        with evaluating(encoder):
+            data.prior_images, data.prior_cond, data.prior_anchor, data.rejected = image_prior(
+                data.images, data.anchor, config, gen, banned, encode, cond_fmri.shape[1])
     return data
 
 
@@ -973,15 +972,15 @@ def decode_fold(encoder: nn.Module, fold: Fold, config: GenerativeConfig,
     return recons, seconds
 
 
-@torch.no_grad()
-def _decode(encode, decoder: nn.Module, inputs: np.ndarray, anchor,
+def _decode(encoder: nn.Module, encode, decoder: nn.Module, inputs: np.ndarray, anchor,
             generator: torch.Generator | None) -> np.ndarray:
-    """``decoder.sample`` conditioned on ``encode(inputs)`` and, for an anchored decoder,
-    ``anchor(inputs)``, on the decoder's device -> numpy."""
+    """``decoder.sample`` conditioned on ``encode(inputs)`` (a method of ``encoder``) and, for an
+    anchored decoder, ``anchor(inputs)``, on the decoder's device, both models evaluating -> numpy."""
     device = next(decoder.parameters()).device
     x = torch.as_tensor(inputs, dtype=torch.float32, device=device)
-    a = None if decoder.readout is None else anchor(x)
-    return decoder.sample(encode(x), generator, a).cpu().numpy()
+    with evaluating(encoder, decoder):
+        a = None if decoder.readout is None else anchor(x)
+        return decoder.sample(encode(x), generator, a).cpu().numpy()
 
 
 def reconstruct(encoder: nn.Module, decoder: nn.Module, fmri: np.ndarray,
@@ -989,7 +988,7 @@ def reconstruct(encoder: nn.Module, decoder: nn.Module, fmri: np.ndarray,
     """Test-time decoding from fMRI only: z-scored fMRI ``N x V`` -> encode_fmri (and, for an
     anchored decoder, its linear read-out of the same fMRI) -> decoder sample -> ``N x 1 x 28 x
     28`` float32 numpy in [0, 1]."""
-    return _decode(encoder.eval().encode_fmri, decoder, fmri, decoder.readout, generator)
+    return _decode(encoder, encoder.encode_fmri, decoder, fmri, decoder.readout, generator)
 
 
 def oracle_reconstruct(encoder: nn.Module, decoder: nn.Module, images: np.ndarray,
@@ -997,7 +996,7 @@ def oracle_reconstruct(encoder: nn.Module, decoder: nn.Module, images: np.ndarra
     """ORACLE decoding, conditioned on the true image's embedding (and, for an anchored decoder,
     the true image as its anchor) (``N x 1 x 28 x 28`` in and out): an upper bound of the
     decoder, never a decoding result."""
-    return _decode(encoder.eval().encode_image, decoder, images, lambda y: y, generator)
+    return _decode(encoder, encoder.encode_image, decoder, images, lambda y: y, generator)
 
 
 # --------------------------------------------------------------------------- figures
