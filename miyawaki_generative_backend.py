@@ -335,8 +335,7 @@ class MLPDenoiser(nn.Module):
     ``N x D`` [, anchor features ``N x 784``]) -> hidden -> hidden -> ``N x 784`` (SiLU), the seed
     project's widths. Its output is read as the diffusion wrapper's ``prediction_type``."""
 
-    def __init__(self, condition_dim: int = 512, time_dim: int = 128, hidden_dim: int = 1024,
-                 anchor: bool = False):
+    def __init__(self, condition_dim: int, time_dim: int, hidden_dim: int, anchor: bool = False):
         super().__init__()
         self.time_dim = time_dim
         self.net = nn.Sequential(
@@ -621,6 +620,16 @@ def hinge_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- training
+def decoder_default(name: str):
+    """The default of a decoders' constructor argument: written once, in the constructor, and
+    read by GenerativeConfig (whose anchor settings are the script's own choice)."""
+    for cls in (MiyawakiDiffusionDecoder, MiyawakiGANDecoder):
+        param = inspect.signature(cls).parameters.get(name)
+        if param is not None:
+            return param.default
+    raise KeyError(f"no decoder takes {name!r}")
+
+
 @dataclass
 class GenerativeConfig(ScriptOptions):
     """Settings of both decoders and of the script (CPU-sized defaults). Fields named like a
@@ -632,19 +641,22 @@ class GenerativeConfig(ScriptOptions):
         "help": "train-time conditioning: probability of a trial's fMRI embedding instead of its "
                 "image embedding (0 = image only, 1 = fMRI only, as at test time)"})
     # diffusion model
-    num_train_timesteps: int = field(default=1000, metadata={"min": 1, "help": "diffusion steps T"})
-    beta_schedule: str = field(default="cosine", metadata={
+    num_train_timesteps: int = field(default=decoder_default("num_train_timesteps"), metadata={
+        "min": 1, "help": "diffusion steps T"})
+    beta_schedule: str = field(default=decoder_default("beta_schedule"), metadata={
         "choices": sorted(BETA_SCHEDULES), "help": "noise schedule"})
-    prediction_type: str = field(default="sample", metadata={
+    prediction_type: str = field(default=decoder_default("prediction_type"), metadata={
         "choices": PREDICTION_TYPES, "help": "what the MLP outputs (converted to epsilon)"})
-    snr_gamma: float = field(default=5.0, metadata={"min": 0,
+    snr_gamma: float = field(default=decoder_default("snr_gamma"), metadata={"min": 0,
         "help": "Min-SNR-gamma weighting of the epsilon loss (0 = unweighted)"})
-    condition_drop_prob: float = field(default=0.1, metadata={"min": 0, "below": 1,
+    condition_drop_prob: float = field(default=decoder_default("condition_drop_prob"), metadata={
+        "min": 0, "below": 1,
         "help": "classifier-free guidance: probability of training on the null condition"})
-    sampler: str = field(default="ddim", metadata={
+    sampler: str = field(default=decoder_default("sampler"), metadata={
         "choices": SAMPLERS, "help": "ddim: deterministic; ddpm: ancestral over all T steps"})
-    num_inference_steps: int = field(default=50, metadata={"min": 1, "help": "DDIM steps"})
-    guidance_scale: float = field(default=2.0, metadata={
+    num_inference_steps: int = field(default=decoder_default("num_inference_steps"), metadata={
+        "min": 1, "help": "DDIM steps"})
+    guidance_scale: float = field(default=decoder_default("guidance_scale"), metadata={
         "help": "classifier-free guidance scale w (1 = the conditional model alone)"})
     # diffusion training
     diffusion_steps: int = field(default=400, metadata={"min": 1, "help": "diffusion optimiser steps"})
@@ -655,7 +667,8 @@ class GenerativeConfig(ScriptOptions):
     n_sample_grids: int = field(default=4, metadata={"min": 0,
         "help": "DDIM sample grids kept during diffusion training"})
     # GAN
-    noise_dim: int = field(default=32, metadata={"min": 1, "help": "GAN noise z dimension"})
+    noise_dim: int = field(default=decoder_default("noise_dim"), metadata={
+        "min": 1, "help": "GAN noise z dimension"})
     gan_steps: int = field(default=300, metadata={"min": 1, "help": "GAN steps (full batch; D then G)"})
     gan_lr: float = field(default=2e-4, metadata={"above": 0, "help": "Adam learning rate of D and G"})
     recon_weight: float = field(default=10.0, metadata={"min": 0,
