@@ -161,10 +161,17 @@ class MiyawakiDualEncoder(FromCheckpointHint, nn.Module):
 
     ``encode_fmri`` / ``encode_image`` return unit vectors ``N x D`` in the shared space."""
 
-    def __init__(self, fmri_dim: int = 967, latent_dim: int = 512,
+    def __init__(self, fmri_dim: int = 967, latent_dim: int | None = None,
                  config: DualEncoderConfig | None = None):
+        """Built from ``config`` (default: DualEncoderConfig, the seed's sizes) and the voxel count;
+        ``latent_dim`` (the seed's argument) overrides the default config's D, and must agree
+        with a given config's."""
         super().__init__()
-        cfg = config or DualEncoderConfig(latent_dim=latent_dim)
+        if config is not None and latent_dim not in (None, config.latent_dim):
+            raise ValueError(f"latent_dim {latent_dim} disagrees with config.latent_dim "
+                             f"{config.latent_dim}; pass one of them")
+        cfg = config or DualEncoderConfig(**({} if latent_dim is None else {"latent_dim": latent_dim}))
+        latent_dim = cfg.latent_dim
         self.config = cfg
         self.fmri_dim = fmri_dim
         self.fmri_encoder = FMRIEncoder(fmri_dim, latent_dim, cfg.fmri_hidden, cfg.dropout, cfg.skip)
@@ -205,7 +212,7 @@ class MiyawakiDualEncoder(FromCheckpointHint, nn.Module):
         """Rebuild the model from ``miyawaki_dual_encoder.pth``; returns (model in eval mode, ckpt)."""
         ckpt = load_checkpoint(path, "dual_encoder", SCRIPT, map_location)
         cfg = config_from_dict(ckpt["config"])
-        model = cls(ckpt["n_voxels"], cfg.latent_dim, cfg)
+        model = cls(ckpt["n_voxels"], config=cfg)
         try:
             model.load_state_dict(ckpt["state"])
         except RuntimeError as e:
@@ -378,7 +385,7 @@ def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.d
         candidates[train.image_ids[first]] = train.images[first]
     cand = to(candidates)
 
-    model = MiyawakiDualEncoder(train.fmri.shape[1], config.latent_dim, config).to(device)
+    model = MiyawakiDualEncoder(train.fmri.shape[1], config=config).to(device)
     bs = config.batch_size or len(x)
     steps_per_epoch = math.ceil(len(x) / bs)
     opt, sched = optimizer(model.parameters(), config, config.epochs * steps_per_epoch)
@@ -440,10 +447,10 @@ def train_dual_encoders(train: Trials, configs: list[DualEncoderConfig],
     for c in configs:                       # what train_dual_encoder does before its first step
         seed_everything(c.seed)
         gens.append(torch.Generator().manual_seed(c.seed))
-        models.append(MiyawakiDualEncoder(train.fmri.shape[1], c.latent_dim, c).to(device))
+        models.append(MiyawakiDualEncoder(train.fmri.shape[1], config=c).to(device))
         states.append(torch.get_rng_state())
     params, buffers = stack_module_state(models)
-    template = MiyawakiDualEncoder(train.fmri.shape[1], base.latent_dim, base).to("meta")
+    template = MiyawakiDualEncoder(train.fmri.shape[1], config=base).to("meta")
     opt, sched = optimizer(list(params.values()), base, base.epochs)
 
     def one_loss(p, b, xb, images, pos):

@@ -198,3 +198,11 @@ def test_batched_fits_refuse_configs_they_cannot_batch(sim):
         train_dual_encoders(train, [BATCHED, replace(BATCHED, seed=1, lr=1e-2)])
     with pytest.raises(ValueError, match="full batch"):
         train_dual_encoders(train, [replace(BATCHED, val_fraction=0.1)])
+
+
+def test_the_model_is_built_from_its_config_and_latent_dim_is_said_once():
+    cfg = DualEncoderConfig(latent_dim=16, fmri_hidden=(32,), head_hidden=(32,), cnn_channels=(4, 8))
+    assert MiyawakiDualEncoder(10, config=cfg).clip_correlation.net[-1].out_features == 16
+    assert MiyawakiDualEncoder(fmri_dim=10, latent_dim=8).config.latent_dim == 8   # the seed's call
+    with pytest.raises(ValueError, match="latent_dim 8 disagrees with config.latent_dim 16"):
+        MiyawakiDualEncoder(10, 8, cfg)
