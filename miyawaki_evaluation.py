@@ -35,27 +35,24 @@ from sklearn.manifold import TSNE
 from sklearn.neighbors import KNeighborsClassifier
 from tqdm.auto import tqdm
 
-from miyawaki_dataset_loader import (CONDITION_NAMES, GRID, IMAGE_SIDE, RIDGE_ALPHAS, Fold,
+from miyawaki_dataset_loader import (CONDITION_NAMES, GRID, IMAGE_SIDE, METRICS, RIDGE_ALPHAS, Fold,
                                      MeanImageBaseline, MiyawakiData, RidgeBaseline, ScriptOptions,
                                      Trials, add_config_args, chance_levels, check_options,
-                                     condition_accuracy, config_dict, cosine_scores,
-                                     identification_ranks, identification_scores,
+                                     condition_accuracy, config_dict, cosine_scores, evaluating,
+                                     fold_means, identification_ranks, identification_scores,
                                      identification_summary, identified_labels,
-                                     image_to_fmri_summary, majority_rate, mean_rank, parse_config,
-                                     pearson_matrix, pearson_rows, per_trial_metrics,
-                                     prepare_out_dir, resolve_data, resolve_device,
+                                     image_to_fmri_summary, majority_rate, mean_rank,
+                                     nearest_training_check, parse_config, pearson_matrix,
+                                     pearson_rows, prepare_out_dir, resolve_data, resolve_device,
                                      retrieval_ranks, run_cli, save_figure, save_json, save_text,
-                                     script_parser, splits, topk_accuracy, upsample_grid, evaluating)
+                                     score_reconstructions, script_parser, splits, topk_accuracy,
+                                     upsample_grid)
 from miyawaki_dual_encoder import (CHECKPOINT_NAME, DualEncoderConfig, MiyawakiDualEncoder,
                                    OracleWarning, load_for_s1, train_dual_encoder, train_dual_encoders)
 import miyawaki_generative_backend as G
 
 BASELINES = ("mean_image", "ridge", "ridge_snap", "multiscale_local", "knn1", "knn5")
 GENERATIVE = ("diffusion", "gan")
-METRICS = ("top1", "top5", "two_way", "mse", "pixcorr", "ssim", "condition")
-# condition_top1: the dual encoder's condition as the † baselines define it; closer_than_train:
-# PROTOCOL.md's nearest-training-image check, on test trials whose image is absent from training
-EXTRA_METRICS = ("condition_top1", "closer_than_train")
 METHOD_TITLES = {
     "mean_image": "mean image (floor)",
     "ridge": "ridge (fMRI->784 px)",
@@ -189,46 +186,6 @@ class KNNBaseline:
 def snap_to_templates(recon, candidates) -> np.ndarray:
     """Replace each reconstruction (N images) by its best-correlated candidate (K) -> N x 784."""
     return _flat(candidates)[np.argmax(identification_scores(recon, candidates), axis=1)]
-
-
-def score_reconstructions(recon, fold: Fold, pool=None, scores=None, cond=None) -> dict:
-    """Per-trial protocol metrics of reconstructions ``N x 784`` of ``fold.test`` -> dict of N
-    arrays: top1, top5, two_way, mse, pixcorr, ssim, condition, rank.
-
-    scores ``N x K`` replace the Pearson ranking (kNN votes, ridge_snap's ridge ranking); cond
-    ``N`` predicted conditions, else the condition of the top-1 identified image (BASELINES.md †);
-    pool (images, image ids): the 2-way rivals (S3: all trials)."""
-    test = fold.test
-    pool_true, pool_ids = pool if pool is not None else (None, None)
-    if scores is None:
-        scores = identification_scores(recon, fold.unique_images)
-    m = per_trial_metrics(recon, test.images, test.image_ids, fold.unique_images, pool_true,
-                          pool_ids, scores)
-    if cond is None:
-        cond = identified_labels(scores, fold.unique_labels)
-    m.update(top1=(m["rank"] <= 1).astype(float), top5=(m["rank"] <= 5).astype(float),
-             condition=(np.asarray(cond) == test.labels).astype(float))
-    unseen = ~np.isin(test.image_ids, fold.train.image_ids)
-    if unseen.any():
-        m["closer_than_train"] = np.where(unseen, nearest_training_check(recon, fold)[0], np.nan)
-    return m
-
-
-def nearest_training_check(recon, fold: Fold) -> tuple[np.ndarray, np.ndarray]:
-    """PROTOCOL.md's nearest-training-image check (after Shirakawa et al. 2024) of reconstructions
-    ``N x ...`` of ``fold.test``: (N floats, 1 where PixCorr with the true image exceeds the largest
-    PixCorr with any image of the fold's training trials; N indices into ``fold.unique_images`` of
-    that most similar training image)."""
-    seen = np.unique(fold.train.image_ids)
-    recon = np.asarray(recon).reshape(len(recon), -1)
-    r_true = pearson_rows(np.clip(recon, 0, 1), fold.test.images.reshape(len(recon), -1))
-    r_train = identification_scores(recon, fold.unique_images[seen])
-    return (r_true > r_train.max(1)).astype(float), seen[r_train.argmax(1)]
-
-
-def fold_means(per_trial: dict) -> dict:
-    """{metric: N array} -> {metric: mean} for the (EXTRA_)METRICS present (nan entries ignored)."""
-    return {m: float(np.nanmean(per_trial[m])) for m in (*METRICS, *EXTRA_METRICS) if m in per_trial}
 
 
 def evaluate_baselines(fold: Fold, pool=None) -> tuple[dict, dict]:

@@ -149,8 +149,8 @@ def test_evaluate_baselines_reproduces_the_s1_table(real):
     results, seconds = E.evaluate_baselines(real.s1())
     assert set(results) == set(S1_REFERENCE) == set(E.BASELINES) == set(seconds)
     for name, ref in S1_REFERENCE.items():
-        got = E.fold_means(results[name])
-        for metric, want in zip(E.METRICS, ref):
+        got = L.fold_means(results[name])
+        for metric, want in zip(L.METRICS, ref):
             assert got[metric] == pytest.approx(want, abs=6e-5 if metric == "mse" else 6e-4), \
                 (name, metric)
 
@@ -161,7 +161,7 @@ def test_ridge_reproduces_the_s3_zero_shot_numbers(real):
     for name, tr, te in L.splits("s3", real):
         fold = real.fold(tr, te, name)
         recon = E.RidgeBaseline().fit(fold.train.fmri, fold.train.images).predict(fold.test.fmri)
-        m = E.score_reconstructions(recon, fold, pool)
+        m = L.score_reconstructions(recon, fold, pool)
         top1.append(m["top1"].mean())
         pixcorr.append(m["pixcorr"].mean())
     assert np.mean(top1) == pytest.approx(0.515, abs=0.0006)   # mean over the 20 LOSO folds

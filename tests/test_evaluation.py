@@ -194,7 +194,7 @@ def test_benchmark_s3_two_folds_writes_the_schema(tmp_path):
     assert set(saved["methods"]) == {*E.BASELINES, "dual_encoder", "dual_encoder_permuted"}
     for name, metrics in saved["methods"].items():
         wanted = ({"top1", "top5", "condition", "condition_top1"} if name.startswith("dual")
-                  else {*E.METRICS, "closer_than_train"})   # the S3 nearest-training-image check
+                  else {*L.METRICS, "closer_than_train"})   # the S3 nearest-training-image check
         assert set(metrics) == wanted, name
         for m in metrics.values():
             assert {"mean", "std"} <= set(m) and len(m["per_fold"]) == 2
@@ -246,4 +246,4 @@ def test_generative_decoders_are_scored_from_fmri_only(sim):
     assert set(recons) == set(seconds) == {"diffusion", "gan"}
     for recon in recons.values():
         assert recon.shape == (12, 1, 28, 28) and np.all((recon >= 0) & (recon <= 1))
-        assert set(E.fold_means(E.score_reconstructions(recon, fold))) == set(E.METRICS)
+        assert set(L.fold_means(L.score_reconstructions(recon, fold))) == set(L.METRICS)
