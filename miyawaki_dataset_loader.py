@@ -192,7 +192,7 @@ def _assemble(fmri: np.ndarray, stim: np.ndarray, labels: np.ndarray, n_file_tra
 
 
 def load_miyawaki(path: str | os.PathLike) -> MiyawakiData:
-    """Read and validate a .mat file with the schema of PROTOCOL.md.
+    """Read and validate a .mat file with the schema of docs/PROTOCOL.md.
 
     Any voxel count; images stored as 0/1 or 0..255. Raises DataError with a one-line message."""
     path = Path(path)
@@ -209,7 +209,7 @@ def load_miyawaki(path: str | os.PathLike) -> MiyawakiData:
     missing = [k for k in REQUIRED_KEYS if k not in mat]
     if missing:
         raise DataError(f"{path} lacks the key(s) {', '.join(missing)}; expected "
-                        f"{', '.join(REQUIRED_KEYS)} (see PROTOCOL.md)")
+                        f"{', '.join(REQUIRED_KEYS)} (see docs/PROTOCOL.md)")
     parts = {}
     for part in ("Trn", "Test"):
         fmri, stim = np.asarray(mat["fmri" + part]), np.asarray(mat["stim" + part])
@@ -403,7 +403,7 @@ def make_simulated_dataset(seed: int = 0, snr: float = 1.5, n_voxels: int = 967,
                      "simulated-random" if random_images else "simulated")
 
 
-# --------------------------------------------------------------------------- splits (PROTOCOL.md)
+# --------------------------------------------------------------------------- splits (docs/PROTOCOL.md)
 def splits(protocol: str, data: MiyawakiData, seeds=(0, 1, 2)) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """Folds of a protocol as (name, train_idx, test_idx) over ``data.trials``.
 
@@ -621,7 +621,7 @@ def reconstruction_metrics(recon, true, image_ids, candidates, pool_true=None, p
 
 METRICS = ("top1", "top5", "two_way", "mse", "pixcorr", "ssim", "condition")
 # condition_top1: the dual encoder's condition as the † baselines define it; closer_than_train:
-# PROTOCOL.md's nearest-training-image check, on test trials whose image is absent from training
+# docs/PROTOCOL.md's nearest-training-image check, on test trials whose image is absent from training
 EXTRA_METRICS = ("condition_top1", "closer_than_train")
 
 
@@ -630,7 +630,7 @@ def score_reconstructions(recon, fold: Fold, pool=None, scores=None, cond=None) 
     arrays: top1, top5, two_way, mse, pixcorr, ssim, condition, rank.
 
     scores ``N x K`` replace the Pearson ranking (kNN votes, ridge_snap's ridge ranking); cond
-    ``N`` predicted conditions, else the condition of the top-1 identified image (BASELINES.md †);
+    ``N`` predicted conditions, else the condition of the top-1 identified image (docs/BASELINES.md †);
     pool (images, image ids): the 2-way rivals (S3: all trials)."""
     test = fold.test
     pool_true, pool_ids = pool if pool is not None else (None, None)
@@ -649,7 +649,7 @@ def score_reconstructions(recon, fold: Fold, pool=None, scores=None, cond=None) 
 
 
 def nearest_training_check(recon, fold: Fold) -> tuple[np.ndarray, np.ndarray]:
-    """PROTOCOL.md's nearest-training-image check (after Shirakawa et al. 2024) of reconstructions
+    """docs/PROTOCOL.md's nearest-training-image check (after Shirakawa et al. 2024) of reconstructions
     ``N x ...`` of ``fold.test``: (N floats, 1 where PixCorr with the true image exceeds the largest
     PixCorr with any image of the fold's training trials; N indices into ``fold.unique_images`` of
     that most similar training image)."""
@@ -683,7 +683,7 @@ class MeanImageBaseline:
 
 
 class RidgeBaseline:
-    """Ridge fMRI ``N x V`` -> 784 pixels (BASELINES.md's ridge); one alpha shared by all pixels,
+    """Ridge fMRI ``N x V`` -> 784 pixels (docs/BASELINES.md's ridge); one alpha shared by all pixels,
     chosen by efficient leave-one-out. Also the decoders' low-level anchor."""
 
     def fit(self, fmri, images):

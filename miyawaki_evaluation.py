@@ -1,7 +1,7 @@
 """Evaluation from fMRI only: dual-encoder checkpoint, classic baselines, S1/S2/S3 benchmark.
 
 The checkpoint evaluation scores ``outputs/miyawaki_dual_encoder.pth`` on S1 (identification both
-ways, condition decoding, figures); the classic baselines reproduce BASELINES.md; the benchmark
+ways, condition decoding, figures); the classic baselines reproduce docs/BASELINES.md; the benchmark
 trains a fresh dual encoder per fold and seed and compares it with the baselines on S1, S2 or S3.
 
 Usage::
@@ -49,7 +49,6 @@ from miyawaki_dataset_loader import (CONDITION_NAMES, GRID, IMAGE_SIDE, METRICS,
                                      upsample_grid)
 from miyawaki_dual_encoder import (CHECKPOINT_NAME, DualEncoderConfig, MiyawakiDualEncoder,
                                    OracleWarning, load_for_s1, train_dual_encoder, train_dual_encoders)
-import miyawaki_generative_backend as G
 
 BASELINES = ("mean_image", "ridge", "ridge_snap", "multiscale_local", "knn1", "knn5")
 GENERATIVE = ("diffusion", "gan")
@@ -192,7 +191,7 @@ def evaluate_baselines(fold: Fold, pool=None) -> tuple[dict, dict]:
     """Fit and score the classic baselines on one fold.
 
     Returns ({method: per-trial metrics (score_reconstructions)}, {method: fit+predict seconds});
-    ridge_snap's time includes the ridge fit it reuses, as in BASELINES.md."""
+    ridge_snap's time includes the ridge fit it reuses, as in docs/BASELINES.md."""
     xtr, ytr, xte = fold.train.fmri, fold.train.images, fold.test.fmri
     results, seconds = {}, {}
     t = time.perf_counter()
@@ -574,7 +573,7 @@ def aggregate(values: np.ndarray, trial_values: np.ndarray | None = None) -> dic
     (S = 1 for deterministic methods); trial_values: the per-trial values of the single fold.
 
     mean = mean over folds of the seed-averaged fold values; std = SD over folds (F > 1), else
-    over seeds (S > 1), else over test trials (BASELINES.md S1 convention); std_seeds = SD over
+    over seeds (S > 1), else over test trials (docs/BASELINES.md S1 convention); std_seeds = SD over
     seeds of the protocol mean (S > 1); per_fold / per_fold_seed: the values behind them."""
     values = np.asarray(values, np.float64)
     per_fold = values.mean(axis=1)
@@ -666,7 +665,7 @@ def benchmark_markdown(result: dict) -> str:
     novel = {n: m["closer_than_train"]["mean"] for n, m in result["methods"].items()
              if "closer_than_train" in m}
     if novel:
-        lines += ["", "Nearest-training-image check (PROTOCOL.md, Shirakawa et al. 2024): share of "
+        lines += ["", "Nearest-training-image check (docs/PROTOCOL.md, Shirakawa et al. 2024): share of "
                   "test trials whose reconstruction is closer (PixCorr) to the true, never-seen "
                   "image than to every training image: "
                   + ", ".join(f"{METHOD_TITLES.get(n, n)} {v:.3f}" for n, v in novel.items()) + "."]
@@ -708,8 +707,10 @@ def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool, device: to
             rows.append((method, embedding_fold_metrics(model, train, fold, cfg.knn_k),
                          time.perf_counter() - t + fit_secs))
             if cfg.generative and method == "dual_encoder":
-                recons, secs = G.decode_fold(model, fold, G.GenerativeConfig(seed=seed),
-                                                          device)
+                # the decoders' module only for --generative: at the top, a script imports only
+                # the loader and the dual encoder
+                from miyawaki_generative_backend import GenerativeConfig, decode_fold
+                recons, secs = decode_fold(model, fold, GenerativeConfig(seed=seed), device)
                 rows += [(g, score_reconstructions(recon, fold, pool), secs[g])
                          for g, recon in recons.items()]
                 if not gallery:
@@ -768,7 +769,7 @@ def plot_gallery(galleries: list[dict], names: list[str], title: str) -> Figure:
 
 
 def run_benchmark(cfg: "EvaluationConfig") -> dict:
-    """Run every fold (``cfg.workers`` processes at a time), aggregate as BASELINES.md, write
+    """Run every fold (``cfg.workers`` processes at a time), aggregate as docs/BASELINES.md, write
     ``benchmark_<protocol>.json`` / ``.md``; returns the JSON dict."""
     device = resolve_device(cfg.device)
     data: MiyawakiData = resolve_data(cfg.data)

@@ -146,7 +146,7 @@ class LinearReadout(nn.Module):
 
     @classmethod
     def fit(cls, fmri: np.ndarray, images: np.ndarray) -> tuple["LinearReadout", float]:
-        """Ridge (BASELINES.md's, alpha by efficient LOO) on fMRI ``N x V`` and images ``N x 1 x 28
+        """Ridge (docs/BASELINES.md's, alpha by efficient LOO) on fMRI ``N x V`` and images ``N x 1 x 28
         x 28`` -> (read-out, chosen alpha)."""
         ridge = RidgeBaseline().fit(fmri, images)
         readout = cls(fmri.shape[1])

@@ -1,5 +1,5 @@
 """Shared fixtures: the simulated data set, the real file ($MIYAWAKI_DATA, else data/), a writer of
-.mat files with the PROTOCOL.md schema for the bad-input tests (plain helpers: helpers.py)."""
+.mat files with the docs/PROTOCOL.md schema for the bad-input tests (plain helpers: helpers.py)."""
 
 import os
 import sys
@@ -63,12 +63,12 @@ def mat_arrays(sim) -> dict:
 
 
 def _write_mat(path: Path, arrays: dict) -> Path:
-    """Save ``arrays`` (keys as in PROTOCOL.md) as a MATLAB v5 file at ``path``."""
+    """Save ``arrays`` (keys as in docs/PROTOCOL.md) as a MATLAB v5 file at ``path``."""
     scipy.io.savemat(path, arrays)
     return Path(path)
 
 
 @pytest.fixture
 def write_mat():
-    """``write_mat(path, arrays) -> path``: write a .mat file with the PROTOCOL.md schema."""
+    """``write_mat(path, arrays) -> path``: write a .mat file with the docs/PROTOCOL.md schema."""
     return _write_mat

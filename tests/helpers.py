@@ -8,7 +8,7 @@ import miyawaki_dataset_loader as L
 
 
 def file_arrays(data: L.MiyawakiData) -> dict:
-    """The six PROTOCOL.md keys of a data set in the file's layout: fmri ``N x V``, stim ``N x 784``
+    """The six docs/PROTOCOL.md keys of a data set in the file's layout: fmri ``N x V``, stim ``N x 784``
     (MATLAB column-major rows), labels ``N x 1``; the file's split at ``data.n_file_train``."""
     t, n = data.trials, data.n_file_train
     stim = t.images[:, 0].transpose(0, 2, 1).reshape(len(t), -1).astype(np.float64)

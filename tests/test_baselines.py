@@ -134,7 +134,7 @@ def test_ridge_reproduces_baselines_md_on_real_s1(real):
     assert m["pixcorr"] == pytest.approx(0.940, abs=0.02)
 
 
-# BASELINES.md S1 headline means: top1, top5, two_way, mse, pixcorr, ssim, condition
+# docs/BASELINES.md S1 headline means: top1, top5, two_way, mse, pixcorr, ssim, condition
 S1_REFERENCE = {
     "mean_image": (0.000, 0.333, 0.506, 0.1229, 0.684, 0.356, 0.250),
     "ridge": (1.000, 1.000, 1.000, 0.0248, 0.940, 0.818, 1.000),

@@ -202,7 +202,7 @@ def test_benchmark_s3_two_folds_writes_the_schema(tmp_path):
     assert "std_seeds" in saved["methods"]["dual_encoder"]["top1"]
     assert set(saved["paired_vs_ridge_top1"]["dual_encoder"]) == {"mean_diff", "wins", "ties", "losses"}
     assert saved["chance"]["top1"] == 0.05
-    # kNN cannot name an image absent from training (BASELINES.md S3)
+    # kNN cannot name an image absent from training (docs/BASELINES.md S3)
     assert saved["methods"]["knn1"]["top1"]["mean"] == 0.0
     md = (tmp_path / "benchmark_s3.md").read_text()
     assert "| *chance* | 0.050 | 0.250 |" in md and "wins" in md and "permutation control" in md

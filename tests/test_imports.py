@@ -67,3 +67,17 @@ def test_every_script_option_has_help_and_shows_its_default(monkeypatch):
         helps = {a.dest: a.help for a in parser._actions}
         for f in dataclasses.fields(cls):
             assert helps.get(f.name), f"{cls.__name__}.{f.name}: no --help text"
+
+
+def test_scripts_import_only_the_loader_and_the_dual_encoder_at_the_top():
+    """The house's import graph: no script imports another script at module level except the
+    loader and the dual encoder (the benchmark loads the decoders inside --generative)."""
+    import ast
+    from pathlib import Path
+    allowed = {"miyawaki_dataset_loader", "miyawaki_dual_encoder"}
+    for name in MODULES:
+        tree = ast.parse((Path(L.__file__).parent / f"{name}.py").read_text())
+        imported = {n.module for n in tree.body if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+        project = {m for m in imported if m and m.startswith("miyawaki_")}
+        assert project <= allowed - {name}, f"{name} imports {sorted(project - allowed)}"

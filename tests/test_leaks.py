@@ -1,4 +1,4 @@
-"""Leak canaries: no test image reaches a model at test time (PROTOCOL.md, "oracle").
+"""Leak canaries: no test image reaches a model at test time (docs/PROTOCOL.md, "oracle").
 
 Each path runs twice on the simulated set, the second time with the test trials' images swapped
 for other images (image ids, candidates and fMRI unchanged). Every number reported as fMRI-only

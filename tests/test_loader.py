@@ -26,7 +26,7 @@ def test_real_file_structure(real):
     counts = np.bincount(t.image_ids, minlength=20)
     assert counts.min() == 3 and counts.max() == 8 and counts.sum() == 119
     assert set(np.unique(t.labels)) == {2, 3, 4, 5}
-    # every test image also occurs in training (PROTOCOL.md)
+    # every test image also occurs in training (docs/PROTOCOL.md)
     assert set(t.image_ids[107:]) <= set(t.image_ids[:107])
 
 
