@@ -984,6 +984,47 @@ def save_json(obj: dict, path: Path) -> None:
     save_text(json.dumps(obj, indent=2, default=default), path)
 
 
+def write_summary(out: Path) -> Path:
+    """``out/summary.md``: the headline S1 numbers of the result JSONs present in ``out`` (dual
+    encoder, evaluation, decoders), each beside its chance and ridge, and the figures there.
+    Every script calls it last, so after ``make run`` it covers the whole pipeline."""
+    out = Path(out)
+
+    def read(name):
+        path = out / name
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    de, ev, gen = (read(f"miyawaki_{n}.json") for n in ("dual_encoder", "evaluation", "generation"))
+    lines = ["# Results (S1: the file's split, fMRI only at test time)", ""]
+    if ev:
+        lines.append(f"Data: {ev['data_source']}; {ev['n_test']} test trials.")
+        lines.append("")
+    lines += ["| what | value | chance | ridge |", "|---|---|---|---|"]
+    ridge = (ev or {}).get("baselines_s1", {}).get("ridge", {})
+    fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
+    if de:
+        m = de["metrics"]
+        lines.append(f"| dual encoder identification top-1 ({m['n_candidates']}-way) | {fmt(m['top1'])} | "
+                     f"{fmt(m['chance_top1'])} | {fmt(ridge.get('top1'))} |")
+    if ev:
+        c = ev["condition_accuracy"]
+        lines.append(f"| condition from the fMRI embedding (kNN) | {fmt(c['correlation'])} | "
+                     f"{fmt(c['uniform_chance'])} (majority {fmt(c['majority_rate'])}) | "
+                     f"{fmt(ridge.get('condition'))} |")
+    if gen:
+        for name, title in (("diffusion", "diffusion decoder"), ("gan", "GAN decoder")):
+            g = gen[name]
+            lines.append(f"| {title} reconstruction PixCorr / top-1 | {fmt(g['pixcorr'])} / "
+                         f"{fmt(g['top1'])} | floor {fmt(gen['mean_image_floor']['pixcorr'])} / "
+                         f"{fmt(gen['chance']['top1'])} | {fmt(ridge.get('pixcorr'))} / "
+                         f"{fmt(ridge.get('top1'))} |")
+    figures = sorted(p.name for p in out.glob("*.png"))
+    lines += ["", "Figures: " + (", ".join(f"`{f}`" for f in figures) if figures else "none yet") + "."]
+    path = out / "summary.md"
+    save_text("\n".join(lines) + "\n", path)
+    return path
+
+
 def save_text(text: str, path: Path) -> None:
     """Atomically write a text file (UTF-8)."""
     _atomic_write(path, lambda f: f.write(text.encode()))
@@ -1078,6 +1119,7 @@ def main(argv: list[str] | LoaderConfig | None = None) -> dict:
     save_figure(plot_fmri_correlation(t.fmri, t.image_ids, data.unique_labels),
                 out / "miyawaki_fmri_correlation.png")
     print(f"figures: {out / 'miyawaki_samples_analysis.png'}, {out / 'miyawaki_fmri_correlation.png'}")
+    write_summary(out)
     return {"n_trials": len(t), "n_voxels": data.n_voxels, "n_unique": len(data.unique_images),
             "source": data.source}
 

@@ -32,7 +32,7 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, CheckpointError, Fold, F
                                      check_same_data, config_dict, identification_ranks, load_checkpoint,
                                      one_line, parse_config, prepare_out_dir, rank_summary, resolve_data,
                                      resolve_device, run_cli, save_checkpoint, save_figure, save_json,
-                                     script_parser, seed_everything, evaluating)
+                                     script_parser, seed_everything, evaluating, write_summary)
 
 CHECKPOINT_NAME = "miyawaki_dual_encoder.pth"
 SCRIPT = "miyawaki_dual_encoder.py"
@@ -553,6 +553,7 @@ def main(argv: list[str] | ScriptConfig | None = None) -> dict:
                      "history": history, "metrics": metrics}, out / CHECKPOINT_NAME)
     save_figure(plot_training_curves(history, 1 / k), out / "miyawaki_training_curves.png")
     save_json({"metrics": metrics, "config": config}, out / "miyawaki_dual_encoder.json")
+    write_summary(out)
     print(f"saved {out / CHECKPOINT_NAME}, {out / 'miyawaki_training_curves.png'}")
     return metrics
 

@@ -46,7 +46,7 @@ from miyawaki_dataset_loader import (CONDITION_NAMES, GRID, IMAGE_SIDE, METRICS,
                                      pearson_rows, prepare_out_dir, resolve_data, resolve_device,
                                      retrieval_ranks, run_cli, save_figure, save_json, save_text,
                                      score_reconstructions, script_parser, splits, topk_accuracy,
-                                     upsample_grid)
+                                     upsample_grid, write_summary)
 from miyawaki_dual_encoder import (CHECKPOINT_NAME, DualEncoderConfig, MiyawakiDualEncoder,
                                    OracleWarning, load_for_s1, train_dual_encoder, train_dual_encoders)
 
@@ -558,6 +558,7 @@ def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
                                           title="S1 test trials, fMRI-only embeddings"),
                 out / "miyawaki_correlation_analysis.png")
     save_json(result, out / "miyawaki_evaluation.json")
+    write_summary(out)
     print(f"saved {out / 'miyawaki_evaluation.json'} and 3 figures in {out}")
     return result
 

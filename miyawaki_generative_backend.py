@@ -66,7 +66,7 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, Ch
                                      parse_config, pearson_rows, prepare_out_dir,
                                      reconstruction_metrics, resolve_data, resolve_device, run_cli,
                                      save_checkpoint, save_figure, save_json, script_parser,
-                                     seed_everything, evaluating)
+                                     seed_everything, evaluating, write_summary)
 from miyawaki_dual_encoder import (CHECKPOINT_NAME as ENCODER_CHECKPOINT_NAME, SCRIPT as ENCODER_SCRIPT,
                                    load_for_s1)
 
@@ -1121,6 +1121,7 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
                      "history": {n: {key: v for key, v in history[n].items() if key != "samples"}
                                  for n in ("diffusion", "gan")}}, out / CHECKPOINT_NAME)
     save_json(metrics, out / "miyawaki_generation.json")
+    write_summary(out)
     for name in ("diffusion", "gan"):
         m = results[name]
         print(f"{name:9s} S1 from fMRI only: MSE {m['mse']:.4f} | PixCorr {m['pixcorr']:.3f} | "

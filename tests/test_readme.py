@@ -21,6 +21,10 @@ def test_readme_python_blocks_run_on_the_simulated_set(tmp_path, monkeypatch):
     D.main([*SIM, "--epochs", "2", "--out-dir", str(out)])
     G.main([*SIM, "--out-dir", str(out), "--diffusion-steps", "3", "--gan-steps", "2",
             "--num-inference-steps", "2", "--n-sample-grids", "0"])
+    summary = (out / "summary.md").read_text()                   # what make run ends with
+    for row in ("dual encoder identification top-1 (20-way)", "diffusion decoder reconstruction",
+                "GAN decoder reconstruction", "miyawaki_training_curves.png"):
+        assert row in summary, row
     monkeypatch.chdir(tmp_path)                                  # "outputs/..." as in the README
     monkeypatch.setattr(L, "DEFAULT_DATA", tmp_path / "no.mat")  # no file: the simulated set
     blocks = python_blocks()
