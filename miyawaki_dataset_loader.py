@@ -66,6 +66,12 @@ class OptionError(ValueError):
     """A setting out of its range, or a device this machine lacks; the message names the option."""
 
 
+def condition_name(label) -> str:
+    """The name of a condition label (Miyawaki's: 1 random, 2 shapes, 3-5 letters), else
+    "condition <label>"."""
+    return CONDITION_NAMES.get(int(label), f"condition {label}")
+
+
 # --------------------------------------------------------------------------- data containers
 @dataclass(frozen=True)
 class Trials:
@@ -1052,7 +1058,7 @@ def plot_unique_images(images: np.ndarray, labels: np.ndarray, counts: np.ndarra
         img = images[k]
         ax = fig.add_subplot(rows, cols, pos + 1)
         ax.imshow(img[0], cmap="gray", interpolation="nearest", vmin=0, vmax=1)
-        ax.set_title(f"#{k} {CONDITION_NAMES.get(int(labels[k]), labels[k])}\n{counts[k]} trials",
+        ax.set_title(f"#{k} {condition_name(labels[k])}\n{counts[k]} trials",
                      fontsize=8)
         ax.axis("off")
     fig.suptitle("Unique stimuli (upright)" + (f", the last {len(shown)} of {len(images)}"
@@ -1069,14 +1075,15 @@ def plot_fmri_correlation(fmri: np.ndarray, image_ids: np.ndarray, labels: np.nd
     ax = fig.add_subplot()
     im = ax.imshow(corr, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
     if len(labels) <= 40:  # more images than that get no tick labels (unreadable)
-        ticks = [f"#{k} ({labels[k]})" for k in range(len(labels))]
+        ticks = [f"#{k} {condition_name(labels[k])}" for k in range(len(labels))]
         ax.set_xticks(range(len(labels)), ticks, rotation=90, fontsize=7)
         ax.set_yticks(range(len(labels)), ticks, fontsize=7)
     for b in np.where(np.diff(labels) != 0)[0]:
         ax.axhline(b + 0.5, color="k", lw=0.8)
         ax.axvline(b + 0.5, color="k", lw=0.8)
     fig.colorbar(im, ax=ax, label="Pearson r")
-    ax.set_title("Mean fMRI pattern correlation between images (condition in brackets)")
+    fig.suptitle("Mean fMRI pattern correlation between images\n(lines separate the conditions)",
+                 fontsize=10)
     return fig
 
 

@@ -487,18 +487,23 @@ def train_dual_encoders(train: Trials, configs: list[DualEncoderConfig],
 
 # --------------------------------------------------------------------------- figures
 def plot_training_curves(history: dict, chance: float) -> Figure:
-    """Train / validation loss and validation 20-way identification per epoch."""
+    """Train / validation loss and validation identification (among the candidates, ``chance`` =
+    1 / K) per epoch; the titles say what the validation set is."""
     fig = Figure(figsize=(10, 3.8))
     ax1, ax2 = fig.subplots(1, 2)
     ep = np.arange(1, len(history["train_loss"]) + 1)
     ax1.plot(ep, history["train_loss"], label="train (with mixup + noise)")
     if history["val_loss"]:
-        ax1.plot(ep, history["val_loss"], label="validation (held-out training trials)")
+        ax1.plot(ep, history["val_loss"], label="validation")
         ax2.plot(ep, history["val_top1"], label="validation top-1")
     ax2.axhline(chance, color="gray", ls="--", label=f"chance {chance:.2f}")
     ax1.set(xlabel="epoch", ylabel="InfoNCE loss", title="Contrastive loss")
     ax2.set(xlabel="epoch", ylabel="top-1", ylim=(0, 1.02),
-            title="Identification from fMRI only (validation)")
+            title=f"Identification from fMRI only, {round(1 / chance)}-way (validation)")
+    fig.suptitle(f"Validation: {history.get('n_validation', '?')} training trials held out, one each of images shown at least "
+                 f"3 times (so seen in training); never test trials" if history["val_loss"] else
+                 "No validation set (val_fraction 0)", fontsize=9)
+    fig.subplots_adjust(top=0.82)
     ax1.legend()
     ax2.legend()
     return fig

@@ -35,10 +35,10 @@ from sklearn.manifold import TSNE
 from sklearn.neighbors import KNeighborsClassifier
 from tqdm.auto import tqdm
 
-from miyawaki_dataset_loader import (CONDITION_NAMES, GRID, IMAGE_SIDE, METRICS, RIDGE_ALPHAS, Fold,
+from miyawaki_dataset_loader import (GRID, IMAGE_SIDE, METRICS, RIDGE_ALPHAS, Fold,
                                      MeanImageBaseline, MiyawakiData, RidgeBaseline, ScriptOptions,
                                      Trials, add_config_args, chance_levels, check_options,
-                                     condition_accuracy, config_dict, cosine_scores, evaluating,
+                                     condition_accuracy, condition_name, config_dict, cosine_scores, evaluating,
                                      fold_means, identification_ranks, identification_scores,
                                      identification_summary, identified_labels,
                                      image_to_fmri_summary, majority_rate, mean_rank,
@@ -301,10 +301,6 @@ def _condition_colour(label) -> str:
     return CONDITION_COLOURS.get(int(label), "tab:gray")
 
 
-def _condition_name(label) -> str:
-    return CONDITION_NAMES.get(int(label), f"condition {label}")
-
-
 def plot_latent_space(test_xy, test_labels, test_ids, image_xy, image_labels, train_xy=None,
                       train_labels=None, title="") -> Figure:
     """Joint t-SNE map: test-trial fMRI embeddings (circles, ``N x 2``) joined to their true image's
@@ -328,7 +324,7 @@ def plot_latent_space(test_xy, test_labels, test_ids, image_xy, image_labels, tr
     handles, labels = ax.get_legend_handles_labels()
     for c in sorted(set(np.asarray(image_labels).tolist())):
         handles.append(ax.scatter([], [], color=_condition_colour(c), marker="o"))
-        labels.append(_condition_name(c))
+        labels.append(condition_name(c))
     ax.legend(handles, labels, fontsize=8, loc="best")
     ax.set(xlabel="t-SNE 1", ylabel="t-SNE 2", title=title or "Joint t-SNE of fMRI and image embeddings")
     ax.set_xticks([])

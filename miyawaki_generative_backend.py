@@ -60,7 +60,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, CheckpointError, Fold,
-                                     FromCheckpointHint, MeanImageBaseline, RidgeBaseline, ScriptOptions,
+                                     FromCheckpointHint, MeanImageBaseline, condition_name,
+                                     identification_scores, RidgeBaseline, ScriptOptions,
                                      Trials, add_config_args, check_finite, check_options,
                                      config_dict, file_sha256, load_checkpoint, one_line,
                                      parse_config, pearson_rows, prepare_out_dir,
@@ -1013,11 +1014,17 @@ def oracle_reconstruct(encoder: nn.Module, decoder: nn.Module, images: np.ndarra
 
 
 # --------------------------------------------------------------------------- figures
-def plot_generation(true: np.ndarray, recon: np.ndarray, title: str) -> Figure:
+def plot_generation(true: np.ndarray, recon: np.ndarray, title: str, image_ids: np.ndarray,
+                    candidates: np.ndarray, labels: np.ndarray) -> Figure:
     """For every trial a column: true image | reconstruction | reconstruction binarised at 0.5,
-    PixCorr with the true image in the panel titles. true, recon ``N x 1 x 28 x 28`` in [0, 1]."""
+    PixCorr with the true image in the panel titles; each column is named by its image (#id and
+    condition, from the candidates' ``labels``), and a reconstruction whose 20-way identification
+    (Pearson with the ``candidates``) misses is marked in red with the image it was taken for.
+    true, recon ``N x 1 x 28 x 28`` in [0, 1]; image_ids ``N`` index the candidates ``K x 1 x 28 x
+    28``."""
     binary = (recon > 0.5).astype(np.float32)
     n = len(true)
+    guess = identification_scores(recon, candidates).argmax(1)
     flat = lambda a: a.reshape(n, -1)  # noqa: E731
     rows = [("true", true, None), ("recon", recon, pearson_rows(flat(recon), flat(true))),
             ("binarised", binary, pearson_rows(flat(binary), flat(true)))]
@@ -1029,8 +1036,12 @@ def plot_generation(true: np.ndarray, recon: np.ndarray, title: str) -> Figure:
             ax.imshow(imgs[i, 0], cmap="gray", interpolation="nearest", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
-            if corr is not None:
-                ax.set_title(f"r={corr[i]:.2f}", fontsize=7)
+            if corr is None:
+                ax.set_title(f"#{image_ids[i]} {condition_name(labels[image_ids[i]])}", fontsize=6)
+            else:
+                wrong = r == 1 and guess[i] != image_ids[i]
+                ax.set_title(f"r={corr[i]:.2f}" + (f"\nas #{guess[i]}" if wrong else ""), fontsize=7,
+                             color="tab:red" if wrong else "k")
         axes[r, 0].set_ylabel(name, fontsize=9)
     fig.suptitle(title, fontsize=10)
     return fig
@@ -1081,7 +1092,8 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
         m = results[name]
         save_figure(plot_generation(test.images, recon, (
             f"{name} decoder, S1 test trials, from fMRI only: PixCorr {m['pixcorr']:.3f}, "
-            f"MSE {m['mse']:.4f}, 20-way top-1 {m['top1']:.2f}")), out / f"miyawaki_{name}_generation.png")
+            f"MSE {m['mse']:.4f}, {len(fold.unique_images)}-way top-1 {m['top1']:.2f} (misidentified in red)"),
+            test.image_ids, fold.unique_images, fold.unique_labels), out / f"miyawaki_{name}_generation.png")
     stage_seconds = time.perf_counter() - t0
 
     grid_dir = out / "diffusion_samples"

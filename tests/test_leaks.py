@@ -69,9 +69,9 @@ def run_scripts(out, data):
     they wrote, by file name; the reconstructions the generative script shows as fMRI-only)."""
     shown, plot = {}, G.plot_generation
 
-    def spy(true, recon, title):
+    def spy(true, recon, title, *labelling):
         shown[title.split()[0]] = recon
-        return plot(true, recon, title)
+        return plot(true, recon, title, *labelling)
 
     args = [*SIM, "--out-dir", str(out)]
     with pytest.MonkeyPatch.context() as mp:
