@@ -66,10 +66,12 @@ class OptionError(ValueError):
     """A setting out of its range, or a device this machine lacks; the message names the option."""
 
 
-def condition_name(label) -> str:
-    """The name of a condition label (Miyawaki's: 1 random, 2 shapes, 3-5 letters), else
-    "condition <label>"."""
-    return CONDITION_NAMES.get(int(label), f"condition {label}")
+def condition_name(label, labels=()) -> str:
+    """The name of a condition ``label``: Miyawaki's (1 random, 2 shapes, 3-5 letters) when every
+    label of the data set (``labels``, e.g. its unique labels) is one of his, else "label <label>"
+    (a file with its own labels keeps them)."""
+    theirs = all(int(c) in CONDITION_NAMES for c in np.asarray(labels).ravel()) and int(label) in CONDITION_NAMES
+    return CONDITION_NAMES[int(label)] if theirs else f"label {label}"
 
 
 # --------------------------------------------------------------------------- data containers
@@ -1058,7 +1060,7 @@ def plot_unique_images(images: np.ndarray, labels: np.ndarray, counts: np.ndarra
         img = images[k]
         ax = fig.add_subplot(rows, cols, pos + 1)
         ax.imshow(img[0], cmap="gray", interpolation="nearest", vmin=0, vmax=1)
-        ax.set_title(f"#{k} {condition_name(labels[k])}\n{counts[k]} trials",
+        ax.set_title(f"#{k} {condition_name(labels[k], labels)}\n{counts[k]} trials",
                      fontsize=8)
         ax.axis("off")
     fig.suptitle("Unique stimuli (upright)" + (f", the last {len(shown)} of {len(images)}"
@@ -1075,7 +1077,7 @@ def plot_fmri_correlation(fmri: np.ndarray, image_ids: np.ndarray, labels: np.nd
     ax = fig.add_subplot()
     im = ax.imshow(corr, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
     if len(labels) <= 40:  # more images than that get no tick labels (unreadable)
-        ticks = [f"#{k} {condition_name(labels[k])}" for k in range(len(labels))]
+        ticks = [f"#{k} {condition_name(labels[k], labels)}" for k in range(len(labels))]
         ax.set_xticks(range(len(labels)), ticks, rotation=90, fontsize=7)
         ax.set_yticks(range(len(labels)), ticks, fontsize=7)
     for b in np.where(np.diff(labels) != 0)[0]:
@@ -1091,7 +1093,7 @@ def summary(data: MiyawakiData) -> str:
     """A few lines describing the data set."""
     t = data.trials
     counts = np.bincount(t.image_ids, minlength=len(data.unique_images))
-    cond = ", ".join(f"{c} {CONDITION_NAMES.get(int(c), '')}: {int((t.labels == c).sum())}"
+    cond = ", ".join(f"{condition_name(c, data.unique_labels)}: {int((t.labels == c).sum())}"
                      for c in np.unique(t.labels))
     return (f"source: {data.source}\n"
             f"trials: {len(t)} ({data.n_file_train} train / {len(t) - data.n_file_train} test in the file's split)\n"

@@ -324,7 +324,7 @@ def plot_latent_space(test_xy, test_labels, test_ids, image_xy, image_labels, tr
     handles, labels = ax.get_legend_handles_labels()
     for c in sorted(set(np.asarray(image_labels).tolist())):
         handles.append(ax.scatter([], [], color=_condition_colour(c), marker="o"))
-        labels.append(condition_name(c))
+        labels.append(condition_name(c, image_labels))
     ax.legend(handles, labels, fontsize=8, loc="best")
     ax.set(xlabel="t-SNE 1", ylabel="t-SNE 2", title=title or "Joint t-SNE of fMRI and image embeddings")
     ax.set_xticks([])

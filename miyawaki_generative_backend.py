@@ -1037,7 +1037,7 @@ def plot_generation(true: np.ndarray, recon: np.ndarray, title: str, image_ids: 
             ax.set_xticks([])
             ax.set_yticks([])
             if corr is None:
-                ax.set_title(f"#{image_ids[i]} {condition_name(labels[image_ids[i]])}", fontsize=6)
+                ax.set_title(f"#{image_ids[i]} {condition_name(labels[image_ids[i]], labels)}", fontsize=6)
             else:
                 wrong = r == 1 and guess[i] != image_ids[i]
                 ax.set_title(f"r={corr[i]:.2f}" + (f"\nas #{guess[i]}" if wrong else ""), fontsize=7,

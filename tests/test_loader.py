@@ -55,6 +55,18 @@ def test_other_voxel_count_and_uint8_images_load(tmp_path, mat_arrays, write_mat
     np.testing.assert_array_equal(data.trials.images, sim.trials.images)
 
 
+def test_a_file_with_its_own_labels_keeps_them_in_summaries_and_titles(tmp_path, mat_arrays, write_mat):
+    """Labels that are not Miyawaki's (here 0-9, as a digits file has) are named "label k",
+    never "shapes" / "letters"; Miyawaki's keep their names."""
+    arrays = {**mat_arrays, "labelTrn": mat_arrays["labelTrn"] + 5, "labelTest": mat_arrays["labelTest"] + 5}
+    data = L.load_miyawaki(write_mat(tmp_path / "own.mat", arrays))
+    text = L.summary(data)
+    assert "label 7" in text and "shapes" not in text and "letters" not in text
+    assert "shapes" in L.summary(L.make_simulated_dataset())
+    fig = L.plot_fmri_correlation(data.trials.fmri, data.trials.image_ids, data.unique_labels)
+    assert "label 7" in fig.axes[0].get_yticklabels()[0].get_text()
+
+
 # --------------------------------------------------------------------------- bad input
 def _mutated(edit):
     """A bad-file maker that edits the simulated arrays before writing them."""
