@@ -1011,7 +1011,7 @@ def write_summary(out: Path) -> Path:
     ridge = (ev or {}).get("baselines_s1", {}).get("ridge", {})
     fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
     if de:
-        m = de["metrics"]
+        m = de
         lines.append(f"| dual encoder identification top-1 ({m['n_candidates']}-way) | {fmt(m['top1'])} | "
                      f"{fmt(m['chance_top1'])} | {fmt(ridge.get('top1'))} |")
     if ev:

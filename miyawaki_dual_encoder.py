@@ -32,7 +32,8 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, CheckpointError, Fold, F
                                      check_same_data, config_dict, identification_ranks, load_checkpoint,
                                      one_line, parse_config, prepare_out_dir, rank_summary, resolve_data,
                                      resolve_device, run_cli, save_checkpoint, save_figure, save_json,
-                                     script_parser, seed_everything, evaluating, write_summary)
+                                     script_parser, seed_everything, evaluating, write_summary,
+                                     chance_levels)
 
 CHECKPOINT_NAME = "miyawaki_dual_encoder.pth"
 SCRIPT = "miyawaki_dual_encoder.py"
@@ -557,7 +558,9 @@ def main(argv: list[str] | ScriptConfig | None = None) -> dict:
                      "data_source": data.source, "data_fingerprint": data.fingerprint,
                      "history": history, "metrics": metrics}, out / CHECKPOINT_NAME)
     save_figure(plot_training_curves(history, 1 / k), out / "miyawaki_training_curves.png")
-    save_json({"metrics": metrics, "config": config}, out / "miyawaki_dual_encoder.json")
+    # the result file's top level reads like the evaluation's and the decoders'
+    save_json({**metrics, "data_source": data.source, "n_candidates": k, "chance": chance_levels(k),
+               "config": config}, out / "miyawaki_dual_encoder.json")
     write_summary(out)
     print(f"saved {out / CHECKPOINT_NAME}, {out / 'miyawaki_training_curves.png'}")
     return metrics

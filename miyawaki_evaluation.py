@@ -438,9 +438,9 @@ def print_checkpoint_summary(result: dict) -> None:
     ident, r12 = result["identification"], result["retrieval_test_trials"]
     cond, ridge = result["condition_accuracy"], result["baselines_s1"]["ridge"]
     k, n = ident["n_candidates"], result["n_test"]
-    print(f"S1 fMRI->image identification (fMRI only, {k}-way): top-1 {ident['fmri_to_image_top1']:.3f} "
-          f"(chance {ident['chance_top1']:.3f}), top-5 {ident['fmri_to_image_top5']:.3f} (chance "
-          f"{ident['chance_top5']:.2f}), mean rank {ident['fmri_to_image_mean_rank']:.2f} (chance "
+    print(f"S1 fMRI->image identification (fMRI only, {k}-way): top-1 {ident['top1']:.3f} "
+          f"(chance {ident['chance_top1']:.3f}), top-5 {ident['top5']:.3f} (chance "
+          f"{ident['chance_top5']:.2f}), mean rank {ident['mean_rank']:.2f} (chance "
           f"{ident['chance_mean_rank']:.1f})")
     print(f"S1 image->fMRI ({ident['image_to_fmri_n_queries']} images rank {n} test trials): top-1 "
           f"{ident['image_to_fmri_top1']:.3f} (chance {ident['image_to_fmri_chance_top1']:.3f}), "
@@ -488,12 +488,12 @@ def score_checkpoint(model: MiyawakiDualEncoder, fold: Fold, knn_k: int = 5, ora
     }
     base, _ = evaluate_baselines(fold)
     result = {
-        "split": fold.meta.get("split", ""), "n_test": n,
-        "identification": {
+        "split": fold.meta.get("split", ""), "n_test": n, "n_candidates": k, "chance": chance_levels(k),
+        "identification": {   # fMRI -> image, named as in the other result files
             "n_candidates": k, "chance_top1": ident["chance_top1"], "chance_top5": ident["chance_top5"],
-            "fmri_to_image_top1": ident["top1"], "fmri_to_image_top5": ident["top5"],
-            "fmri_to_image_mean_rank": ident["mean_rank"], "chance_mean_rank": ident["chance_mean_rank"],
-            "fmri_to_image_ranks": ident["ranks"],
+            "top1": ident["top1"], "top5": ident["top5"],
+            "mean_rank": ident["mean_rank"], "chance_mean_rank": ident["chance_mean_rank"],
+            "ranks": ident["ranks"],
             "image_to_fmri_top1": reverse["top1"], "image_to_fmri_mean_rank": reverse["mean_rank"],
             "image_to_fmri_chance_top1": reverse["chance_top1"],
             "image_to_fmri_n_queries": reverse["n_queries"],
@@ -523,15 +523,14 @@ def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
     model, ckpt, fold = load_for_s1(path, data, device)
     out = prepare_out_dir(cfg.out_dir)
     scores = score_checkpoint(model, fold, cfg.knn_k, cfg.oracle)
-    result = {"split": "s1", "seed": ckpt["seed"], "n_test": scores["n_test"], "checkpoint": str(path),
-              "data_source": data.source,
-              **{key: v for key, v in scores.items() if key not in ("split", "n_test", "oracle")},
+    result = {"split": "s1", "seed": ckpt["seed"], "data_source": data.source, "checkpoint": str(path),
+              **{key: v for key, v in scores.items() if key not in ("split", "oracle")},
               "config": config_dict(cfg)}
     emb = checkpoint_embeddings(model, fold)
     cand, tr, te = emb["candidates"], emb["train"], emb["test"]
     test, k, n = fold.test, len(fold.unique_images), len(fold.test)
     sim = cosine_scores(te["fmri"], cand["image"])
-    ident = {"top1": scores["identification"]["fmri_to_image_top1"]}
+    ident = scores["identification"]
     print_checkpoint_summary(result)
     if cfg.oracle:
         result["oracle"] = o = scores["oracle"]

@@ -125,8 +125,8 @@ def main(argv=None) -> dict:
     stage_json = {name: stage_dir / name for name in ("miyawaki_dual_encoder.json", "miyawaki_generation.json")}
     inner = {}
     if stage_json["miyawaki_dual_encoder.json"].is_file():
-        inner["dual_encoder_train_s"] = json.loads(stage_json["miyawaki_dual_encoder.json"].read_text())[
-            "metrics"]["train_seconds"]
+        inner["dual_encoder_train_s"] = json.loads(
+            stage_json["miyawaki_dual_encoder.json"].read_text())["train_seconds"]
     if stage_json["miyawaki_generation.json"].is_file():
         gen = json.loads(stage_json["miyawaki_generation.json"].read_text())
         inner["generative_stage_s"] = gen.get("generative_stage_seconds")

@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
              "peak_mib": max(m["peak_mib"] for m in med.values())}
     extra = {}
     de = json.loads((args.out_dir / "miyawaki_dual_encoder.json").read_text())
-    cfg, m = de["config"], de["metrics"]
+    cfg, m = de["config"], de
     extra["dual_encoder_trial_epochs_per_s"] = m["n_train"] * cfg["epochs"] / m["train_seconds"]
     gen = json.loads((args.out_dir / "miyawaki_generation.json").read_text())
     extra["diffusion_sampling_s_per_image"] = gen["diffusion"]["sample_seconds_per_image"]

@@ -146,7 +146,7 @@ def test_script_checkpoint_round_trip(tmp_path):
     assert 0 <= metrics["top1"] <= 1 and metrics["n_candidates"] == 20
     # trained on the S1 training trials less the 11 held out for the validation curves
     assert (metrics["n_train"], metrics["n_validation"], metrics["n_test"]) == (96, 11, 12)
-    assert json.loads((tmp_path / "miyawaki_dual_encoder.json").read_text())["metrics"]["n_train"] == 96
+    assert json.loads((tmp_path / "miyawaki_dual_encoder.json").read_text())["n_train"] == 96
 
 
 def test_checkpoint_of_other_architecture_is_refused(tmp_path):

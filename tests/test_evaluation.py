@@ -126,14 +126,13 @@ def test_evaluation_end_to_end_from_fmri_only(trained):
     for key in ("split", "seed", "n_test", "identification", "condition_accuracy", "config"):
         assert key in saved
     ident = saved["identification"]
-    for key in ("n_candidates", "chance_top1", "fmri_to_image_top1", "fmri_to_image_top5",
-                "fmri_to_image_mean_rank", "image_to_fmri_top1"):
+    for key in ("n_candidates", "chance_top1", "top1", "top5", "mean_rank", "image_to_fmri_top1"):
         assert key in ident
     for key in ("fmri_latent", "correlation", "majority_rate"):
         assert key in saved["condition_accuracy"]
     assert (saved["split"], saved["n_test"], ident["n_candidates"]) == ("s1", 12, 20)
-    assert ident["fmri_to_image_top1"] > 4 * ident["chance_top1"]     # 15 epochs, simulated SNR
-    assert ident["fmri_to_image_mean_rank"] < 5
+    assert ident["top1"] > 4 * ident["chance_top1"]     # 15 epochs, simulated SNR
+    assert ident["mean_rank"] < 5
     assert saved["condition_accuracy"]["correlation"] > saved["condition_accuracy"]["majority_rate"]
     assert "oracle" in saved["oracle"]["label"].lower()
     assert "uses the image" in saved["oracle"]["image_latent_condition_note"]

@@ -34,4 +34,4 @@ def test_readme_python_blocks_run_on_the_simulated_set(tmp_path, monkeypatch):
         exec(compile(block, str(README), "exec"), namespace)
     assert namespace["images"].shape == (len(namespace["fold"].test), 1, 28, 28)
     assert namespace["data"].source.startswith("simulated")
-    assert 0 <= namespace["scores"]["identification"]["fmri_to_image_top1"] <= 1
+    assert 0 <= namespace["scores"]["identification"]["top1"] <= 1
