@@ -15,7 +15,6 @@ Scores are docs/PROTOCOL.md's (20-way identification among all unique images), r
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 import time
@@ -30,7 +29,7 @@ from miyawaki_dataset_loader import (DEFAULT_OUT, RidgeBaseline, reconstruction_
                                      resolve_data, resolve_device, run_cli, save_json)
 from miyawaki_dual_encoder import DualEncoderConfig, train_dual_encoder  # noqa: E402
 from miyawaki_generative_backend import GenerativeConfig, reconstruct, train_generative  # noqa: E402
-from tune_dual_encoder import inner_folds, parse_overrides  # noqa: E402
+from tune_dual_encoder import inner_folds, parse_overrides, tuning_parser  # noqa: E402
 
 METRICS = ("pixcorr", "ssim", "mse", "two_way", "top1")
 
@@ -72,11 +71,7 @@ def run(data, specs: list[str], sampling: list[dict], schemes: list[str], seed: 
 
 def main(argv=None) -> dict:
     """Score each candidate by inner CV; print a line each and save the JSON; returns it."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default=None)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
-                   help="one candidate training setting of GenerativeConfig (repeat for several)")
+    p = tuning_parser(__doc__, "GenerativeConfig (training)")
     p.add_argument("--guidance", type=float, nargs="+", default=[GenerativeConfig.guidance_scale])
     p.add_argument("--init-strength", type=float, nargs="+", default=[GenerativeConfig.init_strength])
     p.add_argument("--blend", type=float, nargs="+", default=[GenerativeConfig.anchor_blend])

@@ -65,13 +65,20 @@ def score(data, cfg: DualEncoderConfig, scheme: str, seeds: list[int],
     return float(np.mean(top1)), float(np.mean(top1_latent))
 
 
-def main(argv=None) -> dict:
-    """Score each ``--set`` candidate by inner CV; print a line each and save the JSON; returns it."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+def tuning_parser(doc: str, what: str) -> argparse.ArgumentParser:
+    """The options both tuning scripts share: ``--data`` and repeatable ``--set`` candidates of
+    ``what`` (a config class name)."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
-                   help="one candidate setting (repeat the flag for several)")
+                   help=f"one candidate setting of {what} (repeat the flag for several)")
+    return p
+
+
+def main(argv=None) -> dict:
+    """Score each ``--set`` candidate by inner CV; print a line each and save the JSON; returns it."""
+    p = tuning_parser(__doc__, "DualEncoderConfig")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--schemes", nargs="+", default=["seen", "unseen"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
