@@ -110,6 +110,11 @@ class Fold:
     test_idx: np.ndarray
     meta: dict = field(default_factory=dict)
 
+    @property
+    def unseen_test(self) -> np.ndarray:
+        """``N`` bool: the test trials whose image no training trial shows (S3's held-out image)."""
+        return ~np.isin(self.test.image_ids, self.train.image_ids)
+
 
 @dataclass(frozen=True)
 class MiyawakiData:
@@ -650,7 +655,7 @@ def score_reconstructions(recon, fold: Fold, pool=None, scores=None, cond=None) 
         cond = identified_labels(scores, fold.unique_labels)
     m.update(top1=(m["rank"] <= 1).astype(float), top5=(m["rank"] <= 5).astype(float),
              condition=(np.asarray(cond) == test.labels).astype(float))
-    unseen = ~np.isin(test.image_ids, fold.train.image_ids)
+    unseen = fold.unseen_test
     if unseen.any():
         m["closer_than_train"] = np.where(unseen, nearest_training_check(recon, fold)[0], np.nan)
     return m

@@ -462,13 +462,15 @@ def checkpoint_embeddings(model: MiyawakiDualEncoder, fold: Fold) -> dict:
             "test_images": extract_latent_representations(model, images=fold.test.images)}
 
 
-def score_checkpoint(model: MiyawakiDualEncoder, fold: Fold, knn_k: int = 5, oracle: bool = False) -> dict:
+def score_checkpoint(model: MiyawakiDualEncoder, fold: Fold, knn_k: int = 5, oracle: bool = False,
+                     embeddings: dict | None = None) -> dict:
     """Score a dual encoder on ``fold`` (fMRI only at test time; no I/O): fMRI -> image
     identification among the K candidates and the reverse direction, the labelled retrieval
     among the test trials' own images, condition accuracy (kNN among training trials), the
     classic baselines, each beside its chance; with ``oracle`` also the ORACLE numbers under
-    ``oracle``. What ``miyawaki_evaluation.py`` writes to ``miyawaki_evaluation.json``."""
-    emb = checkpoint_embeddings(model, fold)
+    ``oracle``. What ``miyawaki_evaluation.py`` writes to ``miyawaki_evaluation.json``.
+    ``embeddings``: ``checkpoint_embeddings(model, fold)`` when the caller has them already."""
+    emb = embeddings or checkpoint_embeddings(model, fold)
     cand, tr, te, te_img = (emb[k] for k in ("candidates", "train", "test", "test_images"))
     test, k = fold.test, len(fold.unique_images)
     sim = cosine_scores(te["fmri"], cand["image"])                       # N x K
@@ -522,11 +524,11 @@ def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
     data = resolve_data(cfg.data)
     model, ckpt, fold = load_for_s1(path, data, device)
     out = prepare_out_dir(cfg.out_dir)
-    scores = score_checkpoint(model, fold, cfg.knn_k, cfg.oracle)
+    emb = checkpoint_embeddings(model, fold)             # for the scores and the figures
+    scores = score_checkpoint(model, fold, cfg.knn_k, cfg.oracle, emb)
     result = {"split": "s1", "seed": ckpt["seed"], "data_source": data.source, "checkpoint": str(path),
               **{key: v for key, v in scores.items() if key not in ("split", "oracle")},
               "config": config_dict(cfg)}
-    emb = checkpoint_embeddings(model, fold)
     cand, tr, te = emb["candidates"], emb["train"], emb["test"]
     test, k, n = fold.test, len(fold.unique_images), len(fold.test)
     sim = cosine_scores(te["fmri"], cand["image"])
@@ -730,11 +732,10 @@ def fold_gallery(fold: Fold, recons: dict) -> dict:
     true = fold.test.images[:1]
     one = replace(fold, test=fold.test.subset(np.arange(1)))
     ridge = RidgeBaseline().fit(fold.train.fmri, fold.train.images).predict(fold.test.fmri[:1])
-    seen = np.unique(fold.train.image_ids)
-    nearest = fold.unique_images[seen][identification_scores(true, fold.unique_images[seen]).argmax()]
+    nearest = fold.unique_images[nearest_training_check(true, one)[1][0]]
     corr = lambda img: float(pearson_rows(np.clip(img.reshape(1, -1), 0, 1), true.reshape(1, -1))[0])  # noqa: E731
     out = {"true": (true[0], 1.0, None)}
-    for name, recon in {"ridge": ridge.reshape(1, 1, 28, 28), **{g: r[:1] for g, r in recons.items()}}.items():
+    for name, recon in {"ridge": ridge.reshape(true.shape), **{g: r[:1] for g, r in recons.items()}}.items():
         out[name] = (recon[0].clip(0, 1), corr(recon), not nearest_training_check(recon, one)[0][0])
     out["nearest training image"] = (nearest, corr(nearest), None)
     return out

@@ -174,18 +174,15 @@ class LinearReadout(nn.Module):
         the logistic gate on its nearest-training-image similarity (ones without a gate)."""
         if not len(self.gate_images):
             return torch.ones(len(anchor), device=anchor.device)
-        s = nearest_image_similarity(anchor, self.gate_images)
-        return torch.sigmoid(self.gate_coef[0] * s + self.gate_coef[1])
+        s = nearest_image_similarity(anchor.detach().cpu().numpy(), self.gate_images.cpu().numpy())
+        s = torch.as_tensor(s, dtype=torch.float32, device=self.gate_coef.device)
+        return torch.sigmoid(self.gate_coef[0] * s + self.gate_coef[1]).to(anchor.device)
 
 
-def nearest_image_similarity(readouts, images):
-    """Max Pearson correlation of each clipped read-out ``N x 1 x 28 x 28`` with the images ``K x
-    784`` -> ``N`` (torch or numpy, as given)."""
-    if isinstance(readouts, np.ndarray):
-        return nearest_image_similarity(torch.as_tensor(readouts), torch.as_tensor(images)).numpy()
-    unit = lambda x: F.normalize(x - x.mean(1, keepdim=True), dim=1)  # noqa: E731
-    a = unit(readouts.reshape(len(readouts), -1).clamp(0, 1).float())
-    return (a @ unit(images.reshape(len(images), -1).float()).T).max(1).values
+def nearest_image_similarity(readouts: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """The protocol's identification score (Pearson r of the clipped read-out) of each read-out
+    ``N x 1 x 28 x 28`` with its nearest image of ``images`` ``K x ...`` -> ``N``."""
+    return identification_scores(readouts, images).max(1)
 
 
 def out_of_fold_readouts(train: Trials, alpha: float, n_folds: int) -> np.ndarray:
@@ -227,9 +224,8 @@ def fit_novelty_gate(train: Trials, alpha: float, unseen: np.ndarray,
         if va.any():
             seen[va] = Ridge(alpha=alpha).fit(train.fmri[~va], flat[~va]).predict(train.fmri[va])
     images = train.images[first]
-    s = np.concatenate([nearest_image_similarity(unseen, images.reshape(len(images), -1)),
-                        nearest_image_similarity(seen[repeated].reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE).astype(np.float32),
-                                                 images.reshape(len(images), -1))])
+    s = np.concatenate([nearest_image_similarity(unseen, images),
+                        nearest_image_similarity(seen[repeated], images)])
     y = np.r_[np.ones(len(unseen)), np.zeros(int(repeated.sum()))]
     mu, sd = s.mean(), s.std() + 1e-8
     fit = LogisticRegression().fit(((s - mu) / sd)[:, None], y)
@@ -820,9 +816,8 @@ def image_prior(images: torch.Tensor, anchor: torch.Tensor | None, config: Gener
     new_anchor = None if new_anchor is None else new_anchor[keep]
     if encode_image is None:
         cond = torch.zeros(len(new_images), cond_dim, device=device)
-    else:
-        with torch.no_grad():
-            cond = torch.cat([encode_image(chunk) for chunk in new_images.split(256)])
+    else:                                   # training_set calls this under evaluating(encoder)
+        cond = torch.cat([encode_image(chunk) for chunk in new_images.split(256)])
     return new_images, cond, new_anchor, int((~keep).sum())
 
 
@@ -975,9 +970,8 @@ def decode_fold(encoder: nn.Module, fold: Fold, config: GenerativeConfig,
     ``encoder`` (the image prior excluding the test images absent from training: S3's held-out
     image), then ``fold.test`` reconstructed from its fMRI only, sampled with a generator seeded
     by ``config.seed`` -> ({"diffusion" | "gan": ``N x 1 x 28 x 28``}, {name: seconds})."""
-    unseen = ~np.isin(fold.test.image_ids, fold.train.image_ids)
     *decoders, history = train_generative(encoder, fold.train, config, device, progress=False,
-                                          exclude=fold.test.images[unseen])
+                                          exclude=fold.test.images[fold.unseen_test])
     recons, seconds = {}, {}
     for name, decoder in zip(("diffusion", "gan"), decoders):
         t = time.perf_counter()
@@ -1075,9 +1069,9 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
     train, test = fold.train, fold.test
 
     t0 = time.perf_counter()
-    unseen = ~np.isin(test.image_ids, train.image_ids)   # test images the prior must not contain
+    # the image prior must not contain a test image that training never shows
     diffusion, gan, history = train_generative(encoder, train, cfg, device,
-                                               exclude=test.images[unseen])
+                                               exclude=test.images[fold.unseen_test])
     scoring = dict(true=test.images, image_ids=test.image_ids, candidates=fold.unique_images)
     results, oracle = {}, {}
     for name, decoder in (("diffusion", diffusion), ("gan", gan)):

@@ -43,7 +43,6 @@ def run(data, specs: list[str], sampling: list[dict], schemes: list[str], seed: 
         scores: dict[str, dict[str, list]] = {}
         for tr, va in inner_folds(s1.train.image_ids, scheme):
             fold = data.fold(s1.train_idx[tr], s1.train_idx[va])
-            unseen = ~np.isin(fold.test.image_ids, fold.train.image_ids)
             score = lambda recon: reconstruction_metrics(  # noqa: E731
                 recon, fold.test.images, fold.test.image_ids, fold.unique_images)
             ridge = RidgeBaseline().fit(fold.train.fmri, fold.train.images).predict(fold.test.fmri)
@@ -53,7 +52,7 @@ def run(data, specs: list[str], sampling: list[dict], schemes: list[str], seed: 
             for spec in specs:
                 cfg = replace(GenerativeConfig(seed=seed), **parse_overrides(spec))
                 diffusion, gan, _ = train_generative(encoder, fold.train, cfg, device, progress=False,
-                                                     exclude=fold.test.images[unseen])
+                                                     exclude=fold.test.images[fold.unseen_test])
                 row = scores.setdefault(spec or "default", {})
                 for kw in sampling:
                     diffusion.config.update({k: v for k, v in kw.items() if k in diffusion.config})
