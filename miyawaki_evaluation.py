@@ -47,8 +47,9 @@ from miyawaki_dataset_loader import (GRID, IMAGE_SIDE, METRICS, RIDGE_ALPHAS, Fo
                                      retrieval_ranks, run_cli, save_figure, save_json, save_text,
                                      score_reconstructions, script_parser, splits, topk_accuracy,
                                      upsample_grid, write_summary)
-from miyawaki_dual_encoder import (CHECKPOINT_NAME, DualEncoderConfig, MiyawakiDualEncoder,
-                                   OracleWarning, load_for_s1, train_dual_encoder, train_dual_encoders)
+from miyawaki_dual_encoder import (CHECKPOINT_NAME, READOUT_WEIGHTS, DualEncoderConfig,
+                                   MiyawakiDualEncoder, OracleWarning, inner_cv_top1, load_for_s1,
+                                   select_readout_weight, train_dual_encoder, train_dual_encoders)
 
 BASELINES = ("mean_image", "ridge", "ridge_snap", "multiscale_local", "knn1", "knn5")
 GENERATIVE = ("diffusion", "gan")
@@ -59,7 +60,9 @@ METHOD_TITLES = {
     "multiscale_local": "multiscale local decoder (ridge)",
     "knn1": "kNN k=1 (corr. dist.)",
     "knn5": "kNN k=5 (corr. dist.)",
-    "dual_encoder": "dual encoder (fMRI emb. vs image emb.)",
+    "dual_encoder": "dual encoder (embeddings + read-out)",
+    "dual_encoder_embedding_only": "ablation: dual encoder, embeddings only",
+    "dual_encoder_nested": "dual encoder, read-out weight by nested CV",
     "dual_encoder_permuted": "dual encoder, permutation control",
     "diffusion": "diffusion decoder",
     "gan": "GAN decoder",
@@ -270,14 +273,17 @@ def knn_condition(train_emb, train_labels, test_emb, k: int = 5) -> np.ndarray:
     return clf.fit(train_emb, train_labels).predict(test_emb)
 
 
-def embedding_fold_metrics(model: MiyawakiDualEncoder, train: Trials, fold: Fold, k: int = 5) -> dict:
+def embedding_fold_metrics(model: MiyawakiDualEncoder, train: Trials, fold: Fold, k: int = 5,
+                           readout_weight: float | None = None) -> dict:
     """Per-trial metrics of a dual encoder on ``fold.test`` from fMRI only -> dict of N arrays:
-    top1, top5, rank (20-way, fMRI embedding vs candidate image embeddings), condition (kNN on
-    the fMRI correlation embeddings of ``train``, the trials the model was fitted on) and
-    condition_top1 (condition of the top-1 identified image, as the † baselines)."""
-    cand = extract_latent_representations(model, images=fold.unique_images)["image"]
+    top1, top5, rank (20-way, ``model.score_candidates`` with ``readout_weight``, default the
+    model's), condition (kNN on the fMRI correlation embeddings of ``train``, the trials the model
+    was fitted on) and condition_top1 (condition of the top-1 identified image, as the †
+    baselines)."""
+    device = next(model.parameters()).device
+    scores = model.score_candidates(torch.as_tensor(fold.test.fmri, device=device),
+                                    torch.as_tensor(fold.unique_images, device=device), readout_weight)
     test = extract_latent_representations(model, fold.test)["fmri"]
-    scores = cosine_scores(test, cand)
     ranks = identification_ranks(scores, fold.test.image_ids)
     pred = knn_condition(extract_latent_representations(model, train)["fmri"], train.labels, test, k)
     truth = fold.test.labels
@@ -332,10 +338,11 @@ def plot_latent_space(test_xy, test_labels, test_ids, image_xy, image_labels, tr
     return fig
 
 
-def plot_similarity_matrix(sim, true_ids, candidates, candidate_labels, title="") -> Figure:
-    """Cosine similarity of N test trials (rows) with K candidate images (columns, thumbnails on
-    top); the true image is boxed, each row's top-1 pick dotted. sim ``N x K``; candidates
-    ``K x 1 x 28 x 28``; true_ids ``N``."""
+def plot_similarity_matrix(sim, true_ids, candidates, candidate_labels, title="",
+                           score_label="cosine similarity") -> Figure:
+    """Scores (``score_label``) of N test trials (rows) with K candidate images (columns,
+    thumbnails on top); the true image is boxed, each row's top-1 pick dotted. sim ``N x K``;
+    candidates ``K x 1 x 28 x 28``; true_ids ``N``."""
     sim = np.asarray(sim)
     n, k = sim.shape
     fig = Figure(figsize=(max(7.0, 0.45 * k + 2), max(4.0, 0.4 * n + 2.2)))
@@ -352,7 +359,7 @@ def plot_similarity_matrix(sim, true_ids, candidates, candidate_labels, title=""
                   extent=(-0.5, k - 0.5, 0, 1))
     thumbs.set_yticks([])
     thumbs.tick_params(labelbottom=False, bottom=False)
-    thumbs.set_title(title or "Cosine similarity: test fMRI embedding vs candidate image embedding")
+    thumbs.set_title(title or f"{score_label}: test fMRI vs candidate images")
     im = ax.imshow(sim, cmap="viridis", interpolation="nearest", aspect="auto")
     ax.scatter(true_ids, np.arange(n), marker="s", s=120, facecolors="none", edgecolors="r",
                linewidths=1.5, label="true image")
@@ -361,13 +368,13 @@ def plot_similarity_matrix(sim, true_ids, candidates, candidate_labels, title=""
     ax.set_xticks(range(k), [f"{j}\n{int(candidate_labels[j])}" for j in range(k)], fontsize=7)
     ax.set_yticks(range(n), [f"trial {i} (img {int(t)})" for i, t in enumerate(true_ids)], fontsize=7)
     ax.set_xlabel("candidate image id / condition    (red box: true image, white dot: top-1 pick)")
-    fig.colorbar(im, cax=cax, label="cosine similarity")
+    fig.colorbar(im, cax=cax, label=score_label)
     return fig
 
 
-def plot_correlation_analysis(sim, true_ids, title="") -> Figure:
-    """Left: distribution of matched (true image) vs mismatched cosine similarities, sim ``N x K``.
-    Right: 20-way identification rank of each test trial, with top-1 / top-5 and chance."""
+def plot_correlation_analysis(sim, true_ids, title="", score_label="cosine similarity") -> Figure:
+    """Left: distribution of matched (true image) vs mismatched scores (``score_label``), sim
+    ``N x K``. Right: 20-way identification rank of each test trial, with top-1 / top-5 and chance."""
     sim = np.asarray(sim)
     n, k = sim.shape
     match = np.zeros_like(sim, dtype=bool)
@@ -382,7 +389,7 @@ def plot_correlation_analysis(sim, true_ids, title="") -> Figure:
              label=f"matched pairs (n={n})")
     ax1.axvline(sim[match].mean(), color="tab:red", ls="--", lw=1)
     ax1.axvline(sim[~match].mean(), color="k", ls="--", lw=1)
-    ax1.set(xlabel="cosine similarity (fMRI embedding vs image embedding)", ylabel="density",
+    ax1.set(xlabel=score_label, ylabel="density",
             title=f"Matched {sim[match].mean():.2f} vs mismatched {sim[~match].mean():.2f} (means)")
     ax1.legend(fontsize=8)
     colours = ["tab:green" if r == 1 else "tab:olive" if r <= 5 else "tab:gray" for r in ranks]
@@ -452,6 +459,13 @@ def print_checkpoint_summary(result: dict) -> None:
     print(f"S1 ridge baseline for reference: top-1 {ridge['top1']:.3f}, top-5 {ridge['top5']:.3f}")
 
 
+def candidate_scores(model: MiyawakiDualEncoder, fold: Fold) -> np.ndarray:
+    """``model.score_candidates`` of the fold's test fMRI against its K candidates -> ``N x K``."""
+    device = next(model.parameters()).device
+    return model.score_candidates(torch.as_tensor(fold.test.fmri, device=device),
+                                  torch.as_tensor(fold.unique_images, device=device))
+
+
 def checkpoint_embeddings(model: MiyawakiDualEncoder, fold: Fold) -> dict:
     """The embeddings the checkpoint evaluation uses: ``candidates`` (the K unique images),
     ``train`` / ``test`` (fMRI only) and ``test_images`` (the test trials' own images, for the
@@ -473,8 +487,8 @@ def score_checkpoint(model: MiyawakiDualEncoder, fold: Fold, knn_k: int = 5, ora
     emb = embeddings or checkpoint_embeddings(model, fold)
     cand, tr, te, te_img = (emb[k] for k in ("candidates", "train", "test", "test_images"))
     test, k = fold.test, len(fold.unique_images)
-    sim = cosine_scores(te["fmri"], cand["image"])                       # N x K
-    ident = identification_summary(sim, test.image_ids)
+    ident = identification_summary(candidate_scores(model, fold), test.image_ids)
+    embedding_only = identification_summary(cosine_scores(te["fmri"], cand["image"]), test.image_ids)
     reverse = image_to_fmri_summary(cand["image"], np.arange(k), te["fmri"], test.image_ids)
     n = len(test)
     r12 = retrieval_ranks(cosine_scores(te["fmri"], te_img["image"]), test.image_ids, test.image_ids)
@@ -496,6 +510,10 @@ def score_checkpoint(model: MiyawakiDualEncoder, fold: Fold, knn_k: int = 5, ora
             "top1": ident["top1"], "top5": ident["top5"],
             "mean_rank": ident["mean_rank"], "chance_mean_rank": ident["chance_mean_rank"],
             "ranks": ident["ranks"],
+            "readout_weight": model.config.readout_weight,
+            "embedding_only_top1": embedding_only["top1"],
+            "score": "model.score_candidates: (1 - readout_weight) z(cosine of the fMRI-only and "
+                     "image embeddings) + readout_weight z(Pearson r of the linear pixel read-out)",
             "image_to_fmri_top1": reverse["top1"], "image_to_fmri_mean_rank": reverse["mean_rank"],
             "image_to_fmri_chance_top1": reverse["chance_top1"],
             "image_to_fmri_n_queries": reverse["n_queries"],
@@ -531,7 +549,7 @@ def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
               "config": config_dict(cfg)}
     cand, tr, te = emb["candidates"], emb["train"], emb["test"]
     test, k, n = fold.test, len(fold.unique_images), len(fold.test)
-    sim = cosine_scores(te["fmri"], cand["image"])
+    sim = candidate_scores(model, fold)
     ident = scores["identification"]
     print_checkpoint_summary(result)
     if cfg.oracle:
@@ -547,12 +565,13 @@ def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
                                   title=f"Joint t-SNE of fMRI-only and image embeddings (S1 test: top-1 "
                                         f"{ident['top1']:.2f}, chance {1 / k:.2f})"),
                 out / "miyawaki_latent_space_tsne.png")
+    label = f"identification score (readout weight {model.config.readout_weight:g})"
     save_figure(plot_similarity_matrix(sim, test.image_ids, fold.unique_images, fold.unique_labels,
-                                       title=f"S1 test trials: fMRI embedding vs {k} candidate images "
-                                             f"(top-1 {ident['top1']:.2f}, chance {1 / k:.2f})"),
+                                       title=f"S1 test trials from fMRI only vs {k} candidate images "
+                                             f"(top-1 {ident['top1']:.2f}, chance {1 / k:.2f})",
+                                       score_label=label),
                 out / "miyawaki_similarity_matrix.png")
-    save_figure(plot_correlation_analysis(sim, test.image_ids,
-                                          title="S1 test trials, fMRI-only embeddings"),
+    save_figure(plot_correlation_analysis(sim, test.image_ids, "S1 test trials, from fMRI only", label),
                 out / "miyawaki_correlation_analysis.png")
     save_json(result, out / "miyawaki_evaluation.json")
     write_summary(out)
@@ -651,6 +670,14 @@ def benchmark_markdown(result: dict) -> str:
     for name, d in result["paired_vs_ridge_top1"].items():
         lines.append(f"| {METHOD_TITLES.get(name, name)} | {d['mean_diff']:+.3f} | {d['wins']} | "
                      f"{d['ties']} | {d['losses']} |")
+    if "nested" in result:
+        n = result["nested"]
+        chosen = [c["readout_weight"] for c in n["per_fold"]]
+        counts = ", ".join(f"{w:g}: {chosen.count(w)}" for w in n["grid"]["readout_weight"])
+        lines += ["", f"Nested selection: every fold chose the dual encoder's read-out weight from "
+                  f"{n['grid']['readout_weight']} by inner CV on its own training trials ("
+                  f"{n['inner_scheme']} inner folds, seed {n['inner_seed']}; {n['rule']}); folds per "
+                  f"weight: {counts}. The per-fold choices and inner scores are in the JSON."]
     if "dual_encoder_permuted" in result["methods"]:
         lines += ["", "Permutation control: training fMRI rows shuffled against the images within "
                   "every fold (one shuffle per fold and seed); it must sit at chance."]
@@ -675,15 +702,24 @@ def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool, device: to
     """One benchmark fold, ``job`` = (index, name, train_idx, test_idx): the baselines once, then
     per seed a dual encoder (the permutation control for the first seed, both decoders with
     ``--generative``). Every fit seeds itself, so a fold gives the same numbers in any process.
-    Returns ([(method, per-trial metrics, seconds)], gallery): with ``--generative``, gallery holds
-    the fold's first test trial as ``1 x 28 x 28`` images (true, ridge, decoders of the first seed,
-    nearest training image) and each one's PixCorr with the true image; else it is empty."""
+    Returns ([(method, per-trial metrics, seconds)], gallery, nested): with ``--generative``,
+    gallery holds the fold's first test trial as ``1 x 28 x 28`` images (true, ridge, decoders of
+    the first seed, nearest training image) and each one's PixCorr with the true image; with
+    ``--nested``, nested holds the fold's read-out weight chosen by inner CV (first seed, grid
+    READOUT_WEIGHTS) and the inner top-1 of each weight; else they are empty."""
     index, name, train_idx, test_idx = job
     fold = data.fold(train_idx, test_idx, name)
     base, base_secs = evaluate_baselines(fold, pool)
     rows = [(method, per_trial, base_secs[method]) for method, per_trial in base.items()]
-    gallery = {}
+    gallery, nested = {}, {}
     de_cfgs = [DualEncoderConfig(epochs=cfg.epochs, seed=seed, val_fraction=0.0) for seed in cfg.seeds]
+    if cfg.nested:        # the read-out weight by inner CV on this fold's training trials only
+        t = time.perf_counter()
+        inner = inner_cv_top1(data, fold.train_idx, de_cfgs[0], nested_scheme(cfg.protocol),
+                              READOUT_WEIGHTS, device)
+        nested = {"fold": name, "readout_weight": select_readout_weight(inner),
+                  "inner_top1": {str(w): v for w, v in inner.items()},
+                  "seconds": time.perf_counter() - t}
     batched = {}
     if batched_seed_fits(cfg, device):             # all seeds' dual encoders as one vmapped fit
         t = time.perf_counter()
@@ -704,6 +740,13 @@ def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool, device: to
                 fit_secs = 0.0
             rows.append((method, embedding_fold_metrics(model, train, fold, cfg.knn_k),
                          time.perf_counter() - t + fit_secs))
+            if method == "dual_encoder":    # the same fit, scored with other read-out weights
+                rows.append(("dual_encoder_embedding_only",
+                             embedding_fold_metrics(model, train, fold, cfg.knn_k, 0.0), 0.0))
+                if nested:
+                    rows.append(("dual_encoder_nested", embedding_fold_metrics(
+                        model, train, fold, cfg.knn_k, nested["readout_weight"]),
+                        nested["seconds"] if seed == cfg.seeds[0] else 0.0))
             if cfg.generative and method == "dual_encoder":
                 # the decoders' module only for --generative: at the top, a script imports only
                 # the loader and the dual encoder
@@ -713,7 +756,13 @@ def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool, device: to
                          for g, recon in recons.items()]
                 if not gallery:
                     gallery = fold_gallery(fold, recons)
-    return rows, gallery
+    return rows, gallery, nested
+
+
+def nested_scheme(protocol: str) -> str:
+    """The inner folds of nested selection mimic the protocol's generalisation: S3 holds images
+    out of the inner training set (``unseen``), S1 / S2 hold trials out (``seen``)."""
+    return "unseen" if protocol == "s3" else "seen"
 
 
 def batched_seed_fits(cfg: "EvaluationConfig", device: torch.device) -> bool:
@@ -790,10 +839,12 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
     with workers:
         results = workers.imap(run_fold, jobs) if cfg.workers > 1 else map(run_fold, jobs)
         bar = tqdm(results, total=len(folds), desc=f"{cfg.protocol} folds", disable=None)
-        galleries = []
-        for i, (rows, gallery) in enumerate(bar):  # in fold order, whichever process ran it
+        galleries, nested = [], []
+        for i, (rows, gallery, choice) in enumerate(bar):  # in fold order, whichever process ran it
             if gallery:
                 galleries.append(gallery)
+            if choice:
+                nested.append(choice)
             for method, per_trial, secs in rows:
                 for metric, v in fold_means(per_trial).items():
                     fold_rows = values.setdefault(method, {}).setdefault(metric, [])
@@ -822,6 +873,10 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
         "paired_vs_ridge_top1": paired_vs_reference(methods),
         **({"paired_vs_ridge_pixcorr": {g: v for g, v in paired_vs_reference(methods, metric="pixcorr")
                                         .items() if g in GENERATIVE}} if cfg.generative else {}),
+        **({"nested": {"grid": {"readout_weight": list(READOUT_WEIGHTS)},
+                       "inner_scheme": nested_scheme(cfg.protocol), "inner_seed": cfg.seeds[0],
+                       "rule": "highest mean inner top-1; a tie goes to the smaller weight",
+                       "per_fold": nested}} if nested else {}),
         "seconds": seconds,
         "dual_encoder_seconds_per_fit": seconds["dual_encoder"] / (len(folds) * len(cfg.seeds)),
         "workers": cfg.workers,
@@ -864,6 +919,9 @@ class EvaluationConfig(ScriptOptions):
     permutation_control: bool = field(default=False, metadata={
         "help": "benchmark: also train on fMRI rows shuffled against images, first seed only "
                 "(must be at chance)"})
+    nested: bool = field(default=False, metadata={
+        "help": "benchmark: also choose the dual encoder's read-out weight inside every fold by "
+                "inner CV on its training trials (5 extra fits per fold; row dual_encoder_nested)"})
     generative: bool = field(default=False, metadata={
         "help": "benchmark: also train the diffusion and GAN decoders per fold and seed"})
     workers: int = field(default=1, metadata={"min": 1,

@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, CheckpointError, Fold,
                                      FromCheckpointHint, MeanImageBaseline, condition_name,
-                                     identification_scores, RidgeBaseline, ScriptOptions,
+                                     identification_scores, ScriptOptions,
                                      Trials, add_config_args, check_finite, check_options,
                                      config_dict, file_sha256, load_checkpoint, one_line,
                                      parse_config, pearson_rows, prepare_out_dir,
@@ -69,7 +69,7 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, Ch
                                      save_checkpoint, save_figure, save_json, script_parser,
                                      seed_everything, evaluating, write_summary)
 from miyawaki_dual_encoder import (CHECKPOINT_NAME as ENCODER_CHECKPOINT_NAME, SCRIPT as ENCODER_SCRIPT,
-                                   load_for_s1)
+                                   PixelReadout, load_for_s1)
 
 CHECKPOINT_KIND = "generative_backends"
 CHECKPOINT_NAME = "miyawaki_generative_backends.pth"
@@ -132,28 +132,16 @@ def _rand(shape, generator: torch.Generator | None, device: torch.device) -> tor
 
 
 # --------------------------------------------------------------------------- low-level anchor
-class LinearReadout(nn.Module):
-    """The low-level anchor: a linear read-out of the image from z-scored fMRI, ``N x V`` ->
-    ``N x 1 x 28 x 28`` (not clipped), holding the ridge baseline's weights as buffers so that a
-    decoder that uses it saves and loads it with its own state; with ``gate_images`` > 0 also its
-    novelty gate (``novelty``): the fold's ``K`` training images and a logistic fit."""
+class LinearReadout(PixelReadout):
+    """The low-level anchor: the dual encoder's linear read-out of the image from z-scored fMRI
+    (``PixelReadout``, ridge weights as buffers, saved with the decoder's state), ``N x V -> N x 1
+    x 28 x 28``; with ``gate_images`` > 0 also its novelty gate (``novelty``): the fold's ``K``
+    training images and a logistic fit."""
 
     def __init__(self, n_voxels: int, gate_images: int = 0):
-        super().__init__()
-        self.register_buffer("weight", torch.zeros(N_PIXELS, n_voxels))
-        self.register_buffer("bias", torch.zeros(N_PIXELS))
+        super().__init__(n_voxels)
         self.register_buffer("gate_images", torch.zeros(gate_images, N_PIXELS))
         self.register_buffer("gate_coef", torch.zeros(2))
-
-    @classmethod
-    def fit(cls, fmri: np.ndarray, images: np.ndarray) -> tuple["LinearReadout", float]:
-        """Ridge (docs/BASELINES.md's, alpha by efficient LOO) on fMRI ``N x V`` and images ``N x 1 x 28
-        x 28`` -> (read-out, chosen alpha)."""
-        ridge = RidgeBaseline().fit(fmri, images)
-        readout = cls(fmri.shape[1])
-        readout.weight.copy_(torch.as_tensor(ridge.model_.coef_))
-        readout.bias.copy_(torch.as_tensor(ridge.model_.intercept_))
-        return readout, ridge.alpha_
 
     def with_gate(self, images: np.ndarray, coef: np.ndarray) -> "LinearReadout":
         """This read-out with a novelty gate over training images ``K x 1 x 28 x 28`` and logistic
@@ -164,10 +152,6 @@ class LinearReadout(nn.Module):
         gated.gate_images.copy_(torch.as_tensor(images).reshape(len(images), -1))
         gated.gate_coef.copy_(torch.as_tensor(coef))
         return gated
-
-    def forward(self, fmri: torch.Tensor) -> torch.Tensor:
-        """z-scored fMRI ``N x V`` -> read-out ``N x 1 x 28 x 28``."""
-        return (fmri @ self.weight.T + self.bias).reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
 
     def novelty(self, anchor: torch.Tensor) -> torch.Tensor:
         """P(the image behind each read-out ``N x 1 x 28 x 28`` is not a training image) ``N``:
@@ -918,7 +902,8 @@ def training_set(encoder: nn.Module, train: Trials, config: GenerativeConfig,
     cond_fmri, cond_image = embed_trials(encoder, train.fmri, train.images, device)
     data = DecoderTrainingSet(torch.as_tensor(train.images, device=device), cond_fmri, cond_image)
     if config.anchor:
-        readout, data.alpha = LinearReadout.fit(train.fmri, train.images)
+        readout = LinearReadout(train.fmri.shape[1])
+        data.alpha = readout.fit(train.fmri, train.images)
         anchor = out_of_fold_readouts(train, data.alpha, config.anchor_folds)
         gate = fit_novelty_gate(train, data.alpha, anchor)
         data.readout = (readout if gate is None else readout.with_gate(*gate)).to(device)

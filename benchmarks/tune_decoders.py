@@ -27,9 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from miyawaki_dataset_loader import (DEFAULT_OUT, RidgeBaseline, reconstruction_metrics,  # noqa: E402
                                      resolve_data, resolve_device, run_cli, save_json)
-from miyawaki_dual_encoder import DualEncoderConfig, train_dual_encoder  # noqa: E402
+from miyawaki_dual_encoder import DualEncoderConfig, inner_folds, train_dual_encoder  # noqa: E402
 from miyawaki_generative_backend import GenerativeConfig, reconstruct, train_generative  # noqa: E402
-from tune_dual_encoder import inner_folds, parse_overrides, tuning_parser  # noqa: E402
+from tune_dual_encoder import parse_overrides, tuning_parser  # noqa: E402
 
 METRICS = ("pixcorr", "ssim", "mse", "two_way", "top1")
 

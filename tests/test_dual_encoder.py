@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from miyawaki_dataset_loader import CheckpointError, Trials, splits
+from miyawaki_dataset_loader import (CheckpointError, RidgeBaseline, Trials, identification_scores,
+                                     splits)
 from miyawaki_dual_encoder import (DualEncoderConfig, MiyawakiDualEncoder, contrastive_loss,
-                                   identify, main, mixup, pair_loss, train_dual_encoder,
-                                   train_dual_encoders)
+                                   identify, main, mixup, pair_loss, select_readout_weight,
+                                   split_validation, train_dual_encoder, train_dual_encoders)
 from helpers import unit
 
 FAST = DualEncoderConfig(epochs=25, mixup=32, val_fraction=0.0)
@@ -106,6 +107,29 @@ def test_training_lowers_loss_and_identifies_above_chance(sim):
     ranks = identify(model, torch.as_tensor(fold.test.fmri), torch.as_tensor(fold.unique_images),
                      fold.test.image_ids)
     assert (ranks == 1).mean() >= 0.4          # chance 0.05
+
+
+def test_score_fuses_the_embeddings_with_a_readout_of_the_fitted_trials_only(sim):
+    """The identification score is the z-scored embedding cosine beside the z-scored Pearson r of
+    a ridge read-out fitted on the trials the networks were fitted on (not the validation trials);
+    weight 0 ranks as the embeddings, weight 1 as ridge."""
+    fold = _fold(sim)
+    cfg = replace(FAST, epochs=3, val_fraction=0.1)
+    model, hist = train_dual_encoder(fold.train, cfg, "cpu", fold.unique_images, progress=False)
+    fit_idx, _ = split_validation(fold.train, 0.1, cfg.seed)
+    assert hist["n_train"] == len(fit_idx) < len(fold.train)
+    x, cand = torch.as_tensor(fold.test.fmri), torch.as_tensor(fold.unique_images)
+    ridge = RidgeBaseline().fit(fold.train.fmri[fit_idx], fold.train.images[fit_idx])
+    ridge_scores = identification_scores(ridge.predict(fold.test.fmri), fold.unique_images)
+    with torch.no_grad():
+        cosine = (model.encode_fmri(x) @ model.encode_image(cand).T).numpy()
+    z = lambda s: (s - s.mean(1, keepdims=True)) / s.std(1, keepdims=True)  # noqa: E731
+    np.testing.assert_allclose(model.score_candidates(x, cand, 1.0), z(ridge_scores), atol=1e-4)
+    np.testing.assert_allclose(model.score_candidates(x, cand, 0.0), z(cosine), atol=1e-4)
+    np.testing.assert_allclose(model.score_candidates(x, cand),
+                               0.25 * z(cosine) + 0.75 * z(ridge_scores), atol=1e-4)
+    assert model.config.readout_weight == 0.75
+    assert select_readout_weight({0.0: 0.5, 0.25: 0.7, 0.5: 0.7, 0.75: 0.6}) == 0.25
 
 
 def test_same_seed_same_numbers(sim):

@@ -186,11 +186,17 @@ def test_checkpoint_from_another_voxel_count_is_refused(trained, tmp_path):
 
 def test_benchmark_s3_two_folds_writes_the_schema(tmp_path):
     result = E.main([*FAST, "--protocol", "s3", "--max-folds", "2", "--seeds", "0", "1",
-                     "--epochs", "4", "--permutation-control", "--out-dir", str(tmp_path)])
+                     "--epochs", "4", "--permutation-control", "--nested", "--out-dir", str(tmp_path)])
     saved = json.loads((tmp_path / "benchmark_s3.json").read_text())
     assert saved["protocol"] == "s3" and saved["n_folds"] == 2 and saved["seeds"] == [0, 1]
     assert saved["seed_fits"] == "separate"                   # auto on a CPU: one fit per seed
-    assert set(saved["methods"]) == {*E.BASELINES, "dual_encoder", "dual_encoder_permuted"}
+    assert set(saved["methods"]) == {*E.BASELINES, "dual_encoder", "dual_encoder_permuted",
+                                     "dual_encoder_embedding_only", "dual_encoder_nested"}
+    nested = saved["nested"]
+    assert nested["inner_scheme"] == "unseen" and nested["grid"]["readout_weight"] == list(D.READOUT_WEIGHTS)
+    assert [c["fold"] for c in nested["per_fold"]] == saved["folds"]
+    for choice in nested["per_fold"]:       # the chosen weight is the best of its inner scores
+        assert choice["inner_top1"][str(choice["readout_weight"])] == max(choice["inner_top1"].values())
     for name, metrics in saved["methods"].items():
         wanted = ({"top1", "top5", "condition", "condition_top1"} if name.startswith("dual")
                   else {*L.METRICS, "closer_than_train"})   # the S3 nearest-training-image check

@@ -339,7 +339,8 @@ def test_out_of_fold_anchor_of_a_trial_ignores_its_image_s_other_trials(sim):
 
 def test_anchored_decoders_round_trip_and_need_their_anchor(tmp_path, sim):
     fold = sim.s1()
-    readout, alpha = G.LinearReadout.fit(fold.train.fmri, fold.train.images)
+    readout = G.LinearReadout(sim.n_voxels)
+    readout.fit(fold.train.fmri, fold.train.images)
     ridge = L.RidgeBaseline().fit(fold.train.fmri, fold.train.images).predict(fold.test.fmri)
     x = torch.as_tensor(fold.test.fmri)
     np.testing.assert_allclose(readout(x).reshape(len(x), -1).numpy(), ridge, atol=1e-4)
@@ -367,7 +368,8 @@ def test_novelty_gate_opens_for_a_never_seen_image_and_closes_for_seen_ones(sim)
     """The gate, calibrated on an S3 fold's training trials only, judges the held-out image's
     read-outs new (P > 0.5) and, on S1, the read-outs of test trials whose images were seen old."""
     def gate_of(fold):
-        readout, alpha = G.LinearReadout.fit(fold.train.fmri, fold.train.images)
+        readout = G.LinearReadout(sim.n_voxels)
+        alpha = readout.fit(fold.train.fmri, fold.train.images)
         gate = G.fit_novelty_gate(fold.train, alpha, G.out_of_fold_readouts(fold.train, alpha, 10))
         readout = readout.with_gate(*gate)
         return readout.novelty(readout(torch.as_tensor(fold.test.fmri))).numpy()

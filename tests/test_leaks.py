@@ -145,7 +145,7 @@ def run_fold(data, protocol, index, fits=None):
     with pytest.MonkeyPatch.context() as mp:
         if fits is not None:
             mp.setattr(E, "train_dual_encoder", spy)
-        rows, _ = E.benchmark_fold(BENCHMARK, data, pool, torch.device("cpu"),
+        rows, _, _ = E.benchmark_fold(BENCHMARK, data, pool, torch.device("cpu"),
                                    (index, *splits(protocol, data)[index]))
     return {method: per_trial for method, per_trial, _ in rows}
 
@@ -155,11 +155,33 @@ def test_benchmark_rows_do_not_depend_on_the_test_images(protocol):
     data = make_simulated_dataset()
     _, _, test_idx = splits(protocol, data)[3]
     a, b = (run_fold(d, protocol, 3) for d in (data, swap_images(data, test_idx)))
-    assert set(a) == {*E.BASELINES, "dual_encoder", "dual_encoder_permuted"}
+    assert set(a) == {*E.BASELINES, "dual_encoder", "dual_encoder_embedding_only",
+                      "dual_encoder_permuted"}
     for method, metrics in a.items():
         for metric, values in metrics.items():
             if metric not in AGAINST_TRUTH:
                 np.testing.assert_array_equal(values, b[method][metric], err_msg=f"{method} {metric}")
+
+
+@pytest.mark.parametrize("protocol", ["s2", "s3"])
+def test_nested_selection_reads_training_trials_only(protocol):
+    """The read-out weight chosen inside a fold, and the inner top-1 behind the choice, stay the
+    same when the fold's test trials get other fMRI and other images: nested selection reads the
+    fold's training trials only."""
+    data = make_simulated_dataset()
+    _, _, test_idx = splits(protocol, data)[3]
+    fmri = data.trials.fmri.copy()
+    fmri[test_idx] = np.random.default_rng(0).standard_normal(fmri[test_idx].shape)
+    changed = swap_images(replace(data, trials=replace(data.trials, fmri=fmri)), test_idx)
+    cfg = replace(BENCHMARK, nested=True, permutation_control=False, protocol=protocol)
+    pool = lambda d: (d.trials.images, d.trials.image_ids) if protocol == "s3" else None  # noqa: E731
+    (rows, _, nested), (_, _, nested_b) = (
+        E.benchmark_fold(cfg, d, pool(d), torch.device("cpu"), (3, *splits(protocol, d)[3]))
+        for d in (data, changed))
+    assert "dual_encoder_nested" in {method for method, _, _ in rows}
+    assert set(nested["inner_top1"]) == {str(w) for w in D.READOUT_WEIGHTS}
+    assert {k: v for k, v in nested.items() if k != "seconds"} == \
+        {k: v for k, v in nested_b.items() if k != "seconds"}
 
 
 def test_s3_training_never_sees_the_held_out_image():
