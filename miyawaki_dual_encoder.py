@@ -9,8 +9,10 @@ Usage::
 
 Test-time inputs are fMRI only: ``encode_fmri(x)`` embeds a trial, ``encode_image(y)`` embeds the
 candidate images, and identification (``score_candidates``) ranks the candidates by the cosine
-similarity of the embeddings, fused with the Pearson r of the model's linear pixel read-out
-(``readout_weight``; 0 = embeddings only).
+similarity of the embeddings, fused with two linear parts fitted in closed form on the same
+training trials: the Pearson r of a pixel read-out (fMRI -> image, ``readout_weight``) and that of
+an encoding model (image -> voxels, ``encoding_weight``; Kay et al. 2008). Both weights 0 = the
+embeddings only.
 """
 
 from __future__ import annotations
@@ -29,13 +31,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, CheckpointError, Fold,
-                                     FromCheckpointHint, MiyawakiData, RidgeBaseline, ScriptOptions,
+                                     FromCheckpointHint, MiyawakiData, OptionError, RidgeBaseline,
+                                     ScriptOptions,
                                      Trials, add_config_args, check_finite, check_options,
                                      check_same_data, config_dict, identification_ranks, load_checkpoint,
                                      one_line, parse_config, prepare_out_dir, rank_summary, resolve_data,
                                      resolve_device, run_cli, save_checkpoint, save_figure, save_json,
                                      script_parser, seed_everything, evaluating, write_summary,
-                                     chance_levels, identification_scores)
+                                     chance_levels, identification_scores, pearson_matrix,
+                                     pearson_rows)
 
 CHECKPOINT_NAME = "miyawaki_dual_encoder.pth"
 SCRIPT = "miyawaki_dual_encoder.py"
@@ -59,14 +63,21 @@ class DualEncoderConfig:
         "min": 0, "below": 1, "help": "dropout of the fMRI MLP and the head"})
     skip: bool = field(default=True, metadata={
         "help": "linear skip paths beside the fMRI MLP and the CNN"})
-    # 0.75: best of 0 / 0.25 / 0.5 / 0.75 / 1 in the "seen" inner CV of the S1 training trials
-    # (benchmarks/tune_dual_encoder.py: 0.940 against 0.903 for embeddings only), the kind of
-    # generalisation S1 asks for; on never-seen images ("unseen") the read-out costs top-1 (0.515
-    # against 0.570), so the S2 / S3 benchmark chooses the weight inside every fold (--nested)
+    # the identification score's settings: chosen by benchmarks/tune_dual_encoder.py on the S1
+    # training trials (README, "Identification score"); the S2 / S3 benchmark can choose them
+    # inside every fold instead (--nested)
     readout_weight: float = field(default=0.75, metadata={
-        "min": 0, "max": 1, "help": "weight of the linear pixel read-out's Pearson r in the "
-        "identification score, beside the embeddings' cosine (each z-scored over the candidates; "
-        "0 = embeddings only)"})
+        "min": 0, "max": 1, "help": "identification score: weight of the linear pixel read-out's "
+        "Pearson r with each candidate (z-scored over the candidates, as the other parts)"})
+    encoding_weight: float = field(default=0.0, metadata={
+        "min": 0, "max": 1, "help": "identification score: weight of the linear encoding model's "
+        "Pearson r between the trial's fMRI and each candidate's predicted fMRI; the embeddings' "
+        "cosine gets 1 - readout_weight - encoding_weight"})
+    encoding_alpha: float = field(default=30.0, metadata={
+        "above": 0, "help": "ridge alpha of the encoding model (images -> voxels)"})
+    encoding_voxels: float = field(default=0.4, metadata={
+        "above": 0, "max": 1, "help": "fraction of voxels the encoding model scores with: those "
+        "it predicts best for held-out images of the training trials"})
     bf16: bool = field(default=True, metadata={
         "help": "bfloat16 autocast in training (about 2x faster on CPUs with AVX512-BF16)"})
     epochs: int = field(default=100, metadata={"min": 1, "help": "training epochs"})
@@ -164,6 +175,58 @@ class PixelReadout(nn.Module):
         return (fmri @ self.weight.T + self.bias).reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
 
 
+class EncodingReadout(nn.Module):
+    """Linear encoding model (as in Kay et al. 2008): images ``N x 1 x 28 x 28 -> N x V``
+    predicted z-scored fMRI (ridge, weights as buffers), and ``scores``: the Pearson r, over the
+    voxels it predicts best (``voxels``), between a trial's fMRI and each candidate's predicted
+    fMRI. Voxels are ranked by the model's accuracy on held-out *images* of its training trials
+    (image-grouped CV), so the choice needs no repeated images and favours voxels whose
+    prediction transfers to new ones. Zeros (and every voxel) until ``fit``."""
+
+    def __init__(self, n_voxels: int):
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(n_voxels, N_PIXELS))
+        self.register_buffer("bias", torch.zeros(n_voxels))
+        self.register_buffer("voxels", torch.ones(n_voxels, dtype=torch.bool))
+
+    @torch.no_grad()
+    def fit(self, fmri: np.ndarray, images: np.ndarray, image_ids: np.ndarray, alpha: float,
+            voxel_fraction: float, n_folds: int = 5) -> int:
+        """Ridge images -> fMRI ``N x V`` on training trials, in place; keeps the ``voxel_fraction``
+        best-predicted voxels (all when fewer than 2 images) -> the number kept."""
+        from sklearn.linear_model import Ridge  # imported here: sklearn costs ~60 MiB
+        from sklearn.model_selection import GroupKFold
+        y, x = np.asarray(images, np.float64).reshape(len(images), -1), np.asarray(fmri, np.float64)
+        model = Ridge(alpha=alpha).fit(y, x)
+        self.weight.copy_(torch.as_tensor(model.coef_))
+        self.bias.copy_(torch.as_tensor(model.intercept_))
+        n_images, n_voxels = len(np.unique(image_ids)), x.shape[1]
+        accuracy = np.zeros(n_voxels)
+        if n_images >= 2 and voxel_fraction < 1:
+            pred = np.zeros_like(x)
+            for tr, va in GroupKFold(min(n_folds, n_images)).split(x, groups=image_ids):
+                pred[va] = Ridge(alpha=alpha).fit(y[tr], x[tr]).predict(y[va])
+            accuracy = pearson_rows(pred.T, x.T)
+        keep = np.argsort(-accuracy, kind="stable")[:max(1, round(voxel_fraction * n_voxels))]
+        self.voxels.zero_()
+        self.voxels[torch.as_tensor(keep)] = True
+        return len(keep)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``N x 1 x 28 x 28`` -> predicted z-scored fMRI ``N x V``."""
+        return images.flatten(1) @ self.weight.T + self.bias
+
+    @torch.no_grad()
+    def scores(self, fmri: torch.Tensor, candidates: torch.Tensor) -> np.ndarray:
+        """Pearson r over the kept voxels of fMRI ``N x V`` with each candidate's predicted fMRI
+        (candidates ``K x 1 x 28 x 28``) -> ``N x K``."""
+        keep = self.voxels
+        return pearson_matrix(fmri[:, keep].cpu().numpy(), self(candidates)[:, keep].cpu().numpy())
+
+
+SCORE_PARTS = ("embedding", "readout", "encoding")
+
+
 def standardize_rows(scores: np.ndarray) -> np.ndarray:
     """``N x K`` scores z-scored over each row's K candidates (a constant row becomes 0)."""
     s = np.asarray(scores, np.float64)
@@ -171,10 +234,15 @@ def standardize_rows(scores: np.ndarray) -> np.ndarray:
     return (s - s.mean(1, keepdims=True)) / np.where(std > 0, std, 1.0)
 
 
-def fused_scores(embedding: np.ndarray, readout: np.ndarray, weight: float) -> np.ndarray:
-    """The identification score ``N x K``: (1 - weight) z(cosine of the embeddings) + weight
-    z(Pearson r of the read-out), each z-scored over the K candidates (``standardize_rows``)."""
-    return (1 - weight) * standardize_rows(embedding) + weight * standardize_rows(readout)
+def fused_scores(parts: dict, readout_weight: float, encoding_weight: float) -> np.ndarray:
+    """The identification score ``N x K`` from the parts of ``score_parts``, each z-scored over the
+    K candidates (``standardize_rows``): (1 - readout_weight - encoding_weight) z(embedding
+    cosine) + readout_weight z(read-out r) + encoding_weight z(encoding r)."""
+    if readout_weight + encoding_weight > 1 + 1e-9:
+        raise ValueError(f"readout_weight + encoding_weight must be <= 1, got "
+                         f"{readout_weight:g} + {encoding_weight:g}")
+    weights = (1 - readout_weight - encoding_weight, readout_weight, encoding_weight)
+    return sum(w * standardize_rows(parts[name]) for name, w in zip(SCORE_PARTS, weights) if w)
 
 
 class OracleWarning(UserWarning):
@@ -204,8 +272,9 @@ class CLIPCorrelation(nn.Module):
 
 
 class MiyawakiDualEncoder(FromCheckpointHint, nn.Module):
-    """fMRI encoder ``V -> 1024 -> 768 -> D``, stimulus CNN ``-> D``, the correlation head and a
-    linear pixel read-out (``readout``, fitted in closed form on the training trials).
+    """fMRI encoder ``V -> 1024 -> 768 -> D``, stimulus CNN ``-> D``, the correlation head, and two
+    linear models fitted in closed form on the training trials: a pixel read-out (``readout``,
+    fMRI -> image) and an encoding model (``encoding``, image -> fMRI).
 
     ``encode_fmri`` / ``encode_image`` return unit vectors ``N x D`` in the shared space;
     ``score_candidates`` is what identification ranks by."""
@@ -228,6 +297,7 @@ class MiyawakiDualEncoder(FromCheckpointHint, nn.Module):
         self.clip_correlation = CLIPCorrelation(latent_dim, cfg.head_hidden, cfg.dropout)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
         self.readout = PixelReadout(fmri_dim)
+        self.encoding = EncodingReadout(fmri_dim)
 
     def latents(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> dict:
         """Unit-norm encoder latents and correlation embeddings for whichever inputs are given:
@@ -254,17 +324,27 @@ class MiyawakiDualEncoder(FromCheckpointHint, nn.Module):
         return self.latents(y=y)["image"]
 
     @torch.no_grad()
-    def score_candidates(self, fmri: torch.Tensor, candidates: torch.Tensor,
-                         readout_weight: float | None = None) -> np.ndarray:
-        """Identification scores of fMRI ``N x V`` (z-scored) against candidate images ``K x 1 x 28
-        x 28`` -> ``N x K`` (higher = better): ``fused_scores`` of the embeddings' cosine and the
-        read-out's Pearson r (the protocol's, on the clipped read-out), with ``readout_weight``
-        (default: the config's). No image of the trials is involved."""
-        w = self.config.readout_weight if readout_weight is None else readout_weight
+    def score_parts(self, fmri: torch.Tensor, candidates: torch.Tensor) -> dict:
+        """The parts of the identification score of fMRI ``N x V`` (z-scored) against candidate
+        images ``K x 1 x 28 x 28``, each ``N x K``: ``embedding`` (cosine of ``encode_fmri`` and
+        ``encode_image``), ``readout`` (the protocol's Pearson r of the clipped pixel read-out)
+        and ``encoding`` (``EncodingReadout.scores``). No image of the trials is involved."""
         with evaluating(self):
             emb = (self.encode_fmri(fmri) @ self.encode_image(candidates).T).cpu().numpy()
             readout = self.readout(fmri).cpu().numpy()
-        return fused_scores(emb, identification_scores(readout, candidates.cpu().numpy()), w)
+        return {"embedding": emb, "readout": identification_scores(readout, candidates.cpu().numpy()),
+                "encoding": self.encoding.scores(fmri, candidates)}
+
+    def score_candidates(self, fmri: torch.Tensor, candidates: torch.Tensor,
+                         readout_weight: float | None = None,
+                         encoding_weight: float | None = None) -> np.ndarray:
+        """Identification scores ``N x K`` (higher = better) of fMRI ``N x V`` against candidates
+        ``K x 1 x 28 x 28``: ``fused_scores`` of ``score_parts`` with the config's weights unless
+        given."""
+        cfg = self.config
+        return fused_scores(self.score_parts(fmri, candidates),
+                            cfg.readout_weight if readout_weight is None else readout_weight,
+                            cfg.encoding_weight if encoding_weight is None else encoding_weight)
 
     def clamped_scale(self) -> torch.Tensor:
         """exp(logit_scale) with logit_scale clamped to ln 100, as in CLIP."""
@@ -384,10 +464,19 @@ def pair_loss(model: MiyawakiDualEncoder, x: torch.Tensor, y: torch.Tensor,
 
 # --------------------------------------------------------------------------- training
 def identify(model: MiyawakiDualEncoder, fmri: torch.Tensor, candidates: torch.Tensor,
-             true_ids: np.ndarray, readout_weight: float | None = None) -> np.ndarray:
+             true_ids: np.ndarray) -> np.ndarray:
     """Rank of the true image (1 = best) among ``K`` candidates for each fMRI trial ``N x V``,
     by ``model.score_candidates`` (fMRI only)."""
-    return identification_ranks(model.score_candidates(fmri, candidates, readout_weight), true_ids)
+    return identification_ranks(model.score_candidates(fmri, candidates), true_ids)
+
+
+def fit_linear_parts(model: MiyawakiDualEncoder, trials: Trials) -> dict:
+    """Fit the model's pixel read-out and encoding model on ``trials`` (closed form, in place;
+    what the networks are fitted on) -> {"readout_alpha", "encoding_voxels"} for the history."""
+    cfg = model.config
+    return {"readout_alpha": model.readout.fit(trials.fmri, trials.images),
+            "encoding_voxels": model.encoding.fit(trials.fmri, trials.images, trials.image_ids,
+                                                  cfg.encoding_alpha, cfg.encoding_voxels)}
 
 
 def split_validation(trials: Trials, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -447,13 +536,13 @@ def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.d
     cand = to(candidates)
 
     model = MiyawakiDualEncoder(train.fmri.shape[1], config=config)
-    alpha = model.readout.fit(train.fmri[tr_idx], train.images[tr_idx])  # closed form, once
+    linear = fit_linear_parts(model, train.subset(tr_idx))  # closed form, once
     model = model.to(device)
     bs = config.batch_size or len(x)
     steps_per_epoch = math.ceil(len(x) / bs)
     opt, sched = optimizer(model.parameters(), config, config.epochs * steps_per_epoch)
     history = {"train_loss": [], "val_loss": [], "val_top1": [], "n_train": len(tr_idx),
-               "n_validation": len(val_idx), "readout_alpha": alpha}
+               "n_validation": len(val_idx), **linear}
     # disable=None: the bar switches itself off when stderr is not a terminal
     bar = tqdm(range(1, config.epochs + 1), desc="dual encoder", disable=None if progress else True,
                leave=False)
@@ -542,19 +631,52 @@ def train_dual_encoders(train: Trials, configs: list[DualEncoderConfig],
         sched.step()
         for h, v in zip(histories, losses.tolist()):
             h["train_loss"].append(v)
-    readout = PixelReadout(train.fmri.shape[1])
-    alpha = readout.fit(train.fmri, train.images)       # the same for every seed: fitted once
+    linear = fit_linear_parts(models[0], train)      # the same for every seed: fitted once
+    parts = {name: {k: v.clone() for k, v in getattr(models[0], name).state_dict().items()}
+             for name in ("readout", "encoding")}
     with torch.no_grad():
         for i, model in enumerate(models):
             model.load_state_dict({k: v[i] for k, v in {**params, **buffers}.items()})
-            model.readout.load_state_dict(readout.state_dict())
+            for name, state in parts.items():
+                getattr(model, name).load_state_dict(state)
     for h in histories:
-        h["readout_alpha"] = alpha
+        h.update(linear)
     return [m.eval() for m in models], histories
 
 
 # --------------------------------------------------------------------------- selection
-READOUT_WEIGHTS = (0.0, 0.25, 0.5, 0.75)   # the declared grid of nested selection
+# The declared grid of the identification score's settings (nested selection and the tuning
+# script): every combination whose two linear weights sum to at most MAX_LINEAR_WEIGHT, so that
+# the embeddings keep at least a quarter of the score.
+SCORE_GRID = {"readout_weight": (0.0, 0.25, 0.5, 0.75), "encoding_weight": (0.0, 0.25, 0.5, 0.75),
+              "encoding_alpha": (30.0, 100.0)}
+MAX_LINEAR_WEIGHT = 0.75
+
+
+def score_settings(grid: dict = SCORE_GRID) -> list[dict]:
+    """The grid's settings as dicts of DualEncoderConfig fields, in grid order (the last key
+    varies fastest)."""
+    import itertools
+    combos = (dict(zip(grid, values)) for values in itertools.product(*grid.values()))
+    return [c for c in combos
+            if c.get("readout_weight", 0) + c.get("encoding_weight", 0) <= MAX_LINEAR_WEIGHT + 1e-9]
+
+
+def setting_name(setting: dict) -> str:
+    """``{"readout_weight": 0.25, ...}`` -> ``"readout_weight=0.25,..."`` (JSON keys, log lines)."""
+    return ",".join(f"{k}={v:g}" for k, v in setting.items())
+
+
+def with_setting(model: MiyawakiDualEncoder, trials: Trials, setting: dict) -> MiyawakiDualEncoder:
+    """A copy of ``model`` whose config takes ``setting`` (score fields; the networks are copied,
+    not retrained); when the setting changes the encoding model's own fields, its linear parts are
+    refitted on ``trials``, the trials the model was fitted on."""
+    import copy
+    out = copy.deepcopy(model)
+    out.config = replace(model.config, **setting)
+    if any(getattr(out.config, k) != getattr(model.config, k) for k in ("encoding_alpha", "encoding_voxels")):
+        fit_linear_parts(out, trials)
+    return out
 
 
 def inner_folds(ids: np.ndarray, scheme: str, n_folds: int = 5) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -574,28 +696,36 @@ def inner_folds(ids: np.ndarray, scheme: str, n_folds: int = 5) -> list[tuple[np
 
 
 def inner_cv_top1(data: MiyawakiData, train_idx: np.ndarray, config: DualEncoderConfig, scheme: str,
-                  weights=READOUT_WEIGHTS, device: torch.device | str = "cpu") -> dict:
-    """Inner-CV top-1 of each read-out weight: one dual encoder per inner fold of the trials
+                  settings: list[dict], device: torch.device | str = "cpu") -> dict:
+    """Inner-CV top-1 of each score setting: one dual encoder per inner fold of the trials
     ``train_idx`` of ``data`` (each inner fold z-scored by its own training trials; nothing
     outside ``train_idx`` is read), its validation trials ranked among all candidates with each
-    weight -> {weight: mean top-1 over inner folds}."""
-    hits = {w: [] for w in weights}
+    setting (the networks are shared; only the linear parts are refitted) -> {setting_name:
+    mean top-1 over inner folds}."""
+    hits: dict[str, list] = {setting_name(c): [] for c in settings}
     ids = data.trials.image_ids[train_idx]
     for tr, va in inner_folds(ids, scheme):
         fold = data.fold(train_idx[tr], train_idx[va])
         model, _ = train_dual_encoder(fold.train, replace(config, val_fraction=0.0), device,
                                       fold.unique_images, progress=False)
         x, cand = (torch.as_tensor(a, device=device) for a in (fold.test.fmri, fold.unique_images))
-        for w in weights:
-            hits[w].append(float((identify(model, x, cand, fold.test.image_ids, w) == 1).mean()))
-    return {w: float(np.mean(h)) for w, h in hits.items()}
+        parts = {}
+        for c in settings:
+            linear = {k: v for k, v in c.items() if k.startswith("encoding_") and k != "encoding_weight"}
+            key = tuple(sorted(linear.items()))
+            if key not in parts:                        # one refit per encoding model setting
+                parts[key] = with_setting(model, fold.train, linear).score_parts(x, cand)
+            weights = {k: c.get(k, getattr(config, k)) for k in ("readout_weight", "encoding_weight")}
+            ranks = identification_ranks(fused_scores(parts[key], **weights), fold.test.image_ids)
+            hits[setting_name(c)].append(float((ranks == 1).mean()))
+    return {name: float(np.mean(h)) for name, h in hits.items()}
 
 
-def select_readout_weight(inner: dict) -> float:
-    """The weight with the best inner-CV top-1 (``inner_cv_top1``); a tie goes to the smaller
-    weight (the less the read-out, the more the model is its embeddings)."""
+def select_setting(inner: dict, settings: list[dict]) -> dict:
+    """The setting with the best inner-CV top-1 (``inner_cv_top1``); a tie goes to the first in
+    grid order (less weight on the linear parts first)."""
     best = max(inner.values())
-    return min(w for w, v in inner.items() if v >= best - 1e-12)
+    return next(c for c in settings if inner[setting_name(c)] >= best - 1e-12)
 
 
 # --------------------------------------------------------------------------- figures
@@ -635,6 +765,9 @@ def main(argv: list[str] | ScriptConfig | None = None) -> dict:
     """Train on the S1 training trials, report S1 identification from fMRI only, save the
     checkpoint, curves and metrics; returns the metrics."""
     cfg = check_options(argv) if isinstance(argv, ScriptConfig) else parse_args(argv)
+    if cfg.readout_weight + cfg.encoding_weight > 1:
+        raise OptionError(f"--readout-weight + --encoding-weight must be <= 1, got "
+                          f"{cfg.readout_weight:g} + {cfg.encoding_weight:g}")
     device = resolve_device(cfg.device)
     data = resolve_data(cfg.data)
     fold: Fold = data.s1()

@@ -10,8 +10,9 @@ Usage::
     python miyawaki_evaluation.py --protocol s3 --seeds 0 1 2 3 4 --permutation-control --workers 2
     python miyawaki_evaluation.py --protocol s2 --data simulated --epochs 30 --out-dir /tmp/bench
 
-Test-time inputs are fMRI only: a trial is embedded with ``encode_fmri`` and compared with the
-embeddings of the candidate images. Numbers that feed the true test image into the model appear
+Test-time inputs are fMRI only: a trial is scored against the candidate images by the dual
+encoder's ``score_candidates`` (its fMRI-only embedding against the candidates' embeddings, beside
+its two linear parts). Numbers that feed the true test image into the model appear
 only under the ``oracle`` key (``--oracle``) and are labelled "oracle" wherever they are printed.
 """
 
@@ -47,9 +48,10 @@ from miyawaki_dataset_loader import (GRID, IMAGE_SIDE, METRICS, RIDGE_ALPHAS, Fo
                                      retrieval_ranks, run_cli, save_figure, save_json, save_text,
                                      score_reconstructions, script_parser, splits, topk_accuracy,
                                      upsample_grid, write_summary)
-from miyawaki_dual_encoder import (CHECKPOINT_NAME, READOUT_WEIGHTS, DualEncoderConfig,
-                                   MiyawakiDualEncoder, OracleWarning, inner_cv_top1, load_for_s1,
-                                   select_readout_weight, train_dual_encoder, train_dual_encoders)
+from miyawaki_dual_encoder import (CHECKPOINT_NAME, MAX_LINEAR_WEIGHT, SCORE_GRID, DualEncoderConfig,
+                                   EncodingReadout, MiyawakiDualEncoder, OracleWarning, inner_cv_top1,
+                                   load_for_s1, score_settings, select_setting, setting_name,
+                                   train_dual_encoder, train_dual_encoders, with_setting)
 
 BASELINES = ("mean_image", "ridge", "ridge_snap", "multiscale_local", "knn1", "knn5")
 GENERATIVE = ("diffusion", "gan")
@@ -60,13 +62,16 @@ METHOD_TITLES = {
     "multiscale_local": "multiscale local decoder (ridge)",
     "knn1": "kNN k=1 (corr. dist.)",
     "knn5": "kNN k=5 (corr. dist.)",
-    "dual_encoder": "dual encoder (embeddings + read-out)",
+    "encoding_model": "encoding model (images -> voxels, Kay 2008)",
+    "dual_encoder": "dual encoder (embeddings + linear parts)",
     "dual_encoder_embedding_only": "ablation: dual encoder, embeddings only",
-    "dual_encoder_nested": "dual encoder, read-out weight by nested CV",
+    "dual_encoder_nested": "dual encoder, score setting by nested CV",
     "dual_encoder_permuted": "dual encoder, permutation control",
     "diffusion": "diffusion decoder",
     "gan": "GAN decoder",
 }
+# the same fitted networks scored with other settings (rows of the benchmark)
+ABLATIONS = {"dual_encoder_embedding_only": {"readout_weight": 0.0, "encoding_weight": 0.0}}
 ORACLE_LABEL = "ORACLE: uses the true test image as a model input; not a decoding result"
 IMAGE_LATENT_NOTE = ("4-way condition of each test trial from its own image's latent (kNN among the "
                      "training images' latents): uses the image, not a decoding number")
@@ -273,23 +278,36 @@ def knn_condition(train_emb, train_labels, test_emb, k: int = 5) -> np.ndarray:
     return clf.fit(train_emb, train_labels).predict(test_emb)
 
 
-def embedding_fold_metrics(model: MiyawakiDualEncoder, train: Trials, fold: Fold, k: int = 5,
-                           readout_weight: float | None = None) -> dict:
-    """Per-trial metrics of a dual encoder on ``fold.test`` from fMRI only -> dict of N arrays:
-    top1, top5, rank (20-way, ``model.score_candidates`` with ``readout_weight``, default the
-    model's), condition (kNN on the fMRI correlation embeddings of ``train``, the trials the model
-    was fitted on) and condition_top1 (condition of the top-1 identified image, as the †
-    baselines)."""
-    device = next(model.parameters()).device
-    scores = model.score_candidates(torch.as_tensor(fold.test.fmri, device=device),
-                                    torch.as_tensor(fold.unique_images, device=device), readout_weight)
-    test = extract_latent_representations(model, fold.test)["fmri"]
+def identification_metrics(scores: np.ndarray, fold: Fold) -> dict:
+    """Per-trial 20-way metrics of scores ``N x K`` for ``fold.test`` -> dict of N arrays: rank,
+    top1, top5 and condition_top1 (the condition of the top-1 identified image)."""
     ranks = identification_ranks(scores, fold.test.image_ids)
-    pred = knn_condition(extract_latent_representations(model, train)["fmri"], train.labels, test, k)
-    truth = fold.test.labels
     return {"rank": ranks, "top1": (ranks <= 1).astype(float), "top5": (ranks <= 5).astype(float),
-            "condition": (pred == truth).astype(float),
-            "condition_top1": (identified_labels(scores, fold.unique_labels) == truth).astype(float)}
+            "condition_top1": (identified_labels(scores, fold.unique_labels)
+                               == fold.test.labels).astype(float)}
+
+
+def embedding_fold_metrics(model: MiyawakiDualEncoder, train: Trials, fold: Fold, k: int = 5) -> dict:
+    """Per-trial metrics of a dual encoder on ``fold.test`` from fMRI only -> dict of N arrays:
+    ``identification_metrics`` of ``model.score_candidates`` and condition (kNN on the fMRI
+    correlation embeddings of ``train``, the trials the model was fitted on)."""
+    test = extract_latent_representations(model, fold.test)["fmri"]
+    pred = knn_condition(extract_latent_representations(model, train)["fmri"], train.labels, test, k)
+    return {**identification_metrics(candidate_scores(model, fold), fold),
+            "condition": (pred == fold.test.labels).astype(float)}
+
+
+def encoding_model_metrics(fold: Fold, config: DualEncoderConfig) -> dict:
+    """The linear encoding model alone (``EncodingReadout`` with the config's alpha and voxel
+    fraction, fitted on ``fold.train``) as an identification baseline -> per-trial metrics, its
+    condition that of the top-1 identified image (as the other baselines')."""
+    enc = EncodingReadout(fold.train.fmri.shape[1])
+    enc.fit(fold.train.fmri, fold.train.images, fold.train.image_ids, config.encoding_alpha,
+            config.encoding_voxels)
+    m = identification_metrics(enc.scores(torch.as_tensor(fold.test.fmri),
+                                          torch.as_tensor(fold.unique_images)), fold)
+    m["condition"] = m.pop("condition_top1")
+    return m
 
 
 # --------------------------------------------------------------------------- figures
@@ -511,9 +529,12 @@ def score_checkpoint(model: MiyawakiDualEncoder, fold: Fold, knn_k: int = 5, ora
             "mean_rank": ident["mean_rank"], "chance_mean_rank": ident["chance_mean_rank"],
             "ranks": ident["ranks"],
             "readout_weight": model.config.readout_weight,
+            "encoding_weight": model.config.encoding_weight,
             "embedding_only_top1": embedding_only["top1"],
-            "score": "model.score_candidates: (1 - readout_weight) z(cosine of the fMRI-only and "
-                     "image embeddings) + readout_weight z(Pearson r of the linear pixel read-out)",
+            "score": "model.score_candidates: (1 - readout_weight - encoding_weight) z(cosine of the "
+                     "fMRI-only and image embeddings) + readout_weight z(Pearson r of the linear "
+                     "pixel read-out with each candidate) + encoding_weight z(Pearson r of the fMRI "
+                     "with each candidate's fMRI predicted by the linear encoding model)",
             "image_to_fmri_top1": reverse["top1"], "image_to_fmri_mean_rank": reverse["mean_rank"],
             "image_to_fmri_chance_top1": reverse["chance_top1"],
             "image_to_fmri_n_queries": reverse["n_queries"],
@@ -565,7 +586,8 @@ def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
                                   title=f"Joint t-SNE of fMRI-only and image embeddings (S1 test: top-1 "
                                         f"{ident['top1']:.2f}, chance {1 / k:.2f})"),
                 out / "miyawaki_latent_space_tsne.png")
-    label = f"identification score (readout weight {model.config.readout_weight:g})"
+    label = (f"identification score (read-out weight {model.config.readout_weight:g}, encoding "
+             f"weight {model.config.encoding_weight:g})")
     save_figure(plot_similarity_matrix(sim, test.image_ids, fold.unique_images, fold.unique_labels,
                                        title=f"S1 test trials from fMRI only vs {k} candidate images "
                                              f"(top-1 {ident['top1']:.2f}, chance {1 / k:.2f})",
@@ -672,12 +694,13 @@ def benchmark_markdown(result: dict) -> str:
                      f"{d['ties']} | {d['losses']} |")
     if "nested" in result:
         n = result["nested"]
-        chosen = [c["readout_weight"] for c in n["per_fold"]]
-        counts = ", ".join(f"{w:g}: {chosen.count(w)}" for w in n["grid"]["readout_weight"])
-        lines += ["", f"Nested selection: every fold chose the dual encoder's read-out weight from "
-                  f"{n['grid']['readout_weight']} by inner CV on its own training trials ("
-                  f"{n['inner_scheme']} inner folds, seed {n['inner_seed']}; {n['rule']}); folds per "
-                  f"weight: {counts}. The per-fold choices and inner scores are in the JSON."]
+        chosen = [setting_name(c["setting"]) for c in n["per_fold"]]
+        counts = "; ".join(f"{name} ({chosen.count(name)})" for name in dict.fromkeys(chosen))
+        lines += ["", f"Nested selection: every fold chose the dual encoder's score setting from the "
+                  f"grid {n['grid']} (linear weights summing to at most {n['max_linear_weight']:g}) "
+                  f"by inner CV on its own training trials ({n['inner_scheme']} inner folds, seed "
+                  f"{n['inner_seed']}; {n['rule']}). Chosen (folds): {counts}. The per-fold choices "
+                  f"and inner scores are in the JSON."]
     if "dual_encoder_permuted" in result["methods"]:
         lines += ["", "Permutation control: training fMRI rows shuffled against the images within "
                   "every fold (one shuffle per fold and seed); it must sit at chance."]
@@ -705,20 +728,22 @@ def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool, device: to
     Returns ([(method, per-trial metrics, seconds)], gallery, nested): with ``--generative``,
     gallery holds the fold's first test trial as ``1 x 28 x 28`` images (true, ridge, decoders of
     the first seed, nearest training image) and each one's PixCorr with the true image; with
-    ``--nested``, nested holds the fold's read-out weight chosen by inner CV (first seed, grid
-    READOUT_WEIGHTS) and the inner top-1 of each weight; else they are empty."""
+    ``--nested``, nested holds the fold's score setting chosen by inner CV (first seed, the grid
+    of ``score_settings``) and the inner top-1 of every setting; else they are empty."""
     index, name, train_idx, test_idx = job
     fold = data.fold(train_idx, test_idx, name)
     base, base_secs = evaluate_baselines(fold, pool)
     rows = [(method, per_trial, base_secs[method]) for method, per_trial in base.items()]
     gallery, nested = {}, {}
     de_cfgs = [DualEncoderConfig(epochs=cfg.epochs, seed=seed, val_fraction=0.0) for seed in cfg.seeds]
-    if cfg.nested:        # the read-out weight by inner CV on this fold's training trials only
+    t = time.perf_counter()
+    rows.append(("encoding_model", encoding_model_metrics(fold, de_cfgs[0]), time.perf_counter() - t))
+    if cfg.nested:        # the score's settings by inner CV on this fold's training trials only
         t = time.perf_counter()
+        settings = score_settings()
         inner = inner_cv_top1(data, fold.train_idx, de_cfgs[0], nested_scheme(cfg.protocol),
-                              READOUT_WEIGHTS, device)
-        nested = {"fold": name, "readout_weight": select_readout_weight(inner),
-                  "inner_top1": {str(w): v for w, v in inner.items()},
+                              settings, device)
+        nested = {"fold": name, "setting": select_setting(inner, settings), "inner_top1": inner,
                   "seconds": time.perf_counter() - t}
     batched = {}
     if batched_seed_fits(cfg, device):             # all seeds' dual encoders as one vmapped fit
@@ -740,13 +765,16 @@ def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool, device: to
                 fit_secs = 0.0
             rows.append((method, embedding_fold_metrics(model, train, fold, cfg.knn_k),
                          time.perf_counter() - t + fit_secs))
-            if method == "dual_encoder":    # the same fit, scored with other read-out weights
-                rows.append(("dual_encoder_embedding_only",
-                             embedding_fold_metrics(model, train, fold, cfg.knn_k, 0.0), 0.0))
+            if method == "dual_encoder":    # the same networks, scored with other settings
+                variants = dict(ABLATIONS)
                 if nested:
-                    rows.append(("dual_encoder_nested", embedding_fold_metrics(
-                        model, train, fold, cfg.knn_k, nested["readout_weight"]),
-                        nested["seconds"] if seed == cfg.seeds[0] else 0.0))
+                    variants["dual_encoder_nested"] = nested["setting"]
+                for variant, setting in variants.items():
+                    t = time.perf_counter()
+                    rows.append((variant, embedding_fold_metrics(with_setting(model, train, setting),
+                                                                 train, fold, cfg.knn_k),
+                                 time.perf_counter() - t + (nested["seconds"] if variant.endswith(
+                                     "nested") and seed == cfg.seeds[0] else 0.0)))
             if cfg.generative and method == "dual_encoder":
                 # the decoders' module only for --generative: at the top, a script imports only
                 # the loader and the dual encoder
@@ -873,9 +901,11 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
         "paired_vs_ridge_top1": paired_vs_reference(methods),
         **({"paired_vs_ridge_pixcorr": {g: v for g, v in paired_vs_reference(methods, metric="pixcorr")
                                         .items() if g in GENERATIVE}} if cfg.generative else {}),
-        **({"nested": {"grid": {"readout_weight": list(READOUT_WEIGHTS)},
+        **({"nested": {"grid": {k: list(v) for k, v in SCORE_GRID.items()},
+                       "max_linear_weight": MAX_LINEAR_WEIGHT,
                        "inner_scheme": nested_scheme(cfg.protocol), "inner_seed": cfg.seeds[0],
-                       "rule": "highest mean inner top-1; a tie goes to the smaller weight",
+                       "rule": "highest mean inner top-1; a tie goes to the first setting in "
+                               "grid order",
                        "per_fold": nested}} if nested else {}),
         "seconds": seconds,
         "dual_encoder_seconds_per_fit": seconds["dual_encoder"] / (len(folds) * len(cfg.seeds)),

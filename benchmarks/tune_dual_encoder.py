@@ -4,11 +4,12 @@ Two inner schemes, both inside the file's 107 training trials (the 12 test trial
 read): ``seen`` = stratified 5-fold by image id (every held-out image also in training, like
 S1/S2) and ``unseen`` = 5 folds that each hold out all trials of 4 images (like S3)
 (``miyawaki_dual_encoder.inner_folds``). Identification ranks all 20 unique images by the
-model's score, once per ``--readout-weights`` value (the score's weight needs no refit).
+model's score, once per setting of the score's grid (``SCORE_GRID``: the weights of the pixel
+read-out and of the encoding model, the encoding model's alpha; they need no network refit).
 
+    python benchmarks/tune_dual_encoder.py --seeds 0 1            # the score's settings
     python benchmarks/tune_dual_encoder.py --set skip=False --set skip=True
     python benchmarks/tune_dual_encoder.py --set mixup=0 --set mixup=64 --seeds 0 1
-    python benchmarks/tune_dual_encoder.py --readout-weights 0 0.25 0.5 0.75 1
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from miyawaki_dataset_loader import DEFAULT_OUT, resolve_data, resolve_device, run_cli, save_json  # noqa: E402
-from miyawaki_dual_encoder import (READOUT_WEIGHTS, DualEncoderConfig, config_from_dict,  # noqa: E402
-                                   inner_cv_top1)
+from miyawaki_dual_encoder import (DualEncoderConfig, config_from_dict, inner_cv_top1,  # noqa: E402
+                                   score_settings)
 
 
 def parse_overrides(spec: str) -> dict:
@@ -34,12 +35,12 @@ def parse_overrides(spec: str) -> dict:
     return {k: json.loads(v.replace("True", "true").replace("False", "false")) for k, v in pairs}
 
 
-def score(data, cfg: DualEncoderConfig, scheme: str, seeds: list[int], weights, device) -> dict:
-    """Inner-CV top-1 on the S1 training trials, mean over folds and seeds -> {weight: top-1}."""
+def score(data, cfg: DualEncoderConfig, scheme: str, seeds: list[int], settings, device) -> dict:
+    """Inner-CV top-1 on the S1 training trials, mean over folds and seeds -> {setting name: top-1}."""
     train_idx = data.s1().train_idx
-    runs = [inner_cv_top1(data, train_idx, replace(cfg, seed=seed), scheme, weights, device)
+    runs = [inner_cv_top1(data, train_idx, replace(cfg, seed=seed), scheme, settings, device)
             for seed in seeds]
-    return {w: float(np.mean([r[w] for r in runs])) for w in weights}
+    return {name: float(np.mean([r[name] for r in runs])) for name in runs[0]}
 
 
 def tuning_parser(doc: str, what: str) -> argparse.ArgumentParser:
@@ -58,7 +59,6 @@ def main(argv=None) -> dict:
     p = tuning_parser(__doc__, "DualEncoderConfig")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--schemes", nargs="+", default=["seen", "unseen"])
-    p.add_argument("--readout-weights", type=float, nargs="+", default=list(READOUT_WEIGHTS))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT / "tune_dual_encoder.json")
     args = p.parse_args(argv)
@@ -66,15 +66,16 @@ def main(argv=None) -> dict:
     device = resolve_device(args.device)
     base = DualEncoderConfig()
     results = {}
+    settings = score_settings()
     for spec in args.set or [""]:
         cfg = config_from_dict({**vars(base), **parse_overrides(spec)})
         t0 = time.perf_counter()
         key = spec or "default"
-        results[key] = {s: score(data, cfg, s, args.seeds, args.readout_weights, device)
-                        for s in args.schemes}
-        for w in args.readout_weights:
-            print(f"{key:40s} readout_weight {w:<5g} " + " ".join(
-                f"{s} {results[key][s][w]:.3f}" for s in args.schemes), flush=True)
+        results[key] = {s: score(data, cfg, s, args.seeds, settings, device) for s in args.schemes}
+        for name in results[key][args.schemes[0]]:
+            values = [results[key][s][name] for s in args.schemes]
+            print(f"{key:20s} {name:60s} " + " ".join(f"{s} {v:.3f}" for s, v in zip(args.schemes, values))
+                  + f" mean {np.mean(values):.3f}", flush=True)
         print(f"{key}: {time.perf_counter() - t0:.0f} s", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_json({"data": data.source, "seeds": args.seeds, "device": str(device), "results": results},

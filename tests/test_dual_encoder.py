@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from miyawaki_dataset_loader import (CheckpointError, RidgeBaseline, Trials, identification_scores,
-                                     splits)
+                                     pearson_matrix, splits)
 from miyawaki_dual_encoder import (DualEncoderConfig, MiyawakiDualEncoder, contrastive_loss,
-                                   identify, main, mixup, pair_loss, select_readout_weight,
-                                   split_validation, train_dual_encoder, train_dual_encoders)
+                                   identify, main, mixup, pair_loss, score_settings, select_setting,
+                                   setting_name, split_validation, train_dual_encoder,
+                                   train_dual_encoders)
 from helpers import unit
 
 FAST = DualEncoderConfig(epochs=25, mixup=32, val_fraction=0.0)
@@ -109,27 +110,48 @@ def test_training_lowers_loss_and_identifies_above_chance(sim):
     assert (ranks == 1).mean() >= 0.4          # chance 0.05
 
 
-def test_score_fuses_the_embeddings_with_a_readout_of_the_fitted_trials_only(sim):
+def test_score_fuses_embeddings_readout_and_encoding_model_of_the_fitted_trials_only(sim):
     """The identification score is the z-scored embedding cosine beside the z-scored Pearson r of
-    a ridge read-out fitted on the trials the networks were fitted on (not the validation trials);
-    weight 0 ranks as the embeddings, weight 1 as ridge."""
+    a ridge read-out (fMRI -> pixels) and of an encoding model (pixels -> voxels), both fitted on
+    the trials the networks were fitted on (not the validation trials); the encoding model scores
+    with the voxels it predicts best for held-out images of those trials."""
     fold = _fold(sim)
-    cfg = replace(FAST, epochs=3, val_fraction=0.1)
+    cfg = replace(FAST, epochs=3, val_fraction=0.1, readout_weight=0.25, encoding_weight=0.5)
     model, hist = train_dual_encoder(fold.train, cfg, "cpu", fold.unique_images, progress=False)
     fit_idx, _ = split_validation(fold.train, 0.1, cfg.seed)
+    fitted = fold.train.subset(fit_idx)
     assert hist["n_train"] == len(fit_idx) < len(fold.train)
     x, cand = torch.as_tensor(fold.test.fmri), torch.as_tensor(fold.unique_images)
-    ridge = RidgeBaseline().fit(fold.train.fmri[fit_idx], fold.train.images[fit_idx])
+    ridge = RidgeBaseline().fit(fitted.fmri, fitted.images)
     ridge_scores = identification_scores(ridge.predict(fold.test.fmri), fold.unique_images)
+    from sklearn.linear_model import Ridge
+    predicted = Ridge(alpha=cfg.encoding_alpha).fit(fitted.images.reshape(len(fitted), -1),
+                                                    fitted.fmri).predict(fold.unique_images.reshape(20, -1))
+    keep = model.encoding.voxels.numpy()
+    assert keep.sum() == hist["encoding_voxels"] == round(cfg.encoding_voxels * sim.n_voxels)
+    encoding_scores = pearson_matrix(fold.test.fmri[:, keep], predicted[:, keep])
     with torch.no_grad():
         cosine = (model.encode_fmri(x) @ model.encode_image(cand).T).numpy()
     z = lambda s: (s - s.mean(1, keepdims=True)) / s.std(1, keepdims=True)  # noqa: E731
-    np.testing.assert_allclose(model.score_candidates(x, cand, 1.0), z(ridge_scores), atol=1e-4)
-    np.testing.assert_allclose(model.score_candidates(x, cand, 0.0), z(cosine), atol=1e-4)
     np.testing.assert_allclose(model.score_candidates(x, cand),
-                               0.25 * z(cosine) + 0.75 * z(ridge_scores), atol=1e-4)
-    assert model.config.readout_weight == 0.75
-    assert select_readout_weight({0.0: 0.5, 0.25: 0.7, 0.5: 0.7, 0.75: 0.6}) == 0.25
+                               0.25 * z(cosine) + 0.25 * z(ridge_scores) + 0.5 * z(encoding_scores),
+                               atol=1e-4)
+    np.testing.assert_allclose(model.score_candidates(x, cand, 0.0, 0.0), z(cosine), atol=1e-4)
+    # the voxels kept are those predicted best for held-out images, not all voxels, and the
+    # model's encoding alone identifies the simulated test trials well above chance (0.05)
+    assert 0 < keep.sum() < sim.n_voxels
+    assert (encoding_scores.argmax(1) == fold.test.image_ids).mean() > 0.5
+    with pytest.raises(ValueError, match="<= 1"):
+        model.score_candidates(x, cand, 0.75, 0.5)
+
+
+def test_nested_grid_and_its_tie_rule():
+    settings = score_settings()
+    assert all(c["readout_weight"] + c["encoding_weight"] <= 0.75 for c in settings)
+    assert settings[0] == {"readout_weight": 0.0, "encoding_weight": 0.0, "encoding_alpha": 30.0}
+    inner = {setting_name(c): 0.5 for c in settings}
+    inner[setting_name(settings[5])] = inner[setting_name(settings[3])] = 0.7
+    assert select_setting(inner, settings) == settings[3]
 
 
 def test_same_seed_same_numbers(sim):

@@ -190,15 +190,19 @@ def test_benchmark_s3_two_folds_writes_the_schema(tmp_path):
     saved = json.loads((tmp_path / "benchmark_s3.json").read_text())
     assert saved["protocol"] == "s3" and saved["n_folds"] == 2 and saved["seeds"] == [0, 1]
     assert saved["seed_fits"] == "separate"                   # auto on a CPU: one fit per seed
-    assert set(saved["methods"]) == {*E.BASELINES, "dual_encoder", "dual_encoder_permuted",
-                                     "dual_encoder_embedding_only", "dual_encoder_nested"}
+    assert set(saved["methods"]) == {*E.BASELINES, "encoding_model", "dual_encoder",
+                                     "dual_encoder_permuted", "dual_encoder_embedding_only",
+                                     "dual_encoder_nested"}
     nested = saved["nested"]
-    assert nested["inner_scheme"] == "unseen" and nested["grid"]["readout_weight"] == list(D.READOUT_WEIGHTS)
+    assert nested["inner_scheme"] == "unseen"
+    assert nested["grid"] == {k: list(v) for k, v in D.SCORE_GRID.items()}
     assert [c["fold"] for c in nested["per_fold"]] == saved["folds"]
-    for choice in nested["per_fold"]:       # the chosen weight is the best of its inner scores
-        assert choice["inner_top1"][str(choice["readout_weight"])] == max(choice["inner_top1"].values())
+    for choice in nested["per_fold"]:       # the chosen setting is the best of its inner scores
+        assert len(choice["inner_top1"]) == len(D.score_settings())
+        assert choice["inner_top1"][D.setting_name(choice["setting"])] == max(choice["inner_top1"].values())
     for name, metrics in saved["methods"].items():
         wanted = ({"top1", "top5", "condition", "condition_top1"} if name.startswith("dual")
+                  else {"top1", "top5", "condition"} if name == "encoding_model"   # no image
                   else {*L.METRICS, "closer_than_train"})   # the S3 nearest-training-image check
         assert set(metrics) == wanted, name
         for m in metrics.values():

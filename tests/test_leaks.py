@@ -155,7 +155,7 @@ def test_benchmark_rows_do_not_depend_on_the_test_images(protocol):
     data = make_simulated_dataset()
     _, _, test_idx = splits(protocol, data)[3]
     a, b = (run_fold(d, protocol, 3) for d in (data, swap_images(data, test_idx)))
-    assert set(a) == {*E.BASELINES, "dual_encoder", "dual_encoder_embedding_only",
+    assert set(a) == {*E.BASELINES, "encoding_model", "dual_encoder", "dual_encoder_embedding_only",
                       "dual_encoder_permuted"}
     for method, metrics in a.items():
         for metric, values in metrics.items():
@@ -179,7 +179,7 @@ def test_nested_selection_reads_training_trials_only(protocol):
         E.benchmark_fold(cfg, d, pool(d), torch.device("cpu"), (3, *splits(protocol, d)[3]))
         for d in (data, changed))
     assert "dual_encoder_nested" in {method for method, _, _ in rows}
-    assert set(nested["inner_top1"]) == {str(w) for w in D.READOUT_WEIGHTS}
+    assert set(nested["inner_top1"]) == {D.setting_name(c) for c in D.score_settings()}
     assert {k: v for k, v in nested.items() if k != "seconds"} == \
         {k: v for k, v in nested_b.items() if k != "seconds"}
 
