@@ -67,6 +67,7 @@ METHOD_TITLES = {
     "dual_encoder_embedding_only": "ablation: dual encoder, embeddings only",
     "dual_encoder_nested": "dual encoder, score setting by nested CV",
     "dual_encoder_permuted": "dual encoder, permutation control",
+    "dual_encoder_permuted_nested": "dual encoder, permutation control, the fold's nested setting",
     "diffusion": "diffusion decoder",
     "gan": "GAN decoder",
 }
@@ -703,7 +704,9 @@ def benchmark_markdown(result: dict) -> str:
                   f"and inner scores are in the JSON."]
     if "dual_encoder_permuted" in result["methods"]:
         lines += ["", "Permutation control: training fMRI rows shuffled against the images within "
-                  "every fold (one shuffle per fold and seed); it must sit at chance."]
+                  "every fold (one shuffle per fold and seed), networks and linear parts alike; it "
+                  "must sit at chance, with the default score and (with --nested) with the fold's "
+                  "nested setting."]
     if "paired_vs_ridge_pixcorr" in result:
         lines += ["", "## Reconstruction: paired per-fold PixCorr against ridge", "",
                   "| method | mean diff | wins | ties | losses |", "|---|---|---|---|---|"]
@@ -765,16 +768,15 @@ def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool, device: to
                 fit_secs = 0.0
             rows.append((method, embedding_fold_metrics(model, train, fold, cfg.knn_k),
                          time.perf_counter() - t + fit_secs))
-            if method == "dual_encoder":    # the same networks, scored with other settings
-                variants = dict(ABLATIONS)
-                if nested:
-                    variants["dual_encoder_nested"] = nested["setting"]
-                for variant, setting in variants.items():
-                    t = time.perf_counter()
-                    rows.append((variant, embedding_fold_metrics(with_setting(model, train, setting),
-                                                                 train, fold, cfg.knn_k),
-                                 time.perf_counter() - t + (nested["seconds"] if variant.endswith(
-                                     "nested") and seed == cfg.seeds[0] else 0.0)))
+            variants = dict(ABLATIONS) if method == "dual_encoder" else {}
+            if nested:                      # the same networks, scored with other settings
+                variants[method + "_nested"] = nested["setting"]    # the control's too
+            for variant, setting in variants.items():
+                t = time.perf_counter()
+                rows.append((variant, embedding_fold_metrics(with_setting(model, train, setting),
+                                                             train, fold, cfg.knn_k),
+                             time.perf_counter() - t + (nested["seconds"] if variant == "dual_encoder_nested"
+                                                        and seed == cfg.seeds[0] else 0.0)))
             if cfg.generative and method == "dual_encoder":
                 # the decoders' module only for --generative: at the top, a script imports only
                 # the loader and the dual encoder

@@ -26,9 +26,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from miyawaki_dataset_loader import (DEFAULT_DATA, identification_ranks, rank_summary,  # noqa: E402
+from miyawaki_dataset_loader import (DEFAULT_DATA, rank_summary,  # noqa: E402
                                      resolve_data)
-from miyawaki_dual_encoder import DualEncoderConfig, train_dual_encoder, train_dual_encoders  # noqa: E402
+from miyawaki_dual_encoder import DualEncoderConfig, identify, train_dual_encoder, train_dual_encoders  # noqa: E402
 
 STAGES = ["miyawaki_dataset_loader.py", "miyawaki_dual_encoder.py", "miyawaki_evaluation.py",
           "miyawaki_generative_backend.py"]
@@ -66,10 +66,8 @@ def identification_on(device: str, data, seed: int) -> dict:
     t0 = time.perf_counter()
     model, _ = train_dual_encoder(fold.train, DualEncoderConfig(seed=seed), device, fold.unique_images,
                                   progress=False)
-    with torch.no_grad():
-        scores = (model.encode_fmri(torch.as_tensor(fold.test.fmri, device=device))
-                  @ model.encode_image(torch.as_tensor(fold.unique_images, device=device)).T).cpu().numpy()
-    ranks = identification_ranks(scores, fold.test.image_ids)
+    ranks = identify(model, torch.as_tensor(fold.test.fmri, device=device),
+                     torch.as_tensor(fold.unique_images, device=device), fold.test.image_ids)
     summary = rank_summary(ranks, len(fold.unique_images))
     return {"top1": summary["top1"], "mean_rank": summary["mean_rank"], "ranks": ranks.tolist(),
             "fit_s": round(time.perf_counter() - t0, 2)}
@@ -92,8 +90,7 @@ def batched_vs_separate(device: str, data, seeds=(0, 1, 2)) -> dict:
     with torch.no_grad():
         for a, b in zip(batched, separate):
             diffs.append(float((a.encode_fmri(x) - b.encode_fmri(x)).abs().max()))
-            ranks = [identification_ranks((m.encode_fmri(x) @ m.encode_image(cand).T).cpu().numpy(),
-                                          fold.test.image_ids) for m in (a, b)]
+            ranks = [identify(m, x, cand, fold.test.image_ids) for m in (a, b)]
             same.append(bool(np.array_equal(*ranks)))
     return {"max_abs_embedding_diff": max(diffs), "same_ranks": same,
             "batched_s": round(t1 - t0, 2), "separate_s": round(t2 - t1, 2)}
