@@ -17,6 +17,8 @@ embeddings only.
 
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 import time
 import warnings
@@ -656,7 +658,6 @@ MAX_LINEAR_WEIGHT = 0.75
 def score_settings(grid: dict = SCORE_GRID) -> list[dict]:
     """The grid's settings as dicts of DualEncoderConfig fields, in grid order (the last key
     varies fastest)."""
-    import itertools
     combos = (dict(zip(grid, values)) for values in itertools.product(*grid.values()))
     return [c for c in combos
             if c.get("readout_weight", 0) + c.get("encoding_weight", 0) <= MAX_LINEAR_WEIGHT + 1e-9]
@@ -671,7 +672,6 @@ def with_setting(model: MiyawakiDualEncoder, trials: Trials, setting: dict) -> M
     """A copy of ``model`` whose config takes ``setting`` (score fields; the networks are copied,
     not retrained); when the setting changes the encoding model's own fields, its linear parts are
     refitted on ``trials``, the trials the model was fitted on."""
-    import copy
     out = copy.deepcopy(model)
     out.config = replace(model.config, **setting)
     if any(getattr(out.config, k) != getattr(model.config, k) for k in ("encoding_alpha", "encoding_voxels")):
