@@ -670,12 +670,14 @@ def setting_name(setting: dict) -> str:
 
 def with_setting(model: MiyawakiDualEncoder, trials: Trials, setting: dict) -> MiyawakiDualEncoder:
     """A copy of ``model`` whose config takes ``setting`` (score fields; the networks are copied,
-    not retrained); when the setting changes the encoding model's own fields, its linear parts are
-    refitted on ``trials``, the trials the model was fitted on."""
+    not retrained); when the setting changes the encoding model's own fields, the encoding model
+    is refitted on ``trials``, the trials the model was fitted on (the pixel read-out has no
+    setting of the grid)."""
     out = copy.deepcopy(model)
-    out.config = replace(model.config, **setting)
-    if any(getattr(out.config, k) != getattr(model.config, k) for k in ("encoding_alpha", "encoding_voxels")):
-        fit_linear_parts(out, trials)
+    cfg = out.config = replace(model.config, **setting)
+    if (cfg.encoding_alpha, cfg.encoding_voxels) != (model.config.encoding_alpha, model.config.encoding_voxels):
+        out.encoding.fit(trials.fmri, trials.images, trials.image_ids, cfg.encoding_alpha,
+                         cfg.encoding_voxels)
     return out
 
 

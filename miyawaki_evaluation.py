@@ -288,6 +288,13 @@ def identification_metrics(scores: np.ndarray, fold: Fold) -> dict:
                                == fold.test.labels).astype(float)}
 
 
+def candidate_scores(model: MiyawakiDualEncoder, fold: Fold) -> np.ndarray:
+    """``model.score_candidates`` of the fold's test fMRI against its K candidates -> ``N x K``."""
+    device = next(model.parameters()).device
+    return model.score_candidates(torch.as_tensor(fold.test.fmri, device=device),
+                                  torch.as_tensor(fold.unique_images, device=device))
+
+
 def embedding_fold_metrics(model: MiyawakiDualEncoder, train: Trials, fold: Fold, k: int = 5) -> dict:
     """Per-trial metrics of a dual encoder on ``fold.test`` from fMRI only -> dict of N arrays:
     ``identification_metrics`` of ``model.score_candidates`` and condition (kNN on the fMRI
@@ -478,18 +485,13 @@ def print_checkpoint_summary(result: dict) -> None:
     print(f"S1 ridge baseline for reference: top-1 {ridge['top1']:.3f}, top-5 {ridge['top5']:.3f}")
 
 
-def candidate_scores(model: MiyawakiDualEncoder, fold: Fold) -> np.ndarray:
-    """``model.score_candidates`` of the fold's test fMRI against its K candidates -> ``N x K``."""
-    device = next(model.parameters()).device
-    return model.score_candidates(torch.as_tensor(fold.test.fmri, device=device),
-                                  torch.as_tensor(fold.unique_images, device=device))
-
-
 def checkpoint_embeddings(model: MiyawakiDualEncoder, fold: Fold) -> dict:
     """The embeddings the checkpoint evaluation uses: ``candidates`` (the K unique images),
     ``train`` / ``test`` (fMRI only) and ``test_images`` (the test trials' own images, for the
-    labelled retrieval among them), each ``extract_latent_representations``' dict."""
-    return {"candidates": extract_latent_representations(model, images=fold.unique_images),
+    labelled retrieval among them), each ``extract_latent_representations``' dict; and
+    ``scores``, the model's identification scores of the test trials (``candidate_scores``)."""
+    return {"scores": candidate_scores(model, fold),
+            "candidates": extract_latent_representations(model, images=fold.unique_images),
             "train": extract_latent_representations(model, fold.train),
             "test": extract_latent_representations(model, fold.test),
             "test_images": extract_latent_representations(model, images=fold.test.images)}
@@ -506,7 +508,7 @@ def score_checkpoint(model: MiyawakiDualEncoder, fold: Fold, knn_k: int = 5, ora
     emb = embeddings or checkpoint_embeddings(model, fold)
     cand, tr, te, te_img = (emb[k] for k in ("candidates", "train", "test", "test_images"))
     test, k = fold.test, len(fold.unique_images)
-    ident = identification_summary(candidate_scores(model, fold), test.image_ids)
+    ident = identification_summary(emb["scores"], test.image_ids)
     embedding_only = identification_summary(cosine_scores(te["fmri"], cand["image"]), test.image_ids)
     reverse = image_to_fmri_summary(cand["image"], np.arange(k), te["fmri"], test.image_ids)
     n = len(test)
@@ -571,7 +573,7 @@ def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
               "config": config_dict(cfg)}
     cand, tr, te = emb["candidates"], emb["train"], emb["test"]
     test, k, n = fold.test, len(fold.unique_images), len(fold.test)
-    sim = candidate_scores(model, fold)
+    sim = emb["scores"]
     ident = scores["identification"]
     print_checkpoint_summary(result)
     if cfg.oracle:
@@ -766,15 +768,15 @@ def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool, device: to
             else:
                 model, _ = train_dual_encoder(train, de_cfg, device, fold.unique_images, progress=False)
                 fit_secs = 0.0
-            rows.append((method, embedding_fold_metrics(model, train, fold, cfg.knn_k),
-                         time.perf_counter() - t + fit_secs))
+            metrics = embedding_fold_metrics(model, train, fold, cfg.knn_k)
+            rows.append((method, metrics, time.perf_counter() - t + fit_secs))
             variants = dict(ABLATIONS) if method == "dual_encoder" else {}
             if nested:                      # the same networks, scored with other settings
                 variants[method + "_nested"] = nested["setting"]    # the control's too
-            for variant, setting in variants.items():
+            for variant, setting in variants.items():   # (their kNN condition is the networks')
                 t = time.perf_counter()
-                rows.append((variant, embedding_fold_metrics(with_setting(model, train, setting),
-                                                             train, fold, cfg.knn_k),
+                scores = candidate_scores(with_setting(model, train, setting), fold)
+                rows.append((variant, {**metrics, **identification_metrics(scores, fold)},
                              time.perf_counter() - t + (nested["seconds"] if variant == "dual_encoder_nested"
                                                         and seed == cfg.seeds[0] else 0.0)))
             if cfg.generative and method == "dual_encoder":
