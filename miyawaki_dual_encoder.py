@@ -24,6 +24,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -217,6 +218,29 @@ class EncodingReadout(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``N x 1 x 28 x 28`` -> predicted z-scored fMRI ``N x V``."""
         return images.flatten(1) @ self.weight.T + self.bias
+
+    @torch.no_grad()
+    def consistency_step(self, fmri: torch.Tensor, reg: float) -> Callable:
+        """The encoding model as the likelihood of a decoder's sampler (a data-consistency step,
+        as in DiffPIR, Zhu et al. 2023, with this linear forward model): for fMRI ``N x V`` a
+        function ``step(images, weight)`` that moves images ``N x 1 x 28 x 28`` by ``weight``
+        (scalar or ``N x 1``) times the regularised least-norm change that makes their predicted
+        fMRI match ``fmri`` on the kept voxels, W^T (W W^T + mu I)^-1 (y - W x - b) with mu =
+        ``reg`` x mean diag(W W^T). An unfitted (zero) model changes nothing."""
+        keep = self.voxels
+        w, y = self.weight[keep], fmri[:, keep] - self.bias[keep]          # K x 784, N x K
+        gram = w.double() @ w.double().T        # rank <= the training images: float64 to invert
+        scale = float(gram.diagonal().mean())
+        if scale == 0:
+            return lambda images, weight: images
+        solve = torch.linalg.inv(gram + reg * scale * torch.eye(len(gram), dtype=gram.dtype,
+                                                                device=gram.device))
+        back = (w.double().T @ solve).T.to(w.dtype)                         # K x 784
+
+        def step(images: torch.Tensor, weight) -> torch.Tensor:
+            flat = images.flatten(1)
+            return (flat + weight * ((y - flat @ w.T) @ back)).reshape(images.shape)
+        return step
 
     @torch.no_grad()
     def scores(self, fmri: torch.Tensor, candidates: torch.Tensor) -> np.ndarray:

@@ -337,26 +337,42 @@ class MLPDenoiser(nn.Module):
 class AnchorMixin:
     """The low-level anchor of a decoder built with ``anchor_voxels > 0``: it owns a
     ``LinearReadout`` (``readout``, fitted by ``train_generative``), takes read-outs as a second
-    input beside the embedding, and blends its samples with them (``anchor_blend``)."""
+    input beside the embedding, and blends its samples with them (``anchor_blend``). Any decoder
+    may also take the frozen encoder's encoding model as a likelihood (``likelihood_weight``):
+    a data-consistency step of its samples towards the test fMRI (``reconstruct`` passes it)."""
 
-    def _init_anchor(self, anchor_voxels: int, anchor_blend: float, gate_images: int = 0) -> None:
+    def _init_anchor(self, anchor_voxels: int, anchor_blend: float, gate_images: int = 0,
+                     likelihood_weight: float = 0.0, likelihood_reg: float = 3.0) -> None:
         if not 0 <= anchor_blend <= 1:
             raise ValueError(f"anchor_blend {anchor_blend}; use a value in [0, 1]")
+        if likelihood_weight < 0 or likelihood_reg <= 0:
+            raise ValueError(f"likelihood_weight {likelihood_weight}, likelihood_reg {likelihood_reg}; "
+                             "use a weight >= 0 and a regularisation > 0")
         if anchor_blend > 0 and not anchor_voxels:
             raise ValueError("anchor_blend > 0 needs a decoder with a low-level anchor (anchor_voxels > 0)")
         self.readout = LinearReadout(anchor_voxels, gate_images) if anchor_voxels else None
 
     def forward(self, condition: torch.Tensor, anchor: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, likelihood: Callable | None = None) -> torch.Tensor:
         """``decoder(condition[, anchor])`` samples images ``N x 1 x 28 x 28`` (``sample``); from
         fMRI, ``reconstruct(encoder, decoder, fmri)`` does it all."""
-        return self.sample(condition, generator, anchor)
+        return self.sample(condition, generator, anchor, likelihood=likelihood)
 
     def _check_anchor(self, anchor: torch.Tensor | None) -> None:
         if (anchor is None) != (self.readout is None):
             raise ValueError("this decoder " + ("needs the low-level anchor: pass anchor=decoder."
                                                 "readout(fmri) (reconstruct() does)" if anchor is None
                                                 else "was built without an anchor: pass anchor=None"))
+
+    def _likelihood_weight(self, likelihood: Callable | None, anchor: torch.Tensor | None):
+        """The data-consistency weight: ``likelihood_weight``, times the novelty gate's P(new image)
+        ``N x 1`` when gated (a seen image keeps the decoder's sample); None = no step."""
+        w = self.config.get("likelihood_weight", 0.0)
+        if likelihood is None or w == 0:
+            return None
+        if self.config.get("novelty_gate") and anchor is not None:
+            return w * self.readout.novelty(anchor)[:, None]
+        return w
 
     def _blend(self, images: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
         """Samples ``N x 1 x 28 x 28`` -> (1 - b) samples + b clip(anchor): b = anchor_blend, with
@@ -391,7 +407,8 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
                  condition_drop_prob: float = 0.1, sampler: str = "ddim",
                  num_inference_steps: int = 50, guidance_scale: float = 2.0,
                  anchor_voxels: int = 0, init_strength: float = 1.0, anchor_blend: float = 0.0,
-                 gate_images: int = 0, novelty_gate: bool = False):
+                 gate_images: int = 0, novelty_gate: bool = False, likelihood_weight: float = 0.0,
+                 likelihood_reg: float = 3.0):
         super().__init__()
         if not 0 < init_strength <= 1:
             raise ValueError(f"init_strength {init_strength}; use a value in (0, 1]")
@@ -407,13 +424,14 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
                            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                            anchor_voxels=anchor_voxels, init_strength=init_strength,
                            anchor_blend=anchor_blend, gate_images=gate_images,
-                           novelty_gate=novelty_gate)
+                           novelty_gate=novelty_gate, likelihood_weight=likelihood_weight,
+                           likelihood_reg=likelihood_reg)
         self.num_train_timesteps = num_train_timesteps
         self.prediction_type = prediction_type
         self.snr_gamma = snr_gamma
         self.condition_drop_prob = condition_drop_prob
         self.denoiser = MLPDenoiser(correlation_dim, time_dim, hidden_dim, anchor=anchor_voxels > 0)
-        self._init_anchor(anchor_voxels, anchor_blend, gate_images)
+        self._init_anchor(anchor_voxels, anchor_blend, gate_images, likelihood_weight, likelihood_reg)
         betas = BETA_SCHEDULES[beta_schedule](num_train_timesteps)
         # derived from the config, so not stored in checkpoints
         self.register_buffer("betas", betas.float(), persistent=False)
@@ -471,6 +489,16 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
             None if anchor is None else anchor.repeat(2, 1, 1, 1)).chunk(2)
         return eps_u + guidance_scale * (eps_c - eps_u)
 
+    def _consistent_noise(self, sample: torch.Tensor, eps: torch.Tensor, timestep: int,
+                          likelihood: Callable, weight) -> torch.Tensor:
+        """epsilon ``N x P`` re-derived from the x_0 estimate of (x_t, eps) after a
+        data-consistency step ``likelihood(images, weight)`` on it (in [0, 1] image space)."""
+        a_t = self.alphas_cumprod[timestep]
+        x0 = ((sample - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+        images = likelihood(((x0 + 1) / 2).reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE), weight)
+        x0 = (images.reshape(len(sample), -1) * 2 - 1).clamp(-1, 1)
+        return (sample - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+
     def loss(self, images: torch.Tensor, condition: torch.Tensor,
              generator: torch.Generator | None = None, anchor: torch.Tensor | None = None) -> torch.Tensor:
         """Epsilon-prediction MSE (scalar) for images ``N x 1 x 28 x 28`` in [0, 1] and conditions
@@ -494,13 +522,15 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
     def sample(self, condition: torch.Tensor, generator: torch.Generator | None = None,
                anchor: torch.Tensor | None = None, sampler: str | None = None,
                num_inference_steps: int | None = None, guidance_scale: float | None = None,
-               init_strength: float | None = None) -> torch.Tensor:
+               init_strength: float | None = None, likelihood: Callable | None = None) -> torch.Tensor:
         """Images ``N x 1 x 28 x 28`` in [0, 1] for conditions ``N x D`` (anchored models: and
         read-outs ``N x 1 x 28 x 28``). ``ddim``: deterministic DDIM over ``num_inference_steps``
         evenly spaced timesteps from T - 1 to 0 (the same generator gives the same images) or, with
         an anchor and ``init_strength`` s < 1, from the anchor noised to step s (T - 1) over
-        ``ceil(s x steps)`` steps; ``ddpm``: ancestral sampling over all T steps. Then blended with
-        the anchor (``anchor_blend``)."""
+        ``ceil(s x steps)`` steps; ``ddpm``: ancestral sampling over all T steps. With a
+        ``likelihood`` (``EncodingReadout.consistency_step`` of the test fMRI) every step but the
+        last moves its x_0 estimate by a data-consistency step, and the denoiser then pulls the
+        moved estimate back to the image prior. Then blended with the anchor (``anchor_blend``)."""
         self._check_anchor(anchor)
         sampler = sampler or self.config["sampler"]
         steps = num_inference_steps or self.config["num_inference_steps"]
@@ -516,13 +546,17 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
             timesteps, eta = list(range(start, -1, -1)), 1.0
         else:
             raise ValueError(f"sampler {sampler!r}; use one of {SAMPLERS}")
+        weight = self._likelihood_weight(likelihood, anchor)
         x = _randn((len(condition), N_PIXELS), generator, condition.device)
         if s < 1:
             x = self.add_noise(anchor_features(anchor), x, torch.full((len(x),), start, device=x.device))
         for i, t in enumerate(timesteps):
             prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
             tt = torch.full((len(x),), t, dtype=torch.long, device=x.device)
-            x = self.step(self.predict_noise(x, tt, condition, w, anchor), t, x, prev, eta, generator)
+            eps = self.predict_noise(x, tt, condition, w, anchor)
+            if weight is not None and prev >= 0:
+                eps = self._consistent_noise(x, eps, t, likelihood, weight)
+            x = self.step(eps, t, x, prev, eta, generator)
         return self._blend(((x + 1) / 2).clamp(0, 1).reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE), anchor)
 
 
@@ -557,12 +591,14 @@ class MiyawakiGANDecoder(CheckpointMixin, AnchorMixin, nn.Module):
 
     def __init__(self, correlation_dim: int = 512, noise_dim: int = 32, disc_hidden_dim: int = 512,
                  anchor_voxels: int = 0, anchor_blend: float = 0.0, gate_images: int = 0,
-                 novelty_gate: bool = False):
+                 novelty_gate: bool = False, likelihood_weight: float = 0.0,
+                 likelihood_reg: float = 3.0):
         super().__init__()
         self.config = dict(correlation_dim=correlation_dim, noise_dim=noise_dim,
                            disc_hidden_dim=disc_hidden_dim, anchor_voxels=anchor_voxels,
                            anchor_blend=anchor_blend, gate_images=gate_images,
-                           novelty_gate=novelty_gate)
+                           novelty_gate=novelty_gate, likelihood_weight=likelihood_weight,
+                           likelihood_reg=likelihood_reg)
         self.noise_dim = noise_dim
         anchored = anchor_voxels > 0
         self.generator = nn.Sequential(
@@ -570,7 +606,7 @@ class MiyawakiGANDecoder(CheckpointMixin, AnchorMixin, nn.Module):
             nn.Linear(512, 1024), nn.LeakyReLU(0.2),
             nn.Linear(1024, N_PIXELS), nn.Sigmoid())
         self.discriminator = ProjectionDiscriminator(correlation_dim, disc_hidden_dim, anchored)
-        self._init_anchor(anchor_voxels, anchor_blend, gate_images)
+        self._init_anchor(anchor_voxels, anchor_blend, gate_images, likelihood_weight, likelihood_reg)
 
     def generate(self, condition: torch.Tensor, z: torch.Tensor,
                  anchor: torch.Tensor | None = None) -> torch.Tensor:
@@ -581,12 +617,17 @@ class MiyawakiGANDecoder(CheckpointMixin, AnchorMixin, nn.Module):
 
     @torch.no_grad()
     def sample(self, condition: torch.Tensor, generator: torch.Generator | None = None,
-               anchor: torch.Tensor | None = None) -> torch.Tensor:
-        """Images ``N x 1 x 28 x 28`` in [0, 1]; z drawn from ``generator``; blended with the
-        anchor (``anchor_blend``)."""
+               anchor: torch.Tensor | None = None, likelihood: Callable | None = None) -> torch.Tensor:
+        """Images ``N x 1 x 28 x 28`` in [0, 1]; z drawn from ``generator``; with a ``likelihood``
+        (``EncodingReadout.consistency_step`` of the test fMRI) one data-consistency step of the
+        generated images; then blended with the anchor (``anchor_blend``)."""
         self._check_anchor(anchor)
         z = _randn((len(condition), self.noise_dim), generator, condition.device)
-        return self._blend(self.generate(condition, z, anchor), anchor)
+        images = self.generate(condition, z, anchor)
+        weight = self._likelihood_weight(likelihood, anchor)
+        if weight is not None:
+            images = likelihood(images, weight).clamp(0, 1)
+        return self._blend(images, anchor)
 
 
 # --------------------------------------------------------------------------- losses
@@ -678,8 +719,14 @@ class GenerativeConfig(ScriptOptions):
         "help": "image-prior samples made (and encoded) once per fit, drawn from at every step"})
     init_strength: float = field(default=0.15, metadata={"above": 0, "max": 1,
         "help": "DDIM starts from the anchor noised to this fraction of T (1 = from pure noise)"})
-    anchor_blend: float = field(default=0.7, metadata={"min": 0, "max": 1,
+    anchor_blend: float = field(default=0.5, metadata={"min": 0, "max": 1,
         "help": "final image = (1 - b) sample + b clipped anchor"})
+    likelihood_weight: float = field(default=1.0, metadata={"min": 0,
+        "help": "weight of the data-consistency step towards the test fMRI under the frozen "
+                "encoder's encoding model (images -> voxels), at every DDIM step but the last and "
+                "once on the GAN's output, scaled by the novelty gate (0 = off)"})
+    likelihood_reg: float = field(default=decoder_default("likelihood_reg"), metadata={"above": 0,
+        "help": "ridge of that step, relative to the mean diagonal of W W^T over the kept voxels"})
     novelty_gate: bool = field(default=True, metadata={
         "help": "scale the blend b by the probability that the anchor shows a new image (a "
                 "logistic fit of its similarity to the nearest training image, calibrated on "
@@ -966,29 +1013,35 @@ def decode_fold(encoder: nn.Module, fold: Fold, config: GenerativeConfig,
 
 
 def _decode(encoder: nn.Module, encode, decoder: nn.Module, inputs: np.ndarray, anchor,
-            generator: torch.Generator | None) -> np.ndarray:
-    """``decoder.sample`` conditioned on ``encode(inputs)`` (a method of ``encoder``) and, for an
-    anchored decoder, ``anchor(inputs)``, on the decoder's device, both models evaluating -> numpy."""
+            generator: torch.Generator | None, likelihood=None) -> np.ndarray:
+    """``decoder.sample`` conditioned on ``encode(inputs)`` (a method of ``encoder``), for an
+    anchored decoder ``anchor(inputs)`` and with ``likelihood(inputs)`` (None: no
+    data-consistency step), on the decoder's device, both models evaluating -> numpy."""
     device = next(decoder.parameters()).device
     x = torch.as_tensor(inputs, dtype=torch.float32, device=device)
     with evaluating(encoder, decoder):
         a = None if decoder.readout is None else anchor(x)
-        return decoder.sample(encode(x), generator, a).cpu().numpy()
+        step = None if likelihood is None else likelihood(x)
+        return decoder.sample(encode(x), generator, a, likelihood=step).cpu().numpy()
 
 
 def reconstruct(encoder: nn.Module, decoder: nn.Module, fmri: np.ndarray,
                 generator: torch.Generator | None = None) -> np.ndarray:
     """Test-time decoding from fMRI only: z-scored fMRI ``N x V`` -> encode_fmri (and, for an
-    anchored decoder, its linear read-out of the same fMRI) -> decoder sample -> ``N x 1 x 28 x
-    28`` float32 numpy in [0, 1]."""
-    return _decode(encoder, encoder.encode_fmri, decoder, fmri, decoder.readout, generator)
+    anchored decoder, its linear read-out of the same fMRI; with ``likelihood_weight`` > 0 the
+    encoder's encoding model of the same fMRI as the sampler's likelihood) -> decoder sample ->
+    ``N x 1 x 28 x 28`` float32 numpy in [0, 1]."""
+    cfg = decoder.config
+    likelihood = None if not cfg["likelihood_weight"] else (
+        lambda x: encoder.encoding.consistency_step(x, cfg["likelihood_reg"]))
+    return _decode(encoder, encoder.encode_fmri, decoder, fmri, decoder.readout, generator, likelihood)
 
 
 def oracle_reconstruct(encoder: nn.Module, decoder: nn.Module, images: np.ndarray,
                        generator: torch.Generator | None = None) -> np.ndarray:
     """ORACLE decoding, conditioned on the true image's embedding (and, for an anchored decoder,
-    the true image as its anchor) (``N x 1 x 28 x 28`` in and out): an upper bound of the
-    decoder, never a decoding result."""
+    the true image as its anchor; there is no fMRI, so no likelihood step) (``N x 1 x 28 x 28``
+    in and out): an upper bound of the decoder, never a decoding result."""
     return _decode(encoder, encoder.encode_image, decoder, images, lambda y: y, generator)
 
 

@@ -5,12 +5,14 @@ The inner folds are those of ``tune_dual_encoder.py`` (the 12 S1 test trials are
 anchor and image prior are for) and ``seen`` is stratified by image (like S1/S2). Per inner fold
 a dual encoder with the default settings is trained once; then each ``--set`` candidate trains
 both decoders on its frozen embeddings, and each sampling setting (``--guidance``,
-``--init-strength``, ``--blend``, ``--gate``: no retraining needed) decodes the held-out trials from fMRI only.
+``--init-strength``, ``--blend``, ``--gate``, ``--likelihood``, ``--likelihood-reg``: no retraining
+needed) decodes the held-out trials from fMRI only.
 Scores are docs/PROTOCOL.md's (20-way identification among all unique images), ridge beside them.
 
     python benchmarks/tune_decoders.py --set anchor=False,augment_prob=0 --set augment_prob=0
     python benchmarks/tune_decoders.py --guidance 1 2 --init-strength 1 0.5 --blend 0 0.3 0.5
     python benchmarks/tune_decoders.py --blend 0.5 0.7 --gate 0 1
+    python benchmarks/tune_decoders.py --blend 0.5 0.7 --likelihood 0 0.5 1 --likelihood-reg 1 3
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ def main(argv=None) -> dict:
     p.add_argument("--blend", type=float, nargs="+", default=[GenerativeConfig.anchor_blend])
     p.add_argument("--gate", type=int, nargs="+", default=[int(GenerativeConfig.novelty_gate)],
                    choices=[0, 1], help="novelty gate of the blend off / on")
+    p.add_argument("--likelihood", type=float, nargs="+", default=[GenerativeConfig.likelihood_weight],
+                   help="weights of the encoding-model data-consistency step (0 = off)")
+    p.add_argument("--likelihood-reg", type=float, nargs="+", default=[GenerativeConfig.likelihood_reg])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--schemes", nargs="+", default=["unseen", "seen"], choices=["unseen", "seen"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -83,9 +88,10 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     data = resolve_data(args.data)
     device = resolve_device(args.device)
-    sampling = [dict(guidance_scale=w, init_strength=s, anchor_blend=b, novelty_gate=bool(g))
-                for w, s, b, g in itertools.product(args.guidance, args.init_strength, args.blend,
-                                                    args.gate)]
+    sampling = [dict(guidance_scale=w, init_strength=s, anchor_blend=b, novelty_gate=bool(g),
+                     likelihood_weight=lw, likelihood_reg=lr)
+                for w, s, b, g, lw, lr in itertools.product(args.guidance, args.init_strength, args.blend,
+                                                            args.gate, args.likelihood, args.likelihood_reg)]
     t0 = time.perf_counter()
     results = run(data, args.set or [""], sampling, args.schemes, args.seed, device)
     for scheme, per_spec in results.items():

@@ -10,8 +10,9 @@ import torch
 
 from miyawaki_dataset_loader import (CheckpointError, RidgeBaseline, Trials, identification_scores,
                                      pearson_matrix, splits)
-from miyawaki_dual_encoder import (DualEncoderConfig, MiyawakiDualEncoder, contrastive_loss,
-                                   identify, main, mixup, pair_loss, score_settings, select_setting,
+from miyawaki_dual_encoder import (DualEncoderConfig, EncodingReadout, MiyawakiDualEncoder,
+                                   contrastive_loss, identify, main, mixup, pair_loss,
+                                   score_settings, select_setting,
                                    setting_name, split_validation, train_dual_encoder,
                                    train_dual_encoders)
 from helpers import unit
@@ -143,6 +144,28 @@ def test_score_fuses_embeddings_readout_and_encoding_model_of_the_fitted_trials_
     assert (encoding_scores.argmax(1) == fold.test.image_ids).mean() > 0.5
     with pytest.raises(ValueError, match="<= 1"):
         model.score_candidates(x, cand, 0.75, 0.5)
+
+
+def test_consistency_step_moves_images_towards_the_fmri_under_the_encoding_model(sim):
+    """The decoders' likelihood step: with weight 1 and a small ridge it moves an image until the
+    encoding model's prediction of it (kept voxels) matches the given fMRI, by the least-norm
+    change; weight 0 or an unfitted model changes nothing, and a larger ridge moves it less."""
+    fold = _fold(sim)
+    enc = EncodingReadout(sim.n_voxels)
+    enc.fit(fold.train.fmri, fold.train.images, fold.train.image_ids, 30.0, 0.1)
+    keep = enc.voxels
+    start = torch.as_tensor(fold.train.images.mean(0, keepdims=True)).repeat(4, 1, 1, 1)
+    target = enc(torch.as_tensor(fold.unique_images[:4]))           # fMRI some images would give
+    misfit = lambda img: ((enc(img) - target)[:, keep] ** 2).sum().item()  # noqa: E731
+    moved = {reg: enc.consistency_step(target, reg)(start, 1.0) for reg in (1e-6, 1.0)}
+    assert misfit(moved[1e-6]) < 1e-3 * misfit(start)
+    assert misfit(moved[1e-6]) < misfit(moved[1.0]) < misfit(start)
+    # least norm: the change lies in the row space of the kept voxels' weights
+    w = enc.weight[keep]
+    delta = (moved[1e-6] - start).flatten(1)
+    np.testing.assert_allclose((delta @ torch.linalg.pinv(w) @ w).numpy(), delta.numpy(), atol=1e-4)
+    assert torch.equal(enc.consistency_step(target, 1.0)(start, 0.0), start)
+    assert torch.equal(EncodingReadout(sim.n_voxels).consistency_step(target, 1.0)(start, 1.0), start)
 
 
 def test_nested_grid_and_its_tie_rule():

@@ -18,7 +18,8 @@ FAST_ENCODER = D.DualEncoderConfig(epochs=25, mixup=32, val_fraction=0.0)
 TINY = G.GenerativeConfig(diffusion_steps=150, gan_steps=100, log_every=50, n_sample_grids=1)
 SMALL = dict(correlation_dim=16, hidden_dim=64, time_dim=16)   # a fast model for unit tests
 RANDOM_SESSION = G.GenerativeConfig(diffusion_steps=150, gan_steps=1, n_sample_grids=0)
-RANDOM_SESSION_MARGIN = 0.005  # measured gaps: +0.010 (data seed 0), +0.028 (seed 1)
+# measured gaps: +0.047 (data seed 0), +0.040 (seed 1); without the likelihood step +0.006 / +0.021
+RANDOM_SESSION_MARGIN = 0.02
 
 
 def image_conditions(trials, d=16, seed=0):

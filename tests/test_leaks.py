@@ -20,9 +20,10 @@ import miyawaki_generative_backend as G
 from miyawaki_dataset_loader import make_simulated_dataset, splits
 
 SIM = ["--data", "simulated", "--device", "cpu"]
-TINY_DECODERS = G.GenerativeConfig(diffusion_steps=3, gan_steps=2, num_inference_steps=2,
+# 10 DDIM steps: from the anchor at 15 % that is 2 steps, so the likelihood step runs once
+TINY_DECODERS = G.GenerativeConfig(diffusion_steps=3, gan_steps=2, num_inference_steps=10,
                                    n_sample_grids=1)
-TINY_DECODER_ARGS = ["--diffusion-steps", "3", "--gan-steps", "2", "--num-inference-steps", "2",
+TINY_DECODER_ARGS = ["--diffusion-steps", "3", "--gan-steps", "2", "--num-inference-steps", "10",
                      "--n-sample-grids", "1"]
 # what may change with the test images without a leak: scores of a reconstruction against the
 # true image, the retrieval among the test trials' own images (labelled so), and timings
