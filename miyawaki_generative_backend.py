@@ -342,12 +342,14 @@ class AnchorMixin:
     a data-consistency step of its samples towards the test fMRI (``reconstruct`` passes it)."""
 
     def _init_anchor(self, anchor_voxels: int, anchor_blend: float, gate_images: int = 0,
-                     likelihood_weight: float = 0.0, likelihood_reg: float = 3.0) -> None:
+                     likelihood_weight: float = 0.0, likelihood_reg: float = 3.0,
+                     likelihood_gate_power: float = 1.0) -> None:
         if not 0 <= anchor_blend <= 1:
             raise ValueError(f"anchor_blend {anchor_blend}; use a value in [0, 1]")
-        if likelihood_weight < 0 or likelihood_reg <= 0:
-            raise ValueError(f"likelihood_weight {likelihood_weight}, likelihood_reg {likelihood_reg}; "
-                             "use a weight >= 0 and a regularisation > 0")
+        if likelihood_weight < 0 or likelihood_reg <= 0 or likelihood_gate_power <= 0:
+            raise ValueError(f"likelihood_weight {likelihood_weight}, likelihood_reg {likelihood_reg}, "
+                             f"likelihood_gate_power {likelihood_gate_power}; use a weight >= 0 and "
+                             "a regularisation and a power > 0")
         if anchor_blend > 0 and not anchor_voxels:
             raise ValueError("anchor_blend > 0 needs a decoder with a low-level anchor (anchor_voxels > 0)")
         self.readout = LinearReadout(anchor_voxels, gate_images) if anchor_voxels else None
@@ -366,12 +368,13 @@ class AnchorMixin:
 
     def _likelihood_weight(self, likelihood: Callable | None, anchor: torch.Tensor | None):
         """The data-consistency weight: ``likelihood_weight``, times the novelty gate's P(new image)
-        ``N x 1`` when gated (a seen image keeps the decoder's sample); None = no step."""
+        ``N x 1`` to the power ``likelihood_gate_power`` when gated (a seen image keeps the
+        decoder's sample, and a half-open gate moves it little); None = no step."""
         w = self.config.get("likelihood_weight", 0.0)
         if likelihood is None or w == 0:
             return None
         if self.config.get("novelty_gate") and anchor is not None:
-            return w * self.readout.novelty(anchor)[:, None]
+            return w * self.readout.novelty(anchor)[:, None] ** self.config["likelihood_gate_power"]
         return w
 
     def _blend(self, images: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
@@ -408,7 +411,7 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
                  num_inference_steps: int = 50, guidance_scale: float = 2.0,
                  anchor_voxels: int = 0, init_strength: float = 1.0, anchor_blend: float = 0.0,
                  gate_images: int = 0, novelty_gate: bool = False, likelihood_weight: float = 0.0,
-                 likelihood_reg: float = 3.0):
+                 likelihood_reg: float = 3.0, likelihood_gate_power: float = 1.0):
         super().__init__()
         if not 0 < init_strength <= 1:
             raise ValueError(f"init_strength {init_strength}; use a value in (0, 1]")
@@ -425,13 +428,14 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
                            anchor_voxels=anchor_voxels, init_strength=init_strength,
                            anchor_blend=anchor_blend, gate_images=gate_images,
                            novelty_gate=novelty_gate, likelihood_weight=likelihood_weight,
-                           likelihood_reg=likelihood_reg)
+                           likelihood_reg=likelihood_reg, likelihood_gate_power=likelihood_gate_power)
         self.num_train_timesteps = num_train_timesteps
         self.prediction_type = prediction_type
         self.snr_gamma = snr_gamma
         self.condition_drop_prob = condition_drop_prob
         self.denoiser = MLPDenoiser(correlation_dim, time_dim, hidden_dim, anchor=anchor_voxels > 0)
-        self._init_anchor(anchor_voxels, anchor_blend, gate_images, likelihood_weight, likelihood_reg)
+        self._init_anchor(anchor_voxels, anchor_blend, gate_images, likelihood_weight, likelihood_reg,
+                          likelihood_gate_power)
         betas = BETA_SCHEDULES[beta_schedule](num_train_timesteps)
         # derived from the config, so not stored in checkpoints
         self.register_buffer("betas", betas.float(), persistent=False)
@@ -592,13 +596,13 @@ class MiyawakiGANDecoder(CheckpointMixin, AnchorMixin, nn.Module):
     def __init__(self, correlation_dim: int = 512, noise_dim: int = 32, disc_hidden_dim: int = 512,
                  anchor_voxels: int = 0, anchor_blend: float = 0.0, gate_images: int = 0,
                  novelty_gate: bool = False, likelihood_weight: float = 0.0,
-                 likelihood_reg: float = 3.0):
+                 likelihood_reg: float = 3.0, likelihood_gate_power: float = 1.0):
         super().__init__()
         self.config = dict(correlation_dim=correlation_dim, noise_dim=noise_dim,
                            disc_hidden_dim=disc_hidden_dim, anchor_voxels=anchor_voxels,
                            anchor_blend=anchor_blend, gate_images=gate_images,
                            novelty_gate=novelty_gate, likelihood_weight=likelihood_weight,
-                           likelihood_reg=likelihood_reg)
+                           likelihood_reg=likelihood_reg, likelihood_gate_power=likelihood_gate_power)
         self.noise_dim = noise_dim
         anchored = anchor_voxels > 0
         self.generator = nn.Sequential(
@@ -606,7 +610,8 @@ class MiyawakiGANDecoder(CheckpointMixin, AnchorMixin, nn.Module):
             nn.Linear(512, 1024), nn.LeakyReLU(0.2),
             nn.Linear(1024, N_PIXELS), nn.Sigmoid())
         self.discriminator = ProjectionDiscriminator(correlation_dim, disc_hidden_dim, anchored)
-        self._init_anchor(anchor_voxels, anchor_blend, gate_images, likelihood_weight, likelihood_reg)
+        self._init_anchor(anchor_voxels, anchor_blend, gate_images, likelihood_weight, likelihood_reg,
+                          likelihood_gate_power)
 
     def generate(self, condition: torch.Tensor, z: torch.Tensor,
                  anchor: torch.Tensor | None = None) -> torch.Tensor:
@@ -727,6 +732,8 @@ class GenerativeConfig(ScriptOptions):
                 "once on the GAN's output, scaled by the novelty gate (0 = off)"})
     likelihood_reg: float = field(default=decoder_default("likelihood_reg"), metadata={"above": 0,
         "help": "ridge of that step, relative to the mean diagonal of W W^T over the kept voxels"})
+    likelihood_gate_power: float = field(default=4.0, metadata={"above": 0,
+        "help": "the step's weight is scaled by the novelty gate's P(new image) to this power"})
     novelty_gate: bool = field(default=True, metadata={
         "help": "scale the blend b by the probability that the anchor shows a new image (a "
                 "logistic fit of its similarity to the nearest training image, calibrated on "

@@ -12,7 +12,9 @@ Scores are docs/PROTOCOL.md's (20-way identification among all unique images), r
     python benchmarks/tune_decoders.py --set anchor=False,augment_prob=0 --set augment_prob=0
     python benchmarks/tune_decoders.py --guidance 1 2 --init-strength 1 0.5 --blend 0 0.3 0.5
     python benchmarks/tune_decoders.py --blend 0.5 0.7 --gate 0 1
-    python benchmarks/tune_decoders.py --blend 0.5 0.7 --likelihood 0 0.5 1 --likelihood-reg 1 3
+    python benchmarks/tune_decoders.py --blend 0.5 0.7 --likelihood 0 0.5 1 --likelihood-reg 1 3 \
+        --likelihood-gate-power 1
+    python benchmarks/tune_decoders.py --blend 0.5 --likelihood 1 --likelihood-gate-power 1 2 4 8
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ def main(argv=None) -> dict:
     p.add_argument("--likelihood", type=float, nargs="+", default=[GenerativeConfig.likelihood_weight],
                    help="weights of the encoding-model data-consistency step (0 = off)")
     p.add_argument("--likelihood-reg", type=float, nargs="+", default=[GenerativeConfig.likelihood_reg])
+    p.add_argument("--likelihood-gate-power", type=float, nargs="+",
+                   default=[GenerativeConfig.likelihood_gate_power])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--schemes", nargs="+", default=["unseen", "seen"], choices=["unseen", "seen"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -89,9 +93,10 @@ def main(argv=None) -> dict:
     data = resolve_data(args.data)
     device = resolve_device(args.device)
     sampling = [dict(guidance_scale=w, init_strength=s, anchor_blend=b, novelty_gate=bool(g),
-                     likelihood_weight=lw, likelihood_reg=lr)
-                for w, s, b, g, lw, lr in itertools.product(args.guidance, args.init_strength, args.blend,
-                                                            args.gate, args.likelihood, args.likelihood_reg)]
+                     likelihood_weight=lw, likelihood_reg=lr, likelihood_gate_power=lp)
+                for w, s, b, g, lw, lr, lp in itertools.product(
+                    args.guidance, args.init_strength, args.blend, args.gate, args.likelihood,
+                    args.likelihood_reg, args.likelihood_gate_power)]
     t0 = time.perf_counter()
     results = run(data, args.set or [""], sampling, args.schemes, args.seed, device)
     for scheme, per_spec in results.items():

@@ -365,6 +365,32 @@ def test_anchored_decoders_round_trip_and_need_their_anchor(tmp_path, sim):
         assert torch.equal(loaded.sample(c, torch.Generator().manual_seed(0), loaded.readout(x)), a)
 
 
+def test_likelihood_step_moves_samples_only_where_the_novelty_gate_opens():
+    """With the encoding model as likelihood, a closed gate (a seen image) leaves both decoders'
+    samples as they are; an open one moves them, and the GAN's output then fits the fMRI better
+    under the encoding model (one least-norm step, no blend)."""
+    torch.manual_seed(0)
+    n_voxels, c, fmri = 30, unit(4, 16, 1), torch.randn(4, 30)
+    encoding = D.EncodingReadout(n_voxels)
+    encoding.weight.normal_(0, 0.05)
+    step = encoding.consistency_step(fmri, 3.0)
+    misfit = lambda img: ((encoding(img) - fmri) ** 2).sum().item()  # noqa: E731
+    kw = dict(correlation_dim=16, anchor_voxels=n_voxels, gate_images=1, novelty_gate=True,
+              likelihood_weight=1.0)
+    decoders = (G.MiyawakiDiffusionDecoder(hidden_dim=64, time_dim=16, init_strength=0.3, **kw),
+                G.MiyawakiGANDecoder(noise_dim=4, disc_hidden_dim=32, **kw))
+    for model in decoders:
+        model.eval()
+        anchor = torch.rand(4, 1, 28, 28)
+        sample = lambda lik: model.sample(c, torch.Generator().manual_seed(0), anchor, likelihood=lik)  # noqa: E731
+        for intercept, opens in ((-50.0, False), (50.0, True)):   # P(new) = sigmoid(intercept)
+            model.readout = model.readout.with_gate(np.zeros((1, 1, 28, 28)), np.array([0.0, intercept]))
+            moved, kept = sample(step), sample(None)
+            assert ((moved - kept).abs().max() > 1e-3) == opens, (type(model).__name__, opens)
+        if isinstance(model, G.MiyawakiGANDecoder):
+            assert misfit(moved) < misfit(kept)
+
+
 def test_novelty_gate_opens_for_a_never_seen_image_and_closes_for_seen_ones(sim):
     """The gate, calibrated on an S3 fold's training trials only, judges the held-out image's
     read-outs new (P > 0.5) and, on S1, the read-outs of test trials whose images were seen old."""
