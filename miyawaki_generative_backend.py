@@ -356,8 +356,9 @@ class AnchorMixin:
 
     def forward(self, condition: torch.Tensor, anchor: torch.Tensor | None = None,
                 generator: torch.Generator | None = None, likelihood: Callable | None = None) -> torch.Tensor:
-        """``decoder(condition[, anchor])`` samples images ``N x 1 x 28 x 28`` (``sample``); from
-        fMRI, ``reconstruct(encoder, decoder, fmri)`` does it all."""
+        """``decoder(condition[, anchor, likelihood=...])`` samples images ``N x 1 x 28 x 28``
+        (``sample``; the likelihood: ``encoder.encoding.consistency_step(fmri, likelihood_reg)``);
+        from fMRI, ``reconstruct(encoder, decoder, fmri)`` does it all."""
         return self.sample(condition, generator, anchor, likelihood=likelihood)
 
     def _check_anchor(self, anchor: torch.Tensor | None) -> None:
@@ -459,7 +460,7 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
         (posterior mean and variance beta_tilde). prev_timestep = -1 means a_prev = 1."""
         a_t = self.alphas_cumprod[timestep]
         a_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else a_t.new_tensor(1.0)
-        x0 = ((sample - (1 - a_t).sqrt() * model_output) / a_t.sqrt()).clamp(-1, 1)
+        x0 = self.clean_estimate(sample, model_output, timestep)
         eps = (sample - a_t.sqrt() * x0) / (1 - a_t).sqrt()
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
         prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
@@ -493,12 +494,17 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
             None if anchor is None else anchor.repeat(2, 1, 1, 1)).chunk(2)
         return eps_u + guidance_scale * (eps_c - eps_u)
 
+    def clean_estimate(self, sample: torch.Tensor, eps: torch.Tensor, timestep: int) -> torch.Tensor:
+        """x_0 ``N x P`` predicted from x_t = ``sample`` and its noise ``eps``, clipped to [-1, 1]."""
+        a_t = self.alphas_cumprod[timestep]
+        return ((sample - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+
     def _consistent_noise(self, sample: torch.Tensor, eps: torch.Tensor, timestep: int,
                           likelihood: Callable, weight) -> torch.Tensor:
         """epsilon ``N x P`` re-derived from the x_0 estimate of (x_t, eps) after a
         data-consistency step ``likelihood(images, weight)`` on it (in [0, 1] image space)."""
         a_t = self.alphas_cumprod[timestep]
-        x0 = ((sample - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+        x0 = self.clean_estimate(sample, eps, timestep)
         images = likelihood(((x0 + 1) / 2).reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE), weight)
         x0 = (images.reshape(len(sample), -1) * 2 - 1).clamp(-1, 1)
         return (sample - a_t.sqrt() * x0) / (1 - a_t).sqrt()
@@ -729,15 +735,17 @@ class GenerativeConfig(ScriptOptions):
     likelihood_weight: float = field(default=1.0, metadata={"min": 0,
         "help": "weight of the data-consistency step towards the test fMRI under the frozen "
                 "encoder's encoding model (images -> voxels), at every DDIM step but the last and "
-                "once on the GAN's output, scaled by the novelty gate (0 = off)"})
+                "once on the GAN's output, scaled by the novelty gate of an anchored decoder "
+                "(without anchor or gate: unscaled) (0 = off)"})
     likelihood_reg: float = field(default=decoder_default("likelihood_reg"), metadata={"above": 0,
         "help": "ridge of that step, relative to the mean diagonal of W W^T over the kept voxels"})
     likelihood_gate_power: float = field(default=4.0, metadata={"above": 0,
         "help": "the step's weight is scaled by the novelty gate's P(new image) to this power"})
     novelty_gate: bool = field(default=True, metadata={
-        "help": "scale the blend b by the probability that the anchor shows a new image (a "
-                "logistic fit of its similarity to the nearest training image, calibrated on "
-                "training trials' read-outs of seen and of held-out images)"})
+        "help": "scale the blend b (and the likelihood step) by the probability that the "
+                "anchor shows a new image (a logistic fit of its similarity to the nearest "
+                "training image, calibrated on training trials' read-outs of seen and of "
+                "held-out images)"})
 
 
 def build_decoder(cls: type, correlation_dim: int, config: GenerativeConfig, seed: int,
