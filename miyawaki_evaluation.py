@@ -954,8 +954,9 @@ class EvaluationConfig(ScriptOptions):
         "help": "benchmark: also train on fMRI rows shuffled against images, first seed only "
                 "(must be at chance)"})
     nested: bool = field(default=False, metadata={
-        "help": "benchmark: also choose the dual encoder's read-out weight inside every fold by "
-                "inner CV on its training trials (5 extra fits per fold; row dual_encoder_nested)"})
+        "help": "benchmark: also choose the dual encoder's score setting (read-out weight, "
+                "encoding weight, encoding alpha) inside every fold by inner CV on its training "
+                "trials (5 extra fits per fold; row dual_encoder_nested)"})
     generative: bool = field(default=False, metadata={
         "help": "benchmark: also train the diffusion and GAN decoders per fold and seed"})
     workers: int = field(default=1, metadata={"min": 1,

@@ -367,25 +367,33 @@ class AnchorMixin:
                                                 "readout(fmri) (reconstruct() does)" if anchor is None
                                                 else "was built without an anchor: pass anchor=None"))
 
-    def _likelihood_weight(self, likelihood: Callable | None, anchor: torch.Tensor | None):
-        """The data-consistency weight: ``likelihood_weight``, times the novelty gate's P(new image)
-        ``N x 1`` to the power ``likelihood_gate_power`` when gated (a seen image keeps the
+    def _novelty(self, anchor: torch.Tensor | None) -> torch.Tensor | None:
+        """The read-out's P(new image) ``N`` (``LinearReadout.novelty``) with ``novelty_gate`` and
+        an anchor, else None (ungated); computed once per ``sample`` for the step and the blend."""
+        if anchor is None or not self.config.get("novelty_gate"):
+            return None
+        return self.readout.novelty(anchor)
+
+    def _likelihood_weight(self, likelihood: Callable | None, novelty: torch.Tensor | None):
+        """The data-consistency weight: ``likelihood_weight``, times P(new image) ``novelty`` to
+        the power ``likelihood_gate_power`` when gated (``N x 1``: a seen image keeps the
         decoder's sample, and a half-open gate moves it little); None = no step."""
         w = self.config.get("likelihood_weight", 0.0)
         if likelihood is None or w == 0:
             return None
-        if self.config.get("novelty_gate") and anchor is not None:
-            return w * self.readout.novelty(anchor)[:, None] ** self.config["likelihood_gate_power"]
+        if novelty is not None:
+            return w * novelty[:, None] ** self.config["likelihood_gate_power"]
         return w
 
-    def _blend(self, images: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
-        """Samples ``N x 1 x 28 x 28`` -> (1 - b) samples + b clip(anchor): b = anchor_blend, with
-        ``novelty_gate`` times the read-out's P(new image) (``LinearReadout.novelty``)."""
+    def _blend(self, images: torch.Tensor, anchor: torch.Tensor | None,
+               novelty: torch.Tensor | None) -> torch.Tensor:
+        """Samples ``N x 1 x 28 x 28`` -> (1 - b) samples + b clip(anchor): b = anchor_blend, times
+        P(new image) ``novelty`` when gated (``_novelty``)."""
         b = self.config.get("anchor_blend", 0.0)
         if anchor is None or b == 0:
             return images
-        if self.config.get("novelty_gate"):
-            b = b * self.readout.novelty(anchor)[:, None, None, None]
+        if novelty is not None:
+            b = b * novelty[:, None, None, None]
         return (1 - b) * images + b * anchor.clamp(0, 1)
 
 
@@ -556,7 +564,8 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
             timesteps, eta = list(range(start, -1, -1)), 1.0
         else:
             raise ValueError(f"sampler {sampler!r}; use one of {SAMPLERS}")
-        weight = self._likelihood_weight(likelihood, anchor)
+        novelty = self._novelty(anchor)
+        weight = self._likelihood_weight(likelihood, novelty)
         x = _randn((len(condition), N_PIXELS), generator, condition.device)
         if s < 1:
             x = self.add_noise(anchor_features(anchor), x, torch.full((len(x),), start, device=x.device))
@@ -567,7 +576,8 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
             if weight is not None and prev >= 0:
                 eps = self._consistent_noise(x, eps, t, likelihood, weight)
             x = self.step(eps, t, x, prev, eta, generator)
-        return self._blend(((x + 1) / 2).clamp(0, 1).reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE), anchor)
+        return self._blend(((x + 1) / 2).clamp(0, 1).reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE), anchor,
+                           novelty)
 
 
 class ProjectionDiscriminator(nn.Module):
@@ -635,10 +645,11 @@ class MiyawakiGANDecoder(CheckpointMixin, AnchorMixin, nn.Module):
         self._check_anchor(anchor)
         z = _randn((len(condition), self.noise_dim), generator, condition.device)
         images = self.generate(condition, z, anchor)
-        weight = self._likelihood_weight(likelihood, anchor)
+        novelty = self._novelty(anchor)
+        weight = self._likelihood_weight(likelihood, novelty)
         if weight is not None:
             images = likelihood(images, weight).clamp(0, 1)
-        return self._blend(images, anchor)
+        return self._blend(images, anchor, novelty)
 
 
 # --------------------------------------------------------------------------- losses
