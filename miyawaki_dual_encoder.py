@@ -721,14 +721,14 @@ def inner_folds(ids: np.ndarray, scheme: str, n_folds: int = 5) -> list[tuple[np
     raise ValueError(f"unknown inner scheme {scheme!r}; use seen or unseen")
 
 
-def inner_cv_top1(data: MiyawakiData, train_idx: np.ndarray, config: DualEncoderConfig, scheme: str,
-                  settings: list[dict], device: torch.device | str = "cpu") -> dict:
-    """Inner-CV top-1 of each score setting: one dual encoder per inner fold of the trials
-    ``train_idx`` of ``data`` (each inner fold z-scored by its own training trials; nothing
+def inner_cv_scores(data: MiyawakiData, train_idx: np.ndarray, config: DualEncoderConfig, scheme: str,
+                    settings: list[dict], device: torch.device | str = "cpu") -> dict:
+    """Inner-CV identification of each score setting: one dual encoder per inner fold of the
+    trials ``train_idx`` of ``data`` (each inner fold z-scored by its own training trials; nothing
     outside ``train_idx`` is read), its validation trials ranked among all candidates with each
-    setting (the networks are shared; only the linear parts are refitted) -> {setting_name:
-    mean top-1 over inner folds}."""
-    hits: dict[str, list] = {setting_name(c): [] for c in settings}
+    setting (the networks are shared; only the linear parts are refitted) -> {"top1" | "mrr":
+    {setting_name: mean over inner folds}} (mrr: mean reciprocal rank of the true image)."""
+    ranks: dict[str, list] = {setting_name(c): [] for c in settings}
     ids = data.trials.image_ids[train_idx]
     for tr, va in inner_folds(ids, scheme):
         fold = data.fold(train_idx[tr], train_idx[va])
@@ -742,14 +742,17 @@ def inner_cv_top1(data: MiyawakiData, train_idx: np.ndarray, config: DualEncoder
             if key not in parts:                        # one refit per encoding model setting
                 parts[key] = with_setting(model, fold.train, linear).score_parts(x, cand)
             weights = {k: c.get(k, getattr(config, k)) for k in ("readout_weight", "encoding_weight")}
-            ranks = identification_ranks(fused_scores(parts[key], **weights), fold.test.image_ids)
-            hits[setting_name(c)].append(float((ranks == 1).mean()))
-    return {name: float(np.mean(h)) for name, h in hits.items()}
+            ranks[setting_name(c)].append(identification_ranks(fused_scores(parts[key], **weights),
+                                                               fold.test.image_ids))
+    return {"top1": {name: float(np.mean([(r == 1).mean() for r in rs])) for name, rs in ranks.items()},
+            "mrr": {name: float(np.mean([(1 / r).mean() for r in rs])) for name, rs in ranks.items()}}
 
 
 def select_setting(inner: dict, settings: list[dict]) -> dict:
-    """The setting with the best inner-CV top-1 (``inner_cv_top1``); a tie goes to the first in
-    grid order (less weight on the linear parts first)."""
+    """The setting with the best inner-CV score (``inner_cv_scores``' "mrr" for nested selection:
+    unlike top-1 it tells a near miss from a far one, so ~100 inner trials separate settings
+    that top-1 ties); a tie goes to the first in grid order (less weight on the linear parts
+    first)."""
     best = max(inner.values())
     return next(c for c in settings if inner[setting_name(c)] >= best - 1e-12)
 

@@ -49,7 +49,7 @@ from miyawaki_dataset_loader import (GRID, IMAGE_SIDE, METRICS, RIDGE_ALPHAS, Fo
                                      score_reconstructions, script_parser, splits, topk_accuracy,
                                      upsample_grid, write_summary)
 from miyawaki_dual_encoder import (CHECKPOINT_NAME, MAX_LINEAR_WEIGHT, SCORE_GRID, DualEncoderConfig,
-                                   EncodingReadout, MiyawakiDualEncoder, OracleWarning, inner_cv_top1,
+                                   EncodingReadout, MiyawakiDualEncoder, OracleWarning, inner_cv_scores,
                                    load_for_s1, score_settings, select_setting, setting_name,
                                    train_dual_encoder, train_dual_encoders, with_setting)
 
@@ -734,7 +734,8 @@ def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool, device: to
     gallery holds the fold's first test trial as ``1 x 28 x 28`` images (true, ridge, decoders of
     the first seed, nearest training image) and each one's PixCorr with the true image; with
     ``--nested``, nested holds the fold's score setting chosen by inner CV (first seed, the grid
-    of ``score_settings``) and the inner top-1 of every setting; else they are empty."""
+    of ``score_settings``, by inner MRR) and the inner MRR and top-1 of every setting; else they
+    are empty."""
     index, name, train_idx, test_idx = job
     fold = data.fold(train_idx, test_idx, name)
     base, base_secs = evaluate_baselines(fold, pool)
@@ -746,9 +747,10 @@ def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool, device: to
     if cfg.nested:        # the score's settings by inner CV on this fold's training trials only
         t = time.perf_counter()
         settings = score_settings()
-        inner = inner_cv_top1(data, fold.train_idx, de_cfgs[0], nested_scheme(cfg.protocol),
-                              settings, device)
-        nested = {"fold": name, "setting": select_setting(inner, settings), "inner_top1": inner,
+        inner = inner_cv_scores(data, fold.train_idx, de_cfgs[0], nested_scheme(cfg.protocol),
+                                settings, device)
+        nested = {"fold": name, "setting": select_setting(inner["mrr"], settings),
+                  "inner_mrr": inner["mrr"], "inner_top1": inner["top1"],
                   "seconds": time.perf_counter() - t}
     batched = {}
     if batched_seed_fits(cfg, device):             # all seeds' dual encoders as one vmapped fit
@@ -908,8 +910,8 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
         **({"nested": {"grid": {k: list(v) for k, v in SCORE_GRID.items()},
                        "max_linear_weight": MAX_LINEAR_WEIGHT,
                        "inner_scheme": nested_scheme(cfg.protocol), "inner_seed": cfg.seeds[0],
-                       "rule": "highest mean inner top-1; a tie goes to the first setting in "
-                               "grid order",
+                       "rule": "highest mean inner reciprocal rank of the true image (MRR); "
+                               "a tie goes to the first setting in grid order",
                        "per_fold": nested}} if nested else {}),
         "seconds": seconds,
         "dual_encoder_seconds_per_fit": seconds["dual_encoder"] / (len(folds) * len(cfg.seeds)),

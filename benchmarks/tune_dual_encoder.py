@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from miyawaki_dataset_loader import DEFAULT_OUT, resolve_data, resolve_device, run_cli, save_json  # noqa: E402
-from miyawaki_dual_encoder import (DualEncoderConfig, config_from_dict, inner_cv_top1,  # noqa: E402
+from miyawaki_dual_encoder import (DualEncoderConfig, config_from_dict, inner_cv_scores,  # noqa: E402
                                    score_settings)
 
 
@@ -36,11 +36,13 @@ def parse_overrides(spec: str) -> dict:
 
 
 def score(data, cfg: DualEncoderConfig, scheme: str, seeds: list[int], settings, device) -> dict:
-    """Inner-CV top-1 on the S1 training trials, mean over folds and seeds -> {setting name: top-1}."""
+    """Inner-CV identification on the S1 training trials, mean over folds and seeds ->
+    {"top1" | "mrr": {setting name: value}}."""
     train_idx = data.s1().train_idx
-    runs = [inner_cv_top1(data, train_idx, replace(cfg, seed=seed), scheme, settings, device)
+    runs = [inner_cv_scores(data, train_idx, replace(cfg, seed=seed), scheme, settings, device)
             for seed in seeds]
-    return {name: float(np.mean([r[name] for r in runs])) for name in runs[0]}
+    return {m: {name: float(np.mean([r[m][name] for r in runs])) for name in runs[0][m]}
+            for m in ("top1", "mrr")}
 
 
 def tuning_parser(doc: str, what: str) -> argparse.ArgumentParser:
@@ -72,10 +74,13 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         key = spec or "default"
         results[key] = {s: score(data, cfg, s, args.seeds, settings, device) for s in args.schemes}
-        for name in results[key][args.schemes[0]]:
-            values = [results[key][s][name] for s in args.schemes]
-            print(f"{key:20s} {name:60s} " + " ".join(f"{s} {v:.3f}" for s, v in zip(args.schemes, values))
-                  + f" mean {np.mean(values):.3f}", flush=True)
+        for name in results[key][args.schemes[0]]["top1"]:
+            line = []
+            for m in ("top1", "mrr"):
+                values = [results[key][s][m][name] for s in args.schemes]
+                line.append(f"{m} " + " ".join(f"{s} {v:.3f}" for s, v in zip(args.schemes, values))
+                            + f" mean {np.mean(values):.3f}")
+            print(f"{key:20s} {name:60s} " + " | ".join(line), flush=True)
         print(f"{key}: {time.perf_counter() - t0:.0f} s", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_json({"data": data.source, "seeds": args.seeds, "device": str(device), "results": results},
