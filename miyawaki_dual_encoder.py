@@ -749,10 +749,8 @@ def inner_cv_scores(data: MiyawakiData, train_idx: np.ndarray, config: DualEncod
 
 
 def select_setting(inner: dict, settings: list[dict]) -> dict:
-    """The setting with the best inner-CV score (``inner_cv_scores``' "mrr" for nested selection:
-    unlike top-1 it tells a near miss from a far one, so ~100 inner trials separate settings
-    that top-1 ties); a tie goes to the first in grid order (less weight on the linear parts
-    first)."""
+    """The setting with the best inner-CV score (``inner_cv_scores``' "top1" for nested
+    selection); a tie goes to the first in grid order (less weight on the linear parts first)."""
     best = max(inner.values())
     return next(c for c in settings if inner[setting_name(c)] >= best - 1e-12)
 

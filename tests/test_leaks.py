@@ -165,7 +165,7 @@ def test_benchmark_rows_do_not_depend_on_the_test_images(protocol):
 
 
 def test_nested_selection_reads_training_trials_only():
-    """The score setting chosen inside an S3 fold, and the inner top-1 behind the choice, stay
+    """The score setting chosen inside an S3 fold, and the inner scores behind the choice, stay
     the same when the fold's test trials get other fMRI and other images: nested selection reads
     the fold's training trials only. (S3 only: the S2 path differs in its inner folds alone.)"""
     data, protocol = make_simulated_dataset(), "s3"
@@ -179,7 +179,8 @@ def test_nested_selection_reads_training_trials_only():
         E.benchmark_fold(cfg, d, pool(d), torch.device("cpu"), (3, *splits(protocol, d)[3]))
         for d in (data, changed))
     assert "dual_encoder_nested" in {method for method, _, _ in rows}
-    assert set(nested["inner_top1"]) == {D.setting_name(c) for c in D.score_settings()}
+    names = {D.setting_name(c) for c in D.score_settings()}
+    assert set(nested["inner_top1"]) == set(nested["inner_mrr"]) == names
     assert {k: v for k, v in nested.items() if k != "seconds"} == \
         {k: v for k, v in nested_b.items() if k != "seconds"}
 
