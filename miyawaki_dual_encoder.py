@@ -42,7 +42,7 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, Ch
                                      resolve_device, run_cli, save_checkpoint, save_figure, save_json,
                                      script_parser, seed_everything, evaluating, write_summary,
                                      chance_levels, identification_scores, pearson_matrix,
-                                     pearson_rows)
+                                     pearson_rows, topk_accuracy)
 
 CHECKPOINT_NAME = "miyawaki_dual_encoder.pth"
 SCRIPT = "miyawaki_dual_encoder.py"
@@ -744,7 +744,7 @@ def inner_cv_scores(data: MiyawakiData, train_idx: np.ndarray, config: DualEncod
             weights = {k: c.get(k, getattr(config, k)) for k in ("readout_weight", "encoding_weight")}
             ranks[setting_name(c)].append(identification_ranks(fused_scores(parts[key], **weights),
                                                                fold.test.image_ids))
-    return {"top1": {name: float(np.mean([(r == 1).mean() for r in rs])) for name, rs in ranks.items()},
+    return {"top1": {name: float(np.mean([topk_accuracy(r, 1) for r in rs])) for name, rs in ranks.items()},
             "mrr": {name: float(np.mean([(1 / r).mean() for r in rs])) for name, rs in ranks.items()}}
 
 
