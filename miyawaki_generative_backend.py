@@ -59,7 +59,7 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
-from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, CheckpointError, Fold,
+from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, GRID, IMAGE_SIDE, N_PIXELS, CheckpointError, Fold,
                                      FromCheckpointHint, MeanImageBaseline, condition_name,
                                      identification_scores, ScriptOptions,
                                      Trials, add_config_args, check_finite, check_options,
@@ -97,6 +97,7 @@ def cosine_beta_schedule(num_train_timesteps: int, s: float = 0.008,
 
 BETA_SCHEDULES = {"linear": linear_beta_schedule, "cosine": cosine_beta_schedule}
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PRIOR_CONDITIONS = ("image", "synthetic", "null")
 SAMPLERS = ("ddim", "ddpm")
 
 
@@ -169,19 +170,34 @@ def nearest_image_similarity(readouts: np.ndarray, images: np.ndarray) -> np.nda
     return identification_scores(readouts, images).max(1)
 
 
-def out_of_fold_readouts(train: Trials, alpha: float, n_folds: int) -> np.ndarray:
-    """Read-outs ``N x 1 x 28 x 28`` of training trials, each by a ridge (``alpha``) fitted on the
-    trials of *other images* only (``min(n_folds, images)`` folds grouped by image id), so that the
-    decoders learn from anchors that look like the anchor of a never-seen test image."""
+def out_of_fold_ridge(inputs: np.ndarray, targets: np.ndarray, groups: np.ndarray, alpha: float,
+                      n_folds: int) -> np.ndarray:
+    """Ridge (``alpha``) predictions ``N x T`` of ``targets`` from ``inputs`` (``N x ...``), each
+    row by a ridge fitted on the rows of *other groups* only (``min(n_folds, groups)`` folds)."""
     from sklearn.linear_model import Ridge  # imported here, as in the loader: ~60 MiB
     from sklearn.model_selection import GroupKFold
-    ids = train.image_ids
-    n_splits = min(n_folds, len(np.unique(ids)))
-    flat = train.images.reshape(len(train), -1).astype(np.float64)
-    out = np.zeros_like(flat)
-    for tr, va in GroupKFold(n_splits).split(train.fmri, groups=ids):
-        out[va] = Ridge(alpha=alpha).fit(train.fmri[tr], flat[tr]).predict(train.fmri[va])
+    x = np.asarray(inputs, np.float64).reshape(len(inputs), -1)
+    y = np.asarray(targets, np.float64).reshape(len(targets), -1)
+    out = np.zeros_like(y)
+    for tr, va in GroupKFold(min(n_folds, len(np.unique(groups)))).split(x, groups=groups):
+        out[va] = Ridge(alpha=alpha).fit(x[tr], y[tr]).predict(x[va])
+    return out
+
+
+def out_of_fold_readouts(train: Trials, alpha: float, n_folds: int) -> np.ndarray:
+    """Read-outs ``N x 1 x 28 x 28`` of training trials, each by a ridge (``alpha``) fitted on the
+    trials of *other images* only (image-grouped ``out_of_fold_ridge``), so that the decoders
+    learn from anchors that look like the anchor of a never-seen test image."""
+    out = out_of_fold_ridge(train.fmri, train.images, train.image_ids, alpha, n_folds)
     return out.reshape(train.images.shape).astype(np.float32)
+
+
+def out_of_fold_residuals(train: Trials, alpha: float, n_folds: int) -> np.ndarray:
+    """What a linear encoding model (ridge images -> fMRI, ``alpha``) misses on a new image: the
+    training trials' fMRI ``N x V`` minus its prediction by an encoding model fitted on the trials
+    of other images only (image-grouped ``out_of_fold_ridge``); trial noise included."""
+    pred = out_of_fold_ridge(train.images, train.fmri, train.image_ids, alpha, n_folds)
+    return (np.asarray(train.fmri, np.float64) - pred).astype(np.float32)
 
 
 def fit_novelty_gate(train: Trials, alpha: float, unseen: np.ndarray,
@@ -732,11 +748,17 @@ class GenerativeConfig(ScriptOptions):
     augment_mix: float = field(default=0.5, metadata={"min": 0, "max": 1,
         "help": "share of the prior samples that also get a random box pasted from a second "
                 "transformed pair (cut-and-paste recombination of figures)"})
-    prior_condition: str = field(default="image", metadata={"choices": ("image", "null"),
+    prior_condition: str = field(default="image", metadata={"choices": PRIOR_CONDITIONS,
         "help": "condition of the prior's samples: the frozen encoder's encode_image of the new "
-                "image, or the null condition"})
+                "image; synthetic fMRI (the encoder's encoding model's prediction for the new image "
+                "plus a training trial's out-of-fold residual) through encode_fmri, with its "
+                "read-out as the anchor; or the null condition"})
     augment_shift: int = field(default=3, metadata={"min": 0,
         "help": "shift of the augmentations in pixels (3 = one cell of the 10 x 10 grid)"})
+    prior_random: float = field(default=0.0, metadata={"min": 0, "max": 1,
+        "help": "share of the prior samples replaced by random 10 x 10 binary grid patterns (as in "
+                "Miyawaki's random-image session; density uniform in [0.2, 0.6]); needs "
+                "--prior-condition synthetic, which gives them a condition and an anchor"})
     prior_size: int = field(default=4096, metadata={"min": 1,
         "help": "image-prior samples made (and encoded) once per fit, drawn from at every step"})
     init_strength: float = field(default=0.15, metadata={"above": 0, "max": 1,
@@ -866,6 +888,9 @@ def image_prior(images: torch.Tensor, anchor: torch.Tensor | None, config: Gener
         new_images = new_images + box * (paste_images - new_images)
         if new_anchor is not None:
             new_anchor = new_anchor + box * (paste_anchor - new_anchor)
+    if config.prior_random > 0:
+        grid = random_grids(n, generator, device)
+        new_images = torch.where(_rand((n, 1, 1, 1), generator, device) < config.prior_random, grid, new_images)
     keep = torch.ones(n, dtype=torch.bool, device=device)
     if exclude is not None and len(exclude):
         keep = ~((new_images.flatten(1) > 0.5)[:, None] == exclude[None]).all(-1).any(1)
@@ -876,6 +901,15 @@ def image_prior(images: torch.Tensor, anchor: torch.Tensor | None, config: Gener
     else:                                   # training_set calls this under evaluating(encoder)
         cond = torch.cat([encode_image(chunk) for chunk in new_images.split(256)])
     return new_images, cond, new_anchor, int((~keep).sum())
+
+
+def random_grids(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """``n`` random binary 10 x 10 grid patterns rendered like the stimuli (``upsample_grid``:
+    cells 3 x 3 px, 1 px cropped per edge), each with a density uniform in [0.2, 0.6] -> ``n x 1
+    x 28 x 28``."""
+    density = 0.2 + 0.4 * _rand((n, 1, 1), generator, device)
+    cells = (_rand((n, GRID, GRID), generator, device) < density).float()
+    return cells.repeat_interleave(3, 1).repeat_interleave(3, 2)[:, None, 1:29, 1:29]
 
 
 def _progress(desc: str, total: int, progress: bool):
@@ -988,7 +1022,24 @@ def training_set(encoder: nn.Module, train: Trials, config: GenerativeConfig,
         with evaluating(encoder):
             data.prior_images, data.prior_cond, data.prior_anchor, data.rejected = image_prior(
                 data.images, data.anchor, config, gen, banned, encode, cond_fmri.shape[1])
+            if config.prior_condition == "synthetic":
+                residuals = out_of_fold_residuals(train, encoder.config.encoding_alpha, config.anchor_folds)
+                fmri = synthetic_fmri(encoder.encoding, data.prior_images,
+                                      torch.as_tensor(residuals, device=device), gen)
+                data.prior_cond = torch.cat([encoder.encode_fmri(chunk) for chunk in fmri.split(256)])
+                if data.readout is not None:
+                    data.prior_anchor = data.readout(fmri)
     return data
+
+
+def synthetic_fmri(encoding: nn.Module, images: torch.Tensor, residuals: torch.Tensor,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Synthetic z-scored fMRI ``P x V`` for images ``P x 1 x 28 x 28`` that no trial showed: the
+    encoding model's prediction (``EncodingReadout``, all voxels) plus the residual ``N x V`` of a
+    random training trial (``out_of_fold_residuals``: the error of that model on a new image)."""
+    pick = torch.randint(len(residuals), (len(images),), generator=generator,
+                         device=_gen_device(generator, images.device)).to(images.device)
+    return encoding(images) + residuals[pick]
 
 
 def train_generative(encoder: nn.Module, fold_train: Trials, config: GenerativeConfig,

@@ -30,9 +30,14 @@ from miyawaki_dual_encoder import (DualEncoderConfig, config_from_dict, inner_cv
 
 
 def parse_overrides(spec: str) -> dict:
-    """``"a=1,b=False"`` -> {"a": 1, "b": False} (JSON values, Python's True/False accepted)."""
-    pairs = (kv.split("=", 1) for kv in spec.split(",") if kv)
-    return {k: json.loads(v.replace("True", "true").replace("False", "false")) for k, v in pairs}
+    """``"a=1,b=False,c=name"`` -> {"a": 1, "b": False, "c": "name"} (JSON values, Python's
+    True/False accepted, anything else a string)."""
+    def value(v: str):
+        try:
+            return json.loads(v.replace("True", "true").replace("False", "false"))
+        except json.JSONDecodeError:
+            return v
+    return {k: value(v) for k, v in (kv.split("=", 1) for kv in spec.split(",") if kv)}
 
 
 def score(data, cfg: DualEncoderConfig, scheme: str, seeds: list[int], settings, device) -> dict:
