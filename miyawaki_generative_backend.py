@@ -15,7 +15,8 @@ the true test image (``encoder.encode_image``) appear only under the ``oracle`` 
 For images never seen in training (S3) both decoders also take a *low-level anchor*, the ridge
 read-out of the image from the same fMRI (out-of-fold for the training trials), learn from an
 *image prior* of rotated / reflected / shifted / cut-and-pasted (anchor, image) pairs conditioned
-through the frozen ``encode_image`` (never equal to a fold's unseen test image), start DDIM from
+through the frozen ``encode_image`` or through synthetic fMRI (the encoding model's prediction
+plus a training residual; never equal to a fold's unseen test image), start DDIM from
 the noised anchor and blend their output with it; ``benchmarks/tune_decoders.py`` chose these
 settings by inner CV on the S1 training trials (README, "Decoders").
 
@@ -59,7 +60,7 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
-from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, GRID, IMAGE_SIDE, N_PIXELS, CheckpointError, Fold,
+from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, CheckpointError, Fold,
                                      FromCheckpointHint, MeanImageBaseline, condition_name,
                                      identification_scores, ScriptOptions,
                                      Trials, add_config_args, check_finite, check_options,
@@ -748,24 +749,20 @@ class GenerativeConfig(ScriptOptions):
     augment_mix: float = field(default=0.5, metadata={"min": 0, "max": 1,
         "help": "share of the prior samples that also get a random box pasted from a second "
                 "transformed pair (cut-and-paste recombination of figures)"})
-    prior_condition: str = field(default="image", metadata={"choices": PRIOR_CONDITIONS,
+    prior_condition: str = field(default="synthetic", metadata={"choices": PRIOR_CONDITIONS,
         "help": "condition of the prior's samples: the frozen encoder's encode_image of the new "
                 "image; synthetic fMRI (the encoder's encoding model's prediction for the new image "
                 "plus a training trial's out-of-fold residual) through encode_fmri, with its "
                 "read-out as the anchor; or the null condition"})
     augment_shift: int = field(default=3, metadata={"min": 0,
         "help": "shift of the augmentations in pixels (3 = one cell of the 10 x 10 grid)"})
-    prior_random: float = field(default=0.0, metadata={"min": 0, "max": 1,
-        "help": "share of the prior samples replaced by random 10 x 10 binary grid patterns (as in "
-                "Miyawaki's random-image session; density uniform in [0.2, 0.6]); needs "
-                "--prior-condition synthetic, which gives them a condition and an anchor"})
     prior_size: int = field(default=4096, metadata={"min": 1,
         "help": "image-prior samples made (and encoded) once per fit, drawn from at every step"})
     init_strength: float = field(default=0.15, metadata={"above": 0, "max": 1,
         "help": "DDIM starts from the anchor noised to this fraction of T (1 = from pure noise)"})
     anchor_blend: float = field(default=0.5, metadata={"min": 0, "max": 1,
         "help": "final image = (1 - b) sample + b clipped anchor"})
-    likelihood_weight: float = field(default=1.0, metadata={"min": 0,
+    likelihood_weight: float = field(default=2.0, metadata={"min": 0,
         "help": "weight of the data-consistency step towards the test fMRI under the frozen "
                 "encoder's encoding model (images -> voxels), at every DDIM step but the last and "
                 "once on the GAN's output, scaled by the novelty gate of an anchored decoder "
@@ -867,7 +864,8 @@ def image_prior(images: torch.Tensor, anchor: torch.Tensor | None, config: Gener
     pair pasted into both (V1, and so the read-out, is retinotopic: a part of the image maps to
     that part of the anchor). No fMRI exists for them, so their condition is the frozen encoder's
     ``encode_image`` of the new image (``prior_condition="image"``), computed once here, or the
-    null condition (zeros ``P x cond_dim``). A sample equal to an image of ``exclude`` ``E x 784``
+    null condition (zeros ``P x cond_dim``; also what ``training_set`` replaces with synthetic
+    fMRI's conditions and anchors for ``prior_condition="synthetic"``). A sample equal to an image of ``exclude`` ``E x 784``
     (bool) after binarising is dropped (P = prior_size - rejected)."""
     device, n = images.device, config.prior_size
     index, mask = (t.to(device) for t in augmentation_ops(config.augment_shift))
@@ -888,9 +886,6 @@ def image_prior(images: torch.Tensor, anchor: torch.Tensor | None, config: Gener
         new_images = new_images + box * (paste_images - new_images)
         if new_anchor is not None:
             new_anchor = new_anchor + box * (paste_anchor - new_anchor)
-    if config.prior_random > 0:
-        grid = random_grids(n, generator, device)
-        new_images = torch.where(_rand((n, 1, 1, 1), generator, device) < config.prior_random, grid, new_images)
     keep = torch.ones(n, dtype=torch.bool, device=device)
     if exclude is not None and len(exclude):
         keep = ~((new_images.flatten(1) > 0.5)[:, None] == exclude[None]).all(-1).any(1)
@@ -901,15 +896,6 @@ def image_prior(images: torch.Tensor, anchor: torch.Tensor | None, config: Gener
     else:                                   # training_set calls this under evaluating(encoder)
         cond = torch.cat([encode_image(chunk) for chunk in new_images.split(256)])
     return new_images, cond, new_anchor, int((~keep).sum())
-
-
-def random_grids(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """``n`` random binary 10 x 10 grid patterns rendered like the stimuli (``upsample_grid``:
-    cells 3 x 3 px, 1 px cropped per edge), each with a density uniform in [0.2, 0.6] -> ``n x 1
-    x 28 x 28``."""
-    density = 0.2 + 0.4 * _rand((n, 1, 1), generator, device)
-    cells = (_rand((n, GRID, GRID), generator, device) < density).float()
-    return cells.repeat_interleave(3, 1).repeat_interleave(3, 2)[:, None, 1:29, 1:29]
 
 
 def _progress(desc: str, total: int, progress: bool):
@@ -1005,7 +991,8 @@ def training_set(encoder: nn.Module, train: Trials, config: GenerativeConfig,
     """The decoders' training set for one fold's training trials (fMRI z-scored): frozen
     embeddings; with ``config.anchor`` the ridge read-out fitted on all of them and out-of-fold
     anchors; with ``config.augment_prob`` the image prior (``image_prior``), which never holds an
-    image of ``exclude`` (``E x 1 x 28 x 28``)."""
+    image of ``exclude`` (``E x 1 x 28 x 28``); with ``prior_condition="synthetic"`` its samples'
+    conditions and anchors come from their synthetic fMRI (``synthetic_fmri``)."""
     cond_fmri, cond_image = embed_trials(encoder, train.fmri, train.images, device)
     data = DecoderTrainingSet(torch.as_tensor(train.images, device=device), cond_fmri, cond_image)
     if config.anchor:

@@ -19,7 +19,8 @@ TINY = G.GenerativeConfig(diffusion_steps=150, gan_steps=100, log_every=50, n_sa
 SMALL = dict(correlation_dim=16, hidden_dim=64, time_dim=16)   # a fast model for unit tests
 RANDOM_SESSION = G.GenerativeConfig(diffusion_steps=150, gan_steps=1, n_sample_grids=0)
 RANDOM_SESSION_ENCODER = replace(FAST_ENCODER, epochs=10)    # 440 trials: 10 epochs suffice
-# measured gaps: +0.047 (data seed 0), +0.032 (seed 1); without the likelihood step +0.006 / +0.013
+# measured gaps: +0.059 (data seed 0), +0.032 (seed 1); without the likelihood step +0.026 / +0.028;
+# with image-side prior conditions and without the step (two releases ago) +0.006 / +0.013
 RANDOM_SESSION_MARGIN = 0.02
 
 
@@ -339,6 +340,41 @@ def test_out_of_fold_anchor_of_a_trial_ignores_its_image_s_other_trials(sim):
     b = G.out_of_fold_readouts(replace(train, fmri=fmri), alpha, 10)
     np.testing.assert_allclose(a[0], b[0], atol=1e-6)
     assert not np.allclose(a, b, atol=1e-3)                  # other trials' anchors did change
+
+
+def test_out_of_fold_residual_of_a_trial_ignores_its_image_s_other_trials(sim):
+    """The synthetic-fMRI prior's residuals come from an encoding model fitted on other images'
+    trials only: changing the other trials of a trial's image leaves its residual unchanged, and
+    each residual is the trial's fMRI minus that model's prediction for its image."""
+    train = sim.s1().train
+    a = G.out_of_fold_residuals(train, 30.0, 10)
+    k = train.image_ids[0]
+    rows = np.where(train.image_ids == k)[0][1:]
+    fmri = train.fmri.copy()
+    fmri[rows] = np.random.default_rng(0).standard_normal(fmri[rows].shape)
+    b = G.out_of_fold_residuals(replace(train, fmri=fmri), 30.0, 10)
+    np.testing.assert_allclose(a[0], b[0], atol=1e-5)
+    np.testing.assert_allclose(a[rows[0]] - b[rows[0]], train.fmri[rows[0]] - fmri[rows[0]], atol=1e-5)
+
+
+def test_synthetic_prior_conditions_come_from_the_encoding_model(sim):
+    """prior_condition="synthetic": each prior sample's fMRI is the encoding model's prediction
+    for its image plus one training trial's out-of-fold residual; its anchor is the read-out of
+    that fMRI and its condition encode_fmri of it (the same images as with image conditions)."""
+    train = sim.s1().train
+    enc, _ = D.train_dual_encoder(train, D.DualEncoderConfig(epochs=2, val_fraction=0.0),
+                                  torch.device("cpu"), progress=False)
+    cfg = replace(TINY, augment_prob=0.5, prior_size=32, prior_condition="synthetic")
+    data = G.training_set(enc, train, cfg, torch.device("cpu"))
+    residuals = torch.as_tensor(G.out_of_fold_residuals(train, enc.config.encoding_alpha, cfg.anchor_folds))
+    with L.evaluating(enc):
+        for p, predicted in enumerate(enc.encoding(data.prior_images)):
+            fmri = predicted + residuals                      # the sample's fMRI with every residual
+            err = ((enc.encode_fmri(fmri) - data.prior_cond[p]).abs().amax(1)
+                   + (data.readout(fmri) - data.prior_anchor[p]).flatten(1).abs().amax(1))
+            assert err.min() < 1e-4, p
+    image = G.training_set(enc, train, replace(cfg, prior_condition="image"), torch.device("cpu"))
+    assert torch.equal(image.prior_images, data.prior_images)
 
 
 def test_anchored_decoders_round_trip_and_need_their_anchor(tmp_path, sim):
