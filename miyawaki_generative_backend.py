@@ -865,8 +865,9 @@ def image_prior(images: torch.Tensor, anchor: torch.Tensor | None, config: Gener
     that part of the anchor). No fMRI exists for them, so their condition is the frozen encoder's
     ``encode_image`` of the new image (``prior_condition="image"``), computed once here, or the
     null condition (zeros ``P x cond_dim``; also what ``training_set`` replaces with synthetic
-    fMRI's conditions and anchors for ``prior_condition="synthetic"``). A sample equal to an image of ``exclude`` ``E x 784``
-    (bool) after binarising is dropped (P = prior_size - rejected)."""
+    fMRI's conditions and anchors for ``prior_condition="synthetic"``). A sample equal to an
+    image of ``exclude`` ``E x 784`` (bool) after binarising is dropped (P = prior_size -
+    rejected)."""
     device, n = images.device, config.prior_size
     index, mask = (t.to(device) for t in augmentation_ops(config.augment_shift))
 
