@@ -742,7 +742,8 @@ class GenerativeConfig(ScriptOptions):
         "help": "condition both decoders on the ridge read-out of the image as well (low-level "
                 "anchor; fitted on the training trials, out-of-fold for them)"})
     anchor_folds: int = field(default=10, metadata={"min": 2,
-        "help": "image-grouped folds for the training trials' out-of-fold anchors"})
+        "help": "image-grouped folds for the training trials' out-of-fold anchors (and the "
+                "synthetic-fMRI prior's out-of-fold residuals)"})
     augment_prob: float = field(default=0.5, metadata={"min": 0, "below": 1,
         "help": "share of training samples replaced by samples of the image prior (rotated / "
                 "reflected / shifted and recombined copies of training (anchor, image) pairs)"})
@@ -853,6 +854,14 @@ class DecoderTrainingSet:
         return images, cond, anchor
 
 
+def encode_in_chunks(encode: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
+                     chunk: int = 256) -> torch.Tensor:
+    """``encode`` (a frozen encoder's ``encode_image`` / ``encode_fmri``) of ``inputs`` ``P x ...``
+    -> ``P x D``, ``chunk`` rows at a time (the prior's thousands of samples at once would cost
+    peak memory)."""
+    return torch.cat([encode(part) for part in inputs.split(chunk)])
+
+
 def image_prior(images: torch.Tensor, anchor: torch.Tensor | None, config: GenerativeConfig,
                 generator: torch.Generator, exclude: torch.Tensor | None = None,
                 encode_image: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -895,7 +904,7 @@ def image_prior(images: torch.Tensor, anchor: torch.Tensor | None, config: Gener
     if encode_image is None:
         cond = torch.zeros(len(new_images), cond_dim, device=device)
     else:                                   # training_set calls this under evaluating(encoder)
-        cond = torch.cat([encode_image(chunk) for chunk in new_images.split(256)])
+        cond = encode_in_chunks(encode_image, new_images)
     return new_images, cond, new_anchor, int((~keep).sum())
 
 
@@ -1014,7 +1023,7 @@ def training_set(encoder: nn.Module, train: Trials, config: GenerativeConfig,
                 residuals = out_of_fold_residuals(train, encoder.config.encoding_alpha, config.anchor_folds)
                 fmri = synthetic_fmri(encoder.encoding, data.prior_images,
                                       torch.as_tensor(residuals, device=device), gen)
-                data.prior_cond = torch.cat([encoder.encode_fmri(chunk) for chunk in fmri.split(256)])
+                data.prior_cond = encode_in_chunks(encoder.encode_fmri, fmri)
                 if data.readout is not None:
                     data.prior_anchor = data.readout(fmri)
     return data
