@@ -29,7 +29,7 @@ Choices, each measured:
   (x_0, already after 250 steps).
 * Train-time conditions are the fMRI-side embeddings of the training trials
   (``fmri_condition_prob=1``), chosen on training data only: decoders fitted on the other
-  training trials and scored on the 11 the dual encoder holds out for validation (3 seeds) gave
+  training trials and scored on the 11 the dual encoder then held out for validation (3 seeds) gave
   diffusion PixCorr / MSE 0.9946 / 0.0028 with image-side embeddings, 0.9969 / 0.0016 with a
   50/50 mix, 0.9970 / 0.0015 with fMRI-side ones (GAN: 0.998 / 0.001 for all three).
 * ``guidance_scale=2`` on the same validation: PixCorr 0.9976 vs 0.9970 at 1 and 0.9915 at 4.
