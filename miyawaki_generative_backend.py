@@ -996,6 +996,16 @@ def train_gan(data: DecoderTrainingSet, config: GenerativeConfig,
     return model.eval(), history
 
 
+def synthetic_fmri(encoding: nn.Module, images: torch.Tensor, residuals: torch.Tensor,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Synthetic z-scored fMRI ``P x V`` for images ``P x 1 x 28 x 28`` that no trial showed: the
+    encoding model's prediction (``EncodingReadout``, all voxels) plus the residual ``N x V`` of a
+    random training trial (``out_of_fold_residuals``: the error of that model on a new image)."""
+    pick = torch.randint(len(residuals), (len(images),), generator=generator,
+                         device=_gen_device(generator, images.device)).to(images.device)
+    return encoding(images) + residuals[pick]
+
+
 def training_set(encoder: nn.Module, train: Trials, config: GenerativeConfig,
                  device: torch.device, exclude: np.ndarray | None = None) -> DecoderTrainingSet:
     """The decoders' training set for one fold's training trials (fMRI z-scored): frozen
@@ -1027,16 +1037,6 @@ def training_set(encoder: nn.Module, train: Trials, config: GenerativeConfig,
                 if data.readout is not None:
                     data.prior_anchor = data.readout(fmri)
     return data
-
-
-def synthetic_fmri(encoding: nn.Module, images: torch.Tensor, residuals: torch.Tensor,
-                   generator: torch.Generator) -> torch.Tensor:
-    """Synthetic z-scored fMRI ``P x V`` for images ``P x 1 x 28 x 28`` that no trial showed: the
-    encoding model's prediction (``EncodingReadout``, all voxels) plus the residual ``N x V`` of a
-    random training trial (``out_of_fold_residuals``: the error of that model on a new image)."""
-    pick = torch.randint(len(residuals), (len(images),), generator=generator,
-                         device=_gen_device(generator, images.device)).to(images.device)
-    return encoding(images) + residuals[pick]
 
 
 def train_generative(encoder: nn.Module, fold_train: Trials, config: GenerativeConfig,
