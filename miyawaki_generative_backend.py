@@ -863,20 +863,15 @@ def encode_in_chunks(encode: Callable[[torch.Tensor], torch.Tensor], inputs: tor
 
 
 def image_prior(images: torch.Tensor, anchor: torch.Tensor | None, config: GenerativeConfig,
-                generator: torch.Generator, exclude: torch.Tensor | None = None,
-                encode_image: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                cond_dim: int = 0):
-    """The image prior: ``config.prior_size`` new images made from training (image, anchor) pairs
-    ``N x 1 x 28 x 28`` -> (images ``P x 1 x 28 x 28``, conditions ``P x D``, anchors or None,
-    rejected). Each is a random rotation / reflection / shift (``augmentation_ops``) of a pair,
-    applied to both, and with probability ``augment_mix`` a random box of a second transformed
-    pair pasted into both (V1, and so the read-out, is retinotopic: a part of the image maps to
-    that part of the anchor). No fMRI exists for them, so their condition is the frozen encoder's
-    ``encode_image`` of the new image (``prior_condition="image"``), computed once here, or the
-    null condition (zeros ``P x cond_dim``; also what ``training_set`` replaces with synthetic
-    fMRI's conditions and anchors for ``prior_condition="synthetic"``). A sample equal to an
-    image of ``exclude`` ``E x 784`` (bool) after binarising is dropped (P = prior_size -
-    rejected)."""
+                generator: torch.Generator, exclude: torch.Tensor | None = None):
+    """The image prior's images: ``config.prior_size`` new images made from training (image,
+    anchor) pairs ``N x 1 x 28 x 28`` (anchor None: images alone) -> (images ``P x 1 x 28 x 28``,
+    their anchors or None, rejected). Each is a random rotation / reflection / shift
+    (``augmentation_ops``) of a pair, applied to both, and with probability ``augment_mix`` a
+    random box of a second transformed pair pasted into both (V1, and so the read-out, is
+    retinotopic: a part of the image maps to that part of the anchor). A sample equal to an image
+    of ``exclude`` ``E x 784`` (bool) after binarising is dropped (P = prior_size - rejected).
+    No trial showed them: ``training_set`` gives them their conditions (``prior_condition``)."""
     device, n = images.device, config.prior_size
     index, mask = (t.to(device) for t in augmentation_ops(config.augment_shift))
 
@@ -899,13 +894,7 @@ def image_prior(images: torch.Tensor, anchor: torch.Tensor | None, config: Gener
     keep = torch.ones(n, dtype=torch.bool, device=device)
     if exclude is not None and len(exclude):
         keep = ~((new_images.flatten(1) > 0.5)[:, None] == exclude[None]).all(-1).any(1)
-    new_images = new_images[keep]
-    new_anchor = None if new_anchor is None else new_anchor[keep]
-    if encode_image is None:
-        cond = torch.zeros(len(new_images), cond_dim, device=device)
-    else:                                   # training_set calls this under evaluating(encoder)
-        cond = encode_in_chunks(encode_image, new_images)
-    return new_images, cond, new_anchor, int((~keep).sum())
+    return new_images[keep], None if new_anchor is None else new_anchor[keep], int((~keep).sum())
 
 
 def _progress(desc: str, total: int, progress: bool):
@@ -1011,8 +1000,10 @@ def training_set(encoder: nn.Module, train: Trials, config: GenerativeConfig,
     """The decoders' training set for one fold's training trials (fMRI z-scored): frozen
     embeddings; with ``config.anchor`` the ridge read-out fitted on all of them and out-of-fold
     anchors; with ``config.augment_prob`` the image prior (``image_prior``), which never holds an
-    image of ``exclude`` (``E x 1 x 28 x 28``); with ``prior_condition="synthetic"`` its samples'
-    conditions and anchors come from their synthetic fMRI (``synthetic_fmri``)."""
+    image of ``exclude`` (``E x 1 x 28 x 28``), and its samples' conditions (``prior_condition``):
+    ``encode_fmri`` of their synthetic fMRI (``synthetic_fmri``), with its read-out as the anchor;
+    ``encode_image`` of the new image, with the transformed anchor; or the null condition (zeros),
+    with the transformed anchor."""
     cond_fmri, cond_image = embed_trials(encoder, train.fmri, train.images, device)
     data = DecoderTrainingSet(torch.as_tensor(train.images, device=device), cond_fmri, cond_image)
     if config.anchor:
@@ -1024,18 +1015,21 @@ def training_set(encoder: nn.Module, train: Trials, config: GenerativeConfig,
         data.anchor = torch.as_tensor(anchor, device=device)
     if config.augment_prob > 0:
         banned = None if exclude is None else torch.as_tensor(np.asarray(exclude), device=device).flatten(1) > 0.5
-        encode = encoder.encode_image if config.prior_condition == "image" else None
+        synthetic = config.prior_condition == "synthetic"
         gen = torch.Generator(device).manual_seed(config.seed + 2)
+        data.prior_images, data.prior_anchor, data.rejected = image_prior(
+            data.images, None if synthetic else data.anchor, config, gen, banned)
         with evaluating(encoder):
-            data.prior_images, data.prior_cond, data.prior_anchor, data.rejected = image_prior(
-                data.images, data.anchor, config, gen, banned, encode, cond_fmri.shape[1])
-            if config.prior_condition == "synthetic":
+            if synthetic:
                 residuals = out_of_fold_residuals(train, encoder.config.encoding_alpha, config.anchor_folds)
                 fmri = synthetic_fmri(encoder.encoding, data.prior_images,
                                       torch.as_tensor(residuals, device=device), gen)
                 data.prior_cond = encode_in_chunks(encoder.encode_fmri, fmri)
-                if data.readout is not None:
-                    data.prior_anchor = data.readout(fmri)
+                data.prior_anchor = None if data.readout is None else data.readout(fmri)
+            elif config.prior_condition == "image":
+                data.prior_cond = encode_in_chunks(encoder.encode_image, data.prior_images)
+            else:
+                data.prior_cond = torch.zeros(len(data.prior_images), cond_fmri.shape[1], device=device)
     return data
 
 

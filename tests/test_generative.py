@@ -320,11 +320,11 @@ def test_image_prior_never_produces_an_excluded_image():
     banned = torch.flip(images[3], dims=[-1])                           # a mirrored "r"
     assert not (banned == images).flatten(1).all(1).any()
     cfg = replace(TINY, augment_prob=0.5, augment_mix=0.0, prior_size=3000)
-    prior, cond, anchor, rejected = G.image_prior(images, images, cfg, torch.Generator().manual_seed(0),
-                                                  banned.flatten()[None] > 0.5, cond_dim=7)
+    prior, anchor, rejected = G.image_prior(images, images, cfg, torch.Generator().manual_seed(0),
+                                            banned.flatten()[None] > 0.5)
     assert not ((prior.flatten(1) > 0.5) == (banned.flatten() > 0.5)).all(1).any()
-    assert rejected > 0 and len(prior) == len(cond) == len(anchor) == 3000 - rejected
-    assert torch.equal(anchor, prior) and cond.shape[1] == 7 and not cond.any()  # null condition
+    assert rejected > 0 and len(prior) == len(anchor) == 3000 - rejected
+    assert torch.equal(anchor, prior)                 # the anchors had the images' transformations
 
 
 def test_out_of_fold_anchor_of_a_trial_ignores_its_image_s_other_trials(sim):
@@ -360,7 +360,8 @@ def test_out_of_fold_residual_of_a_trial_ignores_its_image_s_other_trials(sim):
 def test_synthetic_prior_conditions_come_from_the_encoding_model(sim):
     """prior_condition="synthetic": each prior sample's fMRI is the encoding model's prediction
     for its image plus one training trial's out-of-fold residual; its anchor is the read-out of
-    that fMRI and its condition encode_fmri of it (the same images as with image conditions)."""
+    that fMRI and its condition encode_fmri of it. The same images with image conditions get
+    encode_image of the image, with the null condition zeros; both keep the transformed anchor."""
     train = sim.s1().train
     enc, _ = D.train_dual_encoder(train, D.DualEncoderConfig(epochs=2, val_fraction=0.0),
                                   torch.device("cpu"), progress=False)
@@ -374,7 +375,12 @@ def test_synthetic_prior_conditions_come_from_the_encoding_model(sim):
                    + (data.readout(fmri) - data.prior_anchor[p]).flatten(1).abs().amax(1))
             assert err.min() < 1e-4, p
     image = G.training_set(enc, train, replace(cfg, prior_condition="image"), torch.device("cpu"))
-    assert torch.equal(image.prior_images, data.prior_images)
+    null = G.training_set(enc, train, replace(cfg, prior_condition="null"), torch.device("cpu"))
+    assert torch.equal(image.prior_images, data.prior_images) and torch.equal(null.prior_images, data.prior_images)
+    with L.evaluating(enc):
+        assert torch.allclose(image.prior_cond, enc.encode_image(image.prior_images), atol=1e-5)
+    assert not null.prior_cond.any() and torch.equal(null.prior_anchor, image.prior_anchor)
+    assert not torch.allclose(image.prior_anchor, data.prior_anchor, atol=1e-3)
 
 
 def test_anchored_decoders_round_trip_and_need_their_anchor(tmp_path, sim):
