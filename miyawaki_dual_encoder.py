@@ -263,14 +263,21 @@ def standardize_rows(scores: np.ndarray) -> np.ndarray:
     return (s - s.mean(1, keepdims=True)) / np.where(std > 0, std, 1.0)
 
 
+def score_weights(readout_weight: float, encoding_weight: float, names=("readout_weight",
+                  "encoding_weight")) -> tuple[float, float, float]:
+    """The weights of ``SCORE_PARTS``: (1 - readout_weight - encoding_weight, readout_weight,
+    encoding_weight); a ValueError naming ``names`` when the two sum to more than 1."""
+    if readout_weight + encoding_weight > 1 + 1e-9:
+        raise ValueError(f"{names[0]} + {names[1]} must be <= 1, got {readout_weight:g} + "
+                         f"{encoding_weight:g}")
+    return 1 - readout_weight - encoding_weight, readout_weight, encoding_weight
+
+
 def fused_scores(parts: dict, readout_weight: float, encoding_weight: float) -> np.ndarray:
     """The identification score ``N x K`` from the parts of ``score_parts``, each z-scored over the
     K candidates (``standardize_rows``): (1 - readout_weight - encoding_weight) z(embedding
     cosine) + readout_weight z(read-out r) + encoding_weight z(encoding r)."""
-    if readout_weight + encoding_weight > 1 + 1e-9:
-        raise ValueError(f"readout_weight + encoding_weight must be <= 1, got "
-                         f"{readout_weight:g} + {encoding_weight:g}")
-    weights = (1 - readout_weight - encoding_weight, readout_weight, encoding_weight)
+    weights = score_weights(readout_weight, encoding_weight)
     return sum(w * standardize_rows(parts[name]) for name, w in zip(SCORE_PARTS, weights) if w)
 
 
@@ -799,9 +806,10 @@ def main(argv: list[str] | ScriptConfig | None = None) -> dict:
     """Train on the S1 training trials, report S1 identification from fMRI only, save the
     checkpoint, curves and metrics; returns the metrics."""
     cfg = check_options(argv) if isinstance(argv, ScriptConfig) else parse_args(argv)
-    if cfg.readout_weight + cfg.encoding_weight > 1:
-        raise OptionError(f"--readout-weight + --encoding-weight must be <= 1, got "
-                          f"{cfg.readout_weight:g} + {cfg.encoding_weight:g}")
+    try:
+        score_weights(cfg.readout_weight, cfg.encoding_weight, ("--readout-weight", "--encoding-weight"))
+    except ValueError as e:
+        raise OptionError(str(e)) from None
     device = resolve_device(cfg.device)
     data = resolve_data(cfg.data)
     fold: Fold = data.s1()
