@@ -716,32 +716,43 @@ def with_setting(model: MiyawakiDualEncoder, trials: Trials, setting: dict) -> M
     return out
 
 
-def inner_folds(ids: np.ndarray, scheme: str, n_folds: int = 5) -> list[tuple[np.ndarray, np.ndarray]]:
+def inner_folds(ids: np.ndarray, scheme: str, n_folds: int = 5,
+                repeats: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
     """Inner folds over training trials with image ids ``ids`` ``N`` -> [(train, validation)]
     positions: ``seen`` = stratified by image id (every validation image also in the inner
     training set, like S1/S2), ``unseen`` = grouped by image id (validation images absent from
-    it, like S3)."""
+    it, like S3). ``repeats`` > 1: repeated CV, ``repeats x n_folds`` folds, every trial
+    validated once per repeat (repeat r: the shuffle with random_state r; ``unseen`` repeat 0
+    is unshuffled)."""
     from sklearn.model_selection import GroupKFold, StratifiedKFold  # ~60 MiB, only here
-    x = np.zeros(len(ids))
-    if scheme == "seen":
-        with warnings.catch_warnings():     # an image with fewer trials than folds is expected
-            warnings.simplefilter("ignore", UserWarning)
-            return list(StratifiedKFold(n_folds, shuffle=True, random_state=0).split(x, ids))
-    if scheme == "unseen":
-        return list(GroupKFold(min(n_folds, len(np.unique(ids)))).split(x, ids, groups=ids))
-    raise ValueError(f"unknown inner scheme {scheme!r}; use seen or unseen")
+    if scheme not in ("seen", "unseen"):
+        raise ValueError(f"unknown inner scheme {scheme!r}; use seen or unseen")
+    if repeats < 1:
+        raise ValueError(f"repeats {repeats}; use 1 or more")
+    x, folds = np.zeros(len(ids)), []
+    for r in range(repeats):
+        if scheme == "seen":
+            with warnings.catch_warnings():     # an image with fewer trials than folds is expected
+                warnings.simplefilter("ignore", UserWarning)
+                folds += StratifiedKFold(n_folds, shuffle=True, random_state=r).split(x, ids)
+        else:
+            k = min(n_folds, len(np.unique(ids)))
+            split = GroupKFold(k) if r == 0 else GroupKFold(k, shuffle=True, random_state=r)
+            folds += split.split(x, ids, groups=ids)
+    return folds
 
 
 def inner_cv_scores(data: MiyawakiData, train_idx: np.ndarray, config: DualEncoderConfig, scheme: str,
-                    settings: list[dict], device: torch.device | str = "cpu") -> dict:
+                    settings: list[dict], device: torch.device | str = "cpu", repeats: int = 1) -> dict:
     """Inner-CV identification of each score setting: one dual encoder per inner fold of the
     trials ``train_idx`` of ``data`` (each inner fold z-scored by its own training trials; nothing
     outside ``train_idx`` is read), its validation trials ranked among all candidates with each
     setting (the networks are shared; only the linear parts are refitted) -> {"top1" | "mrr":
-    {setting_name: mean over inner folds}} (mrr: mean reciprocal rank of the true image)."""
+    {setting_name: mean over inner folds}} (mrr: mean reciprocal rank of the true image);
+    ``repeats``: repeated inner CV (``inner_folds``), one fit per fold of every repeat."""
     ranks: dict[str, list] = {setting_name(c): [] for c in settings}
     ids = data.trials.image_ids[train_idx]
-    for tr, va in inner_folds(ids, scheme):
+    for tr, va in inner_folds(ids, scheme, repeats=repeats):
         fold = data.fold(train_idx[tr], train_idx[va])
         model, _ = train_dual_encoder(fold.train, replace(config, val_fraction=0.0), device,
                                       fold.unique_images, progress=False)

@@ -37,8 +37,8 @@ from sklearn.neighbors import KNeighborsClassifier
 from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (GRID, IMAGE_SIDE, METRICS, RIDGE_ALPHAS, Fold,
-                                     MeanImageBaseline, MiyawakiData, RidgeBaseline, ScriptOptions,
-                                     Trials, add_config_args, chance_levels, check_options,
+                                     MeanImageBaseline, MiyawakiData, OptionError, RidgeBaseline,
+                                     ScriptOptions, Trials, add_config_args, chance_levels, check_options,
                                      condition_accuracy, condition_name, config_dict, cosine_scores, evaluating,
                                      fold_means, identification_ranks, identification_scores,
                                      identification_summary, identified_labels,
@@ -701,9 +701,9 @@ def benchmark_markdown(result: dict) -> str:
         counts = "; ".join(f"{name} ({chosen.count(name)})" for name in dict.fromkeys(chosen))
         lines += ["", f"Nested selection: every fold chose the dual encoder's score setting from the "
                   f"grid {n['grid']} (linear weights summing to at most {n['max_linear_weight']:g}) "
-                  f"by inner CV on its own training trials ({n['inner_scheme']} inner folds, seed "
-                  f"{n['inner_seed']}; {n['rule']}). Chosen (folds): {counts}. The per-fold choices "
-                  f"and inner scores are in the JSON."]
+                  f"by inner CV on its own training trials ({n['inner_scheme']} inner folds, "
+                  f"{n['inner_repeats']} repeat(s), seed {n['inner_seed']}; {n['rule']}). Chosen "
+                  f"(folds): {counts}. The per-fold choices and inner scores are in the JSON."]
     if "dual_encoder_permuted" in result["methods"]:
         lines += ["", "Permutation control: training fMRI rows shuffled against the images within "
                   "every fold (one shuffle per fold and seed), networks and linear parts alike; it "
@@ -748,7 +748,7 @@ def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool, device: to
         t = time.perf_counter()
         settings = score_settings()
         inner = inner_cv_scores(data, fold.train_idx, de_cfgs[0], nested_scheme(cfg.protocol),
-                                settings, device)
+                                settings, device, cfg.inner_repeats)
         nested = {"fold": name, "setting": select_setting(inner["top1"], settings),
                   "inner_mrr": inner["mrr"], "inner_top1": inner["top1"],
                   "seconds": time.perf_counter() - t}
@@ -910,6 +910,7 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
         **({"nested": {"grid": {k: list(v) for k, v in SCORE_GRID.items()},
                        "max_linear_weight": MAX_LINEAR_WEIGHT,
                        "inner_scheme": nested_scheme(cfg.protocol), "inner_seed": cfg.seeds[0],
+                       "inner_repeats": cfg.inner_repeats,
                        "rule": "highest mean inner top-1; a tie goes to the first setting in "
                                "grid order (inner_mrr: recorded, not used)",
                        "per_fold": nested}} if nested else {}),
@@ -959,6 +960,9 @@ class EvaluationConfig(ScriptOptions):
         "help": "benchmark: also choose the dual encoder's score setting (read-out weight, "
                 "encoding weight, encoding alpha) inside every fold by inner CV on its training "
                 "trials (5 extra fits per fold; row dual_encoder_nested)"})
+    inner_repeats: int = field(default=1, metadata={"min": 1,
+        "help": "with --nested: repeats of the 5-fold inner CV, averaged (5 fits per fold and "
+                "repeat; repeat r reshuffles the inner folds with random_state r)"})
     generative: bool = field(default=False, metadata={
         "help": "benchmark: also train the diffusion and GAN decoders per fold and seed"})
     workers: int = field(default=1, metadata={"min": 1,
@@ -979,6 +983,9 @@ class EvaluationConfig(ScriptOptions):
 def main(argv: list[str] | EvaluationConfig | None = None) -> dict:
     """Checkpoint evaluation on S1 (default) or, with a protocol, the benchmark; returns metrics."""
     cfg = check_options(argv) if isinstance(argv, EvaluationConfig) else parse_args(argv)
+    if cfg.inner_repeats > 1 and not (cfg.nested and cfg.protocol):
+        raise OptionError(f"--inner-repeats {cfg.inner_repeats} needs --nested and a --protocol "
+                          "(it repeats the nested selection's inner CV)")
     if cfg.protocol is None:
         return evaluate_checkpoint(cfg)
     return run_benchmark(cfg)

@@ -11,7 +11,7 @@ import torch
 from miyawaki_dataset_loader import (CheckpointError, RidgeBaseline, Trials, identification_scores,
                                      pearson_matrix, splits)
 from miyawaki_dual_encoder import (DualEncoderConfig, EncodingReadout, MiyawakiDualEncoder,
-                                   contrastive_loss, identify, main, mixup, pair_loss,
+                                   contrastive_loss, identify, inner_folds, main, mixup, pair_loss,
                                    score_settings, select_setting,
                                    setting_name, split_validation, train_dual_encoder,
                                    train_dual_encoders)
@@ -177,6 +177,31 @@ def test_nested_grid_and_its_tie_rule():
     inner = {setting_name(c): 0.5 for c in settings}
     inner[setting_name(settings[5])] = inner[setting_name(settings[3])] = 0.7
     assert select_setting(inner, settings) == settings[3]
+
+
+@pytest.mark.filterwarnings("ignore:The least populated class")   # inner_folds silences it too
+def test_repeated_inner_folds_validate_every_trial_once_per_repeat(sim):
+    """Repeat 0 is the single inner CV (so --inner-repeats 1 keeps its numbers); each further
+    repeat is a new partition of the same kind: seen validates images also in training, unseen
+    holds whole images out."""
+    from sklearn.model_selection import GroupKFold, StratifiedKFold
+    ids = sim.s1().train.image_ids
+    x = np.zeros(len(ids))
+    single = {"seen": StratifiedKFold(5, shuffle=True, random_state=0).split(x, ids),   # the
+              "unseen": GroupKFold(5).split(x, ids, groups=ids)}                  # releases' folds
+    for scheme in ("seen", "unseen"):
+        one, two = inner_folds(ids, scheme), inner_folds(ids, scheme, repeats=2)
+        assert all(np.array_equal(a[1], b[1]) for a, b in zip(one, single[scheme]))
+        assert len(one) == 5 and len(two) == 10
+        assert all(np.array_equal(a[1], b[1]) for a, b in zip(one, two[:5]))
+        assert any(not np.array_equal(a[1], b[1]) for a, b in zip(two[:5], two[5:]))
+        for r in (two[:5], two[5:]):
+            assert np.array_equal(np.sort(np.concatenate([va for _, va in r])), np.arange(len(ids)))
+        for tr, va in two:
+            shared = np.isin(ids[va], ids[tr])
+            assert shared.all() if scheme == "seen" else not shared.any(), scheme
+    with pytest.raises(ValueError, match="repeats 0"):
+        inner_folds(ids, "seen", repeats=0)
 
 
 def test_same_seed_same_numbers(sim):

@@ -194,7 +194,7 @@ def test_benchmark_s3_two_folds_writes_the_schema(tmp_path):
                                      "dual_encoder_permuted", "dual_encoder_embedding_only",
                                      "dual_encoder_nested", "dual_encoder_permuted_nested"}
     nested = saved["nested"]
-    assert nested["inner_scheme"] == "unseen"
+    assert nested["inner_scheme"] == "unseen" and nested["inner_repeats"] == 1
     assert nested["grid"] == {k: list(v) for k, v in D.SCORE_GRID.items()}
     assert [c["fold"] for c in nested["per_fold"]] == saved["folds"]
     for choice in nested["per_fold"]:       # the chosen setting is the best by its inner top-1
