@@ -729,16 +729,16 @@ def inner_folds(ids: np.ndarray, scheme: str, n_folds: int = 5,
         raise ValueError(f"unknown inner scheme {scheme!r}; use seen or unseen")
     if repeats < 1:
         raise ValueError(f"repeats {repeats}; use 1 or more")
-    x, folds = np.zeros(len(ids)), []
+    x, k, folds = np.zeros(len(ids)), min(n_folds, len(np.unique(ids))), []
     for r in range(repeats):
         if scheme == "seen":
-            with warnings.catch_warnings():     # an image with fewer trials than folds is expected
-                warnings.simplefilter("ignore", UserWarning)
-                folds += StratifiedKFold(n_folds, shuffle=True, random_state=r).split(x, ids)
+            split = StratifiedKFold(n_folds, shuffle=True, random_state=r).split(x, ids)
         else:
-            k = min(n_folds, len(np.unique(ids)))
-            split = GroupKFold(k) if r == 0 else GroupKFold(k, shuffle=True, random_state=r)
-            folds += split.split(x, ids, groups=ids)
+            split = (GroupKFold(k) if r == 0 else GroupKFold(k, shuffle=True, random_state=r)
+                     ).split(x, ids, groups=ids)
+        with warnings.catch_warnings():     # seen: an image with fewer trials than folds is expected
+            warnings.simplefilter("ignore", UserWarning)
+            folds += split
     return folds
 
 

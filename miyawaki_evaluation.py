@@ -959,7 +959,7 @@ class EvaluationConfig(ScriptOptions):
     nested: bool = field(default=False, metadata={
         "help": "benchmark: also choose the dual encoder's score setting (read-out weight, "
                 "encoding weight, encoding alpha) inside every fold by inner CV on its training "
-                "trials (5 extra fits per fold; row dual_encoder_nested)"})
+                "trials (5 extra fits per fold and --inner-repeats; row dual_encoder_nested)"})
     inner_repeats: int = field(default=1, metadata={"min": 1,
         "help": "with --nested: repeats of the 5-fold inner CV, averaged (5 fits per fold and "
                 "repeat; repeat r reshuffles the inner folds with random_state r)"})
