@@ -751,6 +751,24 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` runs bfloat16 natively: a CUDA GPU that supports it, or a CPU on which
+    torch's oneDNN bfloat16 kernels run (AVX-512 or AMX). Elsewhere, e.g. on AVX2-only CPUs, torch
+    emulates bfloat16 matrix products and convolutions, over 10x slower than float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def bf16_autocast(device: torch.device | str, enabled: bool) -> torch.autocast:
+    """bfloat16 autocast on ``device`` when ``enabled`` and the device runs bfloat16 natively
+    (``native_bf16``); else a disabled autocast, i.e. float32: a config's ``bf16`` asks for
+    speed, and emulated bfloat16 is the slower path."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and native_bf16(device))
+
+
 @dataclass
 class ScriptOptions:
     """The settings every script shares (``add_common_args``); each script's config extends it."""

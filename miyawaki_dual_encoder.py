@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, CheckpointError, Fold,
                                      FromCheckpointHint, MiyawakiData, OptionError, RidgeBaseline,
-                                     ScriptOptions,
+                                     ScriptOptions, bf16_autocast, native_bf16,
                                      Trials, add_config_args, check_finite, check_options,
                                      check_same_data, config_dict, identification_ranks, load_checkpoint,
                                      one_line, parse_config, prepare_out_dir, rank_summary, resolve_data,
@@ -82,7 +82,9 @@ class DualEncoderConfig:
         "above": 0, "max": 1, "help": "fraction of voxels the encoding model scores with: those "
         "it predicts best for held-out images of the training trials"})
     bf16: bool = field(default=True, metadata={
-        "help": "bfloat16 autocast in training (about 2x faster on CPUs with AVX512-BF16)"})
+        "help": "bfloat16 autocast in training where the device runs bfloat16 natively (CUDA; CPUs "
+        "with AVX-512 or AMX: about 2x faster there); float32 elsewhere (AVX2-only CPUs emulate "
+        "it, over 10x slower)"})
     epochs: int = field(default=100, metadata={"min": 1, "help": "training epochs"})
     batch_size: int = field(default=0, metadata={"min": 0, "help": "trials per step (0 = full batch)"})
     lr: float = field(default=1e-3, metadata={"above": 0, "help": "peak one-cycle learning rate"})
@@ -491,9 +493,10 @@ def pair_loss(model: MiyawakiDualEncoder, x: torch.Tensor, y: torch.Tensor,
     """Training objective for fMRI ``N x V`` paired with images ``N x 1 x 28 x 28`` (the last
     ``n_mixed`` rows mixup pairs; image columns and positives by ``pair_batch``): InfoNCE on the
     correlation embeddings plus InfoNCE on the encoder latents. With ``bf16`` the networks run
-    under bfloat16 autocast; the similarities and losses stay float32. A NaN / Inf raises."""
+    under bfloat16 autocast where the device has it natively (``bf16_autocast``); the
+    similarities and losses stay float32. A NaN / Inf raises."""
     images, pos = pair_batch(y, n_mixed)
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+    with bf16_autocast(x.device, bf16):
         out = model.latents(x, images)
     return check_finite(pair_objective(out, pos, model.clamped_scale()), "contrastive")
 
@@ -642,7 +645,7 @@ def train_dual_encoders(train: Trials, configs: list[DualEncoderConfig],
     opt, sched = optimizer(list(params.values()), base, base.epochs)
 
     def one_loss(p, b, xb, images, pos):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=base.bf16):
+        with bf16_autocast(device, base.bf16):
             out = functional_call(template, (p, b), (xb, images))
         scale = p["logit_scale"].clamp(max=MAX_LOGIT_SCALE).exp()
         return pair_objective(out, pos, scale)
@@ -841,10 +844,11 @@ def main(argv: list[str] | ScriptConfig | None = None) -> dict:
     metrics = {"split": "s1", "seed": cfg.seed, "n_train": history["n_train"],
                "n_validation": history["n_validation"], "n_test": len(ranks),
                **rank_summary(ranks, k), "noise_control": cfg.noise_control,
-               "train_seconds": seconds}
+               "train_seconds": seconds, "bf16_autocast": cfg.bf16 and native_bf16(device)}
     print(f"S1 identification from fMRI only: top-1 {metrics['top1']:.2f} (chance {1 / k:.2f}), "
           f"top-5 {metrics['top5']:.2f}, mean rank {metrics['mean_rank']:.1f} of {k}"
-          f"{' [NOISE CONTROL]' if cfg.noise_control else ''} | {seconds:.1f} s on {device}")
+          f"{' [NOISE CONTROL]' if cfg.noise_control else ''} | {seconds:.1f} s on {device}"
+          f"{', bfloat16' if metrics['bf16_autocast'] else ', float32'}")
     config = config_dict(cfg)
     state = model.state_dict()
     save_checkpoint({"kind": "dual_encoder", "format_version": CHECKPOINT_FORMAT,

@@ -288,6 +288,23 @@ def test_batched_fits_equal_separate_fits(sim):
     assert not torch.allclose(first, models[1].state_dict()["fmri_encoder.skip.weight"])  # seeds differ
 
 
+def test_bf16_runs_only_where_the_device_has_native_bfloat16(sim, monkeypatch):
+    """``bf16`` asks for bfloat16 autocast where the device runs it natively: where it is only
+    emulated (AVX2-only CPUs, over 10x slower) the fit is the float32 fit, bit for bit; where it is
+    native, autocast is on and the fit differs from the float32 one."""
+    import miyawaki_dataset_loader as loader
+    train = sim.s1().train
+    fp32 = train_dual_encoder(train, BATCHED, progress=False)[0].state_dict()
+
+    def bf16_fit(native: bool) -> dict:
+        monkeypatch.setattr(loader, "native_bf16", lambda device: native)
+        return train_dual_encoder(train, replace(BATCHED, bf16=True), progress=False)[0].state_dict()
+
+    emulated, native = bf16_fit(False), bf16_fit(True)
+    assert all(torch.equal(emulated[k], fp32[k]) for k in fp32)
+    assert not torch.equal(native["fmri_encoder.skip.weight"], fp32["fmri_encoder.skip.weight"])
+
+
 def test_batched_fits_refuse_configs_they_cannot_batch(sim):
     train = sim.s1().train
     with pytest.raises(ValueError, match="differ in seed only"):
