@@ -22,6 +22,7 @@ import json
 import operator
 import os
 import random
+import signal
 import sys
 import tempfile
 import urllib.request
@@ -924,9 +925,17 @@ def _atomic_write(path: Path, write) -> None:
             os.remove(tmp)
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def run_cli(main) -> None:
     """Run a script's ``main()``; a data or checkpoint problem (exit code 1) or a bad option
-    (exit code 2) ends it with its one-line message on stderr."""
+    (exit code 2) ends it with its one-line message on stderr. SIGTERM (``kill``) ends it as an
+    exception, exit code 143, so that what it started is cleaned up as on an error: the
+    benchmark's worker processes are terminated with it (by default they would outlive it and
+    run their folds to the end)."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         main()
     except (DataError, CheckpointError, OptionError) as e:

@@ -156,3 +156,53 @@ def test_a_file_without_test_trials_still_runs_the_s2_s3_benchmark(tmp_path, mat
     result = E.main(["--data", str(path), "--device", "cpu", "--protocol", "s3", "--max-folds", "1",
                      "--seeds", "0", "--epochs", "1", "--out-dir", str(tmp_path / "out")])
     assert result["n_folds"] == 1 and result["n_trials"] == 107
+
+
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid`` (Linux /proc)."""
+    kids = []
+    for stat in L.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return L.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_kill_ends_the_benchmark_with_its_workers_and_writes_nothing(out):
+    """SIGTERM to a running ``--workers 2`` benchmark terminates its worker processes with it
+    (they would otherwise outlive it and run their folds to the end), exits non-zero and leaves
+    the earlier outputs as they were."""
+    import time
+    before = listing(out)
+    proc = subprocess.Popen([sys.executable, str(L.REPO_DIR / "miyawaki_evaluation.py"), *SIM,
+                             "--protocol", "s3", "--seeds", "0", "--workers", "2",
+                             "--out-dir", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline, kids = time.monotonic() + 120, []
+        while len(kids) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            kids = _children(proc.pid)
+        assert len(kids) >= 2, "the benchmark never started its workers"
+        time.sleep(10)                         # past their imports: the workers are fitting folds
+        proc.terminate()
+        code = proc.wait(timeout=60)
+        deadline = time.monotonic() + 10
+        while any(map(_alive, kids)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(map(_alive, kids)), "worker processes outlived the killed benchmark"
+        assert code == 143                                 # 128 + SIGTERM, from run_cli
+    finally:
+        proc.kill()
+        proc.wait()
+    assert listing(out) == before
