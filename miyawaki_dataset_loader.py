@@ -759,7 +759,12 @@ def native_bf16(device: torch.device | str) -> bool:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if device.type != "cpu":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):     # a build without oneDNN: no fast bfloat16 either
+        return False
 
 
 def bf16_autocast(device: torch.device | str, enabled: bool) -> torch.autocast:

@@ -308,3 +308,21 @@ def test_one_line_keeps_error_messages_short_and_whole():
     header = "Error(s) in loading state_dict for M:\n\tsize mismatch for fc.weight: copying a param"
     assert L.one_line(RuntimeError(header)) == "size mismatch for fc.weight: copying a param"
     assert L.one_line(KeyError()) == "KeyError"
+
+
+def test_native_bf16_follows_onednn_and_is_false_without_it(monkeypatch):
+    """A CPU has native bfloat16 when torch's oneDNN says so; a build whose check is missing or
+    fails counts as without (float32), never as an error in training."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert L.native_bf16("cpu") and not L.native_bf16("meta")
+    with L.bf16_autocast("cpu", True):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with L.bf16_autocast("cpu", False):
+        assert not torch.is_autocast_enabled("cpu")
+
+    def missing():
+        raise RuntimeError("no such op")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", missing)
+    assert not L.native_bf16("cpu")
+    with L.bf16_autocast("cpu", True):
+        assert not torch.is_autocast_enabled("cpu")
