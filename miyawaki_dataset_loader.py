@@ -767,12 +767,17 @@ def native_bf16(device: torch.device | str) -> bool:
         return False
 
 
+def uses_bf16(device: torch.device | str, enabled: bool) -> bool:
+    """Whether a config's ``bf16`` (``enabled``) trains in bfloat16 on ``device``: only where it
+    is native (``native_bf16``); a config's ``bf16`` asks for speed, and emulated bfloat16 is
+    the slower path."""
+    return enabled and native_bf16(device)
+
+
 def bf16_autocast(device: torch.device | str, enabled: bool) -> torch.autocast:
-    """bfloat16 autocast on ``device`` when ``enabled`` and the device runs bfloat16 natively
-    (``native_bf16``); else a disabled autocast, i.e. float32: a config's ``bf16`` asks for
-    speed, and emulated bfloat16 is the slower path."""
+    """bfloat16 autocast on ``device`` where ``uses_bf16``; else a disabled autocast (float32)."""
     device = torch.device(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and native_bf16(device))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, enabled))
 
 
 @dataclass

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, CheckpointError, Fold,
                                      FromCheckpointHint, MiyawakiData, OptionError, RidgeBaseline,
-                                     ScriptOptions, bf16_autocast, native_bf16,
+                                     ScriptOptions, bf16_autocast, uses_bf16,
                                      Trials, add_config_args, check_finite, check_options,
                                      check_same_data, config_dict, identification_ranks, load_checkpoint,
                                      one_line, parse_config, prepare_out_dir, rank_summary, resolve_data,
@@ -844,7 +844,7 @@ def main(argv: list[str] | ScriptConfig | None = None) -> dict:
     metrics = {"split": "s1", "seed": cfg.seed, "n_train": history["n_train"],
                "n_validation": history["n_validation"], "n_test": len(ranks),
                **rank_summary(ranks, k), "noise_control": cfg.noise_control,
-               "train_seconds": seconds, "bf16_autocast": cfg.bf16 and native_bf16(device)}
+               "train_seconds": seconds, "bf16_autocast": uses_bf16(device, cfg.bf16)}
     print(f"S1 identification from fMRI only: top-1 {metrics['top1']:.2f} (chance {1 / k:.2f}), "
           f"top-5 {metrics['top5']:.2f}, mean rank {metrics['mean_rank']:.1f} of {k}"
           f"{' [NOISE CONTROL]' if cfg.noise_control else ''} | {seconds:.1f} s on {device}"

@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, CheckpointError, Fold,
                                      FromCheckpointHint, MeanImageBaseline, condition_name,
-                                     identification_scores, ScriptOptions, bf16_autocast, native_bf16,
+                                     identification_scores, ScriptOptions, bf16_autocast, uses_bf16,
                                      Trials, add_config_args, check_finite, check_options,
                                      config_dict, file_sha256, load_checkpoint, one_line,
                                      parse_config, pearson_rows, prepare_out_dir,
@@ -1222,7 +1222,7 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
                                   "guidance_scale": cfg.guidance_scale},
                     "gan": {"noise_dim": cfg.noise_dim}, "generator_seed": cfg.seed},
         "image_prior": history["prior"],
-        "generative_stage_seconds": stage_seconds, "bf16_autocast": cfg.bf16 and native_bf16(device),
+        "generative_stage_seconds": stage_seconds, "bf16_autocast": uses_bf16(device, cfg.bf16),
         "encoder_checkpoint": str(enc_path),
         "encoder_sha256": enc_sha256, "config": config}
     save_checkpoint({"kind": CHECKPOINT_KIND, "format_version": CHECKPOINT_FORMAT,

@@ -158,24 +158,23 @@ def test_a_file_without_test_trials_still_runs_the_s2_s3_benchmark(tmp_path, mat
     assert result["n_folds"] == 1 and result["n_trials"] == 107
 
 
+def _state_and_parent(stat: "L.Path") -> tuple[str, int]:
+    """(state letter, parent pid) from a /proc/<pid>/stat file; ("X", 0) once it is gone."""
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return "X", 0
+    return fields[0], int(fields[1])
+
+
 def _children(pid: int) -> list[int]:
     """Live processes whose parent is ``pid`` (Linux /proc)."""
-    kids = []
-    for stat in L.Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            kids.append(int(stat.parent.name))
-    return kids
+    return [int(stat.parent.name) for stat in L.Path("/proc").glob("[0-9]*/stat")
+            if _state_and_parent(stat)[1] == pid and _alive(int(stat.parent.name))]
 
 
 def _alive(pid: int) -> bool:
-    try:
-        return L.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    return _state_and_parent(L.Path(f"/proc/{pid}/stat"))[0] not in ("Z", "X")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
