@@ -18,6 +18,7 @@ embeddings only.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import math
 import time
@@ -183,6 +184,24 @@ class PixelReadout(nn.Module):
         return (fmri @ self.weight.T + self.bias).reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
 
 
+RF_SIZES = (1.0, 2.0, 3.5, 6.0)  # Gaussian receptive-field SDs in pixels (a grid cell is 2.8 px)
+
+
+@functools.lru_cache(maxsize=1)
+def receptive_field_bank(sizes: tuple[float, ...] = RF_SIZES) -> np.ndarray:
+    """Candidate population receptive fields: an isotropic Gaussian (unit sum) centred on every
+    pixel of the 28 x 28 image at each SD of ``sizes`` -> ``C x 784`` (C = 784 x len(sizes)),
+    read-only (made once, shared by every fit)."""
+    centre = np.arange(IMAGE_SIDE) + 0.5
+    yy, xx = np.meshgrid(centre, centre, indexing="ij")
+    d2 = ((yy.ravel()[:, None] - yy.ravel()[None]) ** 2
+          + (xx.ravel()[:, None] - xx.ravel()[None]) ** 2)               # 784 centres x 784 pixels
+    bank = np.concatenate([np.exp(-d2 / (2 * s * s)) for s in sizes])
+    bank /= bank.sum(1, keepdims=True)
+    bank.flags.writeable = False
+    return bank
+
+
 class EncodingReadout(nn.Module):
     """Linear encoding model (as in Kay et al. 2008): images ``N x 1 x 28 x 28 -> N x V``
     predicted z-scored fMRI (ridge, weights as buffers), and ``scores``: the Pearson r, over the
@@ -216,6 +235,32 @@ class EncodingReadout(nn.Module):
                 pred[va] = Ridge(alpha=alpha).fit(y[tr], x[tr]).predict(y[va])
             accuracy = pearson_rows(pred.T, x.T)
         keep = np.argsort(-accuracy, kind="stable")[:max(1, round(voxel_fraction * n_voxels))]
+        self.voxels.zero_()
+        self.voxels[torch.as_tensor(keep)] = True
+        return len(keep)
+
+    @torch.no_grad()
+    def fit_receptive_fields(self, fmri: np.ndarray, images: np.ndarray, voxel_fraction: float) -> int:
+        """A population-receptive-field model instead of ridge (Dumoulin & Wandell 2008; decoded as
+        in Thirion et al. 2006's inverse retinotopy), in place: each voxel = bias + gain x (image .
+        its Gaussian), the Gaussian (centre, size) of ``receptive_field_bank`` whose overlap with
+        the training images ``N x 1 x 28 x 28`` correlates best with the voxel's fMRI ``N x V``,
+        gain >= 0 by least squares. Ridge weights lie in the span of the training images, so they
+        predict nothing of a new image outside it; a receptive field predicts any image. Keeps
+        the ``voxel_fraction`` best-fitted voxels (that correlation) -> the number kept."""
+        bank = receptive_field_bank()
+        x = np.asarray(fmri, np.float64)
+        overlap = np.asarray(images, np.float64).reshape(len(images), -1) @ bank.T    # N x C
+        po, xc = overlap - overlap.mean(0), x - x.mean(0)
+        corr = ((po / (np.linalg.norm(po, axis=0) + 1e-12)).T
+                @ (xc / (np.linalg.norm(xc, axis=0) + 1e-12)))                     # C x V
+        best = corr.argmax(0)
+        fit = corr[best, np.arange(x.shape[1])]
+        p = po[:, best]                                                             # N x V
+        gain = np.maximum((p * xc).sum(0) / np.maximum((p ** 2).sum(0), 1e-12), 0)
+        self.weight.copy_(torch.as_tensor(gain[:, None] * bank[best]))
+        self.bias.copy_(torch.as_tensor(x.mean(0) - gain * overlap[:, best].mean(0)))
+        keep = np.argsort(-fit, kind="stable")[:max(1, round(voxel_fraction * x.shape[1]))]
         self.voxels.zero_()
         self.voxels[torch.as_tensor(keep)] = True
         return len(keep)

@@ -54,7 +54,7 @@ from miyawaki_dual_encoder import (CHECKPOINT_NAME, MAX_LINEAR_WEIGHT, SCORE_GRI
                                    train_dual_encoder, train_dual_encoders, with_setting)
 
 BASELINES = ("mean_image", "ridge", "ridge_snap", "multiscale_local", "knn1", "knn5")
-GENERATIVE = ("diffusion", "gan")
+GENERATIVE = ("anchor", "diffusion", "gan")
 METHOD_TITLES = {
     "mean_image": "mean image (floor)",
     "ridge": "ridge (fMRI->784 px)",
@@ -68,6 +68,7 @@ METHOD_TITLES = {
     "dual_encoder_nested": "dual encoder, score setting by nested CV",
     "dual_encoder_permuted": "dual encoder, permutation control",
     "dual_encoder_permuted_nested": "dual encoder, permutation control, the fold's nested setting",
+    "anchor": "ablation: the decoders' anchor alone (linear read-out)",
     "diffusion": "diffusion decoder",
     "gan": "GAN decoder",
 }

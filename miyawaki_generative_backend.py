@@ -47,6 +47,7 @@ Usage::
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import time
@@ -62,7 +63,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, CheckpointError, Fold,
-                                     FromCheckpointHint, MeanImageBaseline, condition_name,
+                                     FromCheckpointHint, MeanImageBaseline, RidgeBaseline, condition_name,
                                      identification_scores, ScriptOptions, bf16_autocast, uses_bf16,
                                      Trials, add_config_args, check_finite, check_options,
                                      config_dict, file_sha256, load_checkpoint, one_line,
@@ -71,7 +72,7 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, Ch
                                      save_checkpoint, save_figure, save_json, script_parser,
                                      seed_everything, evaluating, write_summary)
 from miyawaki_dual_encoder import (CHECKPOINT_NAME as ENCODER_CHECKPOINT_NAME, SCRIPT as ENCODER_SCRIPT,
-                                   PixelReadout, load_for_s1)
+                                   EncodingReadout, PixelReadout, load_for_s1)
 
 CHECKPOINT_KIND = "generative_backends"
 CHECKPOINT_NAME = "miyawaki_generative_backends.pth"
@@ -100,6 +101,7 @@ def cosine_beta_schedule(num_train_timesteps: int, s: float = 0.008,
 BETA_SCHEDULES = {"linear": linear_beta_schedule, "cosine": cosine_beta_schedule}
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 PRIOR_CONDITIONS = ("image", "synthetic", "null")
+ANCHOR_MODELS = ("receptive-field", "ridge")
 SAMPLERS = ("ddim", "ddpm")
 
 
@@ -172,45 +174,129 @@ def nearest_image_similarity(readouts: np.ndarray, images: np.ndarray) -> np.nda
     return identification_scores(readouts, images).max(1)
 
 
+def grouped_folds(groups: np.ndarray, n_folds: int):
+    """Image-grouped folds over ``N`` trials with image ids ``groups`` -> (train, held-out) index
+    pairs, ``min(n_folds, images)`` of them: a held-out trial's image is absent from its train."""
+    from sklearn.model_selection import GroupKFold  # imported here, as in the loader: ~60 MiB
+    return GroupKFold(min(n_folds, len(np.unique(groups)))).split(np.zeros(len(groups)), groups=groups)
+
+
 def out_of_fold_ridge(inputs: np.ndarray, targets: np.ndarray, groups: np.ndarray, alpha: float,
                       n_folds: int) -> np.ndarray:
     """Ridge (``alpha``) predictions ``N x T`` of ``targets`` from ``inputs`` (``N x ...``), each
-    row by a ridge fitted on the rows of *other groups* only (``min(n_folds, groups)`` folds)."""
-    from sklearn.linear_model import Ridge  # imported here, as in the loader: ~60 MiB
-    from sklearn.model_selection import GroupKFold
+    row by a ridge fitted on the rows of *other groups* only (``grouped_folds``)."""
+    from sklearn.linear_model import Ridge
     x = np.asarray(inputs, np.float64).reshape(len(inputs), -1)
     y = np.asarray(targets, np.float64).reshape(len(targets), -1)
     out = np.zeros_like(y)
-    for tr, va in GroupKFold(min(n_folds, len(np.unique(groups)))).split(x, groups=groups):
+    for tr, va in grouped_folds(groups, n_folds):
         out[va] = Ridge(alpha=alpha).fit(x[tr], y[tr]).predict(x[va])
     return out
 
 
-def out_of_fold_readouts(train: Trials, alpha: float, n_folds: int) -> np.ndarray:
-    """Read-outs ``N x 1 x 28 x 28`` of training trials, each by a ridge (``alpha``) fitted on the
-    trials of *other images* only (image-grouped ``out_of_fold_ridge``), so that the decoders
-    learn from anchors that look like the anchor of a never-seen test image."""
-    out = out_of_fold_ridge(train.fmri, train.images, train.image_ids, alpha, n_folds)
+def posterior_readout(encoding: EncodingReadout, fmri: np.ndarray, images: np.ndarray,
+                      prior: np.ndarray, noise_shrink: float,
+                      prior_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """The posterior-mean image under a linear-Gaussian model, as a linear read-out of fMRI: an
+    image x ~ N(m, s S) (m, S: mean and covariance of the image prior's samples ``prior`` ``P x
+    784``, s = ``prior_scale``), the kept voxels' fMRI y = W x + b + e (``encoding``, fitted on
+    the trials fMRI ``N x V``, images ``N x 784``) with e ~ N(0, R), R the covariance of those
+    trials' residuals shrunk towards its diagonal by ``noise_shrink``. x_hat = m + K (y - b - W m),
+    K = s S W^T (W s S W^T + R)^-1 -> (weight ``784 x V``, zero off the kept voxels; bias ``784``)."""
+    keep = encoding.voxels.cpu().numpy()
+    w = encoding.weight.double().cpu().numpy()[keep]                       # K x 784
+    b = encoding.bias.double().cpu().numpy()[keep]
+    resid = np.asarray(fmri, np.float64)[:, keep] - (images @ w.T + b)
+    noise = np.atleast_2d(np.cov(resid, rowvar=False))
+    noise = (1 - noise_shrink) * noise + noise_shrink * np.diag(np.diag(noise))
+    mean, cov = prior.mean(0), prior_scale * np.atleast_2d(np.cov(prior, rowvar=False))
+    cw = cov @ w.T                                                         # 784 x K
+    gain = np.linalg.solve(w @ cw + noise, cw.T).T                         # both symmetric
+    weight = np.zeros((N_PIXELS, len(keep)))
+    weight[:, keep] = gain
+    return weight, mean - gain @ (b + w @ mean)
+
+
+def fit_anchor(train: Trials, config: "GenerativeConfig", alpha: float | None = None,
+               exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """The low-level anchor's linear read-out, fitted on trials (fMRI z-scored) -> (weight ``784 x
+    V``, bias ``784``, ridge alpha), float64. The ridge read-out (``alpha`` None: chosen by
+    efficient LOO, as the ridge baseline) and, with ``anchor_model="receptive-field"``, the
+    posterior mean under a receptive-field encoding model (``EncodingReadout.fit_receptive_fields``,
+    ``rf_voxels``) and the image prior made from these trials' images (``image_prior``, never an
+    image of ``exclude`` ``E x 1 x 28 x 28``), weighted ``1 - rf_ridge_weight`` beside ridge: ridge
+    is best inside the span of the training images, the receptive fields outside it."""
+    from sklearn.linear_model import Ridge
+    x = np.asarray(train.fmri, np.float64)
+    y = np.asarray(train.images, np.float64).reshape(len(train), -1)
+    if alpha is None:
+        ridge = RidgeBaseline().fit(x, y)
+        alpha, ridge = ridge.alpha_, ridge.model_
+    else:
+        ridge = Ridge(alpha=alpha).fit(x, y)
+    if config.anchor_model == "ridge":
+        return ridge.coef_, ridge.intercept_, alpha
+    encoding = EncodingReadout(x.shape[1])
+    encoding.fit_receptive_fields(x, train.images, config.rf_voxels)
+    banned = None if exclude is None else torch.as_tensor(np.asarray(exclude)).flatten(1) > 0.5
+    prior, _, _ = image_prior(torch.as_tensor(train.images), None, config,
+                              torch.Generator().manual_seed(config.seed + 3), banned)
+    weight, bias = posterior_readout(encoding, x, y, prior.flatten(1).double().numpy(),
+                                     config.rf_noise_shrink, config.rf_prior_scale)
+    r = config.rf_ridge_weight
+    return (r * ridge.coef_ + (1 - r) * weight, r * ridge.intercept_ + (1 - r) * bias, alpha)
+
+
+def out_of_fold_readouts(train: Trials, config: "GenerativeConfig", alpha: float) -> np.ndarray:
+    """Anchors ``N x 1 x 28 x 28`` of training trials, each by the read-out (``fit_anchor``, ridge
+    ``alpha``) fitted on the trials of *other images* only (``anchor_folds`` image-grouped folds;
+    the held-out images also kept out of its image prior), so that the decoders learn from
+    anchors that look like the anchor of a never-seen test image."""
+    x, out = np.asarray(train.fmri, np.float64), np.zeros((len(train), N_PIXELS))
+    for tr, va in grouped_folds(train.image_ids, config.anchor_folds):
+        weight, bias, _ = fit_anchor(train.subset(tr), config, alpha, exclude=train.images[va])
+        out[va] = x[va] @ weight.T + bias
     return out.reshape(train.images.shape).astype(np.float32)
 
 
-def out_of_fold_residuals(train: Trials, alpha: float, n_folds: int) -> np.ndarray:
-    """What a linear encoding model (ridge images -> fMRI, ``alpha``) misses on a new image: the
-    training trials' fMRI ``N x V`` minus its prediction by an encoding model fitted on the trials
-    of other images only (image-grouped ``out_of_fold_ridge``); trial noise included."""
-    pred = out_of_fold_ridge(train.images, train.fmri, train.image_ids, alpha, n_folds)
-    return (np.asarray(train.fmri, np.float64) - pred).astype(np.float32)
+def encoding_model(encoder: nn.Module, train: Trials, config: "GenerativeConfig") -> EncodingReadout:
+    """The decoders' encoding model (images -> voxels), the likelihood of their sampler and the
+    source of the synthetic-fMRI prior: with ``anchor_model="receptive-field"`` receptive fields
+    fitted here on the trials (``rf_voxels`` kept for the likelihood; they predict any image),
+    with "ridge" a copy of the frozen encoder's ridge encoding model."""
+    if config.anchor_model == "ridge":
+        return copy.deepcopy(encoder.encoding)
+    model = EncodingReadout(train.fmri.shape[1])
+    model.fit_receptive_fields(train.fmri, train.images, config.rf_voxels)
+    return model
 
 
-def fit_novelty_gate(train: Trials, alpha: float, unseen: np.ndarray,
+def out_of_fold_residuals(train: Trials, config: "GenerativeConfig", alpha: float) -> np.ndarray:
+    """What the decoders' encoding model (``encoding_model``; ridge with ``alpha``, or receptive
+    fields) misses on a new image: the training trials' fMRI ``N x V`` minus its prediction by the
+    same kind of model fitted on the trials of other images only (``anchor_folds`` image-grouped
+    folds); trial noise included."""
+    fmri = np.asarray(train.fmri, np.float64)
+    if config.anchor_model == "ridge":
+        pred = out_of_fold_ridge(train.images, fmri, train.image_ids, alpha, config.anchor_folds)
+    else:
+        pred = np.zeros_like(fmri)
+        for tr, va in grouped_folds(train.image_ids, config.anchor_folds):
+            part = EncodingReadout(fmri.shape[1])
+            part.fit_receptive_fields(fmri[tr], train.images[tr], 1.0)
+            pred[va] = part(torch.as_tensor(train.images[va])).numpy()
+    return (fmri - pred).astype(np.float32)
+
+
+def fit_novelty_gate(train: Trials, config: "GenerativeConfig", alpha: float, unseen: np.ndarray,
                      n_folds: int = 5) -> tuple[np.ndarray, np.ndarray] | None:
     """Calibrate the novelty gate on training trials only -> (training images ``K x 1 x 28 x 28``,
     logistic (slope, intercept) on the nearest-training-image similarity) or None when no image
-    has two trials. "Unseen" examples: the out-of-fold read-outs ``unseen`` (image-grouped,
-    ``out_of_fold_readouts``); "seen": read-outs of trials by a ridge (``alpha``) fitted without
-    them but with other trials of their image (each image's trials dealt round-robin to
-    ``n_folds`` folds; trials of images shown once are left out)."""
-    from sklearn.linear_model import LogisticRegression, Ridge
+    has two trials. "Unseen" examples: the out-of-fold anchors ``unseen`` (image-grouped,
+    ``out_of_fold_readouts``); "seen": anchors of trials by the read-out (``fit_anchor``, ridge
+    ``alpha``) fitted without them but with other trials of their image (each image's trials dealt
+    round-robin to ``n_folds`` folds; trials of images shown once are left out)."""
+    from sklearn.linear_model import LogisticRegression
     ids = train.image_ids
     _, first, inverse, counts = np.unique(ids, return_index=True, return_inverse=True, return_counts=True)
     repeated = counts[inverse] >= 2
@@ -219,12 +305,12 @@ def fit_novelty_gate(train: Trials, alpha: float, unseen: np.ndarray,
     rank = np.zeros(len(ids), dtype=int)
     for k in range(len(counts)):
         rank[inverse == k] = np.arange(counts[k])
-    flat = train.images.reshape(len(train), -1).astype(np.float64)
-    seen = np.zeros_like(flat)
+    seen = np.zeros((len(train), N_PIXELS))
     for f in range(n_folds):
         va = rank % n_folds == f
         if va.any():
-            seen[va] = Ridge(alpha=alpha).fit(train.fmri[~va], flat[~va]).predict(train.fmri[va])
+            weight, bias, _ = fit_anchor(train.subset(np.where(~va)[0]), config, alpha)
+            seen[va] = np.asarray(train.fmri[va], np.float64) @ weight.T + bias
     images = train.images[first]
     s = np.concatenate([nearest_image_similarity(unseen, images),
                         nearest_image_similarity(seen[repeated], images)])
@@ -354,10 +440,11 @@ class MLPDenoiser(nn.Module):
 
 class AnchorMixin:
     """The low-level anchor of a decoder built with ``anchor_voxels > 0``: it owns a
-    ``LinearReadout`` (``readout``, fitted by ``train_generative``), takes read-outs as a second
-    input beside the embedding, and blends its samples with them (``anchor_blend``). Any decoder
-    may also take the frozen encoder's encoding model as a likelihood (``likelihood_weight``):
-    a data-consistency step of its samples towards the test fMRI (``reconstruct`` passes it)."""
+    ``LinearReadout`` (``readout``) and an ``EncodingReadout`` (``encoding``, its likelihood),
+    both fitted by ``train_generative``, takes read-outs as a second input beside the embedding,
+    and blends its samples with them (``anchor_blend``). Any decoder may take an encoding model
+    as a likelihood (``likelihood_weight``): a data-consistency step of its samples towards the
+    test fMRI (``reconstruct`` passes it: the decoder's own, else the frozen encoder's)."""
 
     def _init_anchor(self, anchor_voxels: int, anchor_blend: float, gate_images: int = 0,
                      likelihood_weight: float = 0.0, likelihood_reg: float = 3.0,
@@ -371,11 +458,12 @@ class AnchorMixin:
         if anchor_blend > 0 and not anchor_voxels:
             raise ValueError("anchor_blend > 0 needs a decoder with a low-level anchor (anchor_voxels > 0)")
         self.readout = LinearReadout(anchor_voxels, gate_images) if anchor_voxels else None
+        self.encoding = EncodingReadout(anchor_voxels) if anchor_voxels else None
 
     def forward(self, condition: torch.Tensor, anchor: torch.Tensor | None = None,
                 generator: torch.Generator | None = None, likelihood: Callable | None = None) -> torch.Tensor:
         """``decoder(condition[, anchor, likelihood=...])`` samples images ``N x 1 x 28 x 28``
-        (``sample``; the likelihood: ``encoder.encoding.consistency_step(fmri, likelihood_reg)``);
+        (``sample``; the likelihood: ``decoder.encoding.consistency_step(fmri, likelihood_reg)``);
         from fMRI, ``reconstruct(encoder, decoder, fmri)`` does it all."""
         return self.sample(condition, generator, anchor, likelihood=likelihood)
 
@@ -743,6 +831,19 @@ class GenerativeConfig(ScriptOptions):
     anchor: bool = field(default=True, metadata={
         "help": "condition both decoders on the ridge read-out of the image as well (low-level "
                 "anchor; fitted on the training trials, out-of-fold for them)"})
+    anchor_model: str = field(default="receptive-field", metadata={"choices": ANCHOR_MODELS,
+        "help": "the anchor's read-out: ridge, or ridge blended with the posterior mean under a "
+                "receptive-field encoding model and the image prior (which also gives the "
+                "synthetic-fMRI prior its fMRI), which reaches images outside the span of the "
+                "training images"})
+    rf_voxels: float = field(default=0.4, metadata={"above": 0, "max": 1,
+        "help": "receptive-field anchor: fraction of voxels it reads (the best-fitted ones)"})
+    rf_noise_shrink: float = field(default=0.8, metadata={"min": 0, "max": 1,
+        "help": "receptive-field anchor: shrinkage of the residual covariance towards its diagonal"})
+    rf_prior_scale: float = field(default=3.0, metadata={"above": 0,
+        "help": "receptive-field anchor: scale of the image prior's covariance"})
+    rf_ridge_weight: float = field(default=0.5, metadata={"min": 0, "max": 1,
+        "help": "receptive-field anchor: weight of the ridge read-out beside the posterior mean"})
     anchor_folds: int = field(default=10, metadata={"min": 2,
         "help": "image-grouped folds for the training trials' out-of-fold anchors (and the "
                 "synthetic-fMRI prior's out-of-fold residuals)"})
@@ -763,11 +864,11 @@ class GenerativeConfig(ScriptOptions):
         "help": "image-prior samples made (and encoded) once per fit, drawn from at every step"})
     init_strength: float = field(default=0.15, metadata={"above": 0, "max": 1,
         "help": "DDIM starts from the anchor noised to this fraction of T (1 = from pure noise)"})
-    anchor_blend: float = field(default=0.5, metadata={"min": 0, "max": 1,
+    anchor_blend: float = field(default=0.7, metadata={"min": 0, "max": 1,
         "help": "final image = (1 - b) sample + b clipped anchor"})
-    likelihood_weight: float = field(default=2.0, metadata={"min": 0,
-        "help": "weight of the data-consistency step towards the test fMRI under the frozen "
-                "encoder's encoding model (images -> voxels), at every DDIM step but the last and "
+    likelihood_weight: float = field(default=4.0, metadata={"min": 0,
+        "help": "weight of the data-consistency step towards the test fMRI under the decoders' "
+                "encoding model (images -> voxels; see anchor_model), at every DDIM step but the last and "
                 "once on the GAN's output, scaled by the novelty gate of an anchored decoder "
                 "(without anchor or gate: unscaled) (0 = off)"})
     likelihood_reg: float = field(default=decoder_default("likelihood_reg"), metadata={"above": 0,
@@ -809,7 +910,8 @@ def embed_trials(encoder: nn.Module, fmri: np.ndarray, images: np.ndarray,
 class DecoderTrainingSet:
     """What both decoders learn from, all on one device: per training trial its image ``N x 1 x 28
     x 28``, fMRI- and image-side embeddings ``N x D`` and out-of-fold anchor ``N x 1 x 28 x 28``
-    (None without an anchor) with the read-out fitted on all trials and its ridge alpha; and the
+    (None without an anchor) with the read-out fitted on all trials, its ridge alpha and the
+    decoders' encoding model (``encoding_model``); and the
     image prior (``image_prior``): ``P`` new images, their conditions ``P x D`` and anchors (None
     without a prior or an anchor), ``rejected`` counting the prior samples dropped as excluded."""
 
@@ -818,6 +920,7 @@ class DecoderTrainingSet:
     cond_image: torch.Tensor
     anchor: torch.Tensor | None = None
     readout: LinearReadout | None = None
+    encoding: EncodingReadout | None = None
     alpha: float | None = None
     prior_images: torch.Tensor | None = None
     prior_cond: torch.Tensor | None = None
@@ -1000,8 +1103,9 @@ def synthetic_fmri(encoding: nn.Module, images: torch.Tensor, residuals: torch.T
 def training_set(encoder: nn.Module, train: Trials, config: GenerativeConfig,
                  device: torch.device, exclude: np.ndarray | None = None) -> DecoderTrainingSet:
     """The decoders' training set for one fold's training trials (fMRI z-scored): frozen
-    embeddings; with ``config.anchor`` the ridge read-out fitted on all of them and out-of-fold
-    anchors; with ``config.augment_prob`` the image prior (``image_prior``), which never holds an
+    embeddings; with ``config.anchor`` the anchor's read-out fitted on all of them (``fit_anchor``),
+    out-of-fold anchors and the decoders' encoding model (``encoding_model``); with
+    ``config.augment_prob`` the image prior (``image_prior``), which never holds an
     image of ``exclude`` (``E x 1 x 28 x 28``), and its samples' conditions (``prior_condition``):
     ``encode_fmri`` of their synthetic fMRI (``synthetic_fmri``), with its read-out as the anchor;
     ``encode_image`` of the new image, with the transformed anchor; or the null condition (zeros),
@@ -1010,11 +1114,15 @@ def training_set(encoder: nn.Module, train: Trials, config: GenerativeConfig,
     data = DecoderTrainingSet(torch.as_tensor(train.images, device=device), cond_fmri, cond_image)
     if config.anchor:
         readout = LinearReadout(train.fmri.shape[1])
-        data.alpha = readout.fit(train.fmri, train.images)
-        anchor = out_of_fold_readouts(train, data.alpha, config.anchor_folds)
-        gate = fit_novelty_gate(train, data.alpha, anchor)
+        weight, bias, data.alpha = fit_anchor(train, config, exclude=exclude)
+        readout.weight.copy_(torch.as_tensor(weight))
+        readout.bias.copy_(torch.as_tensor(bias))
+        anchor = out_of_fold_readouts(train, config, data.alpha)
+        gate = fit_novelty_gate(train, config, data.alpha, anchor)
         data.readout = (readout if gate is None else readout.with_gate(*gate)).to(device)
         data.anchor = torch.as_tensor(anchor, device=device)
+    if config.anchor or config.prior_condition == "synthetic":
+        data.encoding = encoding_model(encoder, train, config).to(device)
     if config.augment_prob > 0:
         banned = None if exclude is None else torch.as_tensor(np.asarray(exclude), device=device).flatten(1) > 0.5
         synthetic = config.prior_condition == "synthetic"
@@ -1023,8 +1131,8 @@ def training_set(encoder: nn.Module, train: Trials, config: GenerativeConfig,
             data.images, None if synthetic else data.anchor, config, gen, banned)
         with evaluating(encoder):
             if synthetic:
-                residuals = out_of_fold_residuals(train, encoder.config.encoding_alpha, config.anchor_folds)
-                fmri = synthetic_fmri(encoder.encoding, data.prior_images,
+                residuals = out_of_fold_residuals(train, config, encoder.config.encoding_alpha)
+                fmri = synthetic_fmri(data.encoding, data.prior_images,
                                       torch.as_tensor(residuals, device=device), gen)
                 data.prior_cond = encode_in_chunks(encoder.encode_fmri, fmri)
                 data.prior_anchor = None if data.readout is None else data.readout(fmri)
@@ -1059,6 +1167,7 @@ def train_generative(encoder: nn.Module, fold_train: Trials, config: GenerativeC
     for model in (diffusion, gan):
         if data.anchor is not None:
             model.readout.load_state_dict(data.readout.state_dict())
+            model.encoding.load_state_dict(data.encoding.state_dict())
     prior = {"augment_prob": config.augment_prob, "augment_mix": config.augment_mix,
              "prior_size": 0 if data.prior_images is None else len(data.prior_images),
              "n_excluded_images": 0 if exclude is None else len(exclude),
@@ -1071,10 +1180,18 @@ def decode_fold(encoder: nn.Module, fold: Fold, config: GenerativeConfig,
     """One cross-validation fold: both decoders trained on ``fold.train`` on top of the frozen
     ``encoder`` (the image prior excluding the test images absent from training: S3's held-out
     image), then ``fold.test`` reconstructed from its fMRI only, sampled with a generator seeded
-    by ``config.seed`` -> ({"diffusion" | "gan": ``N x 1 x 28 x 28``}, {name: seconds})."""
+    by ``config.seed`` -> ({"diffusion" | "gan": ``N x 1 x 28 x 28``}, {name: seconds}); an
+    anchored pair adds "anchor", their clipped linear anchor alone (both decoders' ablation)."""
     *decoders, history = train_generative(encoder, fold.train, config, device, progress=False,
                                           exclude=fold.test.images[fold.unseen_test])
     recons, seconds = {}, {}
+    readout = decoders[0].readout
+    if readout is not None:
+        t = time.perf_counter()
+        with torch.no_grad():
+            x = torch.as_tensor(fold.test.fmri, device=readout.weight.device)
+            recons["anchor"] = readout(x).clamp(0, 1).cpu().numpy()
+        seconds["anchor"] = time.perf_counter() - t       # its fit is in the diffusion's seconds
     for name, decoder in zip(("diffusion", "gan"), decoders):
         t = time.perf_counter()
         recons[name] = reconstruct(encoder, decoder, fold.test.fmri, torch.Generator().manual_seed(config.seed))
@@ -1098,12 +1215,14 @@ def _decode(encoder: nn.Module, encode, decoder: nn.Module, inputs: np.ndarray, 
 def reconstruct(encoder: nn.Module, decoder: nn.Module, fmri: np.ndarray,
                 generator: torch.Generator | None = None) -> np.ndarray:
     """Test-time decoding from fMRI only: z-scored fMRI ``N x V`` -> encode_fmri (and, for an
-    anchored decoder, its linear read-out of the same fMRI; with ``likelihood_weight`` > 0 the
-    encoder's encoding model of the same fMRI as the sampler's likelihood) -> decoder sample ->
+    anchored decoder, its linear read-out of the same fMRI; with ``likelihood_weight`` > 0 an
+    encoding model's consistency step towards the same fMRI as the sampler's likelihood: the
+    decoder's own, ``encoding_model``, else the frozen encoder's) -> decoder sample ->
     ``N x 1 x 28 x 28`` float32 numpy in [0, 1]."""
     cfg = decoder.config
+    encoding = encoder.encoding if decoder.encoding is None else decoder.encoding
     likelihood = None if not cfg["likelihood_weight"] else (
-        lambda x: encoder.encoding.consistency_step(x, cfg["likelihood_reg"]))
+        lambda x: encoding.consistency_step(x, cfg["likelihood_reg"]))
     return _decode(encoder, encoder.encode_fmri, decoder, fmri, decoder.readout, generator, likelihood)
 
 

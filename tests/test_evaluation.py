@@ -252,7 +252,7 @@ def test_generative_decoders_are_scored_from_fmri_only(sim):
                                       progress=False)
     tiny = G.GenerativeConfig(seed=0, diffusion_steps=3, gan_steps=3, num_inference_steps=2)
     recons, seconds = G.decode_fold(encoder, fold, tiny, "cpu")
-    assert set(recons) == set(seconds) == {"diffusion", "gan"}
+    assert set(recons) == set(seconds) == {"anchor", "diffusion", "gan"}
     for recon in recons.values():
         assert recon.shape == (12, 1, 28, 28) and np.all((recon >= 0) & (recon <= 1))
         assert set(L.fold_means(L.score_reconstructions(recon, fold))) == set(L.METRICS)

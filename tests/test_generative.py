@@ -327,32 +327,111 @@ def test_image_prior_never_produces_an_excluded_image():
     assert torch.equal(anchor, prior)                 # the anchors had the images' transformations
 
 
-def test_out_of_fold_anchor_of_a_trial_ignores_its_image_s_other_trials(sim):
-    """A training trial's anchor comes from a ridge fitted on other images' trials only: changing
-    the fMRI of the other trials of its image leaves it unchanged (a plain K-fold would not)."""
+@pytest.mark.parametrize("model", G.ANCHOR_MODELS)
+def test_out_of_fold_anchor_of_a_trial_ignores_its_image_s_other_trials(sim, model):
+    """A training trial's anchor comes from a read-out fitted on other images' trials only:
+    changing the fMRI of the other trials of its image leaves it unchanged (a plain K-fold would
+    not)."""
     train = sim.s1().train
-    alpha = 10.0
-    a = G.out_of_fold_readouts(train, alpha, 10)
+    cfg = replace(TINY, anchor_model=model, prior_size=512)
+    a = G.out_of_fold_readouts(train, cfg, 10.0)
     k = train.image_ids[0]
     rows = np.where(train.image_ids == k)[0][1:]
     fmri = train.fmri.copy()
     fmri[rows] = np.random.default_rng(0).standard_normal(fmri[rows].shape)
-    b = G.out_of_fold_readouts(replace(train, fmri=fmri), alpha, 10)
-    np.testing.assert_allclose(a[0], b[0], atol=1e-6)
+    b = G.out_of_fold_readouts(replace(train, fmri=fmri), cfg, 10.0)
+    np.testing.assert_allclose(a[0], b[0], atol=1e-5)
     assert not np.allclose(a, b, atol=1e-3)                  # other trials' anchors did change
 
 
-def test_out_of_fold_residual_of_a_trial_ignores_its_image_s_other_trials(sim):
-    """The synthetic-fMRI prior's residuals come from an encoding model fitted on other images'
-    trials only: changing the other trials of a trial's image leaves its residual unchanged, and
-    each residual is the trial's fMRI minus that model's prediction for its image."""
+def planted_receptive_fields(n_voxels=80, noise=0.05, seed=0):
+    """Voxels whose fMRI is a positive gain times an image's overlap with one Gaussian of the
+    bank, plus a bias and noise -> fmri(images ``N x 1 x 28 x 28``, noisy=True) ``N x V``."""
+    rng = np.random.default_rng(seed)
+    bank = D.receptive_field_bank()
+    rows = rng.integers(len(bank), size=n_voxels)
+    gain, bias = rng.uniform(5, 20, n_voxels), rng.normal(0, 1, n_voxels)
+
+    def fmri(images, noisy=True):
+        clean = images.reshape(len(images), -1) @ bank[rows].T * gain + bias
+        return clean + noisy * noise * rng.standard_normal(clean.shape)
+    return fmri
+
+
+def test_receptive_fields_predict_images_outside_the_training_span():
+    """Fitted on the 19 other figures, the receptive-field encoding model predicts the fMRI of a
+    never-seen figure (voxels with planted Gaussian receptive fields), whose part outside the span
+    of the training images a ridge encoding model cannot predict."""
+    images, _ = L.figure_images()
+    images = np.stack([L.upsample_grid(im) for im in images])[:, None].astype(np.float32)
+    train, new = images[np.arange(20) != 6], images[6:7]
+    fmri = planted_receptive_fields()
+    x = np.repeat(train, 5, 0)
+    y = fmri(x)
+    rf, ridge = D.EncodingReadout(y.shape[1]), D.EncodingReadout(y.shape[1])
+    rf.fit_receptive_fields(y, x, 1.0)
+    ridge.fit(y, x, np.repeat(np.arange(19), 5), alpha=1.0, voxel_fraction=1.0)
+    truth = fmri(new, noisy=False)[0] - y.mean(0)          # the new image's response, as a change
+    error = {name: np.linalg.norm(m(torch.as_tensor(new))[0].numpy() - y.mean(0) - truth)
+             / np.linalg.norm(truth) for name, m in (("rf", rf), ("ridge", ridge))}
+    print("relative error of the predicted response to a never-seen figure", error)
+    assert error["rf"] < 0.05 and error["ridge"] > 0.2
+
+
+def test_posterior_readout_is_the_gaussian_posterior_mean():
+    """The receptive-field anchor's read-out equals the brute-force posterior mean in information
+    form, (W^T R^-1 W + (sS)^-1)^-1 (W^T R^-1 (y - b) + (sS)^-1 m), on a small problem."""
+    rng = np.random.default_rng(0)
+    n_voxels, keep = 12, np.arange(12) % 3 != 0
+    encoding = D.EncodingReadout(n_voxels)
+    encoding.weight.copy_(torch.as_tensor(rng.normal(0, 0.1, (n_voxels, L.N_PIXELS))))
+    encoding.bias.copy_(torch.as_tensor(rng.normal(0, 1, n_voxels)))
+    encoding.voxels.copy_(torch.as_tensor(keep))
+    images, prior = rng.random((40, L.N_PIXELS)), rng.random((2000, L.N_PIXELS))
+    fmri = images @ encoding.weight.double().numpy().T + rng.normal(0, 1, (40, n_voxels))
+    weight, bias = G.posterior_readout(encoding, fmri, images, prior, noise_shrink=0.3, prior_scale=2.0)
+    w, b = encoding.weight.double().numpy()[keep], encoding.bias.double().numpy()[keep]
+    r = np.cov(fmri[:, keep] - images @ w.T - b, rowvar=False)
+    r = 0.7 * r + 0.3 * np.diag(np.diag(r))
+    s_inv = np.linalg.inv(2.0 * np.cov(prior, rowvar=False))
+    y = rng.normal(0, 1, (3, n_voxels))
+    brute = np.linalg.solve(w.T @ np.linalg.solve(r, w) + s_inv,
+                            (w.T @ np.linalg.solve(r, (y[:, keep] - b).T)) + (s_inv @ prior.mean(0))[:, None]).T
+    np.testing.assert_allclose(y @ weight.T + bias, brute, atol=1e-6)
+    assert not weight[:, ~keep].any()
+
+
+def test_receptive_field_anchor_beats_ridge_on_a_never_seen_image(sim):
+    """On S3 folds of the simulated set (retinotopic voxels), the receptive-field anchor
+    reconstructs the held-out image better than the ridge read-out, and on S1 (seen images) it
+    keeps ridge's PixCorr."""
+    def gain(fold):
+        score = {}
+        for model in G.ANCHOR_MODELS:
+            weight, bias, _ = G.fit_anchor(fold.train, replace(TINY, anchor_model=model),
+                                           exclude=fold.test.images[fold.unseen_test])
+            score[model] = L.score_reconstructions(fold.test.fmri @ weight.T + bias, fold)["pixcorr"].mean()
+        return score["receptive-field"] - score["ridge"]
+    unseen = [gain(sim.fold(tr, te)) for _, tr, te in L.splits("s3", sim)[::4]]
+    seen = gain(sim.s1())
+    print(f"PixCorr gain over ridge: never-seen {np.round(unseen, 3)}, S1 {seen:+.3f}")
+    assert np.mean(unseen) > 0.03 and seen > -0.01
+
+
+@pytest.mark.parametrize("model", G.ANCHOR_MODELS)
+def test_out_of_fold_residual_of_a_trial_ignores_its_image_s_other_trials(sim, model):
+    """The synthetic-fMRI prior's residuals come from an encoding model (ridge, or receptive
+    fields) fitted on other images' trials only: changing the other trials of a trial's image
+    leaves its residual unchanged, and each residual is the trial's fMRI minus that model's
+    prediction for its image."""
     train = sim.s1().train
-    a = G.out_of_fold_residuals(train, 30.0, 10)
+    residuals = lambda t: G.out_of_fold_residuals(t, replace(TINY, anchor_model=model), 30.0)  # noqa: E731
+    a = residuals(train)
     k = train.image_ids[0]
     rows = np.where(train.image_ids == k)[0][1:]
     fmri = train.fmri.copy()
     fmri[rows] = np.random.default_rng(0).standard_normal(fmri[rows].shape)
-    b = G.out_of_fold_residuals(replace(train, fmri=fmri), 30.0, 10)
+    b = residuals(replace(train, fmri=fmri))
     np.testing.assert_allclose(a[0], b[0], atol=1e-5)
     np.testing.assert_allclose(a[rows[0]] - b[rows[0]], train.fmri[rows[0]] - fmri[rows[0]], atol=1e-5)
 
@@ -367,9 +446,10 @@ def test_synthetic_prior_conditions_come_from_the_encoding_model(sim):
                                   torch.device("cpu"), progress=False)
     cfg = replace(TINY, augment_prob=0.5, prior_size=32, prior_condition="synthetic")
     data = G.training_set(enc, train, cfg, torch.device("cpu"))
-    residuals = torch.as_tensor(G.out_of_fold_residuals(train, enc.config.encoding_alpha, cfg.anchor_folds))
+    encoding = data.encoding
+    residuals = torch.as_tensor(G.out_of_fold_residuals(train, cfg, enc.config.encoding_alpha))
     with L.evaluating(enc):
-        for p, predicted in enumerate(enc.encoding(data.prior_images)):
+        for p, predicted in enumerate(encoding(data.prior_images)):
             fmri = predicted + residuals                      # the sample's fMRI with every residual
             err = ((enc.encode_fmri(fmri) - data.prior_cond[p]).abs().amax(1)
                    + (data.readout(fmri) - data.prior_anchor[p]).flatten(1).abs().amax(1))
@@ -441,8 +521,10 @@ def test_novelty_gate_opens_for_a_never_seen_image_and_closes_for_seen_ones(sim)
     read-outs new (P > 0.5) and, on S1, the read-outs of test trials whose images were seen old."""
     def gate_of(fold):
         readout = G.LinearReadout(sim.n_voxels)
-        alpha = readout.fit(fold.train.fmri, fold.train.images)
-        gate = G.fit_novelty_gate(fold.train, alpha, G.out_of_fold_readouts(fold.train, alpha, 10))
+        weight, bias, alpha = G.fit_anchor(fold.train, TINY, exclude=fold.test.images[fold.unseen_test])
+        readout.weight.copy_(torch.as_tensor(weight))
+        readout.bias.copy_(torch.as_tensor(bias))
+        gate = G.fit_novelty_gate(fold.train, TINY, alpha, G.out_of_fold_readouts(fold.train, TINY, alpha))
         readout = readout.with_gate(*gate)
         return readout.novelty(readout(torch.as_tensor(fold.test.fmri))).numpy()
     _, train_idx, test_idx = L.splits("s3", sim)[6]

@@ -124,7 +124,7 @@ def test_both_decoders_of_the_benchmark_reconstruct_from_fmri_only():
     encoder, _ = D.train_dual_encoder(fold.train, D.DualEncoderConfig(epochs=2, val_fraction=0),
                                       progress=False)
     recons = [G.decode_fold(encoder, f, TINY_DECODERS, "cpu")[0] for f in (fold, swapped)]
-    assert set(recons[0]) == {"diffusion", "gan"}
+    assert set(recons[0]) == {"anchor", "diffusion", "gan"}
     for name, recon in recons[0].items():
         np.testing.assert_array_equal(recon, recons[1][name], err_msg=name)
 

@@ -80,7 +80,7 @@ def test_generating_stimuli_as_the_seed_did_names_the_honest_calls(outputs):
             correlation_emb = model.encode_fmri(fmri)                   # fMRI only
             with pytest.raises(ValueError, match=r"anchor=decoder\.readout\(fmri\)"):
                 decoder(correlation_emb)
-            step = model.encoding.consistency_step(fmri, decoder.config["likelihood_reg"])
+            step = decoder.encoding.consistency_step(fmri, decoder.config["likelihood_reg"])
             generated = decoder(correlation_emb, anchor=decoder.readout(fmri),
                                 generator=torch.Generator().manual_seed(0), likelihood=step)
             assert generated.shape == (len(fmri), 1, 28, 28)
