@@ -12,13 +12,15 @@ the true test image (``encoder.encode_image``) appear only under the ``oracle`` 
   a spectral-norm projection discriminator, trained with the hinge loss plus
   ``recon_weight`` x MSE to the trial's image.
 
-For images never seen in training (S3) both decoders also take a *low-level anchor*, the ridge
-read-out of the image from the same fMRI (out-of-fold for the training trials), learn from an
-*image prior* of rotated / reflected / shifted / cut-and-pasted (anchor, image) pairs conditioned
-through the frozen ``encode_image`` or through synthetic fMRI (the encoding model's prediction
-plus a training residual; never equal to a fold's unseen test image), start DDIM from
-the noised anchor and blend their output with it; ``benchmarks/tune_decoders.py`` chose these
-settings by inner CV on the S1 training trials (README, "Decoders").
+For images never seen in training (S3) both decoders also take a *low-level anchor*, a linear
+read-out of the image from the same fMRI (out-of-fold for the training trials): ridge blended
+with the posterior mean under a *receptive-field encoding model*, which, unlike ridge, reaches
+images outside the span of the training images. They learn from an *image prior* of rotated /
+reflected / shifted / cut-and-pasted images conditioned through synthetic fMRI (that encoding
+model's prediction plus a training residual; never equal to a fold's unseen test image), start
+DDIM from the noised anchor, take data-consistency steps under the same encoding model and blend
+their output with the anchor; ``benchmarks/tune_anchor.py`` and ``benchmarks/tune_decoders.py``
+chose these settings by inner CV on the S1 training trials (README, "Decoders").
 
 Choices, each measured:
 
