@@ -1000,7 +1000,10 @@ def image_prior(images: torch.Tensor, anchor: torch.Tensor | None, config: Gener
             new_anchor = new_anchor + box * (paste_anchor - new_anchor)
     keep = torch.ones(n, dtype=torch.bool, device=device)
     if exclude is not None and len(exclude):
-        keep = ~((new_images.flatten(1) > 0.5)[:, None] == exclude[None]).all(-1).any(1)
+        # binary images a, b are equal where their Hamming distance |a| + |b| - 2 a.b is 0
+        # (whole numbers <= 784, exact in float32; P x E without a P x E x 784 comparison)
+        a, b = (new_images.flatten(1) > 0.5).float(), exclude.float()
+        keep = ~((a.sum(1, keepdim=True) + b.sum(1) - 2 * a @ b.T) == 0).any(1)
     return new_images[keep], None if new_anchor is None else new_anchor[keep], int((~keep).sum())
 
 
