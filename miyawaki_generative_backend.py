@@ -140,9 +140,9 @@ def _rand(shape, generator: torch.Generator | None, device: torch.device) -> tor
 
 # --------------------------------------------------------------------------- low-level anchor
 class LinearReadout(PixelReadout):
-    """The low-level anchor: the dual encoder's linear read-out of the image from z-scored fMRI
-    (``PixelReadout``, ridge weights as buffers, saved with the decoder's state), ``N x V -> N x 1
-    x 28 x 28``; with ``gate_images`` > 0 also its novelty gate (``novelty``): the fold's ``K``
+    """The low-level anchor: a linear read-out of the image from z-scored fMRI, ``N x V -> N x 1 x
+    28 x 28`` (``PixelReadout``'s buffers, saved with the decoder's state; weights from
+    ``fit_anchor``); with ``gate_images`` > 0 also its novelty gate (``novelty``): the fold's ``K``
     training images and a logistic fit."""
 
     def __init__(self, n_voxels: int, gate_images: int = 0):
@@ -831,8 +831,8 @@ class GenerativeConfig(ScriptOptions):
     log_every: int = field(default=100, metadata={"min": 1, "help": "steps between log lines"})
     # low-level anchor and image prior (what lets the decoders reconstruct never-seen images)
     anchor: bool = field(default=True, metadata={
-        "help": "condition both decoders on the ridge read-out of the image as well (low-level "
-                "anchor; fitted on the training trials, out-of-fold for them)"})
+        "help": "condition both decoders on a linear read-out of the image as well (low-level "
+                "anchor, see anchor_model; fitted on the training trials, out-of-fold for them)"})
     anchor_model: str = field(default="receptive-field", metadata={"choices": ANCHOR_MODELS,
         "help": "the anchor's read-out: ridge, or ridge blended with the posterior mean under a "
                 "receptive-field encoding model and the image prior (which also gives the "
