@@ -184,6 +184,13 @@ class PixelReadout(nn.Module):
         return (fmri @ self.weight.T + self.bias).reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
 
 
+def grouped_folds(groups: np.ndarray, n_folds: int):
+    """Image-grouped folds over ``N`` trials with image ids ``groups`` -> (train, held-out) index
+    pairs, ``min(n_folds, images)`` of them: a held-out trial's image is absent from its train."""
+    from sklearn.model_selection import GroupKFold  # imported here: sklearn costs ~60 MiB
+    return GroupKFold(min(n_folds, len(np.unique(groups)))).split(np.zeros(len(groups)), groups=groups)
+
+
 RF_SIZES = (1.0, 2.0, 3.5, 6.0)  # Gaussian receptive-field SDs in pixels (a grid cell is 2.8 px)
 
 
@@ -222,7 +229,6 @@ class EncodingReadout(nn.Module):
         """Ridge images -> fMRI ``N x V`` on training trials, in place; keeps the ``voxel_fraction``
         best-predicted voxels (all when fewer than 2 images) -> the number kept."""
         from sklearn.linear_model import Ridge  # imported here: sklearn costs ~60 MiB
-        from sklearn.model_selection import GroupKFold
         y, x = np.asarray(images, np.float64).reshape(len(images), -1), np.asarray(fmri, np.float64)
         model = Ridge(alpha=alpha).fit(y, x)
         self.weight.copy_(torch.as_tensor(model.coef_))
@@ -231,7 +237,7 @@ class EncodingReadout(nn.Module):
         accuracy = np.zeros(n_voxels)
         if n_images >= 2 and voxel_fraction < 1:
             pred = np.zeros_like(x)
-            for tr, va in GroupKFold(min(n_folds, n_images)).split(x, groups=image_ids):
+            for tr, va in grouped_folds(image_ids, n_folds):
                 pred[va] = Ridge(alpha=alpha).fit(y[tr], x[tr]).predict(y[va])
             accuracy = pearson_rows(pred.T, x.T)
         keep = np.argsort(-accuracy, kind="stable")[:max(1, round(voxel_fraction * n_voxels))]

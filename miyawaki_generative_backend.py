@@ -74,7 +74,7 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, Ch
                                      save_checkpoint, save_figure, save_json, script_parser,
                                      seed_everything, evaluating, write_summary)
 from miyawaki_dual_encoder import (CHECKPOINT_NAME as ENCODER_CHECKPOINT_NAME, SCRIPT as ENCODER_SCRIPT,
-                                   EncodingReadout, PixelReadout, load_for_s1)
+                                   EncodingReadout, PixelReadout, grouped_folds, load_for_s1)
 
 CHECKPOINT_KIND = "generative_backends"
 CHECKPOINT_NAME = "miyawaki_generative_backends.pth"
@@ -174,13 +174,6 @@ def nearest_image_similarity(readouts: np.ndarray, images: np.ndarray) -> np.nda
     """The protocol's identification score (Pearson r of the clipped read-out) of each read-out
     ``N x 1 x 28 x 28`` with its nearest image of ``images`` ``K x ...`` -> ``N``."""
     return identification_scores(readouts, images).max(1)
-
-
-def grouped_folds(groups: np.ndarray, n_folds: int):
-    """Image-grouped folds over ``N`` trials with image ids ``groups`` -> (train, held-out) index
-    pairs, ``min(n_folds, images)`` of them: a held-out trial's image is absent from its train."""
-    from sklearn.model_selection import GroupKFold  # imported here, as in the loader: ~60 MiB
-    return GroupKFold(min(n_folds, len(np.unique(groups)))).split(np.zeros(len(groups)), groups=groups)
 
 
 def out_of_fold_ridge(inputs: np.ndarray, targets: np.ndarray, groups: np.ndarray, alpha: float,
