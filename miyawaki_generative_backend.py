@@ -213,14 +213,17 @@ def posterior_readout(encoding: EncodingReadout, fmri: np.ndarray, images: np.nd
 
 
 def fit_anchor(train: Trials, config: "GenerativeConfig", alpha: float | None = None,
-               exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+               exclude: np.ndarray | None = None,
+               encoding: EncodingReadout | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """The low-level anchor's linear read-out, fitted on trials (fMRI z-scored) -> (weight ``784 x
     V``, bias ``784``, ridge alpha), float64. The ridge read-out (``alpha`` None: chosen by
     efficient LOO, as the ridge baseline) and, with ``anchor_model="receptive-field"``, the
     posterior mean under a receptive-field encoding model (``EncodingReadout.fit_receptive_fields``,
     ``rf_voxels``) and the image prior made from these trials' images (``image_prior``, never an
     image of ``exclude`` ``E x 1 x 28 x 28``), weighted ``1 - rf_ridge_weight`` beside ridge: ridge
-    is best inside the span of the training images, the receptive fields outside it."""
+    is best inside the span of the training images, the receptive fields outside it. ``encoding``:
+    those receptive fields when already fitted on these trials (``encoding_model``,
+    ``receptive_field_folds``), else fitted here."""
     from sklearn.linear_model import Ridge
     x = np.asarray(train.fmri, np.float64)
     y = np.asarray(train.images, np.float64).reshape(len(train), -1)
@@ -231,8 +234,8 @@ def fit_anchor(train: Trials, config: "GenerativeConfig", alpha: float | None = 
         ridge = Ridge(alpha=alpha).fit(x, y)
     if config.anchor_model == "ridge":
         return ridge.coef_, ridge.intercept_, alpha
-    encoding = EncodingReadout(x.shape[1])
-    encoding.fit_receptive_fields(x, train.images, config.rf_voxels)
+    if encoding is None:
+        encoding = receptive_fields(train.fmri, train.images, config)
     banned = None if exclude is None else torch.as_tensor(np.asarray(exclude)).flatten(1) > 0.5
     prior, _, _ = image_prior(torch.as_tensor(train.images), None, config,
                               torch.Generator().manual_seed(config.seed + 3), banned)
@@ -242,14 +245,34 @@ def fit_anchor(train: Trials, config: "GenerativeConfig", alpha: float | None = 
     return (r * ridge.coef_ + (1 - r) * weight, r * ridge.intercept_ + (1 - r) * bias, alpha)
 
 
-def out_of_fold_readouts(train: Trials, config: "GenerativeConfig", alpha: float) -> np.ndarray:
+def receptive_fields(fmri: np.ndarray, images: np.ndarray, config: "GenerativeConfig") -> EncodingReadout:
+    """Receptive fields (``EncodingReadout.fit_receptive_fields``, ``rf_voxels`` kept) fitted on
+    trials' fMRI ``N x V`` and images ``N x 1 x 28 x 28``."""
+    model = EncodingReadout(fmri.shape[1])
+    model.fit_receptive_fields(fmri, images, config.rf_voxels)
+    return model
+
+
+def receptive_field_folds(train: Trials, config: "GenerativeConfig") -> list[tuple]:
+    """The decoders' image-grouped folds of training trials (``anchor_folds``, ``grouped_folds``) ->
+    per fold (training indices, held-out indices, ``receptive_fields`` fitted on the training part,
+    or None with ``anchor_model="ridge"``): one fit per fold, shared by the out-of-fold anchors and
+    residuals."""
+    rf = config.anchor_model == "receptive-field"
+    return [(tr, va, receptive_fields(train.fmri[tr], train.images[tr], config) if rf else None)
+            for tr, va in grouped_folds(train.image_ids, config.anchor_folds)]
+
+
+def out_of_fold_readouts(train: Trials, config: "GenerativeConfig", alpha: float,
+                         folds: list | None = None) -> np.ndarray:
     """Anchors ``N x 1 x 28 x 28`` of training trials, each by the read-out (``fit_anchor``, ridge
-    ``alpha``) fitted on the trials of *other images* only (``anchor_folds`` image-grouped folds;
-    the held-out images also kept out of its image prior), so that the decoders learn from
-    anchors that look like the anchor of a never-seen test image."""
+    ``alpha``) fitted on the trials of *other images* only (``folds``: ``receptive_field_folds``,
+    made here when None; the held-out images also kept out of its image prior), so that the
+    decoders learn from anchors that look like the anchor of a never-seen test image."""
     x, out = np.asarray(train.fmri, np.float64), np.zeros((len(train), N_PIXELS))
-    for tr, va in grouped_folds(train.image_ids, config.anchor_folds):
-        weight, bias, _ = fit_anchor(train.subset(tr), config, alpha, exclude=train.images[va])
+    for tr, va, encoding in receptive_field_folds(train, config) if folds is None else folds:
+        weight, bias, _ = fit_anchor(train.subset(tr), config, alpha, exclude=train.images[va],
+                                     encoding=encoding)
         out[va] = x[va] @ weight.T + bias
     return out.reshape(train.images.shape).astype(np.float32)
 
@@ -257,29 +280,26 @@ def out_of_fold_readouts(train: Trials, config: "GenerativeConfig", alpha: float
 def encoding_model(encoder: nn.Module, train: Trials, config: "GenerativeConfig") -> EncodingReadout:
     """The decoders' encoding model (images -> voxels), the likelihood of their sampler and the
     source of the synthetic-fMRI prior: with ``anchor_model="receptive-field"`` receptive fields
-    fitted here on the trials (``rf_voxels`` kept for the likelihood; they predict any image),
-    with "ridge" a copy of the frozen encoder's ridge encoding model."""
+    fitted here on the trials (``receptive_fields``; they predict any image), with "ridge" a copy
+    of the frozen encoder's ridge encoding model."""
     if config.anchor_model == "ridge":
         return copy.deepcopy(encoder.encoding)
-    model = EncodingReadout(train.fmri.shape[1])
-    model.fit_receptive_fields(train.fmri, train.images, config.rf_voxels)
-    return model
+    return receptive_fields(train.fmri, train.images, config)
 
 
-def out_of_fold_residuals(train: Trials, config: "GenerativeConfig", alpha: float) -> np.ndarray:
+def out_of_fold_residuals(train: Trials, config: "GenerativeConfig", alpha: float,
+                          folds: list | None = None) -> np.ndarray:
     """What the decoders' encoding model (``encoding_model``; ridge with ``alpha``, or receptive
     fields) misses on a new image: the training trials' fMRI ``N x V`` minus its prediction by the
-    same kind of model fitted on the trials of other images only (``anchor_folds`` image-grouped
-    folds); trial noise included."""
+    same kind of model fitted on the trials of other images only (``folds``:
+    ``receptive_field_folds``, made here when None); trial noise included."""
     fmri = np.asarray(train.fmri, np.float64)
     if config.anchor_model == "ridge":
         pred = out_of_fold_ridge(train.images, fmri, train.image_ids, alpha, config.anchor_folds)
     else:
         pred = np.zeros_like(fmri)
-        for tr, va in grouped_folds(train.image_ids, config.anchor_folds):
-            part = EncodingReadout(fmri.shape[1])
-            part.fit_receptive_fields(fmri[tr], train.images[tr], 1.0)
-            pred[va] = part(torch.as_tensor(train.images[va])).numpy()
+        for _, va, encoding in receptive_field_folds(train, config) if folds is None else folds:
+            pred[va] = encoding(torch.as_tensor(train.images[va])).numpy()
     return (fmri - pred).astype(np.float32)
 
 
@@ -1018,7 +1038,9 @@ def train_diffusion(data: DecoderTrainingSet, config: GenerativeConfig,
     gen = torch.Generator(device).manual_seed(config.seed)
     model = build_decoder(MiyawakiDiffusionDecoder, data.cond_fmri.shape[1], config, config.seed,
                           data.anchor_voxels, data.gate_images).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=config.diffusion_lr)
+    # foreach: the multi-tensor update CUDA uses by default; on the CPU the per-tensor loop's
+    # numbers bit for bit, faster (both decoders)
+    opt = torch.optim.Adam(model.parameters(), lr=config.diffusion_lr, foreach=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.diffusion_lr,
                                                 total_steps=config.diffusion_steps, pct_start=0.1)
     grid_at = set(np.linspace(0, config.diffusion_steps, config.n_sample_grids + 1)[1:].round().astype(int))
@@ -1056,8 +1078,10 @@ def train_gan(data: DecoderTrainingSet, config: GenerativeConfig,
     gen = torch.Generator(device).manual_seed(config.seed + 1)
     model = build_decoder(MiyawakiGANDecoder, data.cond_fmri.shape[1], config, config.seed + 1,
                           data.anchor_voxels, data.gate_images).to(device)
-    opt_g = torch.optim.Adam(model.generator.parameters(), lr=config.gan_lr, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(model.discriminator.parameters(), lr=config.gan_lr, betas=(0.5, 0.999))
+    opt_g = torch.optim.Adam(model.generator.parameters(), lr=config.gan_lr, betas=(0.5, 0.999),
+                             foreach=True)
+    opt_d = torch.optim.Adam(model.discriminator.parameters(), lr=config.gan_lr, betas=(0.5, 0.999),
+                             foreach=True)
     history = {"d_loss": [], "g_adv": [], "g_recon": []}
     running = {k: [] for k in history}
     idx = torch.arange(len(data.images), device=device)
@@ -1110,26 +1134,29 @@ def training_set(encoder: nn.Module, train: Trials, config: GenerativeConfig,
     with the transformed anchor."""
     cond_fmri, cond_image = embed_trials(encoder, train.fmri, train.images, device)
     data = DecoderTrainingSet(torch.as_tensor(train.images, device=device), cond_fmri, cond_image)
+    synthetic = config.augment_prob > 0 and config.prior_condition == "synthetic"
+    if config.anchor or config.prior_condition == "synthetic":
+        data.encoding = encoding_model(encoder, train, config)
+    folds = receptive_field_folds(train, config) if config.anchor or synthetic else None
     if config.anchor:
         readout = LinearReadout(train.fmri.shape[1])
-        weight, bias, data.alpha = fit_anchor(train, config, exclude=exclude)
+        weight, bias, data.alpha = fit_anchor(train, config, exclude=exclude, encoding=data.encoding)
         readout.weight.copy_(torch.as_tensor(weight))
         readout.bias.copy_(torch.as_tensor(bias))
-        anchor = out_of_fold_readouts(train, config, data.alpha)
+        anchor = out_of_fold_readouts(train, config, data.alpha, folds)
         gate = fit_novelty_gate(train, config, data.alpha, anchor)
         data.readout = (readout if gate is None else readout.with_gate(*gate)).to(device)
         data.anchor = torch.as_tensor(anchor, device=device)
-    if config.anchor or config.prior_condition == "synthetic":
-        data.encoding = encoding_model(encoder, train, config).to(device)
+    if data.encoding is not None:
+        data.encoding = data.encoding.to(device)
     if config.augment_prob > 0:
         banned = None if exclude is None else torch.as_tensor(np.asarray(exclude), device=device).flatten(1) > 0.5
-        synthetic = config.prior_condition == "synthetic"
         gen = torch.Generator(device).manual_seed(config.seed + 2)
         data.prior_images, data.prior_anchor, data.rejected = image_prior(
             data.images, None if synthetic else data.anchor, config, gen, banned)
         with evaluating(encoder):
             if synthetic:
-                residuals = out_of_fold_residuals(train, config, encoder.config.encoding_alpha)
+                residuals = out_of_fold_residuals(train, config, encoder.config.encoding_alpha, folds)
                 fmri = synthetic_fmri(data.encoding, data.prior_images,
                                       torch.as_tensor(residuals, device=device), gen)
                 data.prior_cond = encode_in_chunks(encoder.encode_fmri, fmri)

@@ -445,7 +445,9 @@ def test_synthetic_prior_conditions_come_from_the_encoding_model(sim):
     """prior_condition="synthetic": each prior sample's fMRI is the encoding model's prediction
     for its image plus one training trial's out-of-fold residual; its anchor is the read-out of
     that fMRI and its condition encode_fmri of it. The same images with image conditions get
-    encode_image of the image, with the null condition zeros; both keep the transformed anchor."""
+    encode_image of the image, with the null condition zeros; both keep the transformed anchor.
+    The training set's residuals and trial anchors are the out-of-fold ones (the per-fold fits it
+    shares between them hold out the trials' images)."""
     train = sim.s1().train
     enc, _ = D.train_dual_encoder(train, D.DualEncoderConfig(epochs=2, val_fraction=0.0),
                                   torch.device("cpu"), progress=False)
@@ -453,6 +455,7 @@ def test_synthetic_prior_conditions_come_from_the_encoding_model(sim):
     data = G.training_set(enc, train, cfg, torch.device("cpu"))
     encoding = data.encoding
     residuals = torch.as_tensor(G.out_of_fold_residuals(train, cfg, enc.config.encoding_alpha))
+    assert np.array_equal(data.anchor.numpy(), G.out_of_fold_readouts(train, cfg, data.alpha))
     with L.evaluating(enc):
         for p, predicted in enumerate(encoding(data.prior_images)):
             fmri = predicted + residuals                      # the sample's fMRI with every residual
