@@ -143,12 +143,14 @@ class LinearReadout(PixelReadout):
     """The low-level anchor: a linear read-out of the image from z-scored fMRI, ``N x V -> N x 1 x
     28 x 28`` (``PixelReadout``'s buffers, saved with the decoder's state; weights from
     ``fit_anchor``); with ``gate_images`` > 0 also its novelty gate (``novelty``): the fold's ``K``
-    training images and a logistic fit."""
+    training images and a logistic fit; and the contrast stretch ``stretch`` (``choose_stretch``)
+    of the decoders' outputs."""
 
     def __init__(self, n_voxels: int, gate_images: int = 0):
         super().__init__(n_voxels)
         self.register_buffer("gate_images", torch.zeros(gate_images, N_PIXELS))
         self.register_buffer("gate_coef", torch.zeros(2))
+        self.register_buffer("stretch", torch.zeros(()))
 
     def with_gate(self, images: np.ndarray, coef: np.ndarray) -> "LinearReadout":
         """This read-out with a novelty gate over training images ``K x 1 x 28 x 28`` and logistic
@@ -158,6 +160,7 @@ class LinearReadout(PixelReadout):
         gated.bias.copy_(self.bias)
         gated.gate_images.copy_(torch.as_tensor(images).reshape(len(images), -1))
         gated.gate_coef.copy_(torch.as_tensor(coef))
+        gated.stretch.copy_(self.stretch)
         return gated
 
     def novelty(self, anchor: torch.Tensor) -> torch.Tensor:
@@ -174,6 +177,25 @@ def nearest_image_similarity(readouts: np.ndarray, images: np.ndarray) -> np.nda
     """The protocol's identification score (Pearson r of the clipped read-out) of each read-out
     ``N x 1 x 28 x 28`` with its nearest image of ``images`` ``K x ...`` -> ``N``."""
     return identification_scores(readouts, images).max(1)
+
+
+STRETCHES = tuple(round(0.05 * k, 2) for k in range(10))    # contrast stretches t tried: 0 .. 0.45
+
+
+def contrast_stretch(images: torch.Tensor, t) -> torch.Tensor:
+    """Images ``N x 1 x 28 x 28`` with [t, 1 - t] mapped linearly onto [0, 1], clipped (t < 0.5; t =
+    0: clipped only): a steeper output for stimuli that are figures on a blank background."""
+    return ((images - t) / (1 - 2 * t)).clamp(0, 1)
+
+
+def choose_stretch(anchors: np.ndarray, images: np.ndarray) -> float:
+    """The contrast stretch t of ``STRETCHES`` under which out-of-fold anchors ``N x 1 x 28 x 28``
+    (``out_of_fold_readouts``) best match their trials' images (mean PixCorr, docs/PROTOCOL.md):
+    chosen per fit on training trials only, so binary figures get a steep stretch and grayscale
+    images a mild one or none."""
+    a, y = torch.as_tensor(anchors).flatten(1), np.asarray(images).reshape(len(images), -1)
+    score = [pearson_rows(contrast_stretch(a, t).numpy(), y).mean() for t in STRETCHES]
+    return STRETCHES[int(np.argmax(score))]
 
 
 def out_of_fold_ridge(inputs: np.ndarray, targets: np.ndarray, groups: np.ndarray, alpha: float,
@@ -506,16 +528,18 @@ class AnchorMixin:
             return w * novelty[:, None] ** self.config["likelihood_gate_power"]
         return w
 
-    def _blend(self, images: torch.Tensor, anchor: torch.Tensor | None,
-               novelty: torch.Tensor | None) -> torch.Tensor:
+    def _finish(self, images: torch.Tensor, anchor: torch.Tensor | None,
+                novelty: torch.Tensor | None) -> torch.Tensor:
         """Samples ``N x 1 x 28 x 28`` -> (1 - b) samples + b clip(anchor): b = anchor_blend, times
-        P(new image) ``novelty`` when gated (``_novelty``)."""
-        b = self.config.get("anchor_blend", 0.0)
-        if anchor is None or b == 0:
+        P(new image) ``novelty`` when gated (``_novelty``); then, with ``output_stretch``, the
+        read-out's contrast stretch (``contrast_stretch``, ``LinearReadout.stretch``)."""
+        if anchor is None:
             return images
-        if novelty is not None:
-            b = b * novelty[:, None, None, None]
-        return (1 - b) * images + b * anchor.clamp(0, 1)
+        b = self.config.get("anchor_blend", 0.0)
+        if b > 0:
+            b = b if novelty is None else b * novelty[:, None, None, None]
+            images = (1 - b) * images + b * anchor.clamp(0, 1)
+        return contrast_stretch(images, self.readout.stretch) if self.config.get("output_stretch") else images
 
 
 class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
@@ -541,7 +565,8 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
                  num_inference_steps: int = 50, guidance_scale: float = 2.0,
                  anchor_voxels: int = 0, init_strength: float = 1.0, anchor_blend: float = 0.0,
                  gate_images: int = 0, novelty_gate: bool = False, likelihood_weight: float = 0.0,
-                 likelihood_reg: float = 3.0, likelihood_gate_power: float = 1.0):
+                 likelihood_reg: float = 3.0, likelihood_gate_power: float = 1.0,
+                 output_stretch: bool = False):
         super().__init__()
         if not 0 < init_strength <= 1:
             raise ValueError(f"init_strength {init_strength}; use a value in (0, 1]")
@@ -558,7 +583,8 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
                            anchor_voxels=anchor_voxels, init_strength=init_strength,
                            anchor_blend=anchor_blend, gate_images=gate_images,
                            novelty_gate=novelty_gate, likelihood_weight=likelihood_weight,
-                           likelihood_reg=likelihood_reg, likelihood_gate_power=likelihood_gate_power)
+                           likelihood_reg=likelihood_reg, likelihood_gate_power=likelihood_gate_power,
+                           output_stretch=output_stretch)
         self.num_train_timesteps = num_train_timesteps
         self.prediction_type = prediction_type
         self.snr_gamma = snr_gamma
@@ -669,7 +695,8 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
         ``ceil(s x steps)`` steps; ``ddpm``: ancestral sampling over all T steps. With a
         ``likelihood`` (``EncodingReadout.consistency_step`` of the test fMRI) every step but the
         last moves its x_0 estimate by a data-consistency step, and the denoiser then pulls the
-        moved estimate back to the image prior. Then blended with the anchor (``anchor_blend``)."""
+        moved estimate back to the image prior. Then blended with the anchor (``anchor_blend``) and
+        contrast-stretched (``output_stretch``)."""
         self._check_anchor(anchor)
         sampler = sampler or self.config["sampler"]
         steps = num_inference_steps or self.config["num_inference_steps"]
@@ -697,8 +724,8 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
             if weight is not None and prev >= 0:
                 eps = self._consistent_noise(x, eps, t, likelihood, weight)
             x = self.step(eps, t, x, prev, eta, generator)
-        return self._blend(((x + 1) / 2).clamp(0, 1).reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE), anchor,
-                           novelty)
+        return self._finish(((x + 1) / 2).clamp(0, 1).reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE), anchor,
+                            novelty)
 
 
 class ProjectionDiscriminator(nn.Module):
@@ -733,13 +760,15 @@ class MiyawakiGANDecoder(CheckpointMixin, AnchorMixin, nn.Module):
     def __init__(self, correlation_dim: int = 512, noise_dim: int = 32, disc_hidden_dim: int = 512,
                  anchor_voxels: int = 0, anchor_blend: float = 0.0, gate_images: int = 0,
                  novelty_gate: bool = False, likelihood_weight: float = 0.0,
-                 likelihood_reg: float = 3.0, likelihood_gate_power: float = 1.0):
+                 likelihood_reg: float = 3.0, likelihood_gate_power: float = 1.0,
+                 output_stretch: bool = False):
         super().__init__()
         self.config = dict(correlation_dim=correlation_dim, noise_dim=noise_dim,
                            disc_hidden_dim=disc_hidden_dim, anchor_voxels=anchor_voxels,
                            anchor_blend=anchor_blend, gate_images=gate_images,
                            novelty_gate=novelty_gate, likelihood_weight=likelihood_weight,
-                           likelihood_reg=likelihood_reg, likelihood_gate_power=likelihood_gate_power)
+                           likelihood_reg=likelihood_reg, likelihood_gate_power=likelihood_gate_power,
+                           output_stretch=output_stretch)
         self.noise_dim = noise_dim
         anchored = anchor_voxels > 0
         self.generator = nn.Sequential(
@@ -762,7 +791,8 @@ class MiyawakiGANDecoder(CheckpointMixin, AnchorMixin, nn.Module):
                anchor: torch.Tensor | None = None, likelihood: Callable | None = None) -> torch.Tensor:
         """Images ``N x 1 x 28 x 28`` in [0, 1]; z drawn from ``generator``; with a ``likelihood``
         (``EncodingReadout.consistency_step`` of the test fMRI) one data-consistency step of the
-        generated images; then blended with the anchor (``anchor_blend``)."""
+        generated images; then blended with the anchor (``anchor_blend``) and contrast-stretched
+        (``output_stretch``)."""
         self._check_anchor(anchor)
         z = _randn((len(condition), self.noise_dim), generator, condition.device)
         images = self.generate(condition, z, anchor)
@@ -770,7 +800,7 @@ class MiyawakiGANDecoder(CheckpointMixin, AnchorMixin, nn.Module):
         weight = self._likelihood_weight(likelihood, novelty)
         if weight is not None:
             images = likelihood(images, weight).clamp(0, 1)
-        return self._blend(images, anchor, novelty)
+        return self._finish(images, anchor, novelty)
 
 
 # --------------------------------------------------------------------------- losses
@@ -879,7 +909,7 @@ class GenerativeConfig(ScriptOptions):
         "help": "image-prior samples made (and encoded) once per fit, drawn from at every step"})
     init_strength: float = field(default=0.15, metadata={"above": 0, "max": 1,
         "help": "DDIM starts from the anchor noised to this fraction of T (1 = from pure noise)"})
-    anchor_blend: float = field(default=0.7, metadata={"min": 0, "max": 1,
+    anchor_blend: float = field(default=1.0, metadata={"min": 0, "max": 1,
         "help": "final image = (1 - b) sample + b clipped anchor"})
     likelihood_weight: float = field(default=4.0, metadata={"min": 0,
         "help": "weight of the data-consistency step towards the test fMRI under the decoders' "
@@ -895,6 +925,9 @@ class GenerativeConfig(ScriptOptions):
                 "anchor shows a new image (a logistic fit of its similarity to the nearest "
                 "training image, calibrated on training trials' read-outs of seen and of "
                 "held-out images)"})
+    output_stretch: bool = field(default=True, metadata={
+        "help": "anchored decoders: stretch the output's contrast, [t, 1 - t] onto [0, 1], t chosen "
+                "per fit from 0 .. 0.45 by the PixCorr of the training trials' out-of-fold anchors"})
 
 
 def build_decoder(cls: type, correlation_dim: int, config: GenerativeConfig, seed: int,
@@ -1144,6 +1177,7 @@ def training_set(encoder: nn.Module, train: Trials, config: GenerativeConfig,
         readout.weight.copy_(torch.as_tensor(weight))
         readout.bias.copy_(torch.as_tensor(bias))
         anchor = out_of_fold_readouts(train, config, data.alpha, folds)
+        readout.stretch.fill_(choose_stretch(anchor, train.images))
         gate = fit_novelty_gate(train, config, data.alpha, anchor)
         data.readout = (readout if gate is None else readout.with_gate(*gate)).to(device)
         data.anchor = torch.as_tensor(anchor, device=device)
@@ -1206,7 +1240,8 @@ def decode_fold(encoder: nn.Module, fold: Fold, config: GenerativeConfig,
     ``encoder`` (the image prior excluding the test images absent from training: S3's held-out
     image), then ``fold.test`` reconstructed from its fMRI only, sampled with a generator seeded
     by ``config.seed`` -> ({"diffusion" | "gan": ``N x 1 x 28 x 28``}, {name: seconds}); an
-    anchored pair adds "anchor", their clipped linear anchor alone (both decoders' ablation)."""
+    anchored pair adds "anchor", their linear anchor alone, clipped and with ``output_stretch``
+    stretched like their outputs (both decoders' ablation)."""
     *decoders, history = train_generative(encoder, fold.train, config, device, progress=False,
                                           exclude=fold.test.images[fold.unseen_test])
     recons, seconds = {}, {}
@@ -1215,7 +1250,8 @@ def decode_fold(encoder: nn.Module, fold: Fold, config: GenerativeConfig,
         t = time.perf_counter()
         with torch.no_grad():
             x = torch.as_tensor(fold.test.fmri, device=readout.weight.device)
-            recons["anchor"] = readout(x).clamp(0, 1).cpu().numpy()
+            t_stretch = readout.stretch if config.output_stretch else 0.0
+            recons["anchor"] = contrast_stretch(readout(x), t_stretch).cpu().numpy()
         seconds["anchor"] = time.perf_counter() - t       # its fit is in the diffusion's seconds
     for name, decoder in zip(("diffusion", "gan"), decoders):
         t = time.perf_counter()

@@ -6,7 +6,7 @@ anchor and image prior are for) and ``seen`` is stratified by image (like S1/S2)
 a dual encoder with the default settings is trained once; then each ``--set`` candidate trains
 both decoders on its frozen embeddings, and each sampling setting (``--guidance``,
 ``--init-strength``, ``--blend``, ``--gate``, ``--likelihood``, ``--likelihood-reg``,
-``--likelihood-gate-power``: no retraining needed) decodes the held-out trials from fMRI only.
+``--likelihood-gate-power``, ``--stretch``: no retraining needed) decodes the held-out trials from fMRI only.
 Scores are docs/PROTOCOL.md's (20-way identification among all unique images), ridge beside them.
 
     python benchmarks/tune_decoders.py --set anchor=False,augment_prob=0 --set augment_prob=0
@@ -15,6 +15,7 @@ Scores are docs/PROTOCOL.md's (20-way identification among all unique images), r
     python benchmarks/tune_decoders.py --blend 0.5 0.7 --likelihood 0 0.5 1 --likelihood-reg 1 3 \
         --likelihood-gate-power 1
     python benchmarks/tune_decoders.py --blend 0.5 --likelihood 1 --likelihood-gate-power 1 2 4 8
+    python benchmarks/tune_decoders.py --blend 0.5 0.7 1 --stretch 0 1
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ def main(argv=None) -> dict:
     p.add_argument("--likelihood-reg", type=float, nargs="+", default=[GenerativeConfig.likelihood_reg])
     p.add_argument("--likelihood-gate-power", type=float, nargs="+",
                    default=[GenerativeConfig.likelihood_gate_power])
+    p.add_argument("--stretch", type=int, nargs="+", default=[int(GenerativeConfig.output_stretch)],
+                   choices=[0, 1], help="the per-fit output contrast stretch off / on")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--schemes", nargs="+", default=["unseen", "seen"], choices=["unseen", "seen"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -93,10 +96,11 @@ def main(argv=None) -> dict:
     data = resolve_data(args.data)
     device = resolve_device(args.device)
     sampling = [dict(guidance_scale=w, init_strength=s, anchor_blend=b, novelty_gate=bool(g),
-                     likelihood_weight=lw, likelihood_reg=lr, likelihood_gate_power=lp)
-                for w, s, b, g, lw, lr, lp in itertools.product(
+                     likelihood_weight=lw, likelihood_reg=lr, likelihood_gate_power=lp,
+                     output_stretch=bool(st))
+                for w, s, b, g, lw, lr, lp, st in itertools.product(
                     args.guidance, args.init_strength, args.blend, args.gate, args.likelihood,
-                    args.likelihood_reg, args.likelihood_gate_power)]
+                    args.likelihood_reg, args.likelihood_gate_power, args.stretch)]
     t0 = time.perf_counter()
     results = run(data, args.set or [""], sampling, args.schemes, args.seed, device)
     for scheme, per_spec in results.items():

@@ -492,8 +492,10 @@ def test_anchored_decoders_round_trip_and_need_their_anchor(tmp_path, sim):
     ridge = L.RidgeBaseline().fit(fold.train.fmri, fold.train.images).predict(fold.test.fmri)
     x = torch.as_tensor(fold.test.fmri)
     np.testing.assert_allclose(readout(x).reshape(len(x), -1).numpy(), ridge, atol=1e-4)
+    readout.stretch.fill_(0.2)
     readout = readout.with_gate(fold.unique_images[:3], np.array([-20.0, 18.0]))
-    gate = dict(anchor_voxels=sim.n_voxels, anchor_blend=0.3, gate_images=3, novelty_gate=True)
+    gate = dict(anchor_voxels=sim.n_voxels, anchor_blend=0.3, gate_images=3, novelty_gate=True,
+                output_stretch=True)
     models = [G.MiyawakiDiffusionDecoder(num_inference_steps=3, init_strength=0.5, **gate, **SMALL),
               G.MiyawakiGANDecoder(correlation_dim=16, **gate)]
     path = tmp_path / G.CHECKPOINT_NAME
@@ -510,6 +512,22 @@ def test_anchored_decoders_round_trip_and_need_their_anchor(tmp_path, sim):
         loaded, _ = type(m).from_checkpoint(path)
         a = m.sample(c, torch.Generator().manual_seed(0), readout(x))
         assert torch.equal(loaded.sample(c, torch.Generator().manual_seed(0), loaded.readout(x)), a)
+        m.config["output_stretch"] = False                    # the output stretch is the last step
+        plain = m.sample(c, torch.Generator().manual_seed(0), readout(x))
+        assert torch.allclose(a, G.contrast_stretch(plain, 0.2)) and not torch.allclose(a, plain)
+
+
+def test_output_stretch_is_chosen_per_fit_from_the_out_of_fold_anchors():
+    """Hazy read-outs of binary figures (shrunk towards grey, noisy) get a steep contrast stretch;
+    read-outs of grayscale images that are right up to a little noise get none: the stretch comes
+    from the training trials, not from a constant tuned to the figures."""
+    images, _ = L.figure_images()
+    binary = np.stack([L.upsample_grid(im) for im in images])[:, None].astype(np.float32)
+    rng = np.random.default_rng(0)
+    hazy = 0.5 * binary + 0.25 + rng.normal(0, 0.1, binary.shape)
+    gray = rng.uniform(0, 1, binary.shape)
+    assert G.choose_stretch(hazy, binary) >= 0.2
+    assert G.choose_stretch(gray + rng.normal(0, 0.02, gray.shape), gray) == 0.0
 
 
 def test_likelihood_step_moves_samples_only_where_the_novelty_gate_opens():
