@@ -6,7 +6,8 @@ anchor and image prior are for) and ``seen`` is stratified by image (like S1/S2)
 a dual encoder with the default settings is trained once; then each ``--set`` candidate trains
 both decoders on its frozen embeddings, and each sampling setting (``--guidance``,
 ``--init-strength``, ``--blend``, ``--gate``, ``--likelihood``, ``--likelihood-reg``,
-``--likelihood-gate-power``, ``--stretch``: no retraining needed) decodes the held-out trials from fMRI only.
+``--likelihood-gate-power``, ``--stretch``: no retraining needed) decodes the held-out trials
+from fMRI only.
 Scores are docs/PROTOCOL.md's (20-way identification among all unique images), ridge beside them.
 
     python benchmarks/tune_decoders.py --set anchor=False,augment_prob=0 --set augment_prob=0
