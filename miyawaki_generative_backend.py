@@ -198,19 +198,6 @@ def choose_stretch(anchors: np.ndarray, images: np.ndarray) -> float:
     return STRETCHES[int(np.argmax(score))]
 
 
-def out_of_fold_ridge(inputs: np.ndarray, targets: np.ndarray, groups: np.ndarray, alpha: float,
-                      n_folds: int) -> np.ndarray:
-    """Ridge (``alpha``) predictions ``N x T`` of ``targets`` from ``inputs`` (``N x ...``), each
-    row by a ridge fitted on the rows of *other groups* only (``grouped_folds``)."""
-    from sklearn.linear_model import Ridge
-    x = np.asarray(inputs, np.float64).reshape(len(inputs), -1)
-    y = np.asarray(targets, np.float64).reshape(len(targets), -1)
-    out = np.zeros_like(y)
-    for tr, va in grouped_folds(groups, n_folds):
-        out[va] = Ridge(alpha=alpha).fit(x[tr], y[tr]).predict(x[va])
-    return out
-
-
 def posterior_readout(encoding: EncodingReadout, fmri: np.ndarray, images: np.ndarray,
                       prior: np.ndarray, noise_shrink: float,
                       prior_scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -315,13 +302,12 @@ def out_of_fold_residuals(train: Trials, config: "GenerativeConfig", alpha: floa
     fields) misses on a new image: the training trials' fMRI ``N x V`` minus its prediction by the
     same kind of model fitted on the trials of other images only (``folds``:
     ``receptive_field_folds``, made here when None); trial noise included."""
-    fmri = np.asarray(train.fmri, np.float64)
-    if config.anchor_model == "ridge":
-        pred = out_of_fold_ridge(train.images, fmri, train.image_ids, alpha, config.anchor_folds)
-    else:
-        pred = np.zeros_like(fmri)
-        for _, va, encoding in receptive_field_folds(train, config) if folds is None else folds:
-            pred[va] = encoding(torch.as_tensor(train.images[va])).numpy()
+    from sklearn.linear_model import Ridge
+    fmri, pred = np.asarray(train.fmri, np.float64), np.zeros(train.fmri.shape)
+    images = np.asarray(train.images, np.float64).reshape(len(train), -1)
+    for tr, va, encoding in receptive_field_folds(train, config) if folds is None else folds:
+        pred[va] = (Ridge(alpha=alpha).fit(images[tr], fmri[tr]).predict(images[va]) if encoding is None
+                    else encoding(torch.as_tensor(train.images[va])).numpy())
     return (fmri - pred).astype(np.float32)
 
 
