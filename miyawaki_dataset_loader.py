@@ -742,6 +742,22 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def generator_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
+    """Where random numbers are drawn: the generator's device, else ``device``."""
+    return generator.device if generator is not None else device
+
+
+def randn_on(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Standard normal draws made on the generator's device (so a CPU generator gives the same
+    numbers whatever the model's device), then moved to ``device``."""
+    return torch.randn(shape, generator=generator, device=generator_device(generator, device)).to(device)
+
+
+def rand_on(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Uniform [0, 1) draws, as ``randn_on``."""
+    return torch.rand(shape, generator=generator, device=generator_device(generator, device)).to(device)
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an OptionError."""
     if name == "auto":

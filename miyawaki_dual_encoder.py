@@ -10,9 +10,10 @@ Usage::
 Test-time inputs are fMRI only: ``encode_fmri(x)`` embeds a trial, ``encode_image(y)`` embeds the
 candidate images, and identification (``score_candidates``) ranks the candidates by the cosine
 similarity of the embeddings, fused with two linear parts fitted in closed form on the same
-training trials: the Pearson r of a pixel read-out (fMRI -> image, ``readout_weight``) and that of
-an encoding model (image -> voxels, ``encoding_weight``; Kay et al. 2008). Both weights 0 = the
-embeddings only.
+training trials: the Pearson r of a pixel read-out (fMRI -> image, ``readout_weight``; the
+posterior mean under receptive fields and an image prior of transformed training images, which
+reads out never-seen images too, or ridge) and that of an encoding model (image -> voxels,
+``encoding_weight``; Kay et al. 2008). Both weights 0 = the embeddings only.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, CheckpointError, Fold,
+                                     generator_device, rand_on,
                                      FromCheckpointHint, MiyawakiData, OptionError, RidgeBaseline,
                                      ScriptOptions, bf16_autocast, uses_bf16,
                                      Trials, add_config_args, check_finite, check_options,
@@ -48,6 +50,7 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, Ch
 CHECKPOINT_NAME = "miyawaki_dual_encoder.pth"
 SCRIPT = "miyawaki_dual_encoder.py"
 MAX_LOGIT_SCALE = math.log(100.0)
+READOUT_MODELS = ("receptive-field", "ridge")   # the pixel read-out (PixelReadout.fit)
 
 
 @dataclass
@@ -73,6 +76,10 @@ class DualEncoderConfig:
     readout_weight: float = field(default=0.9, metadata={
         "min": 0, "max": 1, "help": "identification score: weight of the linear pixel read-out's "
         "Pearson r with each candidate (z-scored over the candidates, as the other parts)"})
+    readout_model: str = field(default="receptive-field", metadata={
+        "choices": READOUT_MODELS, "help": "the pixel read-out: the posterior mean "
+        "under a receptive-field encoding model and an image prior of transformed training images "
+        "(it reads out never-seen images too), or ridge (only within the span of the training images)"})
     encoding_weight: float = field(default=0.0, metadata={
         "min": 0, "max": 1, "help": "identification score: weight of the linear encoding model's "
         "Pearson r between the trial's fMRI and each candidate's predicted fMRI; the embeddings' "
@@ -162,9 +169,10 @@ class StimulusEncoder(nn.Module):
 
 
 class PixelReadout(nn.Module):
-    """Linear read-out of the image from z-scored fMRI, ``N x V -> N x 1 x 28 x 28`` (not clipped):
-    the ridge baseline's weights (docs/BASELINES.md, alpha by efficient LOO) held as buffers, so
-    that a model that uses it saves and loads it with its own state. Zeros until ``fit``."""
+    """Linear read-out of the image from z-scored fMRI, ``N x V -> N x 1 x 28 x 28`` (not clipped),
+    weights held as buffers, so that a model that uses it saves and loads it with its own state:
+    the receptive-field posterior mean (``posterior_weights``) or the ridge baseline's weights
+    (docs/BASELINES.md, alpha by efficient LOO). Zeros until ``fit``."""
 
     def __init__(self, n_voxels: int):
         super().__init__()
@@ -172,12 +180,22 @@ class PixelReadout(nn.Module):
         self.register_buffer("bias", torch.zeros(N_PIXELS))
 
     @torch.no_grad()
-    def fit(self, fmri: np.ndarray, images: np.ndarray) -> float:
-        """Ridge on fMRI ``N x V`` and images ``N x 1 x 28 x 28``, in place -> the chosen alpha."""
-        ridge = RidgeBaseline().fit(fmri, images)
-        self.weight.copy_(torch.as_tensor(ridge.model_.coef_))
-        self.bias.copy_(torch.as_tensor(ridge.model_.intercept_))
-        return ridge.alpha_
+    def fit(self, fmri: np.ndarray, images: np.ndarray, model: str = "ridge",
+            exclude: np.ndarray | None = None) -> float | None:
+        """``model`` of ``READOUT_MODELS`` on fMRI ``N x V`` and images ``N x 1 x 28 x 28``, in
+        place (the posterior's image prior never holds an image of ``exclude``) -> ridge's alpha
+        (None for the receptive-field posterior)."""
+        if model == "receptive-field":
+            weight, bias = posterior_weights(fmri, images, exclude=exclude)
+            alpha = None
+        elif model == "ridge":
+            ridge = RidgeBaseline().fit(fmri, images)
+            weight, bias, alpha = ridge.model_.coef_, ridge.model_.intercept_, ridge.alpha_
+        else:
+            raise ValueError(f"unknown read-out model {model!r}; use one of {READOUT_MODELS}")
+        self.weight.copy_(torch.as_tensor(weight))
+        self.bias.copy_(torch.as_tensor(bias))
+        return alpha
 
     def forward(self, fmri: torch.Tensor) -> torch.Tensor:
         """z-scored fMRI ``N x V`` -> read-out ``N x 1 x 28 x 28``."""
@@ -309,6 +327,146 @@ class EncodingReadout(nn.Module):
         return pearson_matrix(fmri[:, keep].cpu().numpy(), self(candidates)[:, keep].cpu().numpy())
 
 
+# --------------------------------------------------------------------------- image prior, posterior read-out
+def augmentation_ops(shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paired augmentations as pixel gathers: the 8 rotations / reflections of the square,
+    each shifted by (dy, dx) in {-shift, 0, shift}^2 px with zero fill -> (index ``O x 784`` long,
+    mask ``O x 784`` float); op 0 is the identity. ``x.flatten(1).gather(1, index[ops]) *
+    mask[ops]`` applies ops ``N`` to images ``N x 1 x 28 x 28``."""
+    n = IMAGE_SIDE
+    grid = np.arange(N_PIXELS).reshape(n, n)
+    moves = sorted({0, -shift, shift}, key=abs)
+    index, mask = [], []
+    for k in range(4):
+        for flip in (False, True):
+            g = np.rot90(grid, k)
+            g = g[:, ::-1] if flip else g
+            for dy in moves:
+                for dx in moves:
+                    src = np.full((n, n), -1)
+                    rows, cols = slice(max(dy, 0), n + min(dy, 0)), slice(max(dx, 0), n + min(dx, 0))
+                    src[rows, cols] = g[max(-dy, 0):n - max(dy, 0), max(-dx, 0):n - max(dx, 0)]
+                    index.append(np.maximum(src.ravel(), 0))
+                    mask.append(src.ravel() >= 0)
+    return torch.as_tensor(np.array(index)), torch.as_tensor(np.array(mask), dtype=torch.float32)
+
+
+def apply_ops(images: torch.Tensor, ops: torch.Tensor, index: torch.Tensor,
+              mask: torch.Tensor) -> torch.Tensor:
+    """Op ``ops[i]`` applied to image ``i``: images ``N x 1 x 28 x 28``, ops ``N`` -> ``N x 1 x 28 x 28``."""
+    return (images.flatten(1).gather(1, index[ops]) * mask[ops]).view_as(images)
+
+
+def random_boxes(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """``n`` masks ``n x 1 x 28 x 28`` (float 0/1), each a random axis-aligned box whose sides
+    are uniform in [7, 21] px, placed uniformly: the pasted part of a cut-and-paste recombination."""
+    side = 7 + (rand_on((n, 2), generator, device) * 15).long()
+    start = (rand_on((n, 2), generator, device) * (29 - side)).long()
+    r = torch.arange(IMAGE_SIDE, device=device)
+    rows = (r[None] >= start[:, :1]) & (r[None] < start[:, :1] + side[:, :1])
+    cols = (r[None] >= start[:, 1:]) & (r[None] < start[:, 1:] + side[:, 1:])
+    return (rows[:, :, None] & cols[:, None, :]).float()[:, None]
+
+
+def image_prior(images: torch.Tensor, anchor: torch.Tensor | None, generator: torch.Generator,
+                size: int, shift: int, mix: float, exclude: torch.Tensor | None = None):
+    """The image prior's images: ``size`` new images made from training (image,
+    anchor) pairs ``N x 1 x 28 x 28`` (anchor None: images alone) -> (images ``P x 1 x 28 x 28``,
+    their anchors or None, rejected). Each is a random rotation / reflection / shift
+    (``augmentation_ops``, ``shift`` px) of a pair, applied to both, and with probability ``mix`` a
+    random box of a second transformed pair pasted into both (V1, and so the read-out, is
+    retinotopic: a part of the image maps to that part of the anchor). A sample equal to an image
+    of ``exclude`` ``E x 784`` (bool) after binarising is dropped (P = size - rejected).
+    No trial showed them: the decoders' ``training_set`` gives them conditions, and
+    ``posterior_weights`` takes their mean and covariance."""
+    device, n = images.device, size
+    index, mask = (t.to(device) for t in augmentation_ops(shift))
+
+    def transformed():
+        trials = torch.randint(len(images), (n,), generator=generator,
+                               device=generator_device(generator, device)).to(device)
+        ops = torch.randint(len(index), (n,), generator=generator,
+                            device=generator_device(generator, device)).to(device)
+        return (apply_ops(images[trials], ops, index, mask),
+                None if anchor is None else apply_ops(anchor[trials], ops, index, mask))
+
+    new_images, new_anchor = transformed()
+    if mix > 0:
+        paste_images, paste_anchor = transformed()
+        box = random_boxes(n, generator, device)
+        box = box * (rand_on((n, 1, 1, 1), generator, device) < mix)
+        new_images = new_images + box * (paste_images - new_images)
+        if new_anchor is not None:
+            new_anchor = new_anchor + box * (paste_anchor - new_anchor)
+    keep = torch.ones(n, dtype=torch.bool, device=device)
+    if exclude is not None and len(exclude):
+        # binary images a, b are equal where their Hamming distance |a| + |b| - 2 a.b is 0
+        # (whole numbers <= 784, exact in float32; P x E without a P x E x 784 comparison)
+        a, b = (new_images.flatten(1) > 0.5).float(), exclude.float()
+        keep = ~((a.sum(1, keepdim=True) + b.sum(1) - 2 * a @ b.T) == 0).any(1)
+    return new_images[keep], None if new_anchor is None else new_anchor[keep], int((~keep).sum())
+
+
+def posterior_readout(encoding: EncodingReadout, fmri: np.ndarray, images: np.ndarray,
+                      prior: np.ndarray, noise_shrink: float,
+                      prior_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """The posterior-mean image under a linear-Gaussian model, as a linear read-out of fMRI: an
+    image x ~ N(m, s S) (m, S: mean and covariance of the image prior's samples ``prior`` ``P x
+    784``, s = ``prior_scale``), the kept voxels' fMRI y = W x + b + e (``encoding``, fitted on
+    the trials fMRI ``N x V``, images ``N x 784``) with e ~ N(0, R), R the covariance of those
+    trials' residuals shrunk towards its diagonal by ``noise_shrink``. x_hat = m + K (y - b - W m),
+    K = s S W^T (W s S W^T + R)^-1 -> (weight ``784 x V``, zero off the kept voxels; bias ``784``)."""
+    keep = encoding.voxels.cpu().numpy()
+    w = encoding.weight.double().cpu().numpy()[keep]                       # K x 784
+    b = encoding.bias.double().cpu().numpy()[keep]
+    resid = np.asarray(fmri, np.float64)[:, keep] - (images @ w.T + b)
+    noise = np.atleast_2d(np.cov(resid, rowvar=False))
+    noise = (1 - noise_shrink) * noise + noise_shrink * np.diag(np.diag(noise))
+    mean, cov = prior.mean(0), prior_scale * np.atleast_2d(np.cov(prior, rowvar=False))
+    cw = cov @ w.T                                                         # 784 x K
+    gain = np.linalg.solve(w @ cw + noise, cw.T).T                         # both symmetric
+    weight = np.zeros((N_PIXELS, len(keep)))
+    weight[:, keep] = gain
+    return weight, mean - gain @ (b + w @ mean)
+
+
+# The receptive-field posterior read-out's settings, shared by the dual encoder's pixel read-out
+# (``readout_model="receptive-field"``) and the decoders' anchor (GenerativeConfig's defaults of
+# the same names), chosen for the anchor by benchmarks/tune_anchor.py
+POSTERIOR_DEFAULTS = {"rf_voxels": 0.4, "rf_noise_shrink": 0.8, "rf_prior_scale": 3.0,
+                      "prior_size": 4096, "augment_shift": 3, "augment_mix": 0.5}
+
+
+def receptive_fields(fmri: np.ndarray, images: np.ndarray, voxel_fraction: float) -> EncodingReadout:
+    """Receptive fields (``EncodingReadout.fit_receptive_fields``, ``voxel_fraction`` of the voxels
+    kept) fitted on trials' fMRI ``N x V`` and images ``N x 1 x 28 x 28``."""
+    model = EncodingReadout(fmri.shape[1])
+    model.fit_receptive_fields(fmri, images, voxel_fraction)
+    return model
+
+
+def posterior_weights(fmri: np.ndarray, images: np.ndarray, seed: int = 0,
+                      encoding: EncodingReadout | None = None, exclude: np.ndarray | None = None,
+                      **settings) -> tuple[np.ndarray, np.ndarray]:
+    """The receptive-field posterior read-out fitted on trials, fMRI ``N x V`` (z-scored) and
+    images ``N x 1 x 28 x 28`` -> (weight ``784 x V``, bias ``784``), float64: the posterior mean
+    (``posterior_readout``) under receptive fields (``receptive_fields``; ``encoding`` when already
+    fitted on these trials) and the image prior made from these trials' images (``image_prior``,
+    drawn from ``seed``, never an image of ``exclude`` ``E x 1 x 28 x 28``). ``settings``: any of
+    ``POSTERIOR_DEFAULTS``. Unlike ridge, whose weights lie in the span of the training images,
+    it reads out images outside that span (a never-seen image)."""
+    s = {**POSTERIOR_DEFAULTS, **settings}
+    if encoding is None:
+        encoding = receptive_fields(fmri, images, s["rf_voxels"])
+    banned = None if exclude is None else torch.as_tensor(np.asarray(exclude)).flatten(1) > 0.5
+    prior, _, _ = image_prior(torch.as_tensor(images), None, torch.Generator().manual_seed(seed),
+                              s["prior_size"], s["augment_shift"], s["augment_mix"], banned)
+    return posterior_readout(encoding, np.asarray(fmri, np.float64),
+                             np.asarray(images, np.float64).reshape(len(images), -1),
+                             prior.flatten(1).double().numpy(), s["rf_noise_shrink"], s["rf_prior_scale"])
+
+
+# --------------------------------------------------------------------------- identification score
 SCORE_PARTS = ("embedding", "readout", "encoding")
 
 
@@ -472,7 +630,9 @@ def load_for_s1(path: Path, data: MiyawakiData, device: torch.device | str = "cp
 
 
 def config_from_dict(d: dict) -> DualEncoderConfig:
-    """Inverse of ``asdict`` (lists back to tuples); unknown keys are an error."""
+    """Inverse of ``asdict`` (lists back to tuples); unknown keys are an error. A config without
+    ``readout_model`` comes from a checkpoint of the releases whose read-out was ridge."""
+    d = {"readout_model": "ridge", **d}
     names = {f.name for f in fields(DualEncoderConfig)}
     unknown = set(d) - names
     if unknown:
@@ -563,11 +723,18 @@ def identify(model: MiyawakiDualEncoder, fmri: torch.Tensor, candidates: torch.T
     return identification_ranks(model.score_candidates(fmri, candidates), true_ids)
 
 
-def fit_linear_parts(model: MiyawakiDualEncoder, trials: Trials) -> dict:
+def fit_linear_parts(model: MiyawakiDualEncoder, trials: Trials,
+                     candidates: np.ndarray | None = None) -> dict:
     """Fit the model's pixel read-out and encoding model on ``trials`` (closed form, in place;
-    what the networks are fitted on) -> {"readout_alpha", "encoding_voxels"} for the history."""
+    what the networks are fitted on); the read-out's image prior never holds a candidate image
+    ``K x 1 x 28 x 28`` that no trial showed (a never-seen test image) -> {"readout_alpha" (None
+    for the receptive-field read-out), "encoding_voxels"} for the history."""
     cfg = model.config
-    return {"readout_alpha": model.readout.fit(trials.fmri, trials.images),
+    unseen = None
+    if candidates is not None:
+        flat, shown = candidates.reshape(len(candidates), -1), trials.images.reshape(len(trials), -1)
+        unseen = candidates[~np.array([(shown == c).all(1).any() for c in flat], dtype=bool)]
+    return {"readout_alpha": model.readout.fit(trials.fmri, trials.images, cfg.readout_model, unseen),
             "encoding_voxels": model.encoding.fit(trials.fmri, trials.images, trials.image_ids,
                                                   cfg.encoding_alpha, cfg.encoding_voxels)}
 
@@ -614,7 +781,8 @@ def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.d
     """Fit a dual encoder on training trials (fMRI already z-scored).
 
     candidates ``K x 1 x 28 x 28``: the images validation identification ranks against (default:
-    the training images). Returns (model in eval mode, history): per-epoch lists ``train_loss``,
+    the training images); those no training trial shows are kept out of the read-out's image
+    prior (``fit_linear_parts``). Returns (model in eval mode, history): per-epoch lists ``train_loss``,
     ``val_loss``, ``val_top1`` and the trial counts ``n_train`` (fitted on) and ``n_validation``."""
     device = torch.device(device)
     seed_everything(config.seed)
@@ -631,7 +799,7 @@ def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.d
     cand = to(candidates)
 
     model = MiyawakiDualEncoder(train.fmri.shape[1], config=config)
-    linear = fit_linear_parts(model, train.subset(tr_idx))  # closed form, once
+    linear = fit_linear_parts(model, train.subset(tr_idx), candidates)  # closed form, once
     model = model.to(device)
     bs = config.batch_size or len(x)
     steps_per_epoch = math.ceil(len(x) / bs)
@@ -668,8 +836,8 @@ def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.d
     return model.eval(), history
 
 
-def train_dual_encoders(train: Trials, configs: list[DualEncoderConfig],
-                        device: torch.device | str = "cpu") -> tuple[list[MiyawakiDualEncoder], list[dict]]:
+def train_dual_encoders(train: Trials, configs: list[DualEncoderConfig], device: torch.device | str = "cpu",
+                        candidates: np.ndarray | None = None) -> tuple[list[MiyawakiDualEncoder], list[dict]]:
     """Several fits on the same trials as one batched model, one per config (configs that differ
     in ``seed`` only; full batch, no validation split): the models' parameters are stacked
     (``torch.func.stack_module_state``) and every step runs all of them at once under ``vmap``,
@@ -679,8 +847,8 @@ def train_dual_encoders(train: Trials, configs: list[DualEncoderConfig],
     initial weights, epoch order, fMRI noise and mixup pairs; so with ``dropout`` 0 the fits equal
     separate ``train_dual_encoder`` fits within float rounding (tests/test_dual_encoder.py). Dropout
     masks come from vmap (``randomness="different"``): with dropout > 0 the fits are separate fits
-    in distribution, not number for number. Returns (models in eval mode, histories with
-    ``train_loss`` per epoch, ``n_train``, ``n_validation``)."""
+    in distribution, not number for number. ``candidates``: as in ``train_dual_encoder``. Returns
+    (models in eval mode, histories with ``train_loss`` per epoch, ``n_train``, ``n_validation``)."""
     from torch.func import functional_call, stack_module_state, vmap
     base = configs[0]
     if any(replace(c, seed=base.seed) != base for c in configs):
@@ -726,7 +894,7 @@ def train_dual_encoders(train: Trials, configs: list[DualEncoderConfig],
         sched.step()
         for h, v in zip(histories, losses.tolist()):
             h["train_loss"].append(v)
-    linear = fit_linear_parts(models[0], train)      # the same for every seed: fitted once
+    linear = fit_linear_parts(models[0], train, candidates)   # the same for every seed: fitted once
     parts = {name: {k: v.clone() for k, v in getattr(models[0], name).state_dict().items()}
              for name in ("readout", "encoding")}
     with torch.no_grad():
@@ -762,14 +930,17 @@ def setting_name(setting: dict) -> str:
     return ",".join(f"{k}={v:g}" for k, v in setting.items())
 
 
-def with_setting(model: MiyawakiDualEncoder, trials: Trials, setting: dict) -> MiyawakiDualEncoder:
+def with_setting(model: MiyawakiDualEncoder, trials: Trials, setting: dict,
+                 candidates: np.ndarray | None = None) -> MiyawakiDualEncoder:
     """A copy of ``model`` whose config takes ``setting`` (score fields; the networks are copied,
-    not retrained); when the setting changes the encoding model's own fields, the encoding model
-    is refitted on ``trials``, the trials the model was fitted on (the pixel read-out has no
-    setting of the grid)."""
+    not retrained); a linear part whose own fields the setting changes (the read-out's model, the
+    encoding model's alpha or voxels) is refitted on ``trials``, the trials the model was fitted
+    on (``candidates``: as in ``fit_linear_parts``)."""
     out = copy.deepcopy(model)
     cfg = out.config = replace(model.config, **setting)
-    if (cfg.encoding_alpha, cfg.encoding_voxels) != (model.config.encoding_alpha, model.config.encoding_voxels):
+    if cfg.readout_model != model.config.readout_model:
+        fit_linear_parts(out, trials, candidates)
+    elif (cfg.encoding_alpha, cfg.encoding_voxels) != (model.config.encoding_alpha, model.config.encoding_voxels):
         out.encoding.fit(trials.fmri, trials.images, trials.image_ids, cfg.encoding_alpha,
                          cfg.encoding_voxels)
     return out

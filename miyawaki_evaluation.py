@@ -65,6 +65,7 @@ METHOD_TITLES = {
     "encoding_model": "encoding model (images -> voxels, Kay 2008)",
     "dual_encoder": "dual encoder (embeddings + linear parts)",
     "dual_encoder_embedding_only": "ablation: dual encoder, embeddings only",
+    "dual_encoder_ridge_readout": "ablation: dual encoder, default score with ridge's pixel read-out",
     "dual_encoder_nested": "dual encoder, score setting by nested CV",
     "dual_encoder_permuted": "dual encoder, permutation control",
     "dual_encoder_permuted_nested": "dual encoder, permutation control, the fold's nested setting",
@@ -73,7 +74,8 @@ METHOD_TITLES = {
     "gan": "GAN decoder",
 }
 # the same fitted networks scored with other settings (rows of the benchmark)
-ABLATIONS = {"dual_encoder_embedding_only": {"readout_weight": 0.0, "encoding_weight": 0.0}}
+ABLATIONS = {"dual_encoder_embedding_only": {"readout_weight": 0.0, "encoding_weight": 0.0},
+             "dual_encoder_ridge_readout": {"readout_model": "ridge"}}
 ORACLE_LABEL = "ORACLE: uses the true test image as a model input; not a decoding result"
 IMAGE_LATENT_NOTE = ("4-way condition of each test trial from its own image's latent (kNN among the "
                      "training images' latents): uses the image, not a decoding number")
@@ -756,7 +758,7 @@ def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool, device: to
     batched = {}
     if batched_seed_fits(cfg, device):             # all seeds' dual encoders as one vmapped fit
         t = time.perf_counter()
-        models, _ = train_dual_encoders(fold.train, de_cfgs, device)
+        models, _ = train_dual_encoders(fold.train, de_cfgs, device, fold.unique_images)
         batched = {c.seed: (m, (time.perf_counter() - t) / len(models)) for c, m in zip(de_cfgs, models)}
     for de_cfg in de_cfgs:
         seed = de_cfg.seed
@@ -778,7 +780,7 @@ def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool, device: to
                 variants[method + "_nested"] = nested["setting"]    # the control's too
             for variant, setting in variants.items():   # (their kNN condition is the networks')
                 t = time.perf_counter()
-                scores = candidate_scores(with_setting(model, train, setting), fold)
+                scores = candidate_scores(with_setting(model, train, setting, fold.unique_images), fold)
                 rows.append((variant, {**metrics, **identification_metrics(scores, fold)},
                              time.perf_counter() - t + (nested["seconds"] if variant == "dual_encoder_nested"
                                                         and seed == cfg.seeds[0] else 0.0)))

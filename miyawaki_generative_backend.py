@@ -72,9 +72,11 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, Ch
                                      parse_config, pearson_rows, prepare_out_dir,
                                      reconstruction_metrics, resolve_data, resolve_device, run_cli,
                                      save_checkpoint, save_figure, save_json, script_parser,
-                                     seed_everything, evaluating, write_summary)
+                                     seed_everything, evaluating, write_summary, generator_device,
+                                     rand_on, randn_on)
 from miyawaki_dual_encoder import (CHECKPOINT_NAME as ENCODER_CHECKPOINT_NAME, SCRIPT as ENCODER_SCRIPT,
-                                   EncodingReadout, PixelReadout, grouped_folds, load_for_s1)
+                                   POSTERIOR_DEFAULTS, EncodingReadout, PixelReadout, grouped_folds,
+                                   image_prior, load_for_s1, posterior_weights, receptive_fields)
 
 CHECKPOINT_KIND = "generative_backends"
 CHECKPOINT_NAME = "miyawaki_generative_backends.pth"
@@ -119,23 +121,6 @@ def scale_condition(condition: torch.Tensor) -> torch.Tensor:
     """Unit-norm embeddings ``N x D`` -> entries of unit RMS (x sqrt(D)), the scale of the other
     network inputs; the all-zero null condition of classifier-free guidance stays zero."""
     return condition * math.sqrt(condition.shape[1])
-
-
-# --------------------------------------------------------------------------- random draws
-def _gen_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
-    """Where random numbers are drawn: the generator's device, else ``device``."""
-    return generator.device if generator is not None else device
-
-
-def _randn(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """Standard normal draws made on the generator's device (so a CPU generator gives the same
-    numbers whatever the model's device), then moved to ``device``."""
-    return torch.randn(shape, generator=generator, device=_gen_device(generator, device)).to(device)
-
-
-def _rand(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """Uniform [0, 1) draws, as ``_randn``."""
-    return torch.rand(shape, generator=generator, device=_gen_device(generator, device)).to(device)
 
 
 # --------------------------------------------------------------------------- low-level anchor
@@ -198,38 +183,15 @@ def choose_stretch(anchors: np.ndarray, images: np.ndarray) -> float:
     return STRETCHES[int(np.argmax(score))]
 
 
-def posterior_readout(encoding: EncodingReadout, fmri: np.ndarray, images: np.ndarray,
-                      prior: np.ndarray, noise_shrink: float,
-                      prior_scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """The posterior-mean image under a linear-Gaussian model, as a linear read-out of fMRI: an
-    image x ~ N(m, s S) (m, S: mean and covariance of the image prior's samples ``prior`` ``P x
-    784``, s = ``prior_scale``), the kept voxels' fMRI y = W x + b + e (``encoding``, fitted on
-    the trials fMRI ``N x V``, images ``N x 784``) with e ~ N(0, R), R the covariance of those
-    trials' residuals shrunk towards its diagonal by ``noise_shrink``. x_hat = m + K (y - b - W m),
-    K = s S W^T (W s S W^T + R)^-1 -> (weight ``784 x V``, zero off the kept voxels; bias ``784``)."""
-    keep = encoding.voxels.cpu().numpy()
-    w = encoding.weight.double().cpu().numpy()[keep]                       # K x 784
-    b = encoding.bias.double().cpu().numpy()[keep]
-    resid = np.asarray(fmri, np.float64)[:, keep] - (images @ w.T + b)
-    noise = np.atleast_2d(np.cov(resid, rowvar=False))
-    noise = (1 - noise_shrink) * noise + noise_shrink * np.diag(np.diag(noise))
-    mean, cov = prior.mean(0), prior_scale * np.atleast_2d(np.cov(prior, rowvar=False))
-    cw = cov @ w.T                                                         # 784 x K
-    gain = np.linalg.solve(w @ cw + noise, cw.T).T                         # both symmetric
-    weight = np.zeros((N_PIXELS, len(keep)))
-    weight[:, keep] = gain
-    return weight, mean - gain @ (b + w @ mean)
-
-
 def fit_anchor(train: Trials, config: "GenerativeConfig", alpha: float | None = None,
                exclude: np.ndarray | None = None,
                encoding: EncodingReadout | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """The low-level anchor's linear read-out, fitted on trials (fMRI z-scored) -> (weight ``784 x
     V``, bias ``784``, ridge alpha), float64. The ridge read-out (``alpha`` None: chosen by
     efficient LOO, as the ridge baseline) and, with ``anchor_model="receptive-field"``, the
-    posterior mean under a receptive-field encoding model (``EncodingReadout.fit_receptive_fields``,
-    ``rf_voxels``) and the image prior made from these trials' images (``image_prior``, never an
-    image of ``exclude`` ``E x 1 x 28 x 28``), weighted ``1 - rf_ridge_weight`` beside ridge: ridge
+    receptive-field posterior read-out (``posterior_weights`` with the config's ``rf_*``,
+    ``prior_size`` and ``augment_*``; its image prior never holds an image of ``exclude`` ``E x 1
+    x 28 x 28``), weighted ``1 - rf_ridge_weight`` beside ridge: ridge
     is best inside the span of the training images, the receptive fields outside it. ``encoding``:
     those receptive fields when already fitted on these trials (``encoding_model``,
     ``receptive_field_folds``), else fitted here."""
@@ -243,23 +205,10 @@ def fit_anchor(train: Trials, config: "GenerativeConfig", alpha: float | None = 
         ridge = Ridge(alpha=alpha).fit(x, y)
     if config.anchor_model == "ridge":
         return ridge.coef_, ridge.intercept_, alpha
-    if encoding is None:
-        encoding = receptive_fields(train.fmri, train.images, config)
-    banned = None if exclude is None else torch.as_tensor(np.asarray(exclude)).flatten(1) > 0.5
-    prior, _, _ = image_prior(torch.as_tensor(train.images), None, config,
-                              torch.Generator().manual_seed(config.seed + 3), banned)
-    weight, bias = posterior_readout(encoding, x, y, prior.flatten(1).double().numpy(),
-                                     config.rf_noise_shrink, config.rf_prior_scale)
+    weight, bias = posterior_weights(train.fmri, train.images, config.seed + 3, encoding, exclude,
+                                     **{k: getattr(config, k) for k in POSTERIOR_DEFAULTS})
     r = config.rf_ridge_weight
     return (r * ridge.coef_ + (1 - r) * weight, r * ridge.intercept_ + (1 - r) * bias, alpha)
-
-
-def receptive_fields(fmri: np.ndarray, images: np.ndarray, config: "GenerativeConfig") -> EncodingReadout:
-    """Receptive fields (``EncodingReadout.fit_receptive_fields``, ``rf_voxels`` kept) fitted on
-    trials' fMRI ``N x V`` and images ``N x 1 x 28 x 28``."""
-    model = EncodingReadout(fmri.shape[1])
-    model.fit_receptive_fields(fmri, images, config.rf_voxels)
-    return model
 
 
 def receptive_field_folds(train: Trials, config: "GenerativeConfig") -> list[tuple]:
@@ -268,7 +217,7 @@ def receptive_field_folds(train: Trials, config: "GenerativeConfig") -> list[tup
     or None with ``anchor_model="ridge"``): one fit per fold, shared by the out-of-fold anchors and
     residuals."""
     rf = config.anchor_model == "receptive-field"
-    return [(tr, va, receptive_fields(train.fmri[tr], train.images[tr], config) if rf else None)
+    return [(tr, va, receptive_fields(train.fmri[tr], train.images[tr], config.rf_voxels) if rf else None)
             for tr, va in grouped_folds(train.image_ids, config.anchor_folds)]
 
 
@@ -293,7 +242,7 @@ def encoding_model(encoder: nn.Module, train: Trials, config: "GenerativeConfig"
     of the frozen encoder's ridge encoding model."""
     if config.anchor_model == "ridge":
         return copy.deepcopy(encoder.encoding)
-    return receptive_fields(train.fmri, train.images, config)
+    return receptive_fields(train.fmri, train.images, config.rf_voxels)
 
 
 def out_of_fold_residuals(train: Trials, config: "GenerativeConfig", alpha: float,
@@ -348,47 +297,6 @@ def anchor_features(anchor: torch.Tensor) -> torch.Tensor:
     """Read-outs ``N x 1 x 28 x 28`` -> network inputs ``N x 784``: clipped to [0, 1], scaled to
     [-1, 1] like the diffusion's pixels."""
     return anchor.reshape(len(anchor), -1).clamp(0, 1) * 2 - 1
-
-
-# --------------------------------------------------------------------------- the image prior
-def augmentation_ops(shift: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The paired augmentations as pixel gathers: the 8 rotations / reflections of the square,
-    each shifted by (dy, dx) in {-shift, 0, shift}^2 px with zero fill -> (index ``O x 784`` long,
-    mask ``O x 784`` float); op 0 is the identity. ``x.flatten(1).gather(1, index[ops]) *
-    mask[ops]`` applies ops ``N`` to images ``N x 1 x 28 x 28``."""
-    n = IMAGE_SIDE
-    grid = np.arange(N_PIXELS).reshape(n, n)
-    moves = sorted({0, -shift, shift}, key=abs)
-    index, mask = [], []
-    for k in range(4):
-        for flip in (False, True):
-            g = np.rot90(grid, k)
-            g = g[:, ::-1] if flip else g
-            for dy in moves:
-                for dx in moves:
-                    src = np.full((n, n), -1)
-                    rows, cols = slice(max(dy, 0), n + min(dy, 0)), slice(max(dx, 0), n + min(dx, 0))
-                    src[rows, cols] = g[max(-dy, 0):n - max(dy, 0), max(-dx, 0):n - max(dx, 0)]
-                    index.append(np.maximum(src.ravel(), 0))
-                    mask.append(src.ravel() >= 0)
-    return torch.as_tensor(np.array(index)), torch.as_tensor(np.array(mask), dtype=torch.float32)
-
-
-def apply_ops(images: torch.Tensor, ops: torch.Tensor, index: torch.Tensor,
-              mask: torch.Tensor) -> torch.Tensor:
-    """Op ``ops[i]`` applied to image ``i``: images ``N x 1 x 28 x 28``, ops ``N`` -> ``N x 1 x 28 x 28``."""
-    return (images.flatten(1).gather(1, index[ops]) * mask[ops]).view_as(images)
-
-
-def random_boxes(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """``n`` masks ``n x 1 x 28 x 28`` (float 0/1), each a random axis-aligned box whose sides
-    are uniform in [7, 21] px, placed uniformly: the pasted part of a cut-and-paste recombination."""
-    side = 7 + (_rand((n, 2), generator, device) * 15).long()
-    start = (_rand((n, 2), generator, device) * (29 - side)).long()
-    r = torch.arange(IMAGE_SIDE, device=device)
-    rows = (r[None] >= start[:, :1]) & (r[None] < start[:, :1] + side[:, :1])
-    cols = (r[None] >= start[:, 1:]) & (r[None] < start[:, 1:] + side[:, 1:])
-    return (rows[:, :, None] & cols[:, None, :]).float()[:, None]
 
 
 # --------------------------------------------------------------------------- models
@@ -606,7 +514,7 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
         prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
         if eta > 0 and prev_timestep >= 0:
-            prev = prev + sigma * _randn(sample.shape, generator, sample.device)
+            prev = prev + sigma * randn_on(sample.shape, generator, sample.device)
         return prev
 
     # ---- model
@@ -659,9 +567,9 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
         n, device = len(images), images.device
         x0 = images.reshape(n, -1) * 2 - 1
         t = torch.randint(self.num_train_timesteps, (n,), generator=generator,
-                          device=_gen_device(generator, device)).to(device)
-        noise = _randn(x0.shape, generator, device)
-        keep = _rand((n, 1), generator, device) >= self.condition_drop_prob
+                          device=generator_device(generator, device)).to(device)
+        noise = randn_on(x0.shape, generator, device)
+        keep = rand_on((n, 1), generator, device) >= self.condition_drop_prob
         pred = self.noise_estimate(self.add_noise(x0, noise, t), t, condition * keep, anchor)
         per_sample = ((pred - noise) ** 2).mean(1)
         if self.snr_gamma > 0:
@@ -700,7 +608,7 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
             raise ValueError(f"sampler {sampler!r}; use one of {SAMPLERS}")
         novelty = self._novelty(anchor)
         weight = self._likelihood_weight(likelihood, novelty)
-        x = _randn((len(condition), N_PIXELS), generator, condition.device)
+        x = randn_on((len(condition), N_PIXELS), generator, condition.device)
         if s < 1:
             x = self.add_noise(anchor_features(anchor), x, torch.full((len(x),), start, device=x.device))
         for i, t in enumerate(timesteps):
@@ -780,7 +688,7 @@ class MiyawakiGANDecoder(CheckpointMixin, AnchorMixin, nn.Module):
         generated images; then blended with the anchor (``anchor_blend``) and contrast-stretched
         (``output_stretch``)."""
         self._check_anchor(anchor)
-        z = _randn((len(condition), self.noise_dim), generator, condition.device)
+        z = randn_on((len(condition), self.noise_dim), generator, condition.device)
         images = self.generate(condition, z, anchor)
         novelty = self._novelty(anchor)
         weight = self._likelihood_weight(likelihood, novelty)
@@ -867,11 +775,11 @@ class GenerativeConfig(ScriptOptions):
                 "receptive-field encoding model and the image prior (which also gives the "
                 "synthetic-fMRI prior its fMRI), which reaches images outside the span of the "
                 "training images"})
-    rf_voxels: float = field(default=0.4, metadata={"above": 0, "max": 1,
+    rf_voxels: float = field(default=POSTERIOR_DEFAULTS["rf_voxels"], metadata={"above": 0, "max": 1,
         "help": "receptive-field anchor: fraction of voxels it reads (the best-fitted ones)"})
-    rf_noise_shrink: float = field(default=0.8, metadata={"min": 0, "max": 1,
+    rf_noise_shrink: float = field(default=POSTERIOR_DEFAULTS["rf_noise_shrink"], metadata={"min": 0, "max": 1,
         "help": "receptive-field anchor: shrinkage of the residual covariance towards its diagonal"})
-    rf_prior_scale: float = field(default=3.0, metadata={"above": 0,
+    rf_prior_scale: float = field(default=POSTERIOR_DEFAULTS["rf_prior_scale"], metadata={"above": 0,
         "help": "receptive-field anchor: scale of the image prior's covariance"})
     rf_ridge_weight: float = field(default=0.5, metadata={"min": 0, "max": 1,
         "help": "receptive-field anchor: weight of the ridge read-out beside the posterior mean"})
@@ -881,7 +789,7 @@ class GenerativeConfig(ScriptOptions):
     augment_prob: float = field(default=0.5, metadata={"min": 0, "below": 1,
         "help": "share of training samples replaced by samples of the image prior (rotated / "
                 "reflected / shifted and recombined copies of training (anchor, image) pairs)"})
-    augment_mix: float = field(default=0.5, metadata={"min": 0, "max": 1,
+    augment_mix: float = field(default=POSTERIOR_DEFAULTS["augment_mix"], metadata={"min": 0, "max": 1,
         "help": "share of the prior samples that also get a random box pasted from a second "
                 "transformed pair (cut-and-paste recombination of figures)"})
     prior_condition: str = field(default="synthetic", metadata={"choices": PRIOR_CONDITIONS,
@@ -889,9 +797,9 @@ class GenerativeConfig(ScriptOptions):
                 "image; synthetic fMRI (the encoder's encoding model's prediction for the new image "
                 "plus a training trial's out-of-fold residual) through encode_fmri, with its "
                 "read-out as the anchor; or the null condition"})
-    augment_shift: int = field(default=3, metadata={"min": 0,
+    augment_shift: int = field(default=POSTERIOR_DEFAULTS["augment_shift"], metadata={"min": 0,
         "help": "shift of the augmentations in pixels (3 = one cell of the 10 x 10 grid)"})
-    prior_size: int = field(default=4096, metadata={"min": 1,
+    prior_size: int = field(default=POSTERIOR_DEFAULTS["prior_size"], metadata={"min": 1,
         "help": "image-prior samples made (and encoded) once per fit, drawn from at every step"})
     init_strength: float = field(default=0.15, metadata={"above": 0, "max": 1,
         "help": "DDIM starts from the anchor noised to this fraction of T (1 = from pure noise)"})
@@ -978,14 +886,14 @@ class DecoderTrainingSet:
         embedding of the same trial. With a prior, ``augment_prob`` of the samples are replaced by
         prior samples drawn uniformly (image, its condition and anchor together)."""
         device = self.images.device
-        use_fmri = _rand((len(idx), 1), generator, device) < config.fmri_condition_prob
+        use_fmri = rand_on((len(idx), 1), generator, device) < config.fmri_condition_prob
         cond = torch.where(use_fmri, self.cond_fmri[idx], self.cond_image[idx])
         images, anchor = self.images[idx], None if self.anchor is None else self.anchor[idx]
         if self.prior_images is None or config.augment_prob == 0:
             return images, cond, anchor
-        aug = _rand((len(idx),), generator, device) < config.augment_prob
+        aug = rand_on((len(idx),), generator, device) < config.augment_prob
         pick = torch.randint(len(self.prior_images), (len(idx),), generator=generator,
-                             device=_gen_device(generator, device)).to(device)
+                             device=generator_device(generator, device)).to(device)
         images = torch.where(aug[:, None, None, None], self.prior_images[pick], images)
         cond = torch.where(aug[:, None], self.prior_cond[pick], cond)
         if anchor is not None:
@@ -999,44 +907,6 @@ def encode_in_chunks(encode: Callable[[torch.Tensor], torch.Tensor], inputs: tor
     -> ``P x D``, ``chunk`` rows at a time (the prior's thousands of samples at once would cost
     peak memory)."""
     return torch.cat([encode(part) for part in inputs.split(chunk)])
-
-
-def image_prior(images: torch.Tensor, anchor: torch.Tensor | None, config: GenerativeConfig,
-                generator: torch.Generator, exclude: torch.Tensor | None = None):
-    """The image prior's images: ``config.prior_size`` new images made from training (image,
-    anchor) pairs ``N x 1 x 28 x 28`` (anchor None: images alone) -> (images ``P x 1 x 28 x 28``,
-    their anchors or None, rejected). Each is a random rotation / reflection / shift
-    (``augmentation_ops``) of a pair, applied to both, and with probability ``augment_mix`` a
-    random box of a second transformed pair pasted into both (V1, and so the read-out, is
-    retinotopic: a part of the image maps to that part of the anchor). A sample equal to an image
-    of ``exclude`` ``E x 784`` (bool) after binarising is dropped (P = prior_size - rejected).
-    No trial showed them: ``training_set`` gives them their conditions (``prior_condition``)."""
-    device, n = images.device, config.prior_size
-    index, mask = (t.to(device) for t in augmentation_ops(config.augment_shift))
-
-    def transformed():
-        trials = torch.randint(len(images), (n,), generator=generator,
-                               device=_gen_device(generator, device)).to(device)
-        ops = torch.randint(len(index), (n,), generator=generator,
-                            device=_gen_device(generator, device)).to(device)
-        return (apply_ops(images[trials], ops, index, mask),
-                None if anchor is None else apply_ops(anchor[trials], ops, index, mask))
-
-    new_images, new_anchor = transformed()
-    if config.augment_mix > 0:
-        paste_images, paste_anchor = transformed()
-        box = random_boxes(n, generator, device)
-        box = box * (_rand((n, 1, 1, 1), generator, device) < config.augment_mix)
-        new_images = new_images + box * (paste_images - new_images)
-        if new_anchor is not None:
-            new_anchor = new_anchor + box * (paste_anchor - new_anchor)
-    keep = torch.ones(n, dtype=torch.bool, device=device)
-    if exclude is not None and len(exclude):
-        # binary images a, b are equal where their Hamming distance |a| + |b| - 2 a.b is 0
-        # (whole numbers <= 784, exact in float32; P x E without a P x E x 784 comparison)
-        a, b = (new_images.flatten(1) > 0.5).float(), exclude.float()
-        keep = ~((a.sum(1, keepdim=True) + b.sum(1) - 2 * a @ b.T) == 0).any(1)
-    return new_images[keep], None if new_anchor is None else new_anchor[keep], int((~keep).sum())
 
 
 def _progress(desc: str, total: int, progress: bool):
@@ -1107,7 +977,7 @@ def train_gan(data: DecoderTrainingSet, config: GenerativeConfig,
     for step in _progress("gan", config.gan_steps, progress):
         images, cond, anchor = data.draw(idx, config, gen)
         with bf16_autocast(device, config.bf16):
-            fake = model.generate(cond, _randn((len(images), config.noise_dim), gen, device), anchor).float()
+            fake = model.generate(cond, randn_on((len(images), config.noise_dim), gen, device), anchor).float()
             d_loss = hinge_discriminator_loss(model.discriminator(images, cond, anchor).float(),
                                               model.discriminator(fake.detach(), cond, anchor).float())
         opt_d.zero_grad(set_to_none=True)
@@ -1137,7 +1007,7 @@ def synthetic_fmri(encoding: nn.Module, images: torch.Tensor, residuals: torch.T
     encoding model's prediction (``EncodingReadout``, all voxels) plus the residual ``N x V`` of a
     random training trial (``out_of_fold_residuals``: the error of that model on a new image)."""
     pick = torch.randint(len(residuals), (len(images),), generator=generator,
-                         device=_gen_device(generator, images.device)).to(images.device)
+                         device=generator_device(generator, images.device)).to(images.device)
     return encoding(images) + residuals[pick]
 
 
@@ -1173,7 +1043,8 @@ def training_set(encoder: nn.Module, train: Trials, config: GenerativeConfig,
         banned = None if exclude is None else torch.as_tensor(np.asarray(exclude), device=device).flatten(1) > 0.5
         gen = torch.Generator(device).manual_seed(config.seed + 2)
         data.prior_images, data.prior_anchor, data.rejected = image_prior(
-            data.images, None if synthetic else data.anchor, config, gen, banned)
+            data.images, None if synthetic else data.anchor, gen, config.prior_size,
+            config.augment_shift, config.augment_mix, banned)
         with evaluating(encoder):
             if synthetic:
                 residuals = out_of_fold_residuals(train, config, encoder.config.encoding_alpha, folds)

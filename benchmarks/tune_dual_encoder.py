@@ -9,6 +9,7 @@ read-out and of the encoding model, the encoding model's alpha; they need no net
 
     python benchmarks/tune_dual_encoder.py --seeds 0 1            # the score's settings
     python benchmarks/tune_dual_encoder.py --set skip=False --set skip=True
+    python benchmarks/tune_dual_encoder.py --seeds 0 1 --set readout_model=ridge --set readout_model=receptive-field
     python benchmarks/tune_dual_encoder.py --set mixup=0 --set mixup=64 --seeds 0 1
 """
 

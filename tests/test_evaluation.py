@@ -192,7 +192,8 @@ def test_benchmark_s3_two_folds_writes_the_schema(tmp_path):
     assert saved["seed_fits"] == "separate"                   # auto on a CPU: one fit per seed
     assert set(saved["methods"]) == {*E.BASELINES, "encoding_model", "dual_encoder",
                                      "dual_encoder_permuted", "dual_encoder_embedding_only",
-                                     "dual_encoder_nested", "dual_encoder_permuted_nested"}
+                                     "dual_encoder_ridge_readout", "dual_encoder_nested",
+                                     "dual_encoder_permuted_nested"}
     nested = saved["nested"]
     assert nested["inner_scheme"] == "unseen" and nested["inner_repeats"] == 1
     assert nested["grid"] == {k: list(v) for k, v in D.SCORE_GRID.items()}

@@ -306,10 +306,10 @@ def test_script_end_to_end_on_simulated_data(tmp_path):
 
 # --------------------------------------------------------------------------- anchor and image prior
 def test_augmentation_ops_are_the_square_symmetries_and_shifts():
-    index, mask = G.augmentation_ops(3)
+    index, mask = D.augmentation_ops(3)
     assert len(index) == 72
     img = torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    moved = torch.cat([G.apply_ops(img, torch.tensor([o]), index, mask) for o in range(72)])
+    moved = torch.cat([D.apply_ops(img, torch.tensor([o]), index, mask) for o in range(72)])
     assert torch.equal(moved[0], img[0])                                  # op 0: identity
     expected = [np.rot90(img[0, 0].numpy(), k) for k in range(4)]
     for k in range(4):                                                   # unshifted rotations
@@ -326,8 +326,7 @@ def test_image_prior_never_produces_an_excluded_image():
     images = torch.as_tensor(L.upsample_grid(grids[5:10]))[:, None]     # n e u r o
     banned = torch.flip(images[3], dims=[-1])                           # a mirrored "r"
     assert not (banned == images).flatten(1).all(1).any()
-    cfg = replace(TINY, augment_prob=0.5, augment_mix=0.0, prior_size=3000)
-    prior, anchor, rejected = G.image_prior(images, images, cfg, torch.Generator().manual_seed(0),
+    prior, anchor, rejected = D.image_prior(images, images, torch.Generator().manual_seed(0), 3000, 3, 0.0,
                                             banned.flatten()[None] > 0.5)
     assert not ((prior.flatten(1) > 0.5) == (banned.flatten() > 0.5)).all(1).any()
     assert rejected > 0 and len(prior) == len(anchor) == 3000 - rejected
@@ -410,7 +409,7 @@ def test_posterior_readout_is_the_gaussian_posterior_mean():
     encoding.voxels.copy_(torch.as_tensor(keep))
     images, prior = rng.random((40, L.N_PIXELS)), rng.random((2000, L.N_PIXELS))
     fmri = images @ encoding.weight.double().numpy().T + rng.normal(0, 1, (40, n_voxels))
-    weight, bias = G.posterior_readout(encoding, fmri, images, prior, noise_shrink=0.3, prior_scale=2.0)
+    weight, bias = D.posterior_readout(encoding, fmri, images, prior, noise_shrink=0.3, prior_scale=2.0)
     w, b = encoding.weight.double().numpy()[keep], encoding.bias.double().numpy()[keep]
     r = np.cov(fmri[:, keep] - images @ w.T - b, rowvar=False)
     r = 0.7 * r + 0.3 * np.diag(np.diag(r))
