@@ -782,8 +782,9 @@ def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.d
 
     candidates ``K x 1 x 28 x 28``: the images validation identification ranks against (default:
     the training images); those no training trial shows are kept out of the read-out's image
-    prior (``fit_linear_parts``). Returns (model in eval mode, history): per-epoch lists ``train_loss``,
-    ``val_loss``, ``val_top1`` and the trial counts ``n_train`` (fitted on) and ``n_validation``."""
+    prior (``fit_linear_parts``). Returns (model in eval mode, history): per-epoch lists
+    ``train_loss``, ``val_loss``, ``val_top1`` and the trial counts ``n_train`` (fitted on) and
+    ``n_validation``."""
     device = torch.device(device)
     seed_everything(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
@@ -940,7 +941,8 @@ def with_setting(model: MiyawakiDualEncoder, trials: Trials, setting: dict,
     cfg = out.config = replace(model.config, **setting)
     if cfg.readout_model != model.config.readout_model:
         fit_linear_parts(out, trials, candidates)
-    elif (cfg.encoding_alpha, cfg.encoding_voxels) != (model.config.encoding_alpha, model.config.encoding_voxels):
+    elif ((cfg.encoding_alpha, cfg.encoding_voxels)
+          != (model.config.encoding_alpha, model.config.encoding_voxels)):
         out.encoding.fit(trials.fmri, trials.images, trials.image_ids, cfg.encoding_alpha,
                          cfg.encoding_voxels)
     return out

@@ -535,6 +535,7 @@ def score_checkpoint(model: MiyawakiDualEncoder, fold: Fold, knn_k: int = 5, ora
             "mean_rank": ident["mean_rank"], "chance_mean_rank": ident["chance_mean_rank"],
             "ranks": ident["ranks"],
             "readout_weight": model.config.readout_weight,
+            "readout_model": model.config.readout_model,
             "encoding_weight": model.config.encoding_weight,
             "embedding_only_top1": embedding_only["top1"],
             "score": "model.score_candidates: (1 - readout_weight - encoding_weight) z(cosine of the "
@@ -592,8 +593,8 @@ def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
                                   title=f"Joint t-SNE of fMRI-only and image embeddings (S1 test: top-1 "
                                         f"{ident['top1']:.2f}, chance {1 / k:.2f})"),
                 out / "miyawaki_latent_space_tsne.png")
-    label = (f"identification score (read-out weight {model.config.readout_weight:g}, encoding "
-             f"weight {model.config.encoding_weight:g})")
+    label = (f"identification score ({model.config.readout_model} read-out weight "
+             f"{model.config.readout_weight:g}, encoding weight {model.config.encoding_weight:g})")
     save_figure(plot_similarity_matrix(sim, test.image_ids, fold.unique_images, fold.unique_labels,
                                        title=f"S1 test trials from fMRI only vs {k} candidate images "
                                              f"(top-1 {ident['top1']:.2f}, chance {1 / k:.2f})",

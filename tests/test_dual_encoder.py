@@ -177,6 +177,28 @@ def test_receptive_field_readout_reads_out_never_seen_images_better_than_ridge(s
     assert np.mean(top1["receptive-field"]) > np.mean(top1["ridge"]) + 0.3
 
 
+def test_with_setting_refits_only_the_linear_part_whose_fields_change(sim):
+    """The benchmark's ablations rescore the same networks: another read-out model refits the
+    pixel read-out on the model's trials, another encoding alpha the encoding model alone; the
+    networks (and the other part) are copied unchanged."""
+    fold = _fold(sim)
+    model, _ = train_dual_encoder(fold.train, replace(FAST, epochs=1), "cpu", fold.unique_images,
+                                  progress=False)
+    ridge = D.with_setting(model, fold.train, {"readout_model": "ridge"}, fold.unique_images)
+    other = D.with_setting(model, fold.train, {"encoding_alpha": 100.0})
+    expected = PixelReadout(sim.n_voxels)
+    expected.fit(fold.train.fmri, fold.train.images, "ridge")
+    assert torch.equal(ridge.readout.weight, expected.weight)
+    assert not torch.equal(ridge.readout.weight, model.readout.weight)
+    assert not torch.equal(other.encoding.weight, model.encoding.weight)
+    assert torch.equal(other.readout.weight, model.readout.weight)
+    for copy_ in (ridge, other):
+        for name, value in model.state_dict().items():
+            if not name.startswith(("readout.", "encoding.")):
+                assert torch.equal(copy_.state_dict()[name], value), name
+    assert ridge.config.readout_model == "ridge" and model.config.readout_model == "receptive-field"
+
+
 def test_readout_image_prior_never_holds_a_candidate_no_training_trial_showed(sim, monkeypatch):
     """The read-out's image prior excludes exactly the candidates absent from the training trials
     (a never-seen test image the prior's transformations might otherwise make), none when every
