@@ -305,34 +305,6 @@ def test_script_end_to_end_on_simulated_data(tmp_path):
 
 
 # --------------------------------------------------------------------------- anchor and image prior
-def test_augmentation_ops_are_the_square_symmetries_and_shifts():
-    index, mask = D.augmentation_ops(3)
-    assert len(index) == 72
-    img = torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    moved = torch.cat([D.apply_ops(img, torch.tensor([o]), index, mask) for o in range(72)])
-    assert torch.equal(moved[0], img[0])                                  # op 0: identity
-    expected = [np.rot90(img[0, 0].numpy(), k) for k in range(4)]
-    for k in range(4):                                                   # unshifted rotations
-        np.testing.assert_array_equal(moved[18 * k, 0].numpy(), expected[k])
-        np.testing.assert_array_equal(moved[18 * k + 9, 0].numpy(), expected[k][:, ::-1])
-    # op 1 shifts down by 3 px (the first nonzero move), zero filling the rows it uncovers
-    assert torch.equal(moved[3, 0, 3:], img[0, 0, :-3]) and moved[3, 0, :3].abs().sum() == 0
-
-
-def test_image_prior_never_produces_an_excluded_image():
-    """An image the fold must not see (here the mirror image of a training figure, which the prior
-    would otherwise make) never comes out of the prior; the check can fail: it was hit."""
-    grids, _ = L.figure_images()
-    images = torch.as_tensor(L.upsample_grid(grids[5:10]))[:, None]     # n e u r o
-    banned = torch.flip(images[3], dims=[-1])                           # a mirrored "r"
-    assert not (banned == images).flatten(1).all(1).any()
-    prior, anchor, rejected = D.image_prior(images, images, torch.Generator().manual_seed(0), 3000, 3, 0.0,
-                                            banned.flatten()[None] > 0.5)
-    assert not ((prior.flatten(1) > 0.5) == (banned.flatten() > 0.5)).all(1).any()
-    assert rejected > 0 and len(prior) == len(anchor) == 3000 - rejected
-    assert torch.equal(anchor, prior)                 # the anchors had the images' transformations
-
-
 @pytest.mark.parametrize("model", G.ANCHOR_MODELS)
 def test_out_of_fold_anchor_of_a_trial_ignores_its_image_s_other_trials(sim, model):
     """A training trial's anchor comes from a read-out fitted on other images' trials only:
@@ -396,29 +368,6 @@ def test_receptive_field_weights_hold_no_float32_subnormals():
     w = rf.weight.abs()
     assert not ((w > 0) & (w < torch.finfo(torch.float32).tiny)).any()
     assert (w > 0).float().mean() > 0.1                       # the Gaussians themselves are kept
-
-
-def test_posterior_readout_is_the_gaussian_posterior_mean():
-    """The receptive-field anchor's read-out equals the brute-force posterior mean in information
-    form, (W^T R^-1 W + (sS)^-1)^-1 (W^T R^-1 (y - b) + (sS)^-1 m), on a small problem."""
-    rng = np.random.default_rng(0)
-    n_voxels, keep = 12, np.arange(12) % 3 != 0
-    encoding = D.EncodingReadout(n_voxels)
-    encoding.weight.copy_(torch.as_tensor(rng.normal(0, 0.1, (n_voxels, L.N_PIXELS))))
-    encoding.bias.copy_(torch.as_tensor(rng.normal(0, 1, n_voxels)))
-    encoding.voxels.copy_(torch.as_tensor(keep))
-    images, prior = rng.random((40, L.N_PIXELS)), rng.random((2000, L.N_PIXELS))
-    fmri = images @ encoding.weight.double().numpy().T + rng.normal(0, 1, (40, n_voxels))
-    weight, bias = D.posterior_readout(encoding, fmri, images, prior, noise_shrink=0.3, prior_scale=2.0)
-    w, b = encoding.weight.double().numpy()[keep], encoding.bias.double().numpy()[keep]
-    r = np.cov(fmri[:, keep] - images @ w.T - b, rowvar=False)
-    r = 0.7 * r + 0.3 * np.diag(np.diag(r))
-    s_inv = np.linalg.inv(2.0 * np.cov(prior, rowvar=False))
-    y = rng.normal(0, 1, (3, n_voxels))
-    brute = np.linalg.solve(w.T @ np.linalg.solve(r, w) + s_inv,
-                            (w.T @ np.linalg.solve(r, (y[:, keep] - b).T)) + (s_inv @ prior.mean(0))[:, None]).T
-    np.testing.assert_allclose(y @ weight.T + bias, brute, atol=1e-6)
-    assert not weight[:, ~keep].any()
 
 
 def test_receptive_field_anchor_beats_ridge_on_a_never_seen_image(sim):
