@@ -191,8 +191,8 @@ def fit_anchor(train: Trials, config: "GenerativeConfig", alpha: float | None = 
     efficient LOO, as the ridge baseline) and, with ``anchor_model="receptive-field"``, the
     receptive-field posterior read-out (``posterior_weights`` with the config's ``rf_*``,
     ``prior_size`` and ``augment_*``; its image prior never holds an image of ``exclude`` ``E x 1
-    x 28 x 28``), weighted ``1 - rf_ridge_weight`` beside ridge: ridge
-    is best inside the span of the training images, the receptive fields outside it. ``encoding``:
+    x 28 x 28``), weighted ``1 - rf_ridge_weight`` beside ridge: ridge is best inside the span of
+    the training images, the receptive fields outside it. ``encoding``:
     those receptive fields when already fitted on these trials (``encoding_model``,
     ``receptive_field_folds``), else fitted here."""
     from sklearn.linear_model import Ridge
@@ -217,8 +217,8 @@ def receptive_field_folds(train: Trials, config: "GenerativeConfig") -> list[tup
     or None with ``anchor_model="ridge"``): one fit per fold, shared by the out-of-fold anchors and
     residuals."""
     rf = config.anchor_model == "receptive-field"
-    return [(tr, va, receptive_fields(train.fmri[tr], train.images[tr], config.rf_voxels) if rf else None)
-            for tr, va in grouped_folds(train.image_ids, config.anchor_folds)]
+    return [(tr, va, receptive_fields(train.fmri[tr], train.images[tr], config.rf_voxels)
+             if rf else None) for tr, va in grouped_folds(train.image_ids, config.anchor_folds)]
 
 
 def out_of_fold_readouts(train: Trials, config: "GenerativeConfig", alpha: float,
