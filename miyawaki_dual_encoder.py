@@ -723,18 +723,24 @@ def identify(model: MiyawakiDualEncoder, fmri: torch.Tensor, candidates: torch.T
     return identification_ranks(model.score_candidates(fmri, candidates), true_ids)
 
 
+def unseen_candidates(trials: Trials, candidates: np.ndarray | None) -> np.ndarray | None:
+    """The candidate images ``K x 1 x 28 x 28`` that no trial of ``trials`` shows (a never-seen
+    test image), which the read-out's image prior must not hold; None without candidates."""
+    if candidates is None:
+        return None
+    flat, shown = candidates.reshape(len(candidates), -1), trials.images.reshape(len(trials), -1)
+    return candidates[~np.array([(shown == c).all(1).any() for c in flat], dtype=bool)]
+
+
 def fit_linear_parts(model: MiyawakiDualEncoder, trials: Trials,
                      candidates: np.ndarray | None = None) -> dict:
     """Fit the model's pixel read-out and encoding model on ``trials`` (closed form, in place;
     what the networks are fitted on); the read-out's image prior never holds a candidate image
-    ``K x 1 x 28 x 28`` that no trial showed (a never-seen test image) -> {"readout_alpha" (None
+    ``K x 1 x 28 x 28`` that no trial showed (``unseen_candidates``) -> {"readout_alpha" (None
     for the receptive-field read-out), "encoding_voxels"} for the history."""
     cfg = model.config
-    unseen = None
-    if candidates is not None:
-        flat, shown = candidates.reshape(len(candidates), -1), trials.images.reshape(len(trials), -1)
-        unseen = candidates[~np.array([(shown == c).all(1).any() for c in flat], dtype=bool)]
-    return {"readout_alpha": model.readout.fit(trials.fmri, trials.images, cfg.readout_model, unseen),
+    return {"readout_alpha": model.readout.fit(trials.fmri, trials.images, cfg.readout_model,
+                                               unseen_candidates(trials, candidates)),
             "encoding_voxels": model.encoding.fit(trials.fmri, trials.images, trials.image_ids,
                                                   cfg.encoding_alpha, cfg.encoding_voxels)}
 
@@ -936,13 +942,14 @@ def with_setting(model: MiyawakiDualEncoder, trials: Trials, setting: dict,
     """A copy of ``model`` whose config takes ``setting`` (score fields; the networks are copied,
     not retrained); a linear part whose own fields the setting changes (the read-out's model, the
     encoding model's alpha or voxels) is refitted on ``trials``, the trials the model was fitted
-    on (``candidates``: as in ``fit_linear_parts``)."""
+    on (``candidates``: as in ``fit_linear_parts``); the other part is copied as it is."""
     out = copy.deepcopy(model)
     cfg = out.config = replace(model.config, **setting)
     if cfg.readout_model != model.config.readout_model:
-        fit_linear_parts(out, trials, candidates)
-    elif ((cfg.encoding_alpha, cfg.encoding_voxels)
-          != (model.config.encoding_alpha, model.config.encoding_voxels)):
+        out.readout.fit(trials.fmri, trials.images, cfg.readout_model,
+                        unseen_candidates(trials, candidates))
+    if ((cfg.encoding_alpha, cfg.encoding_voxels)
+            != (model.config.encoding_alpha, model.config.encoding_voxels)):
         out.encoding.fit(trials.fmri, trials.images, trials.image_ids, cfg.encoding_alpha,
                          cfg.encoding_voxels)
     return out
