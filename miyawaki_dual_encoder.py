@@ -918,23 +918,30 @@ def train_dual_encoders(train: Trials, configs: list[DualEncoderConfig], device:
 # The declared grid of the identification score's settings (nested selection and the tuning
 # script): every combination whose two linear weights sum to at most MAX_LINEAR_WEIGHT, so that
 # the embeddings keep at least a tenth of the score (a read-out weight of 0.9 is the seen inner
-# CV's best: the embeddings break the read-out's near ties between letters of one font).
+# CV's best: the embeddings break the read-out's near ties between letters of one font), with
+# either pixel read-out (the receptive-field one reads out new images, ridge is a little better
+# on seen ones); a weight of 0 takes the first read-out only, as the read-out is then unused.
 SCORE_GRID = {"readout_weight": (0.0, 0.25, 0.5, 0.75, 0.9),
-              "encoding_weight": (0.0, 0.25, 0.5, 0.75), "encoding_alpha": (30.0, 100.0)}
+              "encoding_weight": (0.0, 0.25, 0.5, 0.75), "encoding_alpha": (30.0, 100.0),
+              "readout_model": READOUT_MODELS}
 MAX_LINEAR_WEIGHT = 0.9
+SCORE_WEIGHTS = ("readout_weight", "encoding_weight")   # the settings that need no refit
 
 
 def score_settings(grid: dict = SCORE_GRID) -> list[dict]:
     """The grid's settings as dicts of DualEncoderConfig fields, in grid order (the last key
     varies fastest)."""
     combos = (dict(zip(grid, values)) for values in itertools.product(*grid.values()))
+    first_readout = grid.get("readout_model", (None,))[0]
     return [c for c in combos
-            if c.get("readout_weight", 0) + c.get("encoding_weight", 0) <= MAX_LINEAR_WEIGHT + 1e-9]
+            if c.get("readout_weight", 0) + c.get("encoding_weight", 0) <= MAX_LINEAR_WEIGHT + 1e-9
+            and (c.get("readout_weight") != 0 or c.get("readout_model", first_readout) == first_readout)]
 
 
 def setting_name(setting: dict) -> str:
-    """``{"readout_weight": 0.25, ...}`` -> ``"readout_weight=0.25,..."`` (JSON keys, log lines)."""
-    return ",".join(f"{k}={v:g}" for k, v in setting.items())
+    """``{"readout_weight": 0.25, ..., "readout_model": "ridge"}`` ->
+    ``"readout_weight=0.25,...,readout_model=ridge"`` (JSON keys, log lines)."""
+    return ",".join(f"{k}={v}" if isinstance(v, str) else f"{k}={v:g}" for k, v in setting.items())
 
 
 def with_setting(model: MiyawakiDualEncoder, trials: Trials, setting: dict,
@@ -998,11 +1005,12 @@ def inner_cv_scores(data: MiyawakiData, train_idx: np.ndarray, config: DualEncod
         x, cand = (torch.as_tensor(a, device=device) for a in (fold.test.fmri, fold.unique_images))
         parts = {}
         for c in settings:
-            linear = {k: v for k, v in c.items() if k.startswith("encoding_") and k != "encoding_weight"}
+            linear = {k: v for k, v in c.items() if k not in SCORE_WEIGHTS}
             key = tuple(sorted(linear.items()))
-            if key not in parts:                        # one refit per encoding model setting
-                parts[key] = with_setting(model, fold.train, linear).score_parts(x, cand)
-            weights = {k: c.get(k, getattr(config, k)) for k in ("readout_weight", "encoding_weight")}
+            if key not in parts:                        # one refit per linear parts' setting
+                parts[key] = with_setting(model, fold.train, linear,
+                                          fold.unique_images).score_parts(x, cand)
+            weights = {k: c.get(k, getattr(config, k)) for k in SCORE_WEIGHTS}
             ranks[setting_name(c)].append(identification_ranks(fused_scores(parts[key], **weights),
                                                                fold.test.image_ids))
     return {"top1": {name: float(np.mean([topk_accuracy(r, 1) for r in rs])) for name, rs in ranks.items()},
@@ -1011,7 +1019,8 @@ def inner_cv_scores(data: MiyawakiData, train_idx: np.ndarray, config: DualEncod
 
 def select_setting(inner: dict, settings: list[dict]) -> dict:
     """The setting with the best inner-CV score (``inner_cv_scores``' "top1" for nested
-    selection); a tie goes to the first in grid order (less weight on the linear parts first)."""
+    selection); a tie goes to the first in grid order (less weight on the linear parts first, then
+    the receptive-field read-out)."""
     best = max(inner.values())
     return next(c for c in settings if inner[setting_name(c)] >= best - 1e-12)
 

@@ -961,8 +961,8 @@ class EvaluationConfig(ScriptOptions):
         "help": "benchmark: also train on fMRI rows shuffled against images, first seed only "
                 "(must be at chance)"})
     nested: bool = field(default=False, metadata={
-        "help": "benchmark: also choose the dual encoder's score setting (read-out weight, "
-                "encoding weight, encoding alpha) inside every fold by inner CV on its training "
+        "help": "benchmark: also choose the dual encoder's score setting (read-out weight and "
+                "model, encoding weight, encoding alpha) inside every fold by inner CV on its training "
                 "trials (5 extra fits per fold and --inner-repeats; row dual_encoder_nested)"})
     inner_repeats: int = field(default=1, metadata={"min": 1,
         "help": "with --nested: repeats of the 5-fold inner CV, averaged (5 fits per fold and "

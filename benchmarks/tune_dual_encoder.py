@@ -5,11 +5,11 @@ read): ``seen`` = stratified 5-fold by image id (every held-out image also in tr
 S1/S2) and ``unseen`` = 5 folds that each hold out all trials of 4 images (like S3)
 (``miyawaki_dual_encoder.inner_folds``). Identification ranks all 20 unique images by the
 model's score, once per setting of the score's grid (``SCORE_GRID``: the weights of the pixel
-read-out and of the encoding model, the encoding model's alpha; they need no network refit).
+read-out and of the encoding model, the read-out's model, the encoding model's alpha; they need
+no network refit).
 
     python benchmarks/tune_dual_encoder.py --seeds 0 1            # the score's settings
     python benchmarks/tune_dual_encoder.py --set skip=False --set skip=True
-    python benchmarks/tune_dual_encoder.py --seeds 0 1 --set readout_model=ridge --set readout_model=receptive-field
     python benchmarks/tune_dual_encoder.py --set mixup=0 --set mixup=64 --seeds 0 1
 """
 

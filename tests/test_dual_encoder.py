@@ -294,12 +294,28 @@ def test_consistency_step_moves_images_towards_the_fmri_under_the_encoding_model
 def test_nested_grid_and_its_tie_rule():
     settings = score_settings()
     assert all(c["readout_weight"] + c["encoding_weight"] <= 0.9 for c in settings)
-    assert {"readout_weight": 0.9, "encoding_weight": 0.0, "encoding_alpha": 30.0} in settings
-    assert len(settings) == 22
-    assert settings[0] == {"readout_weight": 0.0, "encoding_weight": 0.0, "encoding_alpha": 30.0}
+    default = {"readout_weight": 0.9, "encoding_weight": 0.0, "encoding_alpha": 30.0,
+               "readout_model": "receptive-field"}
+    assert default in settings and {**default, "readout_model": "ridge"} in settings
+    # 22 weight settings, each with both read-outs but the 8 whose read-out weight is 0 (unused)
+    assert len(settings) == 36 == len({setting_name(c) for c in settings})
+    assert all(c["readout_model"] == "receptive-field" for c in settings if c["readout_weight"] == 0)
+    assert settings[0] == {"readout_weight": 0.0, "encoding_weight": 0.0, "encoding_alpha": 30.0,
+                           "readout_model": "receptive-field"}
     inner = {setting_name(c): 0.5 for c in settings}
     inner[setting_name(settings[5])] = inner[setting_name(settings[3])] = 0.7
     assert select_setting(inner, settings) == settings[3]
+    inner[setting_name(default)] = inner[setting_name({**default, "readout_model": "ridge"})] = 0.9
+    assert select_setting(inner, settings) == default            # a tie: the default read-out
+
+
+def test_inner_cv_scores_each_setting_with_its_own_readout(sim):
+    """The inner CV refits the pixel read-out for a setting that names the other read-out model:
+    with the score all read-out, each setting's inner MRR is that read-out's alone."""
+    ridge, rf = ({"readout_weight": 0.9, "encoding_weight": 0.0, "readout_model": m}
+                 for m in ("ridge", "receptive-field"))
+    inner = D.inner_cv_scores(sim, np.arange(60), replace(FAST, epochs=2), "seen", [rf, ridge])
+    assert inner["mrr"][setting_name(rf)] != inner["mrr"][setting_name(ridge)]
 
 
 @pytest.mark.filterwarnings("ignore:The least populated class")   # inner_folds silences it too
