@@ -16,6 +16,7 @@ from helpers import file_arrays  # noqa: E402
 
 # The tests' models are small: one thread is as fast on idle cores, and on a machine shared with
 # another job it is many times faster (a busy core stalls every step of a 2-thread pool).
+# `make test` runs one pytest process per core (pytest-xdist) to use the other cores.
 torch.set_num_threads(1)
 
 
