@@ -438,7 +438,7 @@ def test_synthetic_prior_conditions_come_from_the_encoding_model(sim):
 def test_anchored_decoders_round_trip_and_need_their_anchor(tmp_path, sim):
     fold = sim.s1()
     readout = G.LinearReadout(sim.n_voxels)
-    readout.fit(fold.train.fmri, fold.train.images)
+    readout.fit(fold.train.fmri, fold.train.images, "ridge")
     ridge = L.RidgeBaseline().fit(fold.train.fmri, fold.train.images).predict(fold.test.fmri)
     x = torch.as_tensor(fold.test.fmri)
     np.testing.assert_allclose(readout(x).reshape(len(x), -1).numpy(), ridge, atol=1e-4)
