@@ -13,8 +13,8 @@ run: $(VENV)/.installed
 	$(BIN)/python miyawaki_evaluation.py $(DATA_ARG)
 	$(BIN)/python miyawaki_generative_backend.py $(DATA_ARG)
 
-# the tests run torch on one thread each (tests/conftest.py), so two pytest processes
-# (pytest-xdist; one per core of the 2-core CI, at most 4) halve the suite's wall time
+# the tests run torch on one thread each (tests/conftest.py): one pytest process per core
+# (pytest-xdist, at most 4) uses the 2-core CI's second core (README, Tests and CI)
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 

@@ -919,8 +919,9 @@ def train_dual_encoders(train: Trials, configs: list[DualEncoderConfig], device:
 # script): every combination whose two linear weights sum to at most MAX_LINEAR_WEIGHT, so that
 # the embeddings keep at least a tenth of the score (a read-out weight of 0.9 is the seen inner
 # CV's best: the embeddings break the read-out's near ties between letters of one font), with
-# either pixel read-out (the receptive-field one reads out new images, ridge is a little better
-# on seen ones); a weight of 0 takes the first read-out only, as the read-out is then unused.
+# either pixel read-out (the receptive-field one reads out new images; ridge was 0.005 better on
+# the S1 training trials' seen inner CV); a weight of 0 takes the first read-out only, as the
+# read-out is then unused.
 SCORE_GRID = {"readout_weight": (0.0, 0.25, 0.5, 0.75, 0.9),
               "encoding_weight": (0.0, 0.25, 0.5, 0.75), "encoding_alpha": (30.0, 100.0),
               "readout_model": READOUT_MODELS}
