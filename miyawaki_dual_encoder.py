@@ -468,6 +468,7 @@ def posterior_weights(fmri: np.ndarray, images: np.ndarray, seed: int = 0,
 
 # --------------------------------------------------------------------------- identification score
 SCORE_PARTS = ("embedding", "readout", "encoding")
+SCORE_WEIGHTS = ("readout_weight", "encoding_weight")   # the config fields that weight the last two
 
 
 def standardize_rows(scores: np.ndarray) -> np.ndarray:
@@ -477,8 +478,8 @@ def standardize_rows(scores: np.ndarray) -> np.ndarray:
     return (s - s.mean(1, keepdims=True)) / np.where(std > 0, std, 1.0)
 
 
-def score_weights(readout_weight: float, encoding_weight: float, names=("readout_weight",
-                  "encoding_weight")) -> tuple[float, float, float]:
+def score_weights(readout_weight: float, encoding_weight: float,
+                  names=SCORE_WEIGHTS) -> tuple[float, float, float]:
     """The weights of ``SCORE_PARTS``: (1 - readout_weight - encoding_weight, readout_weight,
     encoding_weight); a ValueError naming ``names`` when the two sum to more than 1."""
     if readout_weight + encoding_weight > 1 + 1e-9:
@@ -926,7 +927,6 @@ SCORE_GRID = {"readout_weight": (0.0, 0.25, 0.5, 0.75, 0.9),
               "encoding_weight": (0.0, 0.25, 0.5, 0.75), "encoding_alpha": (30.0, 100.0),
               "readout_model": READOUT_MODELS}
 MAX_LINEAR_WEIGHT = 0.9
-SCORE_WEIGHTS = ("readout_weight", "encoding_weight")   # the settings that need no refit
 
 
 def score_settings(grid: dict = SCORE_GRID) -> list[dict]:
@@ -1006,7 +1006,7 @@ def inner_cv_scores(data: MiyawakiData, train_idx: np.ndarray, config: DualEncod
         x, cand = (torch.as_tensor(a, device=device) for a in (fold.test.fmri, fold.unique_images))
         parts = {}
         for c in settings:
-            linear = {k: v for k, v in c.items() if k not in SCORE_WEIGHTS}
+            linear = {k: v for k, v in c.items() if k not in SCORE_WEIGHTS}   # need a refit
             key = tuple(sorted(linear.items()))
             if key not in parts:                        # one refit per linear parts' setting
                 parts[key] = with_setting(model, fold.train, linear,
