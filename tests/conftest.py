@@ -5,19 +5,24 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import scipy.io
-import torch
+# The tests' models and matrices are small: one thread is as fast on idle cores, and on a machine
+# shared with another job it is many times faster (a busy core stalls every step of a 2-thread
+# pool, and idle BLAS threads spin). `make test` runs one pytest process per core (pytest-xdist)
+# to use the other cores. Set before numpy and torch load, so their BLAS and OpenMP pools and the
+# scripts and benchmark workers the tests start get one thread too.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import pytest  # noqa: E402
+import scipy.io  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, whatever the cwd
 
 import miyawaki_dataset_loader as L  # noqa: E402
 from helpers import file_arrays  # noqa: E402
 
-# The tests' models are small: one thread is as fast on idle cores, and on a machine shared with
-# another job it is many times faster (a busy core stalls every step of a 2-thread pool).
-# `make test` runs one pytest process per core (pytest-xdist) to use the other cores.
-torch.set_num_threads(1)
+torch.set_num_threads(1)  # where OMP_NUM_THREADS was set to more by the caller
 
 
 @pytest.fixture(scope="session")
