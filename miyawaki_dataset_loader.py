@@ -742,6 +742,16 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def one_cycle(optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int,
+              pct_start: float = 0.1) -> torch.optim.lr_scheduler.OneCycleLR:
+    """torch's one-cycle schedule (cosine warm-up over ``pct_start`` of ``total_steps``, then
+    cosine annealing), well defined for any ``total_steps`` >= 1: torch divides by zero where
+    ``pct_start x total_steps`` is 1 (10 steps at 0.1), so runs under 20 steps warm up over half
+    of at least 4 steps instead (the dual encoder's and the diffusion decoder's schedule)."""
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr, total_steps=max(total_steps, 4),
+                                               pct_start=pct_start if total_steps >= 20 else 0.5)
+
+
 def generator_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
     """Where random numbers are drawn: the generator's device, else ``device``."""
     return generator.device if generator is not None else device

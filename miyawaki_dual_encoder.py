@@ -41,9 +41,9 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, Ch
                                      ScriptOptions, bf16_autocast, uses_bf16,
                                      Trials, add_config_args, check_finite, check_options,
                                      check_same_data, config_dict, identification_ranks, load_checkpoint,
-                                     one_line, parse_config, prepare_out_dir, rank_summary, resolve_data,
-                                     resolve_device, run_cli, save_checkpoint, save_figure, save_json,
-                                     script_parser, seed_everything, evaluating, write_summary,
+                                     one_cycle, one_line, parse_config, prepare_out_dir, rank_summary,
+                                     resolve_data, resolve_device, run_cli, save_checkpoint, save_figure,
+                                     save_json, script_parser, seed_everything, evaluating, write_summary,
                                      chance_levels, identification_scores, pearson_matrix,
                                      pearson_rows, topk_accuracy)
 
@@ -764,11 +764,7 @@ def optimizer(params, config: DualEncoderConfig, total_steps: int):
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
     # one-cycle cosine schedule (warm-up, then anneal; AdamW's beta1 cycles inversely). Chosen over
     # plain warm-up + cosine by the inner CV of benchmarks/tune_dual_encoder.py (unseen 0.60 vs 0.54).
-    # (very short runs, as in tests, get a longer warm-up so the schedule stays well defined)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=max(total_steps, 4),
-                                                pct_start=0.1 if total_steps >= 20 else 0.5,
-                                                anneal_strategy="cos")
-    return opt, sched
+    return opt, one_cycle(opt, config.lr, total_steps)
 
 
 def augment(xb: torch.Tensor, yb: torch.Tensor, config: DualEncoderConfig, gen: torch.Generator):

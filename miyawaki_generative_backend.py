@@ -68,7 +68,7 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, Ch
                                      FromCheckpointHint, MeanImageBaseline, RidgeBaseline, condition_name,
                                      identification_scores, ScriptOptions, bf16_autocast, uses_bf16,
                                      Trials, add_config_args, check_finite, check_options,
-                                     config_dict, file_sha256, load_checkpoint, one_line,
+                                     config_dict, file_sha256, load_checkpoint, one_cycle, one_line,
                                      parse_config, pearson_rows, prepare_out_dir,
                                      reconstruction_metrics, resolve_data, resolve_device, run_cli,
                                      save_checkpoint, save_figure, save_json, script_parser,
@@ -930,8 +930,7 @@ def train_diffusion(data: DecoderTrainingSet, config: GenerativeConfig,
     # foreach: the multi-tensor update CUDA uses by default; on the CPU the per-tensor loop's
     # numbers bit for bit, faster (both decoders)
     opt = torch.optim.Adam(model.parameters(), lr=config.diffusion_lr, foreach=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.diffusion_lr,
-                                                total_steps=config.diffusion_steps, pct_start=0.1)
+    sched = one_cycle(opt, config.diffusion_lr, config.diffusion_steps)
     grid_at = set(np.linspace(0, config.diffusion_steps, config.n_sample_grids + 1)[1:].round().astype(int))
     history, running = {"loss": [], "samples": {}}, []
     for step in _progress("diffusion", config.diffusion_steps, progress):
