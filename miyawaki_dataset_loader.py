@@ -806,6 +806,9 @@ def bf16_autocast(device: torch.device | str, enabled: bool) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, enabled))
 
 
+MAX_SEED = 2**32 - 1   # numpy's legacy seeding and scikit-learn's random_state take 32 bits
+
+
 @dataclass
 class ScriptOptions:
     """The settings every script shares (``add_common_args``); each script's config extends it."""
@@ -815,34 +818,46 @@ class ScriptOptions:
                 f"{DEFAULT_DATA.relative_to(REPO_DIR)}, falling back to the simulated set when that "
                 f"file is absent"})
     out_dir: Path = field(default=DEFAULT_OUT, metadata={"help": "where outputs go"})
-    seed: int = field(default=0, metadata={"min": 0, "help": "random seed"})
+    seed: int = field(default=0, metadata={"min": 0, "max": MAX_SEED, "help": "random seed"})
     device: str = field(default="auto", metadata={
         "choices": ("auto", "cpu", "cuda"), "help": "auto = CUDA when available, else the CPU"})
 
 
-# metadata key of a config field -> (test the value must pass, its sign in messages)
+# metadata key of a config field -> (test the value must pass, its sign in messages); a tuple
+# field's "max_items" caps how many values it takes
 BOUNDS = {"min": (operator.ge, ">="), "max": (operator.le, "<="), "above": (operator.gt, ">"),
           "below": (operator.lt, "<")}
 
 
+def number_text(x) -> str:
+    """A bound or an option's value in messages: integers in full, floats as %g."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
 def check_options(cfg):
     """Return the config dataclass ``cfg`` after checking every field against its metadata:
-    ``min`` / ``max`` (inclusive), ``above`` / ``below`` (exclusive), each item of a tuple, and
-    ``choices``. Raises OptionError naming the first option out of range."""
+    ``min`` / ``max`` (inclusive), ``above`` / ``below`` (exclusive), each item of a tuple, a
+    tuple's ``max_items``, and ``choices``. Raises OptionError naming the first option out of range."""
     for f in fields(cfg):
         value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
         if "choices" in f.metadata and value is not None and value not in f.metadata["choices"]:
             raise OptionError(f"{flag} {value!r} is not one of {', '.join(map(str, f.metadata['choices']))}")
+        if isinstance(value, tuple) and len(value) > f.metadata.get("max_items", len(value)):
+            raise OptionError(f"{flag} takes at most {f.metadata['max_items']} values, got {len(value)}")
         for item in value if isinstance(value, tuple) else (value,):
             for key, (ok, sign) in BOUNDS.items():
                 if key in f.metadata and not ok(item, f.metadata[key]):
-                    raise OptionError(f"{flag} must be {sign} {f.metadata[key]:g}, got {item:g}")
+                    raise OptionError(f"{flag} must be {sign} {number_text(f.metadata[key])}, "
+                                      f"got {number_text(item)}")
     return cfg
 
 
 def bounds_text(metadata) -> str:
     """The range of a field's metadata for ``--help``, e.g. ``>= 1`` or ``>= 0, < 1``."""
-    return ", ".join(f"{sign} {metadata[k]:g}" for k, (_, sign) in BOUNDS.items() if k in metadata)
+    parts = [f"{sign} {number_text(metadata[k])}" for k, (_, sign) in BOUNDS.items() if k in metadata]
+    if "max_items" in metadata:
+        parts.append(f"at most {metadata['max_items']} values")
+    return ", ".join(parts)
 
 
 class ScriptParser(argparse.ArgumentParser):

@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, CheckpointError, Fold,
-                                     generator_device, rand_on,
+                                     generator_device, rand_on, MAX_SEED,
                                      FromCheckpointHint, MiyawakiData, OptionError, RidgeBaseline,
                                      ScriptOptions, bf16_autocast, uses_bf16,
                                      Trials, add_config_args, check_finite, check_options,
@@ -63,7 +63,8 @@ class DualEncoderConfig:
     fmri_hidden: tuple[int, ...] = field(default=(1024, 768), metadata={
         "min": 1, "help": "hidden widths of the fMRI MLP"})
     cnn_channels: tuple[int, ...] = field(default=(32, 64, 128), metadata={
-        "min": 1, "help": "channels of the stimulus CNN's conv blocks"})
+        "min": 1, "max_items": 5, "help": "channels of the stimulus CNN's conv blocks (each but "
+        "the last halves the 28 x 28 image: five leave 1 x 1)"})
     head_hidden: tuple[int, ...] = field(default=(1024, 512), metadata={
         "min": 1, "help": "hidden widths of the correlation head"})
     dropout: float = field(default=0.3, metadata={
@@ -83,7 +84,7 @@ class DualEncoderConfig:
     encoding_weight: float = field(default=0.0, metadata={
         "min": 0, "max": 1, "help": "identification score: weight of the linear encoding model's "
         "Pearson r between the trial's fMRI and each candidate's predicted fMRI; the embeddings' "
-        "cosine gets 1 - readout_weight - encoding_weight"})
+        "cosine gets 1 - readout_weight - encoding_weight (so the two sum to at most 1)"})
     encoding_alpha: float = field(default=30.0, metadata={
         "above": 0, "help": "ridge alpha of the encoding model (images -> voxels)"})
     encoding_voxels: float = field(default=0.4, metadata={
@@ -111,7 +112,7 @@ class DualEncoderConfig:
         "min": 0, "below": 1, "help": "training trials held out for validation curves (never test "
         "trials; 0 = fit on all of them)"})
     log_every: int = field(default=20, metadata={"min": 1, "help": "epochs between log lines"})
-    seed: int = field(default=0, metadata={"min": 0, "help": "random seed"})
+    seed: int = field(default=0, metadata={"min": 0, "max": MAX_SEED, "help": "random seed"})
 
 
 # --------------------------------------------------------------------------- model

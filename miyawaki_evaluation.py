@@ -36,7 +36,7 @@ from sklearn.manifold import TSNE
 from sklearn.neighbors import KNeighborsClassifier
 from tqdm.auto import tqdm
 
-from miyawaki_dataset_loader import (GRID, IMAGE_SIDE, METRICS, RIDGE_ALPHAS, Fold,
+from miyawaki_dataset_loader import (GRID, IMAGE_SIDE, MAX_SEED, METRICS, RIDGE_ALPHAS, Fold,
                                      MeanImageBaseline, MiyawakiData, OptionError, RidgeBaseline,
                                      ScriptOptions, Trials, add_config_args, chance_levels, check_options,
                                      condition_accuracy, condition_name, config_dict, cosine_scores, evaluating,
@@ -951,7 +951,7 @@ class EvaluationConfig(ScriptOptions):
         "help": "dual-encoder checkpoint; default OUT_DIR/miyawaki_dual_encoder.pth"})
     protocol: str | None = field(default=None, metadata={"choices": ("s1", "s2", "s3"),
         "help": "run the benchmark on this protocol instead of evaluating the checkpoint"})
-    seeds: tuple[int, ...] = field(default=(0, 1, 2, 3, 4), metadata={"min": 0,
+    seeds: tuple[int, ...] = field(default=(0, 1, 2, 3, 4), metadata={"min": 0, "max": MAX_SEED,
         "help": "benchmark: dual-encoder seeds per fold"})
     epochs: int = field(default=DualEncoderConfig.epochs, metadata={"min": 1,
         "help": "benchmark: dual-encoder epochs per fit"})

@@ -799,7 +799,7 @@ class GenerativeConfig(ScriptOptions):
                 "read-out as the anchor; or the null condition"})
     augment_shift: int = field(default=POSTERIOR_DEFAULTS["augment_shift"], metadata={"min": 0,
         "help": "shift of the augmentations in pixels (3 = one cell of the 10 x 10 grid)"})
-    prior_size: int = field(default=POSTERIOR_DEFAULTS["prior_size"], metadata={"min": 1,
+    prior_size: int = field(default=POSTERIOR_DEFAULTS["prior_size"], metadata={"min": 2,
         "help": "image-prior samples made (and encoded) once per fit, drawn from at every step"})
     init_strength: float = field(default=0.15, metadata={"above": 0, "max": 1,
         "help": "DDIM starts from the anchor noised to this fraction of T (1 = from pure noise)"})

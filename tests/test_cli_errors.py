@@ -55,6 +55,8 @@ BAD_OPTIONS = {  # name -> (script, options, words of the message)
     "learning rate 0": (D, ["--lr", "0"], "--lr must be > 0"),
     "hidden layer 0": (D, ["--fmri-hidden", "1024", "0"], "--fmri-hidden must be >= 1, got 0"),
     "seed -1": (D, ["--seed", "-1"], "--seed must be >= 0"),
+    "seed 2**32": (D, ["--seed", "4294967296"], "--seed must be <= 4294967295, got 4294967296"),
+    "six conv blocks": (D, ["--cnn-channels", *"888888"], "--cnn-channels takes at most 5 values, got 6"),
     "score weights over 1": (D, ["--readout-weight", "0.75", "--encoding-weight", "0.5"],
                              "--readout-weight + --encoding-weight must be <= 1"),
     "encoding voxels 0": (D, ["--encoding-voxels", "0"], "--encoding-voxels must be > 0"),
@@ -62,6 +64,7 @@ BAD_OPTIONS = {  # name -> (script, options, words of the message)
     "gan steps -1": (G, ["--gan-steps", "-1"], "--gan-steps must be >= 1"),
     "inference steps 0": (G, ["--num-inference-steps", "0"], "--num-inference-steps must be >= 1"),
     "diffusion steps 0": (G, ["--diffusion-steps", "0"], "--diffusion-steps must be >= 1"),
+    "prior of one image": (G, ["--prior-size", "1"], "--prior-size must be >= 2, got 1"),
     "condition probability 1.5": (G, ["--fmri-condition-prob", "1.5"],
                                   "--fmri-condition-prob must be <= 1, got 1.5"),
     "max folds -19": (E, ["--protocol", "s3", "--max-folds", "-19"], "--max-folds must be >= 0"),
@@ -72,6 +75,8 @@ BAD_OPTIONS = {  # name -> (script, options, words of the message)
     "inner repeats without nested": (E, ["--protocol", "s2", "--inner-repeats", "2"],
                                      "--inner-repeats 2 needs --nested"),
     "seeds -1": (E, ["--protocol", "s3", "--seeds", "0", "-1"], "--seeds must be >= 0, got -1"),
+    "seeds 2**32": (E, ["--protocol", "s3", "--seeds", "0", "4294967296"], "--seeds must be <= 4294967295"),
+    "evaluation seed 2**32": (E, ["--seed", "4294967296"], "--seed must be <= 4294967295"),
     "knn k 0": (E, ["--knn-k", "0"], "--knn-k must be >= 1"),
     "perplexity 0": (E, ["--tsne-perplexity", "0"], "--tsne-perplexity must be > 0"),
 }
@@ -82,6 +87,21 @@ def test_bad_option_is_refused_before_any_work(case, out, capsys):
     script, options, words = BAD_OPTIONS[case]
     code, line = refused(script.main, [*SIM, *options, "--out-dir", str(out)], out, capsys)
     assert code == 2 and words in line
+
+
+def test_the_bounds_are_the_code_s_limits():
+    """The largest values the options allow run, one more would crash: five conv blocks (the most
+    --cnn-channels takes) encode 28 x 28 images where a sixth pools 1 x 1 to nothing, and the
+    largest --seed seeds numpy, torch and scikit-learn where 2**32 does not."""
+    blocks = D.DualEncoderConfig.__dataclass_fields__["cnn_channels"].metadata["max_items"]
+    images = torch.rand(3, 1, 28, 28)
+    assert torch.isfinite(D.StimulusEncoder(8, (2,) * blocks)(images)).all()
+    with pytest.raises(RuntimeError, match="too small"):
+        D.StimulusEncoder(8, (2,) * (blocks + 1))(images)
+    L.seed_everything(L.MAX_SEED)
+    assert E.tsne_map(np.random.default_rng(0).standard_normal((12, 4)), L.MAX_SEED).shape == (12, 2)
+    with pytest.raises(ValueError):
+        np.random.seed(L.MAX_SEED + 1)
 
 
 @pytest.mark.parametrize("cfg", [D.ScriptConfig(epochs=0), G.GenerativeConfig(gan_steps=-1),
