@@ -17,11 +17,16 @@ from helpers import unit
 FAST_ENCODER = D.DualEncoderConfig(epochs=25, mixup=32, val_fraction=0.0)
 TINY = G.GenerativeConfig(diffusion_steps=150, gan_steps=100, log_every=50, n_sample_grids=1)
 SMALL = dict(correlation_dim=16, hidden_dim=64, time_dim=16)   # a fast model for unit tests
-RANDOM_SESSION = G.GenerativeConfig(diffusion_steps=150, gan_steps=1, n_sample_grids=0)
-RANDOM_SESSION_ENCODER = replace(FAST_ENCODER, epochs=10)    # 440 trials: 10 epochs suffice
+# the random-image session shows every image once, so the novelty gate is off and with blend b = 1
+# the decoders' output is their stretched receptive-field anchor: the networks barely train (the
+# gaps below are the same to 4 decimals with 10 encoder epochs and 150 diffusion steps, in twice
+# the time)
+RANDOM_SESSION = G.GenerativeConfig(diffusion_steps=20, gan_steps=1, n_sample_grids=0)
+RANDOM_SESSION_ENCODER = replace(FAST_ENCODER, epochs=2)
 # measured gaps: +0.143 (data seed 0), +0.127 (seed 1) with the receptive-field anchor and
-# likelihood, blend 1 and the output stretch (the last release: +0.148 / +0.129); with ridge's (anchor_model="ridge", this release's blend and step) +0.046 on data
-# seed 0, which fails this margin (the last release: +0.059 / +0.032; two before: +0.006 / +0.013)
+# likelihood, blend 1 and the output stretch (the last release: +0.148 / +0.129); with ridge's
+# (anchor_model="ridge") +0.020 on data seed 0 (+0.046 with the longer training above), which
+# fails this margin (the last release: +0.059 / +0.032; two before: +0.006 / +0.013)
 RANDOM_SESSION_MARGIN = 0.08
 
 
