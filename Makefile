@@ -13,10 +13,12 @@ run: $(VENV)/.installed
 	$(BIN)/python miyawaki_evaluation.py $(DATA_ARG)
 	$(BIN)/python miyawaki_generative_backend.py $(DATA_ARG)
 
-# the tests run torch on one thread each (tests/conftest.py): one pytest process per core
-# (pytest-xdist, at most 4) uses the 2-core CI's second core (README, Tests and CI)
+# the tests run torch and BLAS on one thread each (tests/conftest.py): one pytest process per core
+# (pytest-xdist, at most 4) uses the 2-core CI's second core; loadgroup hands out tests one by
+# one, but keeps those that share a module fixture (marked xdist_group) in one process (README,
+# Tests and CI)
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadgroup
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)

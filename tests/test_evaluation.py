@@ -120,6 +120,7 @@ def trained(tmp_path_factory):
     return out, E.main([*FAST, "--out-dir", str(out), "--oracle"])
 
 
+@pytest.mark.xdist_group("evaluation_trained")   # shares a module fixture: one test process (make test)
 def test_evaluation_end_to_end_from_fmri_only(trained):
     out, result = trained
     saved = json.loads((out / "miyawaki_evaluation.json").read_text())
@@ -141,6 +142,7 @@ def test_evaluation_end_to_end_from_fmri_only(trained):
         assert (out / f"miyawaki_{name}.png").stat().st_size > 10_000
 
 
+@pytest.mark.xdist_group("evaluation_trained")   # shares a module fixture: one test process (make test)
 def test_score_checkpoint_gives_the_script_s_numbers_without_writing(trained, sim):
     """The notebook call: a pure function of (model, fold) that returns what the script saves."""
     out, _ = trained
@@ -153,6 +155,7 @@ def test_score_checkpoint_gives_the_script_s_numbers_without_writing(trained, si
         assert json.loads(json.dumps(scores[key], default=lambda a: a.tolist())) == saved[key], key
 
 
+@pytest.mark.xdist_group("evaluation_trained")   # shares a module fixture: one test process (make test)
 def test_extract_latents_from_trials_uses_fmri_only(trained, sim):
     model, _ = D.MiyawakiDualEncoder.from_checkpoint(trained[0] / D.CHECKPOINT_NAME)
     test = sim.s1().test
@@ -176,6 +179,7 @@ def test_evaluation_before_training_names_the_script(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.xdist_group("evaluation_trained")   # shares a module fixture: one test process (make test)
 def test_checkpoint_from_another_voxel_count_is_refused(trained, tmp_path):
     path = tmp_path / "other.mat"
     scipy.io.savemat(path, file_arrays(L.make_simulated_dataset(n_voxels=300)))

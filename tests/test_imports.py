@@ -45,6 +45,7 @@ def changed_by_import(tmp_path_factory) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.xdist_group("imports_changed")   # shares a module fixture: one test process (make test)
 @pytest.mark.parametrize("module", MODULES)
 def test_import_creates_no_files(module, changed_by_import):
     assert changed_by_import[module] == []

@@ -96,6 +96,7 @@ def two_runs(tmp_path_factory):
             for name, d in (("as_is", data), ("swapped", swapped))]
 
 
+@pytest.mark.xdist_group("leaks_two_runs")   # shares a module fixture: one test process (make test)
 def test_every_json_number_that_uses_a_test_image_is_an_oracle(two_runs):
     """Walks every JSON the scripts write: the numbers that change with the test images are
     oracles, scores against the true image or the labelled image retrieval; nothing else."""
@@ -110,6 +111,7 @@ def test_every_json_number_that_uses_a_test_image_is_an_oracle(two_runs):
         assert any("oracle" in p for p in changed_numbers(a[name], b[name])), name
 
 
+@pytest.mark.xdist_group("leaks_two_runs")   # shares a module fixture: one test process (make test)
 def test_generative_script_reconstructs_from_fmri_only(two_runs):
     (_, a), (_, b) = two_runs
     assert set(a) == set(b) == {"diffusion", "gan"}

@@ -23,6 +23,7 @@ def outputs(tmp_path_factory):
     return out
 
 
+@pytest.mark.xdist_group("seed_api_outputs")   # shares a module fixture: one test process (make test)
 def test_loading_the_trained_model_as_the_seed_did(outputs):
     # the seed's lines; only the path gained its folder
     model = D.MiyawakiDualEncoder(fmri_dim=967, latent_dim=512)
@@ -37,6 +38,7 @@ def test_loading_the_trained_model_as_the_seed_did(outputs):
         D.MiyawakiDualEncoder(fmri_dim=967, latent_dim=256).load_state_dict(checkpoint["model_state_dict"])
 
 
+@pytest.mark.xdist_group("seed_api_outputs")   # shares a module fixture: one test process (make test)
 def test_cross_modal_retrieval_as_the_seed_did_is_fmri_only(outputs):
     model, _ = D.MiyawakiDualEncoder.from_checkpoint(outputs / "miyawaki_dual_encoder.pth")
     data = make_simulated_dataset()
@@ -61,6 +63,7 @@ def test_cross_modal_retrieval_as_the_seed_did_is_fmri_only(outputs):
     assert not torch.equal(swapped["image"], test_repr["image"])
 
 
+@pytest.mark.xdist_group("seed_api_outputs")   # shares a module fixture: one test process (make test)
 def test_generating_stimuli_as_the_seed_did_names_the_honest_calls(outputs):
     model, _ = D.MiyawakiDualEncoder.from_checkpoint(outputs / "miyawaki_dual_encoder.pth")
     checkpoint = torch.load(outputs / G.CHECKPOINT_NAME, weights_only=False)
