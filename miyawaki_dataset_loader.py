@@ -807,6 +807,7 @@ def bf16_autocast(device: torch.device | str, enabled: bool) -> torch.autocast:
 
 
 MAX_SEED = 2**32 - 1   # numpy's legacy seeding and scikit-learn's random_state take 32 bits
+SEED_METADATA = {"min": 0, "max": MAX_SEED, "help": "random seed"}   # every config's seed field
 
 
 @dataclass
@@ -818,7 +819,7 @@ class ScriptOptions:
                 f"{DEFAULT_DATA.relative_to(REPO_DIR)}, falling back to the simulated set when that "
                 f"file is absent"})
     out_dir: Path = field(default=DEFAULT_OUT, metadata={"help": "where outputs go"})
-    seed: int = field(default=0, metadata={"min": 0, "max": MAX_SEED, "help": "random seed"})
+    seed: int = field(default=0, metadata=SEED_METADATA)
     device: str = field(default="auto", metadata={
         "choices": ("auto", "cpu", "cuda"), "help": "auto = CUDA when available, else the CPU"})
 

@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, CheckpointError, Fold,
-                                     generator_device, rand_on, MAX_SEED,
+                                     generator_device, rand_on, SEED_METADATA,
                                      FromCheckpointHint, MiyawakiData, OptionError, RidgeBaseline,
                                      ScriptOptions, bf16_autocast, uses_bf16,
                                      Trials, add_config_args, check_finite, check_options,
@@ -112,7 +112,7 @@ class DualEncoderConfig:
         "min": 0, "below": 1, "help": "training trials held out for validation curves (never test "
         "trials; 0 = fit on all of them)"})
     log_every: int = field(default=20, metadata={"min": 1, "help": "epochs between log lines"})
-    seed: int = field(default=0, metadata={"min": 0, "max": MAX_SEED, "help": "random seed"})
+    seed: int = field(default=0, metadata=SEED_METADATA)
 
 
 # --------------------------------------------------------------------------- model
