@@ -635,8 +635,9 @@ def reconstruction_metrics(recon, true, image_ids, candidates, pool_true=None, p
 
 METRICS = ("top1", "top5", "two_way", "mse", "pixcorr", "ssim", "condition")
 # condition_top1: the dual encoder's condition as the † baselines define it; closer_than_train:
-# docs/PROTOCOL.md's nearest-training-image check, on test trials whose image is absent from training
-EXTRA_METRICS = ("condition_top1", "closer_than_train")
+# docs/PROTOCOL.md's nearest-training-image check, on test trials whose image is absent from training;
+# novelty_gate: the decoders' P(new image) per test trial (not a score: what their output leaned on)
+EXTRA_METRICS = ("condition_top1", "closer_than_train", "novelty_gate")
 
 
 def score_reconstructions(recon, fold: Fold, pool=None, scores=None, cond=None) -> dict:

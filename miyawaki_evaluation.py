@@ -719,6 +719,12 @@ def benchmark_markdown(result: dict) -> str:
         for name, d in result["paired_vs_ridge_pixcorr"].items():
             lines.append(f"| {METHOD_TITLES.get(name, name)} | {d['mean_diff']:+.4f} | {d['wins']} | "
                          f"{d['ties']} | {d['losses']} |")
+    gates = {n: m["novelty_gate"] for n, m in result["methods"].items() if "novelty_gate" in m}
+    if gates:
+        lines += ["", "Novelty gate (the decoders' P(new image) from each test trial's fMRI; near 1 "
+                  "the output leans on the linear anchor, near 0 it is the decoder's sample), mean "
+                  "over test trials: " + ", ".join(f"{METHOD_TITLES.get(n, n)} {g['mean']:.3f} ± "
+                                                   f"{g['std']:.3f}" for n, g in gates.items()) + "."]
     novel = {n: m["closer_than_train"]["mean"] for n, m in result["methods"].items()
              if "closer_than_train" in m}
     if novel:
@@ -789,11 +795,12 @@ def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool, device: to
                 # the decoders' module only for --generative: at the top, a script imports only
                 # the loader and the dual encoder
                 from miyawaki_generative_backend import GenerativeConfig, decode_fold
-                recons, secs = decode_fold(model, fold, GenerativeConfig(seed=seed), device)
-                rows += [(g, score_reconstructions(recon, fold, pool), secs[g])
-                         for g, recon in recons.items()]
+                recons, secs, gate = decode_fold(model, fold, GenerativeConfig(seed=seed), device)
+                rows += [(g, {**score_reconstructions(recon, fold, pool),
+                              **({"novelty_gate": gate} if gate is not None and g != "anchor" else {})},
+                          secs[g]) for g, recon in recons.items()]
                 if not gallery:
-                    gallery = fold_gallery(fold, recons)
+                    gallery = fold_gallery(fold, recons, gate)
     return rows, gallery, nested
 
 
@@ -811,27 +818,30 @@ def batched_seed_fits(cfg: "EvaluationConfig", device: torch.device) -> bool:
                                    or (cfg.seed_fits == "auto" and device.type == "cuda"))
 
 
-def fold_gallery(fold: Fold, recons: dict) -> dict:
+def fold_gallery(fold: Fold, recons: dict, gate: np.ndarray | None = None) -> dict:
     """The first test trial of ``fold``: {"true" | "ridge" | decoder | "nearest training image":
-    (image ``1 x 28 x 28``, PixCorr with the true image, memorised)}; memorised (reconstructions
-    only, else None) is True where the nearest-training-image check fails; the nearest training
-    image is the training image most correlated with the true one (what a look-up could give)."""
+    (image ``1 x 28 x 28``, PixCorr with the true image, memorised, novelty gate)}; memorised
+    (reconstructions only, else None) is True where the nearest-training-image check fails; the
+    novelty gate (the decoders' ``gate`` of that trial, else None) is what their output leaned on;
+    the nearest training image is the training image most correlated with the true one (what a
+    look-up could give)."""
     true = fold.test.images[:1]
     one = replace(fold, test=fold.test.subset(np.arange(1)))
     ridge = RidgeBaseline().fit(fold.train.fmri, fold.train.images).predict(fold.test.fmri[:1])
     nearest = fold.unique_images[nearest_training_check(true, one)[1][0]]
     corr = lambda img: float(pearson_rows(np.clip(img.reshape(1, -1), 0, 1), true.reshape(1, -1))[0])  # noqa: E731
-    out = {"true": (true[0], 1.0, None)}
+    out = {"true": (true[0], 1.0, None, None)}
     for name, recon in {"ridge": ridge.reshape(true.shape), **{g: r[:1] for g, r in recons.items()}}.items():
-        out[name] = (recon[0].clip(0, 1), corr(recon), not nearest_training_check(recon, one)[0][0])
-    out["nearest training image"] = (nearest, corr(nearest), None)
+        g = float(gate[0]) if gate is not None and name in ("diffusion", "gan") else None
+        out[name] = (recon[0].clip(0, 1), corr(recon), not nearest_training_check(recon, one)[0][0], g)
+    out["nearest training image"] = (nearest, corr(nearest), None, None)
     return out
 
 
 def plot_gallery(galleries: list[dict], names: list[str], title: str) -> Figure:
     """One row per fold (``galleries`` from ``fold_gallery``, ``names`` their folds), one column
-    per panel, PixCorr with the true image in each title; a reconstruction that fails the
-    nearest-training-image check is marked "memorised?" in red."""
+    per panel, PixCorr with the true image in each title (and the decoders' novelty gate g); a
+    reconstruction that fails the nearest-training-image check is marked "memorised?" in red."""
     cols = list(galleries[0])
     height = 1.55 * len(galleries) + 0.8
     fig = Figure(figsize=(1.5 * len(cols), height))
@@ -839,12 +849,13 @@ def plot_gallery(galleries: list[dict], names: list[str], title: str) -> Figure:
     fig.subplots_adjust(top=1 - 1.0 / height, bottom=0.1 / height, hspace=0.45)
     for r, (g, name) in enumerate(zip(galleries, names)):
         for c, col in enumerate(cols):
-            img, corr, memorised = g[col]
+            img, corr, memorised, gate = g[col]
             ax = axes[r, c]
             ax.imshow(img[0], cmap="gray", interpolation="nearest", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title((f"{col}\n" if r == 0 else "") + f"r={corr:.2f}"
+                         + (f" g={gate:.2f}" if gate is not None else "")
                          + (" memorised?" if memorised else ""), fontsize=7,
                          color="tab:red" if memorised else "k")
         axes[r, 0].set_ylabel(name, fontsize=7)

@@ -1091,13 +1091,14 @@ def train_generative(encoder: nn.Module, fold_train: Trials, config: GenerativeC
 
 
 def decode_fold(encoder: nn.Module, fold: Fold, config: GenerativeConfig,
-                device: torch.device | str = "cpu") -> tuple[dict, dict]:
+                device: torch.device | str = "cpu") -> tuple[dict, dict, np.ndarray | None]:
     """One cross-validation fold: both decoders trained on ``fold.train`` on top of the frozen
     ``encoder`` (the image prior excluding the test images absent from training: S3's held-out
     image), then ``fold.test`` reconstructed from its fMRI only, sampled with a generator seeded
-    by ``config.seed`` -> ({"diffusion" | "gan": ``N x 1 x 28 x 28``}, {name: seconds}); an
-    anchored pair adds "anchor", their linear anchor alone, clipped and with ``output_stretch``
-    stretched like their outputs (both decoders' ablation)."""
+    by ``config.seed`` -> ({"diffusion" | "gan": ``N x 1 x 28 x 28``}, {name: seconds}, the
+    decoders' novelty gate per test trial ``N`` or None, ``novelty``); an anchored pair adds
+    "anchor", their linear anchor alone, clipped and with ``output_stretch`` stretched like their
+    outputs (both decoders' ablation)."""
     *decoders, history = train_generative(encoder, fold.train, config, device, progress=False,
                                           exclude=fold.test.images[fold.unseen_test])
     recons, seconds = {}, {}
@@ -1113,7 +1114,7 @@ def decode_fold(encoder: nn.Module, fold: Fold, config: GenerativeConfig,
         t = time.perf_counter()
         recons[name] = reconstruct(encoder, decoder, fold.test.fmri, torch.Generator().manual_seed(config.seed))
         seconds[name] = history[name]["seconds"] + time.perf_counter() - t
-    return recons, seconds
+    return recons, seconds, novelty(decoders[0], fold.test.fmri)
 
 
 def _decode(encoder: nn.Module, encode, decoder: nn.Module, inputs: np.ndarray, anchor,
@@ -1143,6 +1144,19 @@ def reconstruct(encoder: nn.Module, decoder: nn.Module, fmri: np.ndarray,
     return _decode(encoder, encoder.encode_fmri, decoder, fmri, decoder.readout, generator, likelihood)
 
 
+def novelty(decoder: nn.Module, fmri: np.ndarray) -> np.ndarray | None:
+    """The novelty gate ``reconstruct`` uses on z-scored fMRI ``N x V``: per trial P(the image is
+    not a training image) ``N`` (the anchor's, ``LinearReadout.novelty``: near 1 the output leans
+    on the anchor, near 0 it is the decoder's sample); None for a decoder without anchor or gate.
+    Both decoders of one fit share it (``train_generative``)."""
+    if decoder.readout is None:
+        return None
+    x = torch.as_tensor(fmri, dtype=torch.float32, device=decoder.readout.weight.device)
+    with torch.no_grad():
+        gate = decoder._novelty(decoder.readout(x))
+    return None if gate is None else gate.cpu().numpy()
+
+
 def oracle_reconstruct(encoder: nn.Module, decoder: nn.Module, images: np.ndarray,
                        generator: torch.Generator | None = None) -> np.ndarray:
     """ORACLE decoding, conditioned on the true image's embedding (and, for an anchored decoder,
@@ -1153,13 +1167,13 @@ def oracle_reconstruct(encoder: nn.Module, decoder: nn.Module, images: np.ndarra
 
 # --------------------------------------------------------------------------- figures
 def plot_generation(true: np.ndarray, recon: np.ndarray, title: str, image_ids: np.ndarray,
-                    candidates: np.ndarray, labels: np.ndarray) -> Figure:
+                    candidates: np.ndarray, labels: np.ndarray, gate: np.ndarray | None = None) -> Figure:
     """For every trial a column: true image | reconstruction | reconstruction binarised at 0.5,
     PixCorr with the true image in the panel titles; each column is named by its image (#id and
     condition, from the candidates' ``labels``), and a reconstruction whose 20-way identification
     (Pearson with the ``candidates``) misses is marked in red with the image it was taken for.
     true, recon ``N x 1 x 28 x 28`` in [0, 1]; image_ids ``N`` index the candidates ``K x 1 x 28 x
-    28``."""
+    28``; gate ``N``: the decoders' novelty gate (``novelty``), shown under each reconstruction."""
     binary = (recon > 0.5).astype(np.float32)
     n = len(true)
     guess = identification_scores(recon, candidates).argmax(1)
@@ -1178,7 +1192,8 @@ def plot_generation(true: np.ndarray, recon: np.ndarray, title: str, image_ids: 
                 ax.set_title(f"#{image_ids[i]} {condition_name(labels[image_ids[i]], labels)}", fontsize=6)
             else:
                 wrong = r == 1 and guess[i] != image_ids[i]
-                ax.set_title(f"r={corr[i]:.2f}" + (f"\nas #{guess[i]}" if wrong else ""), fontsize=7,
+                ax.set_title(f"r={corr[i]:.2f}" + (f"\ng={gate[i]:.2f}" if r == 1 and gate is not None else "")
+                             + (f"\nas #{guess[i]}" if wrong else ""), fontsize=7,
                              color="tab:red" if wrong else "k")
         axes[r, 0].set_ylabel(name, fontsize=9)
     fig.suptitle(title, fontsize=10)
@@ -1217,6 +1232,7 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
     diffusion, gan, history = train_generative(encoder, train, cfg, device,
                                                exclude=test.images[fold.unseen_test])
     scoring = dict(true=test.images, image_ids=test.image_ids, candidates=fold.unique_images)
+    gate = novelty(diffusion, test.fmri)              # the GAN's is the same (one read-out)
     results, oracle = {}, {}
     for name, decoder in (("diffusion", diffusion), ("gan", gan)):
         t1 = time.perf_counter()
@@ -1230,8 +1246,9 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
         m = results[name]
         save_figure(plot_generation(test.images, recon, (
             f"{name} decoder, S1 test trials, from fMRI only: PixCorr {m['pixcorr']:.3f}, "
-            f"MSE {m['mse']:.4f}, {len(fold.unique_images)}-way top-1 {m['top1']:.2f} (misidentified in red)"),
-            test.image_ids, fold.unique_images, fold.unique_labels), out / f"miyawaki_{name}_generation.png")
+            f"MSE {m['mse']:.4f}, {len(fold.unique_images)}-way top-1 {m['top1']:.2f} (misidentified in red"
+            + ("; g: novelty gate, P(new image)" if gate is not None else "") + ")"),
+            test.image_ids, fold.unique_images, fold.unique_labels, gate), out / f"miyawaki_{name}_generation.png")
     stage_seconds = time.perf_counter() - t0
 
     grid_dir = out / "diffusion_samples"
@@ -1254,6 +1271,10 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
         "diffusion": results["diffusion"], "gan": results["gan"], "mean_image_floor": floor,
         "oracle": {"note": "ORACLE: conditioned on encode_image(true test image); not a decoding "
                            "result", **oracle},
+        "novelty_gate": None if gate is None else {
+            "note": "both decoders' P(new image) per test trial, from its fMRI (near 1: the output "
+                    "leans on the anchor; near 0: the decoder's sample)",
+            "per_trial": gate.tolist(), "mean": float(gate.mean())},
         "sampler": {"diffusion": {"sampler": cfg.sampler, "num_inference_steps": cfg.num_inference_steps,
                                   "guidance_scale": cfg.guidance_scale},
                     "gan": {"noise_dim": cfg.noise_dim}, "generator_seed": cfg.seed},

@@ -256,8 +256,30 @@ def test_generative_decoders_are_scored_from_fmri_only(sim):
     encoder, _ = D.train_dual_encoder(fold.train, D.DualEncoderConfig(epochs=4, val_fraction=0),
                                       progress=False)
     tiny = G.GenerativeConfig(seed=0, diffusion_steps=3, gan_steps=3, num_inference_steps=2)
-    recons, seconds = G.decode_fold(encoder, fold, tiny, "cpu")
+    recons, seconds, gate = G.decode_fold(encoder, fold, tiny, "cpu")
     assert set(recons) == set(seconds) == {"anchor", "diffusion", "gan"}
+    assert gate.shape == (12,) and np.all((gate >= 0) & (gate <= 1))   # the decoders' novelty gate
     for recon in recons.values():
         assert recon.shape == (12, 1, 28, 28) and np.all((recon >= 0) & (recon <= 1))
         assert set(L.fold_means(L.score_reconstructions(recon, fold))) == set(L.METRICS)
+
+
+def test_s3_gallery_marks_a_memorised_reconstruction_and_shows_the_gate(sim):
+    """The S3 --generative figure's panels (fold_gallery): a reconstruction equal to the never-seen
+    image passes the nearest-training-image check, one equal to the nearest training image is
+    marked memorised; the decoders' panels carry the fold's novelty gate."""
+    name, train_idx, test_idx = L.splits("s3", sim)[4]
+    fold = sim.fold(train_idx, test_idx, name)
+    true = fold.test.images
+    nearest = fold.unique_images[L.nearest_training_check(true, fold)[1]]
+    recons = {"anchor": true, "diffusion": true, "gan": nearest}
+    gallery = E.fold_gallery(fold, recons, np.full(len(true), 0.75))
+    assert list(gallery) == ["true", "ridge", "anchor", "diffusion", "gan", "nearest training image"]
+    img, corr, memorised, gate = gallery["diffusion"]
+    assert img.shape == (1, 28, 28) and corr == pytest.approx(1.0) and not memorised and gate == 0.75
+    assert gallery["gan"][2] and gallery["gan"][3] == 0.75
+    assert gallery["anchor"][3] is None and gallery["ridge"][3] is None
+    np.testing.assert_array_equal(gallery["nearest training image"][0], nearest[0])
+    fig = E.plot_gallery([gallery, gallery], ["a", "b"], "title")
+    assert len(fig.axes) == 2 * len(gallery)
+    assert "memorised?" in fig.axes[4].get_title() and "g=0.75" in fig.axes[3].get_title()

@@ -540,6 +540,30 @@ def test_likelihood_step_moves_samples_only_where_the_novelty_gate_opens():
             assert misfit(moved) < misfit(kept)
 
 
+def test_the_reported_novelty_gate_is_the_one_the_output_blends_with():
+    """``novelty`` (the gate in the S1 JSON, figures and benchmark) gives per trial the g with which
+    both decoders blend: output = (1 - g) sample + g clip(anchor) at b = 1 (no likelihood, no
+    stretch); a decoder built without the gate reports None."""
+    torch.manual_seed(0)
+    n_voxels, c, fmri = 30, unit(4, 16, 1), torch.randn(4, 30)
+    kw = dict(correlation_dim=16, anchor_voxels=n_voxels, gate_images=3, novelty_gate=True, anchor_blend=1.0)
+    for model in (G.MiyawakiDiffusionDecoder(hidden_dim=64, time_dim=16, init_strength=0.3, **kw),
+                  G.MiyawakiGANDecoder(noise_dim=4, disc_hidden_dim=32, **kw)):
+        model.eval()
+        model.readout.weight.normal_(0, 0.2)
+        model.readout = model.readout.with_gate(torch.rand(3, 1, 28, 28).numpy(), np.array([4.0, -1.0]))
+        g = G.novelty(model, fmri.numpy())
+        assert g.shape == (4,) and 0.05 < g.min() < g.max() < 0.95          # a half-open gate
+        anchor = model.readout(fmri)
+        out = model.sample(c, torch.Generator().manual_seed(0), anchor)
+        model.readout.novelty = lambda a: torch.zeros(len(a))                # closed: the sample
+        sample = model.sample(c, torch.Generator().manual_seed(0), anchor)
+        g = torch.as_tensor(g)[:, None, None, None]
+        torch.testing.assert_close(out, (1 - g) * sample + g * anchor.clamp(0, 1))
+        model.config["novelty_gate"] = False
+        assert G.novelty(model, fmri.numpy()) is None
+
+
 def test_novelty_gate_opens_for_a_never_seen_image_and_closes_for_seen_ones(sim):
     """The gate, calibrated on an S3 fold's training trials only, judges the held-out image's
     read-outs new (P > 0.5) and, on S1, the read-outs of test trials whose images were seen old."""
