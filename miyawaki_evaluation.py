@@ -856,7 +856,7 @@ def plot_gallery(galleries: list[dict], names: list[str], title: str) -> Figure:
             ax.set_yticks([])
             ax.set_title((f"{col}\n" if r == 0 else "") + f"r={corr:.2f}"
                          + (f" g={gate:.2f}" if gate is not None else "")
-                         + (" memorised?" if memorised else ""), fontsize=7,
+                         + ("\nmemorised?" if memorised else ""), fontsize=7,
                          color="tab:red" if memorised else "k")
         axes[r, 0].set_ylabel(name, fontsize=7)
     fig.suptitle(title, fontsize=10, y=1 - 0.15 / height)

@@ -33,5 +33,6 @@ def test_readme_python_blocks_run_on_the_simulated_set(tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)
     assert namespace["images"].shape == (len(namespace["fold"].test), 1, 28, 28)
+    assert namespace["gate"].shape == (len(namespace["fold"].test),)
     assert namespace["data"].source.startswith("simulated")
     assert 0 <= namespace["scores"]["identification"]["top1"] <= 1
