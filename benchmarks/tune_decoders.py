@@ -6,8 +6,8 @@ anchor and image prior are for) and ``seen`` is stratified by image (like S1/S2)
 a dual encoder with the default settings is trained once; then each ``--set`` candidate trains
 both decoders on its frozen embeddings, and each sampling setting (``--guidance``,
 ``--init-strength``, ``--blend``, ``--gate``, ``--likelihood``, ``--likelihood-reg``,
-``--likelihood-gate-power``, ``--stretch``: no retraining needed) decodes the held-out trials
-from fMRI only.
+``--likelihood-gate-power``, ``--stretch``, ``--gate-shift``: no retraining needed) decodes the
+held-out trials from fMRI only.
 Scores are docs/PROTOCOL.md's (20-way identification among all unique images), ridge beside them.
 
     python benchmarks/tune_decoders.py --set anchor=False,augment_prob=0 --set augment_prob=0
@@ -17,6 +17,7 @@ Scores are docs/PROTOCOL.md's (20-way identification among all unique images), r
         --likelihood-gate-power 1
     python benchmarks/tune_decoders.py --blend 0.5 --likelihood 1 --likelihood-gate-power 1 2 4 8
     python benchmarks/tune_decoders.py --blend 0.5 0.7 1 --stretch 0 1
+    python benchmarks/tune_decoders.py --gate-shift -4 -3 -2 -1.5 -1 -0.5 0 0.5 1
 """
 
 from __future__ import annotations
@@ -60,12 +61,15 @@ def run(data, specs: list[str], sampling: list[dict], schemes: list[str], seed: 
                 diffusion, gan, _ = train_generative(encoder, fold.train, cfg, device, progress=False,
                                                      exclude=fold.test.images[fold.unseen_test])
                 row = scores.setdefault(spec or "default", {})
+                fitted_gate = None if diffusion.readout is None else diffusion.readout.gate_coef.clone()
                 for kw in sampling:
                     diffusion.config.update({k: v for k, v in kw.items() if k in diffusion.config})
                     gan.config.update({k: v for k, v in kw.items() if k in gan.config})
                     for name, dec in (("diffusion", diffusion), ("gan", gan)):
                         if not dec.config.get("anchor_voxels") and kw.get("anchor_blend"):
                             continue
+                        if fitted_gate is not None:     # the gate's logit shifted by gate_shift
+                            dec.readout.gate_coef.copy_(fitted_gate + torch.tensor([0.0, kw["gate_shift"]]))
                         key = f"{name} " + " ".join(f"{k}={v}" for k, v in kw.items())
                         recon = reconstruct(encoder, dec, fold.test.fmri, torch.Generator().manual_seed(seed))
                         row.setdefault(key, []).append(score(recon))
@@ -89,6 +93,9 @@ def main(argv=None) -> dict:
                    default=[GenerativeConfig.likelihood_gate_power])
     p.add_argument("--stretch", type=int, nargs="+", default=[int(GenerativeConfig.output_stretch)],
                    choices=[0, 1], help="the per-fit output contrast stretch off / on")
+    p.add_argument("--gate-shift", type=float, nargs="+", default=[0.0],
+                   help="added to the fitted novelty gate's logit (< 0: it opens less); not a "
+                        "decoder setting, a check of the gate's calibration")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--schemes", nargs="+", default=["unseen", "seen"], choices=["unseen", "seen"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -98,10 +105,10 @@ def main(argv=None) -> dict:
     device = resolve_device(args.device)
     sampling = [dict(guidance_scale=w, init_strength=s, anchor_blend=b, novelty_gate=bool(g),
                      likelihood_weight=lw, likelihood_reg=lr, likelihood_gate_power=lp,
-                     output_stretch=bool(st))
-                for w, s, b, g, lw, lr, lp, st in itertools.product(
+                     output_stretch=bool(st), gate_shift=gs)
+                for w, s, b, g, lw, lr, lp, st, gs in itertools.product(
                     args.guidance, args.init_strength, args.blend, args.gate, args.likelihood,
-                    args.likelihood_reg, args.likelihood_gate_power, args.stretch)]
+                    args.likelihood_reg, args.likelihood_gate_power, args.stretch, args.gate_shift)]
     t0 = time.perf_counter()
     results = run(data, args.set or [""], sampling, args.schemes, args.seed, device)
     for scheme, per_spec in results.items():
