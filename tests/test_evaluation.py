@@ -2,6 +2,7 @@
 run on the simulated set (dual encoder -> evaluation) and the benchmark's JSON schema."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -283,3 +284,27 @@ def test_s3_gallery_marks_a_memorised_reconstruction_and_shows_the_gate(sim):
     fig = E.plot_gallery([gallery, gallery], ["a", "b"], "title")
     assert len(fig.axes) == 2 * len(gallery)
     assert "memorised?" in fig.axes[4].get_title() and "g=0.75" in fig.axes[3].get_title()
+
+
+def test_generative_benchmark_fold_scores_both_decoders_and_records_their_gate(sim, monkeypatch):
+    """--generative on an S3 fold: anchor, diffusion and GAN rows with the protocol's metrics and
+    the nearest-training-image check; the decoders' rows carry their (shared) novelty gate per test
+    trial, as does the fold's gallery, and the anchor's row, which uses no gate, does not."""
+    config = G.GenerativeConfig
+    tiny = lambda seed: replace(config(seed=seed), diffusion_steps=3, gan_steps=2,  # noqa: E731
+                                num_inference_steps=4, prior_size=64, n_sample_grids=0)
+    monkeypatch.setattr(G, "GenerativeConfig", tiny)          # what benchmark_fold imports
+    cfg = E.EvaluationConfig(protocol="s3", seeds=(0,), epochs=2, generative=True)
+    job = (3, *L.splits("s3", sim)[3])
+    rows, gallery, _ = E.benchmark_fold(cfg, sim, (sim.trials.images, sim.trials.image_ids),
+                                        torch.device("cpu"), job)
+    rows = {method: per_trial for method, per_trial, _ in rows}
+    n_test = len(job[3])
+    for name in E.GENERATIVE:
+        assert {*L.METRICS, "closer_than_train"} <= set(rows[name]), name
+    assert "novelty_gate" not in rows["anchor"]
+    gate = rows["diffusion"]["novelty_gate"]
+    assert gate.shape == (n_test,) and np.all((gate >= 0) & (gate <= 1))
+    np.testing.assert_array_equal(rows["gan"]["novelty_gate"], gate)
+    assert gallery["diffusion"][3] == gallery["gan"][3] == pytest.approx(float(gate[0]))
+    assert L.fold_means(rows["diffusion"])["novelty_gate"] == pytest.approx(float(gate.mean()))
