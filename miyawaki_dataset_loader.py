@@ -1111,6 +1111,11 @@ def write_summary(out: Path) -> Path:
                          f"{fmt(g['top1'])} | floor {fmt(gen['mean_image_floor']['pixcorr'])} / "
                          f"{fmt(gen['chance']['top1'])} | {fmt(ridge.get('pixcorr'))} / "
                          f"{fmt(ridge.get('top1'))} |")
+    if gen and gen.get("novelty_gate"):
+        gate = np.asarray(gen["novelty_gate"]["per_trial"])
+        lines += ["", f"The decoders' novelty gate read {int((gate > 0.5).sum())} of {len(gate)} test "
+                  "trials as new images (g > 0.5: their output leans on the linear anchor; g per trial "
+                  "under `novelty_gate` in `miyawaki_generation.json` and in the decoders' figures)."]
     figures = sorted(p.name for p in out.glob("*.png"))
     lines += ["", "Figures: " + (", ".join(f"`{f}`" for f in figures) if figures else "none yet") + "."]
     path = out / "summary.md"

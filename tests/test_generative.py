@@ -315,6 +315,9 @@ def test_script_end_to_end_on_simulated_data(tmp_path):
         assert {"mse", "pixcorr"} <= set(saved["oracle"][name]) and "ORACLE" in saved["oracle"]["note"]
         assert (tmp_path / f"miyawaki_{name}_generation.png").stat().st_size > 0
     assert saved["seed"] == 3 and saved["config"]["diffusion_steps"] == 20
+    gate = np.asarray(saved["novelty_gate"]["per_trial"])          # the decoders' P(new image)
+    assert gate.shape == (12,) and np.all((gate >= 0) & (gate <= 1))
+    assert f"read {int((gate > 0.5).sum())} of 12 test trials as new" in (tmp_path / "summary.md").read_text()
     assert saved["sampler"]["diffusion"]["num_inference_steps"] == 5
     assert [p.name for p in (tmp_path / "diffusion_samples").iterdir()] != []
     ckpt = torch.load(tmp_path / G.CHECKPOINT_NAME, map_location="cpu", weights_only=True)
