@@ -54,7 +54,8 @@ from miyawaki_dual_encoder import (CHECKPOINT_NAME, MAX_LINEAR_WEIGHT, SCORE_GRI
                                    train_dual_encoder, train_dual_encoders, with_setting)
 
 BASELINES = ("mean_image", "ridge", "ridge_snap", "multiscale_local", "knn1", "knn5")
-GENERATIVE = ("anchor", "diffusion", "gan")
+DECODERS = ("diffusion", "gan")               # the two networks, which share a novelty gate
+GENERATIVE = ("anchor", *DECODERS)           # with --generative: their anchor alone beside them
 METHOD_TITLES = {
     "mean_image": "mean image (floor)",
     "ridge": "ridge (fMRI->784 px)",
@@ -797,7 +798,7 @@ def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool, device: to
                 from miyawaki_generative_backend import GenerativeConfig, decode_fold
                 recons, secs, gate = decode_fold(model, fold, GenerativeConfig(seed=seed), device)
                 rows += [(g, {**score_reconstructions(recon, fold, pool),
-                              **({"novelty_gate": gate} if gate is not None and g != "anchor" else {})},
+                              **({"novelty_gate": gate} if gate is not None and g in DECODERS else {})},
                           secs[g]) for g, recon in recons.items()]
                 if not gallery:
                     gallery = fold_gallery(fold, recons, gate)
@@ -832,7 +833,7 @@ def fold_gallery(fold: Fold, recons: dict, gate: np.ndarray | None = None) -> di
     corr = lambda img: float(pearson_rows(np.clip(img.reshape(1, -1), 0, 1), true.reshape(1, -1))[0])  # noqa: E731
     out = {"true": (true[0], 1.0, None, None)}
     for name, recon in {"ridge": ridge.reshape(true.shape), **{g: r[:1] for g, r in recons.items()}}.items():
-        g = float(gate[0]) if gate is not None and name in ("diffusion", "gan") else None
+        g = float(gate[0]) if gate is not None and name in DECODERS else None
         out[name] = (recon[0].clip(0, 1), corr(recon), not nearest_training_check(recon, one)[0][0], g)
     out["nearest training image"] = (nearest, corr(nearest), None, None)
     return out
