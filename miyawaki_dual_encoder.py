@@ -497,6 +497,18 @@ def fused_scores(parts: dict, readout_weight: float, encoding_weight: float) -> 
     return sum(w * standardize_rows(parts[name]) for name, w in zip(SCORE_PARTS, weights) if w)
 
 
+def ensemble_parts(models: list, fmri: torch.Tensor, candidates: torch.Tensor) -> dict:
+    """The score parts (``score_parts``, each ``N x K``) of fits on the same trials that differ in
+    seed only, scored as one model: the embeddings' cosine averaged over the fits (the cosine of
+    their concatenated embeddings over sqrt(S)), the linear parts of the first model (fitted in
+    closed form on the trials, they do not depend on the seed)."""
+    parts = models[0].score_parts(fmri, candidates)
+    if len(models) > 1:
+        parts["embedding"] = np.mean([parts["embedding"]] + [m.score_parts(fmri, candidates)["embedding"]
+                                                             for m in models[1:]], axis=0)
+    return parts
+
+
 class OracleWarning(UserWarning):
     """A model input carries the true image: what comes out is an oracle, not a decoding result."""
 
@@ -987,27 +999,31 @@ def inner_folds(ids: np.ndarray, scheme: str, n_folds: int = 5,
 
 
 def inner_cv_scores(data: MiyawakiData, train_idx: np.ndarray, config: DualEncoderConfig, scheme: str,
-                    settings: list[dict], device: torch.device | str = "cpu", repeats: int = 1) -> dict:
+                    settings: list[dict], device: torch.device | str = "cpu", repeats: int = 1,
+                    seeds: tuple[int, ...] | None = None) -> dict:
     """Inner-CV identification of each score setting: one dual encoder per inner fold of the
     trials ``train_idx`` of ``data`` (each inner fold z-scored by its own training trials; nothing
     outside ``train_idx`` is read), its validation trials ranked among all candidates with each
     setting (the networks are shared; only the linear parts are refitted) -> {"top1" | "mrr":
     {setting_name: mean over inner folds}} (mrr: mean reciprocal rank of the true image);
-    ``repeats``: repeated inner CV (``inner_folds``), one fit per fold of every repeat."""
+    ``repeats``: repeated inner CV (``inner_folds``), one fit per fold of every repeat; ``seeds``:
+    one fit per seed in every inner fold, scored as one model (``ensemble_parts``; None: the
+    config's seed alone)."""
     ranks: dict[str, list] = {setting_name(c): [] for c in settings}
     ids = data.trials.image_ids[train_idx]
     for tr, va in inner_folds(ids, scheme, repeats=repeats):
         fold = data.fold(train_idx[tr], train_idx[va])
-        model, _ = train_dual_encoder(fold.train, replace(config, val_fraction=0.0), device,
-                                      fold.unique_images, progress=False)
+        models = [train_dual_encoder(fold.train, replace(config, val_fraction=0.0, seed=seed), device,
+                                     fold.unique_images, progress=False)[0]
+                  for seed in (seeds or (config.seed,))]
         x, cand = (torch.as_tensor(a, device=device) for a in (fold.test.fmri, fold.unique_images))
         parts = {}
         for c in settings:
             linear = {k: v for k, v in c.items() if k not in SCORE_WEIGHTS}   # need a refit
             key = tuple(sorted(linear.items()))
             if key not in parts:                        # one refit per linear parts' setting
-                parts[key] = with_setting(model, fold.train, linear,
-                                          fold.unique_images).score_parts(x, cand)
+                parts[key] = ensemble_parts([with_setting(models[0], fold.train, linear,
+                                                          fold.unique_images), *models[1:]], x, cand)
             weights = {k: c.get(k, getattr(config, k)) for k in SCORE_WEIGHTS}
             ranks[setting_name(c)].append(identification_ranks(fused_scores(parts[key], **weights),
                                                                fold.test.image_ids))

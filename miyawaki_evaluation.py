@@ -49,9 +49,10 @@ from miyawaki_dataset_loader import (GRID, IMAGE_SIDE, MAX_SEED, METRICS, RIDGE_
                                      score_reconstructions, script_parser, splits, topk_accuracy,
                                      upsample_grid, write_summary)
 from miyawaki_dual_encoder import (CHECKPOINT_NAME, MAX_LINEAR_WEIGHT, SCORE_GRID, DualEncoderConfig,
-                                   EncodingReadout, MiyawakiDualEncoder, OracleWarning, inner_cv_scores,
-                                   load_for_s1, score_settings, select_setting, setting_name,
-                                   train_dual_encoder, train_dual_encoders, with_setting)
+                                   EncodingReadout, MiyawakiDualEncoder, OracleWarning, ensemble_parts,
+                                   fused_scores, inner_cv_scores, load_for_s1, score_settings,
+                                   select_setting, setting_name, train_dual_encoder,
+                                   train_dual_encoders, with_setting)
 
 BASELINES = ("mean_image", "ridge", "ridge_snap", "multiscale_local", "knn1", "knn5")
 DECODERS = ("diffusion", "gan")               # the two networks, which share a novelty gate
@@ -68,6 +69,8 @@ METHOD_TITLES = {
     "dual_encoder_embedding_only": "ablation: dual encoder, embeddings only",
     "dual_encoder_ridge_readout": "ablation: dual encoder, default score with ridge's pixel read-out",
     "dual_encoder_nested": "dual encoder, score setting by nested CV",
+    "dual_encoder_ensemble": "dual encoder, the seeds' fits as one model (ensemble)",
+    "dual_encoder_ensemble_nested": "dual encoder ensemble, the fold's nested setting",
     "dual_encoder_permuted": "dual encoder, permutation control",
     "dual_encoder_permuted_nested": "dual encoder, permutation control, the fold's nested setting",
     "anchor": "ablation: the decoders' anchor alone (linear read-out)",
@@ -307,6 +310,27 @@ def embedding_fold_metrics(model: MiyawakiDualEncoder, train: Trials, fold: Fold
     pred = knn_condition(extract_latent_representations(model, train)["fmri"], train.labels, test, k)
     return {**identification_metrics(candidate_scores(model, fold), fold),
             "condition": (pred == fold.test.labels).astype(float)}
+
+
+def ensemble_fold_metrics(models: list[MiyawakiDualEncoder], train: Trials, fold: Fold,
+                          settings: dict, k: int = 5) -> dict:
+    """Per-trial metrics on ``fold.test``, from fMRI only, of dual encoders fitted on ``train``
+    that differ in seed only, scored as one model (``ensemble_parts``): {row name: score setting
+    ({} = the models' own)} -> {row name: dict of N arrays}: ``identification_metrics`` and
+    condition (kNN on the fits' concatenated fMRI embeddings of ``train``, whose cosine is the
+    mean of the fits' cosines)."""
+    device = next(models[0].parameters()).device
+    x, cand = (torch.as_tensor(a, device=device) for a in (fold.test.fmri, fold.unique_images))
+    emb = lambda trials: np.concatenate([extract_latent_representations(m, trials)["fmri"]  # noqa: E731
+                                         for m in models], axis=1)
+    condition = (knn_condition(emb(train), train.labels, emb(fold.test), k) == fold.test.labels)
+    out = {}
+    for name, setting in settings.items():
+        first = with_setting(models[0], train, setting, fold.unique_images)
+        scores = fused_scores(ensemble_parts([first, *models[1:]], x, cand),
+                              first.config.readout_weight, first.config.encoding_weight)
+        out[name] = {**identification_metrics(scores, fold), "condition": condition.astype(float)}
+    return out
 
 
 def encoding_model_metrics(fold: Fold, config: DualEncoderConfig) -> dict:
@@ -709,6 +733,11 @@ def benchmark_markdown(result: dict) -> str:
                   f"by inner CV on its own training trials ({n['inner_scheme']} inner folds, "
                   f"{n['inner_repeats']} repeat(s), seed {n['inner_seed']}; {n['rule']}). Chosen "
                   f"(folds): {counts}. The per-fold choices and inner scores are in the JSON."]
+    if "dual_encoder_ensemble" in result["methods"]:
+        lines += ["", "Ensemble: in every fold the seeds' fits scored as one model (their embeddings' "
+                  "cosine averaged; the linear parts do not depend on the seed), one value per fold"
+                  + ("; its nested row takes the fold's setting, chosen by the first seed's inner CV"
+                     if "nested" in result else "") + "."]
     if "dual_encoder_permuted" in result["methods"]:
         lines += ["", "Permutation control: training fMRI rows shuffled against the images within "
                   "every fold (one shuffle per fold and seed), networks and linear parts alike; it "
@@ -740,7 +769,9 @@ def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool, device: to
                    job: tuple[int, str, np.ndarray, np.ndarray]) -> tuple[list, dict]:
     """One benchmark fold, ``job`` = (index, name, train_idx, test_idx): the baselines once, then
     per seed a dual encoder (the permutation control for the first seed, both decoders with
-    ``--generative``). Every fit seeds itself, so a fold gives the same numbers in any process.
+    ``--generative``), and with several seeds their fits scored as one model (the ensemble rows,
+    ``ensemble_fold_metrics``; with ``--nested`` also at the fold's setting, which the first
+    seed's inner CV chose). Every fit seeds itself, so a fold gives the same numbers in any process.
     Returns ([(method, per-trial metrics, seconds)], gallery, nested): with ``--generative``,
     gallery holds the fold's first test trial as ``1 x 28 x 28`` images (true, ridge, decoders of
     the first seed, nearest training image) and each one's PixCorr with the true image; with
@@ -768,6 +799,7 @@ def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool, device: to
         t = time.perf_counter()
         models, _ = train_dual_encoders(fold.train, de_cfgs, device, fold.unique_images)
         batched = {c.seed: (m, (time.perf_counter() - t) / len(models)) for c, m in zip(de_cfgs, models)}
+    fits = []                                      # the seeds' dual encoders, for the ensemble rows
     for de_cfg in de_cfgs:
         seed = de_cfg.seed
         runs = [("dual_encoder", fold.train)]
@@ -783,6 +815,8 @@ def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool, device: to
                 fit_secs = 0.0
             metrics = embedding_fold_metrics(model, train, fold, cfg.knn_k)
             rows.append((method, metrics, time.perf_counter() - t + fit_secs))
+            if method == "dual_encoder":
+                fits.append(model)
             variants = dict(ABLATIONS) if method == "dual_encoder" else {}
             if nested:                      # the same networks, scored with other settings
                 variants[method + "_nested"] = nested["setting"]    # the control's too
@@ -802,6 +836,13 @@ def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool, device: to
                           secs[g]) for g, recon in recons.items()]
                 if not gallery:
                     gallery = fold_gallery(fold, recons, gate)
+    if len(fits) > 1:               # the seeds' fits as one model: no fit of its own
+        t = time.perf_counter()
+        ensemble = ensemble_fold_metrics(fits, fold.train, fold, {
+            "dual_encoder_ensemble": {}, **({"dual_encoder_ensemble_nested": nested["setting"]}
+                                            if nested else {})}, cfg.knn_k)
+        rows += [(name, metrics, (time.perf_counter() - t) / len(ensemble))
+                 for name, metrics in ensemble.items()]
     return rows, gallery, nested
 
 

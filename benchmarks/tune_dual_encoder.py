@@ -11,6 +11,7 @@ no network refit).
     python benchmarks/tune_dual_encoder.py --seeds 0 1            # the score's settings
     python benchmarks/tune_dual_encoder.py --set skip=False --set skip=True
     python benchmarks/tune_dual_encoder.py --set mixup=0 --set mixup=64 --seeds 0 1
+    python benchmarks/tune_dual_encoder.py --seeds 0 1 2 3 4 --ensemble   # the 5 fits as one model
 """
 
 from __future__ import annotations
@@ -41,12 +42,16 @@ def parse_overrides(spec: str) -> dict:
     return {k: value(v) for k, v in (kv.split("=", 1) for kv in spec.split(",") if kv)}
 
 
-def score(data, cfg: DualEncoderConfig, scheme: str, seeds: list[int], settings, device) -> dict:
-    """Inner-CV identification on the S1 training trials, mean over folds and seeds ->
+def score(data, cfg: DualEncoderConfig, scheme: str, seeds: list[int], settings, device,
+          ensemble: bool = False) -> dict:
+    """Inner-CV identification on the S1 training trials, mean over folds and seeds (``ensemble``:
+    the seeds' fits of every inner fold scored as one model, ``ensemble_parts``) ->
     {"top1" | "mrr": {setting name: value}}."""
     train_idx = data.s1().train_idx
-    runs = [inner_cv_scores(data, train_idx, replace(cfg, seed=seed), scheme, settings, device)
-            for seed in seeds]
+    runs = ([inner_cv_scores(data, train_idx, cfg, scheme, settings, device, seeds=tuple(seeds))]
+            if ensemble else
+            [inner_cv_scores(data, train_idx, replace(cfg, seed=seed), scheme, settings, device)
+             for seed in seeds])
     return {m: {name: float(np.mean([r[m][name] for r in runs])) for name in runs[0][m]}
             for m in ("top1", "mrr")}
 
@@ -67,6 +72,9 @@ def main(argv=None) -> dict:
     p = tuning_parser(__doc__, "DualEncoderConfig")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--schemes", nargs="+", default=["seen", "unseen"])
+    p.add_argument("--ensemble", action="store_true",
+                   help="score the seeds' fits of every inner fold as one model (their embeddings' "
+                        "cosine averaged) instead of averaging the seeds' scores")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT / "tune_dual_encoder.json")
     args = p.parse_args(argv)
@@ -79,7 +87,8 @@ def main(argv=None) -> dict:
         cfg = config_from_dict({**vars(base), **parse_overrides(spec)})
         t0 = time.perf_counter()
         key = spec or "default"
-        results[key] = {s: score(data, cfg, s, args.seeds, settings, device) for s in args.schemes}
+        results[key] = {s: score(data, cfg, s, args.seeds, settings, device, args.ensemble)
+                        for s in args.schemes}
         for name in results[key][args.schemes[0]]["top1"]:
             line = []
             for m in ("top1", "mrr"):
@@ -89,7 +98,8 @@ def main(argv=None) -> dict:
             print(f"{key:20s} {name:60s} " + " | ".join(line), flush=True)
         print(f"{key}: {time.perf_counter() - t0:.0f} s", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_json({"data": data.source, "seeds": args.seeds, "device": str(device), "results": results},
+    save_json({"data": data.source, "seeds": args.seeds, "ensemble": args.ensemble,
+               "device": str(device), "results": results},
               args.out)
     return results
 

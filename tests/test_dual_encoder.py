@@ -460,3 +460,38 @@ def test_the_model_is_built_from_its_config_and_latent_dim_is_said_once():
     assert MiyawakiDualEncoder(fmri_dim=10, latent_dim=8).config.latent_dim == 8   # the seed's call
     with pytest.raises(ValueError, match="latent_dim 8 disagrees with config.latent_dim 16"):
         MiyawakiDualEncoder(10, 8, cfg)
+
+
+def test_an_ensemble_is_scored_as_one_model_from_its_fits(sim, monkeypatch):
+    """``ensemble_parts``: the fits' embedding cosines averaged, the (seed-free) linear parts of the
+    first; one fit is that fit. ``ensemble_fold_metrics`` ranks by that score, at the models' own
+    setting or another, and votes the condition among the concatenated embeddings."""
+    import miyawaki_evaluation as E
+    fold = sim.s1()
+    models = [D.train_dual_encoder(fold.train, replace(FAST, epochs=2, seed=s), "cpu", fold.unique_images,
+                                   progress=False)[0] for s in (0, 1)]
+    x, cand = torch.as_tensor(fold.test.fmri), torch.as_tensor(fold.unique_images)
+    one, two = (m.score_parts(x, cand) for m in models)
+    both = D.ensemble_parts(models, x, cand)
+    np.testing.assert_allclose(both["embedding"], (one["embedding"] + two["embedding"]) / 2, atol=1e-7)
+    for part in ("readout", "encoding"):
+        np.testing.assert_array_equal(both[part], one[part])
+        np.testing.assert_allclose(two[part], one[part], atol=1e-6)    # the same closed-form fit
+    for name, p in D.ensemble_parts(models[:1], x, cand).items():
+        np.testing.assert_array_equal(p, one[name])
+    only = {"readout_weight": 0.0, "encoding_weight": 0.0}
+    votes, knn = [], E.knn_condition
+    monkeypatch.setattr(E, "knn_condition", lambda *a, **k: votes.append(a) or knn(*a, **k))
+    rows = E.ensemble_fold_metrics(models, fold.train, fold, {"own": {}, "embeddings": only})
+    for name, weights in (("own", (models[0].config.readout_weight, models[0].config.encoding_weight)),
+                          ("embeddings", (0.0, 0.0))):
+        ranks = L.identification_ranks(D.fused_scores(both, *weights), fold.test.image_ids)
+        np.testing.assert_array_equal(rows[name]["rank"], ranks)
+    emb = [E.extract_latent_representations(m, t)["fmri"] for t in (fold.train, fold.test) for m in models]
+    (train_emb, _, test_emb, *_), = votes         # one vote, among the concatenated embeddings
+    np.testing.assert_array_equal(train_emb, np.hstack(emb[:2]))
+    np.testing.assert_array_equal(test_emb, np.hstack(emb[2:]))
+    vote = knn(train_emb, fold.train.labels, test_emb)
+    np.testing.assert_array_equal(rows["own"]["condition"], vote == fold.test.labels)
+    # the two rows differ, so the settings reach the score
+    assert not np.array_equal(rows["own"]["rank"], rows["embeddings"]["rank"])

@@ -198,7 +198,8 @@ def test_benchmark_s3_two_folds_writes_the_schema(tmp_path):
     assert set(saved["methods"]) == {*E.BASELINES, "encoding_model", "dual_encoder",
                                      "dual_encoder_permuted", "dual_encoder_embedding_only",
                                      "dual_encoder_ridge_readout", "dual_encoder_nested",
-                                     "dual_encoder_permuted_nested"}
+                                     "dual_encoder_permuted_nested", "dual_encoder_ensemble",
+                                     "dual_encoder_ensemble_nested"}
     nested = saved["nested"]
     assert nested["inner_scheme"] == "unseen" and nested["inner_repeats"] == 1
     assert nested["grid"] == {k: list(v) for k, v in D.SCORE_GRID.items()}
@@ -215,6 +216,8 @@ def test_benchmark_s3_two_folds_writes_the_schema(tmp_path):
             assert {"mean", "std"} <= set(m) and len(m["per_fold"]) == 2
             assert m["std_over"] == "folds"
     assert "std_seeds" in saved["methods"]["dual_encoder"]["top1"]
+    for name in ("dual_encoder_ensemble", "dual_encoder_ensemble_nested"):   # one model per fold
+        assert all(len(v) == 1 for v in saved["methods"][name]["top1"]["per_fold_seed"])
     assert set(saved["paired_vs_ridge_top1"]["dual_encoder"]) == {"mean_diff", "wins", "ties", "losses"}
     assert saved["chance"]["top1"] == 0.05
     # kNN cannot name an image absent from training (docs/BASELINES.md S3)

@@ -132,7 +132,8 @@ def test_both_decoders_of_the_benchmark_reconstruct_from_fmri_only():
 
 
 # --------------------------------------------------------------------------- benchmark folds
-BENCHMARK = E.EvaluationConfig(seeds=(0,), epochs=2, permutation_control=True)
+# two seeds: the ensemble rows (the seeds' fits as one model) run too
+BENCHMARK = E.EvaluationConfig(seeds=(0, 1), epochs=2, permutation_control=True)
 
 
 def run_fold(data, protocol, index, fits=None):
@@ -159,7 +160,7 @@ def test_benchmark_rows_do_not_depend_on_the_test_images(protocol):
     _, _, test_idx = splits(protocol, data)[3]
     a, b = (run_fold(d, protocol, 3) for d in (data, swap_images(data, test_idx)))
     assert set(a) == {*E.BASELINES, "encoding_model", "dual_encoder", "dual_encoder_embedding_only",
-                      "dual_encoder_ridge_readout",
+                      "dual_encoder_ridge_readout", "dual_encoder_ensemble",
                       "dual_encoder_permuted"}
     for method, metrics in a.items():
         for metric, values in metrics.items():
@@ -205,7 +206,7 @@ def test_s3_training_never_sees_the_held_out_image():
     fits_a, fits_b = [], []
     run_fold(data, "s3", k, fits_a)
     run_fold(replaced, "s3", k, fits_b)
-    assert len(fits_a) == len(fits_b) == 2                   # the dual encoder and its control
+    assert len(fits_a) == len(fits_b) == 3                   # two seeds' dual encoders, the control
     binary = lambda a: (np.asarray(a) > 0.5).reshape(len(a), -1)  # noqa: E731
     for (train, model), (_, model_b) in zip(fits_a, fits_b):
         assert k not in train.image_ids
