@@ -302,16 +302,6 @@ def candidate_scores(model: MiyawakiDualEncoder, fold: Fold) -> np.ndarray:
                                   torch.as_tensor(fold.unique_images, device=device))
 
 
-def embedding_fold_metrics(model: MiyawakiDualEncoder, train: Trials, fold: Fold, k: int = 5) -> dict:
-    """Per-trial metrics of a dual encoder on ``fold.test`` from fMRI only -> dict of N arrays:
-    ``identification_metrics`` of ``model.score_candidates`` and condition (kNN on the fMRI
-    correlation embeddings of ``train``, the trials the model was fitted on)."""
-    test = extract_latent_representations(model, fold.test)["fmri"]
-    pred = knn_condition(extract_latent_representations(model, train)["fmri"], train.labels, test, k)
-    return {**identification_metrics(candidate_scores(model, fold), fold),
-            "condition": (pred == fold.test.labels).astype(float)}
-
-
 def ensemble_fold_metrics(models: list[MiyawakiDualEncoder], train: Trials, fold: Fold,
                           settings: dict, k: int = 5) -> dict:
     """Per-trial metrics on ``fold.test``, from fMRI only, of dual encoders fitted on ``train``
@@ -331,6 +321,14 @@ def ensemble_fold_metrics(models: list[MiyawakiDualEncoder], train: Trials, fold
                               first.config.readout_weight, first.config.encoding_weight)
         out[name] = {**identification_metrics(scores, fold), "condition": condition.astype(float)}
     return out
+
+
+def embedding_fold_metrics(model: MiyawakiDualEncoder, train: Trials, fold: Fold, k: int = 5) -> dict:
+    """Per-trial metrics of a dual encoder on ``fold.test`` from fMRI only -> dict of N arrays:
+    ``ensemble_fold_metrics`` of the one model at its own setting (``identification_metrics`` of
+    ``model.score_candidates``; condition by kNN on its fMRI correlation embeddings of ``train``,
+    the trials the model was fitted on)."""
+    return ensemble_fold_metrics([model], train, fold, {"own": {}}, k)["own"]
 
 
 def encoding_model_metrics(fold: Fold, config: DualEncoderConfig) -> dict:
