@@ -2,6 +2,7 @@
 simulated set, against outputs the scripts just wrote: the notebook path cannot rot."""
 
 import re
+import shutil
 from pathlib import Path
 
 import miyawaki_dataset_loader as L
@@ -25,6 +26,9 @@ def test_readme_python_blocks_run_on_the_simulated_set(tmp_path, monkeypatch):
     for row in ("dual encoder identification top-1 (20-way)", "diffusion decoder reconstruction",
                 "GAN decoder reconstruction", "miyawaki_training_curves.png"):
         assert row in summary, row
+    for seed in range(5):   # the S1 loop's fits for the ensemble block (copies: it has to run)
+        (tmp_path / "runs" / f"s{seed}").mkdir(parents=True)
+        shutil.copy(out / D.CHECKPOINT_NAME, tmp_path / "runs" / f"s{seed}")
     monkeypatch.chdir(tmp_path)                                  # "outputs/..." as in the README
     monkeypatch.setattr(L, "DEFAULT_DATA", tmp_path / "no.mat")  # no file: the simulated set
     blocks = python_blocks()
@@ -34,5 +38,6 @@ def test_readme_python_blocks_run_on_the_simulated_set(tmp_path, monkeypatch):
         exec(compile(block, str(README), "exec"), namespace)
     assert namespace["images"].shape == (len(namespace["fold"].test), 1, 28, 28)
     assert namespace["gate"].shape == (len(namespace["fold"].test),)
+    assert namespace["ensemble_scores"].shape == (len(namespace["fold"].test), 20)
     assert namespace["data"].source.startswith("simulated")
     assert 0 <= namespace["scores"]["identification"]["top1"] <= 1
