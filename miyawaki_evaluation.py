@@ -316,7 +316,7 @@ def ensemble_fold_metrics(models: list[MiyawakiDualEncoder], train: Trials, fold
     condition = (knn_condition(emb(train), train.labels, emb(fold.test), k) == fold.test.labels)
     out = {}
     for name, setting in settings.items():
-        first = with_setting(models[0], train, setting, fold.unique_images)
+        first = with_setting(models[0], train, setting, fold.unique_images) if setting else models[0]
         scores = fused_scores(ensemble_parts([first, *models[1:]], x, cand),
                               first.config.readout_weight, first.config.encoding_weight)
         out[name] = {**identification_metrics(scores, fold), "condition": condition.astype(float)}
