@@ -305,6 +305,12 @@ class CheckpointMixin(FromCheckpointHint):
 
     CHECKPOINT_KEY = ""
 
+    @staticmethod
+    def constructor_config(args: dict) -> dict:
+        """The constructor's arguments from its ``locals()``, taken before any other local is
+        bound: the config ``checkpoint_entry`` saves and ``from_checkpoint`` passes back."""
+        return {k: v for k, v in args.items() if k not in ("self", "__class__")}
+
     def checkpoint_entry(self) -> dict:
         """{"config": constructor arguments, "state": state dict}, as ``from_checkpoint`` reads it."""
         return {"config": dict(self.config), "state": self.state_dict()}
@@ -462,6 +468,7 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
                  likelihood_reg: float = 3.0, likelihood_gate_power: float = 1.0,
                  output_stretch: bool = False):
         super().__init__()
+        self.config = self.constructor_config(locals())
         if not 0 < init_strength <= 1:
             raise ValueError(f"init_strength {init_strength}; use a value in (0, 1]")
         for name, value, allowed in (("beta_schedule", beta_schedule, BETA_SCHEDULES),
@@ -469,16 +476,6 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
                                      ("sampler", sampler, SAMPLERS)):
             if value not in allowed:
                 raise ValueError(f"{name} {value!r}; use one of {sorted(allowed)}")
-        self.config = dict(correlation_dim=correlation_dim, num_train_timesteps=num_train_timesteps,
-                           beta_schedule=beta_schedule, prediction_type=prediction_type,
-                           snr_gamma=snr_gamma, hidden_dim=hidden_dim, time_dim=time_dim,
-                           condition_drop_prob=condition_drop_prob, sampler=sampler,
-                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                           anchor_voxels=anchor_voxels, init_strength=init_strength,
-                           anchor_blend=anchor_blend, gate_images=gate_images,
-                           novelty_gate=novelty_gate, likelihood_weight=likelihood_weight,
-                           likelihood_reg=likelihood_reg, likelihood_gate_power=likelihood_gate_power,
-                           output_stretch=output_stretch)
         self.num_train_timesteps = num_train_timesteps
         self.prediction_type = prediction_type
         self.snr_gamma = snr_gamma
@@ -657,12 +654,7 @@ class MiyawakiGANDecoder(CheckpointMixin, AnchorMixin, nn.Module):
                  likelihood_reg: float = 3.0, likelihood_gate_power: float = 1.0,
                  output_stretch: bool = False):
         super().__init__()
-        self.config = dict(correlation_dim=correlation_dim, noise_dim=noise_dim,
-                           disc_hidden_dim=disc_hidden_dim, anchor_voxels=anchor_voxels,
-                           anchor_blend=anchor_blend, gate_images=gate_images,
-                           novelty_gate=novelty_gate, likelihood_weight=likelihood_weight,
-                           likelihood_reg=likelihood_reg, likelihood_gate_power=likelihood_gate_power,
-                           output_stretch=output_stretch)
+        self.config = self.constructor_config(locals())
         self.noise_dim = noise_dim
         anchored = anchor_voxels > 0
         self.generator = nn.Sequential(
