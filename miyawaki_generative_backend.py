@@ -222,15 +222,16 @@ def receptive_field_folds(train: Trials, config: "GenerativeConfig") -> list[tup
 
 
 def out_of_fold_readouts(train: Trials, config: "GenerativeConfig", alpha: float,
-                         folds: list | None = None) -> np.ndarray:
+                         folds: list | None = None, exclude: np.ndarray | None = None) -> np.ndarray:
     """Anchors ``N x 1 x 28 x 28`` of training trials, each by the read-out (``fit_anchor``, ridge
     ``alpha``) fitted on the trials of *other images* only (``folds``: ``receptive_field_folds``,
-    made here when None; the held-out images also kept out of its image prior), so that the
-    decoders learn from anchors that look like the anchor of a never-seen test image."""
+    made here when None; the held-out images, and the images of ``exclude`` ``E x 1 x 28 x 28``
+    (a fold's never-seen test images), kept out of its image prior), so that the decoders learn
+    from anchors that look like the anchor of a never-seen test image."""
     x, out = np.asarray(train.fmri, np.float64), np.zeros((len(train), N_PIXELS))
     for tr, va, encoding in receptive_field_folds(train, config) if folds is None else folds:
-        weight, bias, _ = fit_anchor(train.subset(tr), config, alpha, exclude=train.images[va],
-                                     encoding=encoding)
+        banned = train.images[va] if exclude is None else np.concatenate([train.images[va], exclude])
+        weight, bias, _ = fit_anchor(train.subset(tr), config, alpha, exclude=banned, encoding=encoding)
         out[va] = x[va] @ weight.T + bias
     return out.reshape(train.images.shape).astype(np.float32)
 
@@ -261,13 +262,15 @@ def out_of_fold_residuals(train: Trials, config: "GenerativeConfig", alpha: floa
 
 
 def fit_novelty_gate(train: Trials, config: "GenerativeConfig", alpha: float, unseen: np.ndarray,
-                     n_folds: int = 5) -> tuple[np.ndarray, np.ndarray] | None:
+                     n_folds: int = 5, exclude: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray] | None:
     """Calibrate the novelty gate on training trials only -> (training images ``K x 1 x 28 x 28``,
     logistic (slope, intercept) on the nearest-training-image similarity) or None when no image
     has two trials. "Unseen" examples: the out-of-fold anchors ``unseen`` (image-grouped,
     ``out_of_fold_readouts``); "seen": anchors of trials by the read-out (``fit_anchor``, ridge
-    ``alpha``) fitted without them but with other trials of their image (each image's trials dealt
-    round-robin to ``n_folds`` folds; trials of images shown once are left out)."""
+    ``alpha``; its image prior never holds an image of ``exclude``) fitted without them but with
+    other trials of their image (each image's trials dealt round-robin to ``n_folds`` folds;
+    trials of images shown once are left out)."""
     from sklearn.linear_model import LogisticRegression
     ids = train.image_ids
     _, first, inverse, counts = np.unique(ids, return_index=True, return_inverse=True, return_counts=True)
@@ -281,7 +284,7 @@ def fit_novelty_gate(train: Trials, config: "GenerativeConfig", alpha: float, un
     for f in range(n_folds):
         va = rank % n_folds == f
         if va.any():
-            weight, bias, _ = fit_anchor(train.subset(np.where(~va)[0]), config, alpha)
+            weight, bias, _ = fit_anchor(train.subset(np.where(~va)[0]), config, alpha, exclude)
             seen[va] = np.asarray(train.fmri[va], np.float64) @ weight.T + bias
     images = train.images[first]
     s = np.concatenate([nearest_image_similarity(unseen, images),
@@ -1023,9 +1026,9 @@ def training_set(encoder: nn.Module, train: Trials, config: GenerativeConfig,
         weight, bias, data.alpha = fit_anchor(train, config, exclude=exclude, encoding=data.encoding)
         readout.weight.copy_(torch.as_tensor(weight))
         readout.bias.copy_(torch.as_tensor(bias))
-        anchor = out_of_fold_readouts(train, config, data.alpha, folds)
+        anchor = out_of_fold_readouts(train, config, data.alpha, folds, exclude)
         readout.stretch.fill_(choose_stretch(anchor, train.images))
-        gate = fit_novelty_gate(train, config, data.alpha, anchor)
+        gate = fit_novelty_gate(train, config, data.alpha, anchor, exclude=exclude)
         data.readout = (readout if gate is None else readout.with_gate(*gate)).to(device)
         data.anchor = torch.as_tensor(anchor, device=device)
     if data.encoding is not None:

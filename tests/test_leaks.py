@@ -246,6 +246,32 @@ def test_s3_decoders_do_not_depend_on_the_held_out_image():
             assert torch.equal(state[name], state_b[name]), name
 
 
+def test_no_image_prior_of_an_s3_fold_holds_the_held_out_image(monkeypatch):
+    """Every image prior built for an S3 fold's decoders (the anchor's, the out-of-fold anchors'
+    and the novelty gate's calibration read-outs', the decoders' own) leaves out the held-out
+    image, here image 7 (a "u", a turned "n": the priors make it, and the exclusion removes it)."""
+    data, k = make_simulated_dataset(), 7
+    _, train_idx, test_idx = splits("s3", data)[k]
+    fold = data.fold(train_idx, test_idx)
+    held_out = torch.as_tensor(data.unique_images[k]).flatten() > 0.5
+    made, rejected = [], []
+
+    def recorded(*args, **kwargs):
+        images, anchors, n_rejected = image_prior(*args, **kwargs)
+        made.append(int(((images.flatten(1) > 0.5) == held_out).all(1).sum()))
+        rejected.append(n_rejected)
+        return images, anchors, n_rejected
+
+    image_prior = D.image_prior
+    monkeypatch.setattr(D, "image_prior", recorded)                 # the read-outs' priors
+    monkeypatch.setattr(G, "image_prior", recorded)                 # the decoders' own
+    encoder = D.MiyawakiDualEncoder(data.n_voxels, config=D.DualEncoderConfig())  # embeddings only
+    G.training_set(encoder, fold.train, TINY_DECODERS, torch.device("cpu"),
+                   exclude=fold.test.images[fold.unseen_test])
+    assert len(made) == 1 + TINY_DECODERS.anchor_folds + 5 + 1     # anchor, out-of-fold, gate, decoders
+    assert sum(made) == 0 and sum(rejected) > 0
+
+
 def test_permutation_control_sits_at_chance_over_seeds():
     """The benchmark's control (training fMRI shuffled against images, scored by the benchmark's
     embedding_fold_metrics) identifies S1 test trials at chance for each of three seeds."""
