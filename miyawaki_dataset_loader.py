@@ -237,9 +237,12 @@ def load_miyawaki(path: str | os.PathLike) -> MiyawakiData:
         if stim.shape[1] != N_PIXELS:
             raise DataError(f"{path}: stim{part} has {stim.shape[1]} columns; expected {N_PIXELS} "
                             f"(28 x 28 images, one per row)")
-        if not np.all(np.isfinite(fmri.astype(np.float64))):
-            raise DataError(f"{path}: fmri{part} contains NaN or Inf values; impute or drop those "
-                            "voxels/trials before loading")
+        for key, values in (("fmri" + part, fmri), ("stim" + part, stim), ("label" + part, labels)):
+            if values.dtype.kind not in "biuf":           # bool, integers, floats
+                raise DataError(f"{path}: {key} holds {values.dtype} values; expected real numbers")
+            if not np.all(np.isfinite(values)):
+                raise DataError(f"{path}: {key} contains NaN or Inf values; impute or drop those "
+                                "voxels/trials before loading")
         parts[part] = (fmri.astype(np.float64), stim.astype(np.float64), labels)
     if parts["Trn"][0].shape[1] != parts["Test"][0].shape[1]:
         raise DataError(f"{path}: fmriTrn has {parts['Trn'][0].shape[1]} voxels but fmriTest has "
@@ -252,8 +255,6 @@ def load_miyawaki(path: str | os.PathLike) -> MiyawakiData:
     if stim.min() < 0 or stim.max() > 1:
         raise DataError(f"{path}: image values span [{stim.min():g}, {stim.max():g}]; expected "
                         "0/1 or 0..255")
-    if not np.all(np.isfinite(labels.astype(np.float64))):
-        raise DataError(f"{path}: labelTrn/labelTest contain non-finite values")
     fractional = labels[labels != np.round(labels)]
     if len(fractional):
         raise DataError(f"{path}: labelTrn/labelTest hold non-integer values (e.g. {fractional[0]:g}); "

@@ -101,6 +101,10 @@ BAD_FILES = {  # name -> (maker(path, arrays, write_mat), words the message must
     "nan fmri": (_mutated(_set("fmriTrn", np.nan)), ["NaN or Inf"]),
     "inf fmri": (_mutated(_set("fmriTest", np.inf)), ["NaN or Inf"]),
     "negative image": (_mutated(_set("stimTrn", -1.0)), ["image values"]),
+    "nan image": (_mutated(_set("stimTrn", np.nan)), ["stimTrn", "NaN or Inf"]),
+    "text labels": (_mutated(lambda a: a.update(labelTest=np.array([f"c{v}" for v in a["labelTest"].ravel()]))),
+                    ["labelTest", "expected real numbers"]),
+    "complex fmri": (_mutated(lambda a: a.update(fmriTest=a["fmriTest"] * 1j)), ["fmriTest", "complex"]),
     "fractional label": (_mutated(lambda a: a.update(labelTest=a["labelTest"] + 0.5)),
                          ["non-integer", "labelTrn/labelTest"]),
 }
