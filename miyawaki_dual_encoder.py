@@ -63,8 +63,9 @@ class DualEncoderConfig:
     fmri_hidden: tuple[int, ...] = field(default=(1024, 768), metadata={
         "min": 1, "help": "hidden widths of the fMRI MLP"})
     cnn_channels: tuple[int, ...] = field(default=(32, 64, 128), metadata={
-        "min": 1, "max_items": 5, "help": "channels of the stimulus CNN's conv blocks (each but "
-        "the last halves the 28 x 28 image: five leave 1 x 1)"})
+        "min": 1, "max_items": 4, "help": "channels of the stimulus CNN's conv blocks (each but "
+        "the last halves the 28 x 28 image: four leave 3 x 3; a fifth's 1 x 1 map would leave its "
+        "BatchNorm one value per channel in a step that shows one image)"})
     head_hidden: tuple[int, ...] = field(default=(1024, 512), metadata={
         "min": 1, "help": "hidden widths of the correlation head"})
     dropout: float = field(default=0.3, metadata={

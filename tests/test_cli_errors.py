@@ -56,7 +56,7 @@ BAD_OPTIONS = {  # name -> (script, options, words of the message)
     "hidden layer 0": (D, ["--fmri-hidden", "1024", "0"], "--fmri-hidden must be >= 1, got 0"),
     "seed -1": (D, ["--seed", "-1"], "--seed must be >= 0"),
     "seed 2**32": (D, ["--seed", "4294967296"], "--seed must be <= 4294967295, got 4294967296"),
-    "six conv blocks": (D, ["--cnn-channels", *"888888"], "--cnn-channels takes at most 5 values, got 6"),
+    "five conv blocks": (D, ["--cnn-channels", *"88888"], "--cnn-channels takes at most 4 values, got 5"),
     "score weights over 1": (D, ["--readout-weight", "0.75", "--encoding-weight", "0.5"],
                              "--readout-weight + --encoding-weight must be <= 1"),
     "encoding voxels 0": (D, ["--encoding-voxels", "0"], "--encoding-voxels must be > 0"),
@@ -90,14 +90,15 @@ def test_bad_option_is_refused_before_any_work(case, out, capsys):
 
 
 def test_the_bounds_are_the_code_s_limits():
-    """The largest values the options allow run, one more would crash: five conv blocks (the most
-    --cnn-channels takes) encode 28 x 28 images where a sixth pools 1 x 1 to nothing, and the
-    largest --seed seeds numpy, torch and scikit-learn where 2**32 does not."""
+    """The largest values the options allow run, one more would crash: four conv blocks (the most
+    --cnn-channels takes) train on a step that shows one 28 x 28 image, where a fifth's 1 x 1 map
+    leaves its BatchNorm one value per channel, and the largest --seed seeds numpy, torch and
+    scikit-learn where 2**32 does not."""
     blocks = D.DualEncoderConfig.__dataclass_fields__["cnn_channels"].metadata["max_items"]
-    images = torch.rand(3, 1, 28, 28)
-    assert torch.isfinite(D.StimulusEncoder(8, (2,) * blocks)(images)).all()
-    with pytest.raises(RuntimeError, match="too small"):
-        D.StimulusEncoder(8, (2,) * (blocks + 1))(images)
+    image = torch.rand(1, 1, 28, 28)
+    assert torch.isfinite(D.StimulusEncoder(8, (2,) * blocks).train()(image)).all()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        D.StimulusEncoder(8, (2,) * (blocks + 1)).train()(image)
     L.seed_everything(L.MAX_SEED)
     assert E.tsne_map(np.random.default_rng(0).standard_normal((12, 4)), L.MAX_SEED).shape == (12, 2)
     with pytest.raises(ValueError):
