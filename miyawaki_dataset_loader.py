@@ -419,10 +419,14 @@ def make_simulated_dataset(seed: int = 0, snr: float = 1.5, n_voxels: int = 967,
 
 
 # --------------------------------------------------------------------------- splits (docs/PROTOCOL.md)
+S2_FOLDS = 5
+
+
 def splits(protocol: str, data: MiyawakiData, seeds=(0, 1, 2)) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """Folds of a protocol as (name, train_idx, test_idx) over ``data.trials``.
 
-    s1: the file's split. s2: stratified 5-fold by image id, one repeat per seed.
+    s1: the file's split. s2: stratified 5-fold by image id, one repeat per seed (DataError when no
+    image is shown 5 times: images shown once are never seen in training; S3 is their protocol).
     s3: leave-one-stimulus-out, one fold per unique image."""
     n, ids = len(data.trials), data.trials.image_ids
     if protocol == "s1":
@@ -433,13 +437,17 @@ def splits(protocol: str, data: MiyawakiData, seeds=(0, 1, 2)) -> list[tuple[str
                             "--protocol s2` or `s3`), which splits all trials itself")
         return [("s1", np.arange(data.n_file_train), np.arange(data.n_file_train, n))]
     if protocol == "s2":
+        if np.bincount(ids).max() < S2_FOLDS:
+            raise DataError(f"no image of {data.source} is shown {S2_FOLDS} times or more, so S2's "
+                            f"{S2_FOLDS}-fold CV stratified by image cannot be made (S2 tests images "
+                            "also seen in training); use `--protocol s3` (every image held out once)")
         # imported here: sklearn adds ~60 MiB, and of this module only the S2 splits need it
         from sklearn.model_selection import StratifiedKFold
         folds = []  # one image has 3 trials, fewer than 5 folds: sklearn's warning is expected
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             for seed in seeds:
-                skf = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed)
+                skf = StratifiedKFold(n_splits=S2_FOLDS, shuffle=True, random_state=seed)
                 folds += [(f"s2-seed{seed}-fold{k}", tr, te)
                           for k, (tr, te) in enumerate(skf.split(np.zeros(n), ids))]
         return folds
@@ -984,8 +992,9 @@ def _exit_on_sigterm(signum, frame):
 
 
 def run_cli(main) -> None:
-    """Run a script's ``main()``; a data or checkpoint problem (exit code 1) or a bad option
-    (exit code 2) ends it with its one-line message on stderr. SIGTERM (``kill``) ends it as an
+    """Run a script's ``main()``; a data or checkpoint problem or a diverged training (a
+    non-finite loss, ``check_finite``; exit code 1) or a bad option (exit code 2) ends it with its
+    one-line message on stderr, before anything is written. SIGTERM (``kill``) ends it as an
     exception, exit code 143, so that what it started is cleaned up as on an error: the
     benchmark's worker processes are terminated with it (by default they would outlive it and
     run their folds to the end)."""
@@ -995,6 +1004,9 @@ def run_cli(main) -> None:
     except (DataError, CheckpointError, OptionError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, OptionError) else 1)
+    except FloatingPointError as e:
+        print(f"error: training diverged: {one_line(e)}", file=sys.stderr)
+        sys.exit(1)
 
 
 def file_sha256(path: Path) -> str:

@@ -787,9 +787,10 @@ def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool, device: to
     if cfg.nested:        # the score's settings by inner CV on this fold's training trials only
         t = time.perf_counter()
         settings = score_settings()
-        inner = inner_cv_scores(data, fold.train_idx, de_cfgs[0], nested_scheme(cfg.protocol),
-                                settings, device, cfg.inner_repeats)
-        nested = {"fold": name, "setting": select_setting(inner["top1"], settings),
+        scheme = nested_scheme(fold)
+        inner = inner_cv_scores(data, fold.train_idx, de_cfgs[0], scheme, settings, device,
+                                cfg.inner_repeats)
+        nested = {"fold": name, "inner_scheme": scheme, "setting": select_setting(inner["top1"], settings),
                   "inner_mrr": inner["mrr"], "inner_top1": inner["top1"],
                   "seconds": time.perf_counter() - t}
     batched = {}
@@ -844,10 +845,11 @@ def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool, device: to
     return rows, gallery, nested
 
 
-def nested_scheme(protocol: str) -> str:
-    """The inner folds of nested selection mimic the protocol's generalisation: S3 holds images
-    out of the inner training set (``unseen``), S1 / S2 hold trials out (``seen``)."""
-    return "unseen" if protocol == "s3" else "seen"
+def nested_scheme(fold: Fold) -> str:
+    """The inner folds of nested selection mimic the fold's generalisation: where no test image is
+    shown in training (S3; S1 of a random-image session) they hold images out of the inner
+    training set (``unseen``), else trials (``seen``: S1 / S2 of the real file)."""
+    return "unseen" if fold.unseen_test.all() else "seen"
 
 
 def batched_seed_fits(cfg: "EvaluationConfig", device: torch.device) -> bool:
@@ -913,8 +915,10 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
     if cfg.max_folds:
         folds = folds[:cfg.max_folds]
     pool = (data.trials.images, data.trials.image_ids) if cfg.protocol == "s3" else None
-    values: dict[str, dict[str, list]] = {}      # method -> metric -> F lists of S fold means
-    first_fold_trials: dict[str, dict] = {}      # method -> per-trial metrics of fold 0, seed 0
+    # method -> metric -> {fold: S fold means}; a metric of some folds only (closer_than_train:
+    # folds with a never-seen test image) has those folds alone
+    values: dict[str, dict[str, dict[int, list]]] = {}
+    first_trials: dict[tuple, np.ndarray] = {}   # (method, metric) -> per-trial values, first fold and seed
     seconds: dict[str, float] = {}
     t_start = time.perf_counter()
     run_fold = partial(benchmark_fold, cfg, data, pool, device)
@@ -936,11 +940,8 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
                 nested.append(choice)
             for method, per_trial, secs in rows:
                 for metric, v in fold_means(per_trial).items():
-                    fold_rows = values.setdefault(method, {}).setdefault(metric, [])
-                    if len(fold_rows) <= i:
-                        fold_rows.append([])
-                    fold_rows[i].append(v)
-                first_fold_trials.setdefault(method, per_trial)
+                    values.setdefault(method, {}).setdefault(metric, {}).setdefault(i, []).append(v)
+                    first_trials.setdefault((method, metric), per_trial[metric])
                 seconds[method] = seconds.get(method, 0.0) + secs
             de, ridge = np.mean(values["dual_encoder"]["top1"][i]), values["ridge"]["top1"][i][0]
             bar.set_postfix(ridge=f"{ridge:.2f}", dual=f"{de:.2f}")
@@ -949,8 +950,9 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
                       f"{len(cfg.seeds)} seed(s)) | {time.perf_counter() - t_start:.0f} s")
 
     k = len(data.unique_images)
-    methods = {m: {metric: aggregate(v, first_fold_trials[m][metric]) for metric, v in mv.items()}
-               for m, mv in values.items()}
+    methods = {m: {metric: {**aggregate(list(v.values()), first_trials[m, metric]),
+                            **({"folds": [folds[i][0] for i in v]} if len(v) < len(folds) else {})}
+                   for metric, v in mv.items()} for m, mv in values.items()}
     seconds["total"] = time.perf_counter() - t_start
     result = {
         "protocol": cfg.protocol, "folds": [f[0] for f in folds], "n_folds": len(folds),
@@ -964,7 +966,8 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
                                         .items() if g in GENERATIVE}} if cfg.generative else {}),
         **({"nested": {"grid": {k: list(v) for k, v in SCORE_GRID.items()},
                        "max_linear_weight": MAX_LINEAR_WEIGHT,
-                       "inner_scheme": nested_scheme(cfg.protocol), "inner_seed": cfg.seeds[0],
+                       "inner_scheme": " / ".join(sorted({n["inner_scheme"] for n in nested})),
+                       "inner_seed": cfg.seeds[0],
                        "inner_repeats": cfg.inner_repeats,
                        "rule": "highest mean inner top-1; a tie goes to the first setting in "
                                "grid order (inner_mrr: recorded, not used)",

@@ -151,10 +151,18 @@ def fractional_label(arrays):
     arrays["labelTrn"][3] = 2.5
 
 
+def every_image_once(arrays):
+    _, first = np.unique(arrays["stimTrn"], axis=0, return_index=True)
+    for key in ("fmriTrn", "stimTrn", "labelTrn"):
+        arrays[key] = arrays[key][np.sort(first)]
+
+
 BAD_DATA = {  # name -> (edit of the file's arrays, script, options, words of the message)
     **{f"no test trials, {run}": (no_test_trials, *RUNS[run], "no test trials")
        for run in ("dual encoder", "evaluation", "benchmark s1", "generative")},
     "non-integer labels": (fractional_label, D, [], "non-integer values (e.g. 2.5)"),
+    "every image shown once, benchmark s2": (every_image_once, E, ["--protocol", "s2"],
+                                             "use `--protocol s3`"),
 }
 
 
@@ -166,6 +174,13 @@ def test_unusable_data_is_refused_before_any_work(case, out, mat_arrays, write_m
     code, line = refused(script.main, ["--data", str(path), "--device", "cpu", *options,
                                        "--out-dir", str(out)], out, capsys)
     assert code == 1 and str(path) in line and words in line
+
+
+def test_a_diverging_training_is_one_line(out, capsys):
+    """A learning rate at which the loss overflows stops the script with one line (exit code 1)
+    naming the loss, and writes nothing."""
+    code, line = refused(D.main, [*SIM, "--lr", "1e6", "--epochs", "5", "--out-dir", str(out)], out, capsys)
+    assert code == 1 and "training diverged" in line and "lower the learning rate" in line
 
 
 def test_a_file_without_test_trials_still_runs_the_s2_s3_benchmark(tmp_path, mat_arrays, write_mat):

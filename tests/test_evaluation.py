@@ -189,6 +189,35 @@ def test_checkpoint_from_another_voxel_count_is_refused(trained, tmp_path):
                 "--checkpoint", str(trained[0] / D.CHECKPOINT_NAME)])
 
 
+def test_nested_inner_folds_mimic_the_fold():
+    """Nested selection holds images out of its inner folds where the fold's test images are never
+    seen in training (S3, and S1 of a random-image session), trials where they are (S1, S2)."""
+    sim, session = L.make_simulated_dataset(), L.make_simulated_dataset(random_images=60)
+    _, train_idx, test_idx = L.splits("s3", sim)[0]
+    assert E.nested_scheme(sim.s1()) == E.nested_scheme(sim.fold(*L.splits("s2", sim)[0][1:])) == "seen"
+    assert E.nested_scheme(sim.fold(train_idx, test_idx)) == E.nested_scheme(session.s1()) == "unseen"
+
+
+def test_s2_with_an_image_shown_once_averages_its_unseen_metric_over_its_folds(tmp_path, mat_arrays):
+    """An S2 fold whose test trial shows an image that no training trial shows (here one trial
+    given an image of its own, in the second fold) has the nearest-training-image check; the
+    others do not. The benchmark averages each metric over the folds that have it and names them."""
+    for trial in range(len(mat_arrays["stimTrn"])):
+        arrays = {k: v.copy() for k, v in mat_arrays.items()}
+        arrays["stimTrn"][trial] = 1 - arrays["stimTrn"][trial]          # an image found nowhere else
+        path = tmp_path / "once.mat"
+        scipy.io.savemat(path, arrays)
+        folds = L.splits("s2", L.load_miyawaki(path))
+        if trial in folds[1][2]:
+            break
+    result = E.main(["--device", "cpu", "--data", str(path), "--protocol", "s2", "--max-folds", "2",
+                     "--seeds", "0", "--epochs", "1", "--out-dir", str(tmp_path / "out")])
+    ridge = result["methods"]["ridge"]
+    assert len(ridge["top1"]["per_fold"]) == 2 and "folds" not in ridge["top1"]
+    assert ridge["closer_than_train"]["folds"] == [folds[1][0]]
+    assert len(ridge["closer_than_train"]["per_fold"]) == 1
+
+
 def test_benchmark_s3_two_folds_writes_the_schema(tmp_path):
     result = E.main([*FAST, "--protocol", "s3", "--max-folds", "2", "--seeds", "0", "1",
                      "--epochs", "4", "--permutation-control", "--nested", "--out-dir", str(tmp_path)])
