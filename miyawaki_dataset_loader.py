@@ -1093,14 +1093,22 @@ def save_json(obj: dict, path: Path) -> None:
 def write_summary(out: Path) -> Path:
     """``out/summary.md``: the headline S1 numbers of the result JSONs present in ``out`` (dual
     encoder, evaluation, decoders), each beside its chance and ridge, and the figures there.
-    Every script calls it last, so after ``make run`` it covers the whole pipeline."""
+    Every script calls it last, so after ``make run`` it covers the whole pipeline. A result of
+    another data set or of another dual-encoder checkpoint (its sha256) than the first of the
+    three present is left out, and named."""
     out = Path(out)
 
     def read(name):
         path = out / name
         return json.loads(path.read_text()) if path.is_file() else None
 
-    de, ev, gen = (read(f"miyawaki_{n}.json") for n in ("dual_encoder", "evaluation", "generation"))
+    names = [f"miyawaki_{n}.json" for n in ("dual_encoder", "evaluation", "generation")]
+    results = dict(zip(names, map(read, names)))
+    ref = next((r for r in results.values() if r), {})
+    encoder = lambda r: r.get("checkpoint_sha256", r.get("encoder_sha256"))  # noqa: E731
+    stale = [name for name, r in results.items()
+             if r and (r["data_source"], encoder(r)) != (ref["data_source"], encoder(ref))]
+    de, ev, gen = (None if name in stale else r for name, r in results.items())
     lines = ["# Results (S1: the file's split, fMRI only at test time)", ""]
     if ev:
         lines.append(f"Data: {ev['data_source']}; {ev['n_test']} test trials.")
@@ -1129,6 +1137,10 @@ def write_summary(out: Path) -> Path:
         lines += ["", f"The decoders' novelty gate read {int((gate > 0.5).sum())} of {len(gate)} test "
                   "trials as new images (g > 0.5: their output leans on the linear anchor; g per trial "
                   "under `novelty_gate` in `miyawaki_generation.json` and in the decoders' figures)."]
+    if stale:
+        lines += ["", f"Left out: {', '.join(f'`{n}`' for n in stale)}, from another data set or "
+                  f"dual-encoder checkpoint than `{next(n for n, r in results.items() if r)}`; rerun "
+                  "the scripts in order to include them."]
     figures = sorted(p.name for p in out.glob("*.png"))
     lines += ["", "Figures: " + (", ".join(f"`{f}`" for f in figures) if figures else "none yet") + "."]
     path = out / "summary.md"

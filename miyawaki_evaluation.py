@@ -40,6 +40,7 @@ from miyawaki_dataset_loader import (GRID, IMAGE_SIDE, MAX_SEED, METRICS, RIDGE_
                                      MeanImageBaseline, MiyawakiData, OptionError, RidgeBaseline,
                                      ScriptOptions, Trials, add_config_args, chance_levels, check_options,
                                      condition_accuracy, condition_name, config_dict, cosine_scores, evaluating,
+                                     file_sha256,
                                      fold_means, identification_ranks, identification_scores,
                                      identification_summary, identified_labels,
                                      image_to_fmri_summary, majority_rate, mean_rank,
@@ -596,6 +597,7 @@ def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
     emb = checkpoint_embeddings(model, fold)             # for the scores and the figures
     scores = score_checkpoint(model, fold, cfg.knn_k, cfg.oracle, emb)
     result = {"split": "s1", "seed": ckpt["seed"], "data_source": data.source, "checkpoint": str(path),
+              "checkpoint_sha256": file_sha256(path),
               **{key: v for key, v in scores.items() if key not in ("split", "oracle")},
               "config": config_dict(cfg)}
     cand, tr, te = emb["candidates"], emb["train"], emb["test"]

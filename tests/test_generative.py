@@ -317,7 +317,17 @@ def test_script_end_to_end_on_simulated_data(tmp_path):
     assert saved["seed"] == 3 and saved["config"]["diffusion_steps"] == 20
     gate = np.asarray(saved["novelty_gate"]["per_trial"])          # the decoders' P(new image)
     assert gate.shape == (12,) and np.all((gate >= 0) & (gate <= 1))
-    assert f"read {int((gate > 0.5).sum())} of 12 test trials as new" in (tmp_path / "summary.md").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert f"read {int((gate > 0.5).sum())} of 12 test trials as new" in summary and "Left out" not in summary
+    # a dual encoder retrained (another checkpoint) or on another data set leaves the decoders out
+    de_json = tmp_path / "miyawaki_dual_encoder.json"
+    de = json.loads(de_json.read_text())
+    assert de["checkpoint_sha256"] == saved["encoder_sha256"]
+    for change in ({"checkpoint_sha256": "0" * 64}, {"data_source": "simulated-random"}):
+        de_json.write_text(json.dumps({**de, **change}))
+        summary = L.write_summary(tmp_path).read_text()
+        assert "decoder reconstruction" not in summary and "Left out: `miyawaki_generation.json`" in summary
+    de_json.write_text(json.dumps(de))
     assert saved["sampler"]["diffusion"]["num_inference_steps"] == 5
     assert [p.name for p in (tmp_path / "diffusion_samples").iterdir()] != []
     ckpt = torch.load(tmp_path / G.CHECKPOINT_NAME, map_location="cpu", weights_only=True)
