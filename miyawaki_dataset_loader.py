@@ -262,14 +262,17 @@ def load_miyawaki(path: str | os.PathLike) -> MiyawakiData:
     return _assemble(fmri, stim, labels.astype(np.int64), len(parts["Trn"][0]), str(path))
 
 
+SIMULATED = ("simulated", "simulated-random")   # --data values that name the built-in sets
+
+
 def resolve_data(arg: str | os.PathLike | None = None) -> MiyawakiData:
     """``--data`` handling: a path, ``"simulated"``, ``"simulated-random"``, or None for the
     default path, falling back to the simulated set (with a one-line notice) when the default file
     is absent."""
-    if arg is not None and str(arg) == "simulated":
+    if arg is not None and str(arg) == SIMULATED[0]:
         print("data: built-in simulated data set (--data simulated)")
         return make_simulated_dataset()
-    if arg is not None and str(arg) == "simulated-random":
+    if arg is not None and str(arg) == SIMULATED[1]:
         print(f"data: built-in simulated random-image session (--data simulated-random: "
               f"{SIM_RANDOM_IMAGES} random patterns to train on, the 20 figures to test on)")
         return make_simulated_dataset(random_images=SIM_RANDOM_IMAGES)
@@ -1231,6 +1234,9 @@ def main(argv: list[str] | LoaderConfig | None = None) -> dict:
     """Print the data summary and save the two data figures; returns the summary numbers."""
     cfg = check_options(argv) if isinstance(argv, LoaderConfig) else parse_args(argv)
     if cfg.download:
+        if str(cfg.data) in SIMULATED:
+            raise OptionError(f"--download fetches the real file, and --data {cfg.data} names a "
+                              "built-in simulated set; give --data the file's path, or leave it out")
         path = download(cfg.url, Path(cfg.data) if cfg.data else DEFAULT_DATA)
         print(f"saved {path} (sha256 verified)")
     data = resolve_data(cfg.data)

@@ -49,6 +49,7 @@ def refused(main, argv, out, capsys) -> tuple[int, str]:
 
 
 BAD_OPTIONS = {  # name -> (script, options, words of the message)
+    "download into the simulated set": (L, ["--download"], "--download fetches the real file"),
     "epochs 0": (D, ["--epochs", "0"], "--epochs must be >= 1, got 0"),
     "epochs -3": (D, ["--epochs", "-3"], "--epochs must be >= 1, got -3"),
     "validation fraction 1": (D, ["--val-fraction", "1"], "--val-fraction must be < 1"),
