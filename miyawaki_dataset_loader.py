@@ -418,7 +418,7 @@ def make_simulated_dataset(seed: int = 0, snr: float = 1.5, n_voxels: int = 967,
     fmri = signal + noise_sd * noise + rng.normal(0, 1, n_voxels)   # plus a per-voxel baseline
     stim = upsample_grid(grids[ids]).transpose(0, 2, 1).reshape(len(ids), -1)  # column-major rows
     return _assemble(fmri, stim, labels10[ids], len(train_rows),
-                     "simulated-random" if random_images else "simulated")
+                     SIMULATED[1] if random_images else SIMULATED[0])
 
 
 # --------------------------------------------------------------------------- splits (docs/PROTOCOL.md)
