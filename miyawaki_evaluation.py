@@ -1040,12 +1040,35 @@ class EvaluationConfig(ScriptOptions):
         "help": "also report ORACLE numbers that feed the true test image to the model"})
 
 
+# the options of one mode only: a value other than the default in the other mode is refused, not
+# ignored (and recorded in the JSON's config as if it had been used)
+CHECKPOINT_OPTIONS = ("checkpoint", "seed", "tsne_perplexity", "oracle")
+BENCHMARK_OPTIONS = ("seeds", "epochs", "max_folds", "permutation_control", "nested", "inner_repeats",
+                     "generative", "workers", "seed_fits")
+
+
+def check_mode_options(cfg: EvaluationConfig) -> None:
+    """OptionError for an option of the other mode than ``cfg.protocol`` picks (``CHECKPOINT_OPTIONS``
+    without a protocol, ``BENCHMARK_OPTIONS`` with one), for repeated ``--seeds``, and for
+    ``--inner-repeats`` without ``--nested``."""
+    default = EvaluationConfig()
+    for name in CHECKPOINT_OPTIONS if cfg.protocol else BENCHMARK_OPTIONS:
+        if getattr(cfg, name) != getattr(default, name):
+            raise OptionError(f"--{name.replace('_', '-')} applies only "
+                              + ("without --protocol (the checkpoint's evaluation); the benchmark "
+                                 "trains its own models" if cfg.protocol else
+                                 "with --protocol s1|s2|s3 (the benchmark)"))
+    if len(set(cfg.seeds)) < len(cfg.seeds):
+        raise OptionError(f"--seeds {' '.join(map(str, cfg.seeds))} repeats a seed; give each once")
+    if cfg.inner_repeats > 1 and not cfg.nested:
+        raise OptionError(f"--inner-repeats {cfg.inner_repeats} needs --nested (it repeats the "
+                          "nested selection's inner CV)")
+
+
 def main(argv: list[str] | EvaluationConfig | None = None) -> dict:
     """Checkpoint evaluation on S1 (default) or, with a protocol, the benchmark; returns metrics."""
     cfg = check_options(argv) if isinstance(argv, EvaluationConfig) else parse_args(argv)
-    if cfg.inner_repeats > 1 and not (cfg.nested and cfg.protocol):
-        raise OptionError(f"--inner-repeats {cfg.inner_repeats} needs --nested and a --protocol "
-                          "(it repeats the nested selection's inner CV)")
+    check_mode_options(cfg)
     if cfg.protocol is None:
         return evaluate_checkpoint(cfg)
     return run_benchmark(cfg)
