@@ -263,6 +263,7 @@ def load_miyawaki(path: str | os.PathLike) -> MiyawakiData:
 
 
 SIMULATED = ("simulated", "simulated-random")   # --data values that name the built-in sets
+ENCODER_CHECKPOINT_NAME = "miyawaki_dual_encoder.pth"   # in an output folder (write_summary reads it)
 
 
 def resolve_data(arg: str | os.PathLike | None = None) -> MiyawakiData:
@@ -1096,9 +1097,10 @@ def save_json(obj: dict, path: Path) -> None:
 def write_summary(out: Path) -> Path:
     """``out/summary.md``: the headline S1 numbers of the result JSONs present in ``out`` (dual
     encoder, evaluation, decoders), each beside its chance and ridge, and the figures there.
-    Every script calls it last, so after ``make run`` it covers the whole pipeline. A result of
-    another data set or of another dual-encoder checkpoint (its sha256) than the first of the
-    three present is left out, and named."""
+    Every script calls it last, so after ``make run`` it covers the whole pipeline. A result (and
+    the figures it lists) of another dual-encoder checkpoint (sha256) than the one in ``out`` (or,
+    without one, of another checkpoint or data set than the first result present) is left out,
+    and named."""
     out = Path(out)
 
     def read(name):
@@ -1107,10 +1109,18 @@ def write_summary(out: Path) -> Path:
 
     names = [f"miyawaki_{n}.json" for n in ("dual_encoder", "evaluation", "generation")]
     results = dict(zip(names, map(read, names)))
-    ref = next((r for r in results.values() if r), {})
+    # each result names the dual encoder it comes from (sha256) and its data; the reference is the
+    # checkpoint in the folder, else the first result present
     encoder = lambda r: r.get("checkpoint_sha256", r.get("encoder_sha256"))  # noqa: E731
-    stale = [name for name, r in results.items()
-             if r and (r["data_source"], encoder(r)) != (ref["data_source"], encoder(ref))]
+    checkpoint = out / ENCODER_CHECKPOINT_NAME
+    if checkpoint.is_file():
+        reference, key = ENCODER_CHECKPOINT_NAME, encoder
+        ref_key = file_sha256(checkpoint)
+    else:
+        reference = next((n for n, r in results.items() if r), None)
+        key = lambda r: (r["data_source"], encoder(r))  # noqa: E731
+        ref_key = key(results[reference]) if reference else None
+    stale = [name for name, r in results.items() if r and key(r) != ref_key]
     de, ev, gen = (None if name in stale else r for name, r in results.items())
     lines = ["# Results (S1: the file's split, fMRI only at test time)", ""]
     if ev:
@@ -1141,10 +1151,11 @@ def write_summary(out: Path) -> Path:
                   "trials as new images (g > 0.5: their output leans on the linear anchor; g per trial "
                   "under `novelty_gate` in `miyawaki_generation.json` and in the decoders' figures)."]
     if stale:
-        lines += ["", f"Left out: {', '.join(f'`{n}`' for n in stale)}, from another data set or "
-                  f"dual-encoder checkpoint than `{next(n for n, r in results.items() if r)}`; rerun "
-                  "the scripts in order to include them."]
-    figures = sorted(p.name for p in out.glob("*.png"))
+        lines += ["", f"Left out: {', '.join(f'`{n}`' for n in stale)} and their figures, from another "
+                  f"data set or dual-encoder checkpoint than `{reference}`; rerun the scripts in order "
+                  "to include them."]
+    old_figures = {f for name in stale for f in results[name].get("figures", [])}
+    figures = sorted(p.name for p in out.glob("*.png") if p.name not in old_figures)
     lines += ["", "Figures: " + (", ".join(f"`{f}`" for f in figures) if figures else "none yet") + "."]
     path = out / "summary.md"
     save_text("\n".join(lines) + "\n", path)

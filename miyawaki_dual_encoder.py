@@ -43,12 +43,11 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, Ch
                                      check_same_data, config_dict, identification_ranks, load_checkpoint,
                                      one_cycle, one_line, parse_config, prepare_out_dir, rank_summary,
                                      resolve_data, resolve_device, run_cli, save_checkpoint, save_figure,
-                                     file_sha256,
+                                     file_sha256, ENCODER_CHECKPOINT_NAME as CHECKPOINT_NAME,
                                      save_json, script_parser, seed_everything, evaluating, write_summary,
                                      chance_levels, identification_scores, pearson_matrix,
                                      pearson_rows, topk_accuracy)
 
-CHECKPOINT_NAME = "miyawaki_dual_encoder.pth"
 SCRIPT = "miyawaki_dual_encoder.py"
 MAX_LOGIT_SCALE = math.log(100.0)
 READOUT_MODELS = ("receptive-field", "ridge")   # the pixel read-out (PixelReadout.fit)
@@ -1120,13 +1119,14 @@ def main(argv: list[str] | ScriptConfig | None = None) -> dict:
                      "fmri_std": torch.as_tensor(fold.fmri_std), "n_voxels": data.n_voxels,
                      "data_source": data.source, "data_fingerprint": data.fingerprint,
                      "history": history, "metrics": metrics}, out / CHECKPOINT_NAME)
-    save_figure(plot_training_curves(history, 1 / k), out / "miyawaki_training_curves.png")
+    figure = "miyawaki_training_curves.png"
+    save_figure(plot_training_curves(history, 1 / k), out / figure)
     # the result file's top level reads like the evaluation's and the decoders'
     save_json({**metrics, "data_source": data.source, "checkpoint_sha256": file_sha256(out / CHECKPOINT_NAME),
-               "n_candidates": k, "chance": chance_levels(k), "config": config},
+               "n_candidates": k, "chance": chance_levels(k), "figures": [figure], "config": config},
               out / "miyawaki_dual_encoder.json")
     write_summary(out)
-    print(f"saved {out / CHECKPOINT_NAME}, {out / 'miyawaki_training_curves.png'}")
+    print(f"saved {out / CHECKPOINT_NAME}, {out / figure}")
     return metrics
 
 

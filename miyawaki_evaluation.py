@@ -613,21 +613,22 @@ def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
               f"{o['image_latent_condition']:.3f}")
 
     xy = tsne_map(np.concatenate([te["fmri"], cand["image"], tr["fmri"]]), cfg.seed, cfg.tsne_perplexity)
-    save_figure(plot_latent_space(xy[:n], test.labels, test.image_ids, xy[n:n + k], fold.unique_labels,
-                                  xy[n + k:], fold.train.labels,
-                                  title=f"Joint t-SNE of fMRI-only and image embeddings (S1 test: top-1 "
-                                        f"{ident['top1']:.2f}, chance {1 / k:.2f})"),
-                out / "miyawaki_latent_space_tsne.png")
     label = (f"identification score ({model.config.readout_model} read-out weight "
              f"{model.config.readout_weight:g}, encoding weight {model.config.encoding_weight:g})")
-    save_figure(plot_similarity_matrix(sim, test.image_ids, fold.unique_images, fold.unique_labels,
-                                       title=f"S1 test trials from fMRI only vs {k} candidate images "
-                                             f"(top-1 {ident['top1']:.2f}, chance {1 / k:.2f})",
-                                       score_label=label),
-                out / "miyawaki_similarity_matrix.png")
-    save_figure(plot_correlation_analysis(sim, test.image_ids, "S1 test trials, from fMRI only", label),
-                out / "miyawaki_correlation_analysis.png")
-    save_json(result, out / "miyawaki_evaluation.json")
+    figures = {
+        "miyawaki_latent_space_tsne.png": plot_latent_space(
+            xy[:n], test.labels, test.image_ids, xy[n:n + k], fold.unique_labels, xy[n + k:],
+            fold.train.labels, title=f"Joint t-SNE of fMRI-only and image embeddings (S1 test: top-1 "
+                                     f"{ident['top1']:.2f}, chance {1 / k:.2f})"),
+        "miyawaki_similarity_matrix.png": plot_similarity_matrix(
+            sim, test.image_ids, fold.unique_images, fold.unique_labels,
+            title=f"S1 test trials from fMRI only vs {k} candidate images (top-1 {ident['top1']:.2f}, "
+                  f"chance {1 / k:.2f})", score_label=label),
+        "miyawaki_correlation_analysis.png": plot_correlation_analysis(
+            sim, test.image_ids, "S1 test trials, from fMRI only", label)}
+    for name, fig in figures.items():
+        save_figure(fig, out / name)
+    save_json({**result, "figures": list(figures)}, out / "miyawaki_evaluation.json")
     write_summary(out)
     print(f"saved {out / 'miyawaki_evaluation.json'} and 3 figures in {out}")
     return result
@@ -982,11 +983,13 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
     }
     save_json(result, out / f"benchmark_{cfg.protocol}.json")
     save_text(benchmark_markdown(result), out / f"benchmark_{cfg.protocol}.md")
+    gallery = out / f"benchmark_{cfg.protocol}_reconstructions.png"
     if galleries:
         save_figure(plot_gallery(galleries, [f[0] for f in folds], (
             f"{cfg.protocol.upper()}: first test trial of each fold, from fMRI only (decoders: seed "
-            f"{cfg.seeds[0]}); red = closer to the nearest training image than to the true one")),
-            out / f"benchmark_{cfg.protocol}_reconstructions.png")
+            f"{cfg.seeds[0]}); red = closer to the nearest training image than to the true one")), gallery)
+    else:                                   # no decoders this run: an older gallery is not its own
+        gallery.unlink(missing_ok=True)
     for name in methods:
         m = methods[name]
         print(f"{METHOD_TITLES.get(name, name):40s} top-1 {m['top1']['mean']:.3f} ± {m['top1']['std']:.3f}"

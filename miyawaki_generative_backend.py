@@ -80,6 +80,7 @@ from miyawaki_dual_encoder import (CHECKPOINT_NAME as ENCODER_CHECKPOINT_NAME, S
 
 CHECKPOINT_KIND = "generative_backends"
 CHECKPOINT_NAME = "miyawaki_generative_backends.pth"
+FIGURE = "miyawaki_{}_generation.png"            # each decoder's S1 reconstructions
 SCRIPT = "miyawaki_generative_backend.py"
 
 
@@ -1243,7 +1244,7 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
             f"{name} decoder, S1 test trials, from fMRI only: PixCorr {m['pixcorr']:.3f}, "
             f"MSE {m['mse']:.4f}, {len(fold.unique_images)}-way top-1 {m['top1']:.2f} (misidentified in red"
             + ("; g: novelty gate, P(new image)" if gate is not None else "") + ")"),
-            test.image_ids, fold.unique_images, fold.unique_labels, gate), out / f"miyawaki_{name}_generation.png")
+            test.image_ids, fold.unique_images, fold.unique_labels, gate), out / FIGURE.format(name))
     stage_seconds = time.perf_counter() - t0
 
     grid_dir = out / "diffusion_samples"
@@ -1276,7 +1277,8 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
         "image_prior": history["prior"],
         "generative_stage_seconds": stage_seconds, "bf16_autocast": uses_bf16(device, cfg.bf16),
         "encoder_checkpoint": str(enc_path),
-        "encoder_sha256": enc_sha256, "config": config}
+        "encoder_sha256": enc_sha256, "figures": [FIGURE.format(n) for n in ("diffusion", "gan")],
+        "config": config}
     save_checkpoint({"kind": CHECKPOINT_KIND, "format_version": CHECKPOINT_FORMAT,
                      "diffusion": diffusion.checkpoint_entry(), "gan": gan.checkpoint_entry(),
                      # the seed project's keys, the same tensors (load with from_checkpoint)

@@ -219,11 +219,13 @@ def test_s2_with_an_image_shown_once_averages_its_unseen_metric_over_its_folds(t
 
 
 def test_benchmark_s3_two_folds_writes_the_schema(tmp_path):
+    (tmp_path / "benchmark_s3_reconstructions.png").write_bytes(b"an earlier --generative run's")
     result = E.main([*FAST, "--protocol", "s3", "--max-folds", "2", "--seeds", "0", "1",
                      "--epochs", "4", "--permutation-control", "--nested", "--out-dir", str(tmp_path)])
     saved = json.loads((tmp_path / "benchmark_s3.json").read_text())
     assert saved["protocol"] == "s3" and saved["n_folds"] == 2 and saved["seeds"] == [0, 1]
     assert saved["seed_fits"] == "separate"                   # auto on a CPU: one fit per seed
+    assert not (tmp_path / "benchmark_s3_reconstructions.png").exists()   # no decoders: no gallery
     assert set(saved["methods"]) == {*E.BASELINES, "encoding_model", "dual_encoder",
                                      "dual_encoder_permuted", "dual_encoder_embedding_only",
                                      "dual_encoder_ridge_readout", "dual_encoder_nested",

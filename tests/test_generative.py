@@ -319,15 +319,24 @@ def test_script_end_to_end_on_simulated_data(tmp_path):
     assert gate.shape == (12,) and np.all((gate >= 0) & (gate <= 1))
     summary = (tmp_path / "summary.md").read_text()
     assert f"read {int((gate > 0.5).sum())} of 12 test trials as new" in summary and "Left out" not in summary
-    # a dual encoder retrained (another checkpoint) or on another data set leaves the decoders out
-    de_json = tmp_path / "miyawaki_dual_encoder.json"
+    # results of another dual-encoder checkpoint than the folder's (a run stopped after writing its
+    # checkpoint), or, without one, of another data set than the first result, are left out with
+    # their figures
+    de_json, ckpt = tmp_path / "miyawaki_dual_encoder.json", tmp_path / D.CHECKPOINT_NAME
     de = json.loads(de_json.read_text())
-    assert de["checkpoint_sha256"] == saved["encoder_sha256"]
-    for change in ({"checkpoint_sha256": "0" * 64}, {"data_source": "simulated-random"}):
-        de_json.write_text(json.dumps({**de, **change}))
-        summary = L.write_summary(tmp_path).read_text()
-        assert "decoder reconstruction" not in summary and "Left out: `miyawaki_generation.json`" in summary
+    assert de["checkpoint_sha256"] == saved["encoder_sha256"] == L.file_sha256(ckpt)
+    ckpt_bytes = ckpt.read_bytes()
+    ckpt.write_bytes(ckpt_bytes + b"retrained")
+    summary = L.write_summary(tmp_path).read_text()
+    assert "Left out: `miyawaki_dual_encoder.json`, `miyawaki_generation.json`" in summary
+    assert "identification" not in summary and "decoder reconstruction" not in summary
+    assert "miyawaki_training_curves.png" not in summary and "miyawaki_gan_generation.png" not in summary
+    ckpt.unlink()
+    de_json.write_text(json.dumps({**de, "data_source": "simulated-random"}))
+    summary = L.write_summary(tmp_path).read_text()
+    assert "identification" in summary and "Left out: `miyawaki_generation.json`" in summary
     de_json.write_text(json.dumps(de))
+    ckpt.write_bytes(ckpt_bytes)
     assert saved["sampler"]["diffusion"]["num_inference_steps"] == 5
     assert [p.name for p in (tmp_path / "diffusion_samples").iterdir()] != []
     ckpt = torch.load(tmp_path / G.CHECKPOINT_NAME, map_location="cpu", weights_only=True)
