@@ -1084,6 +1084,9 @@ def main(argv: list[str] | ScriptConfig | None = None) -> dict:
         score_weights(cfg.readout_weight, cfg.encoding_weight, ("--readout-weight", "--encoding-weight"))
     except ValueError as e:
         raise OptionError(str(e)) from None
+    if cfg.batch_size == 1 and not cfg.mixup:
+        raise OptionError("--batch-size 1 with --mixup 0 gives every step one (fMRI, image) pair, "
+                          "whose InfoNCE loss is 0 (no negatives): nothing would be learned")
     device = resolve_device(cfg.device)
     data = resolve_data(cfg.data)
     fold: Fold = data.s1()

@@ -720,7 +720,7 @@ def benchmark_markdown(result: dict) -> str:
               + ".",
               "Two-way pool: " + ("all trials (S3)." if result["protocol"] == "s3" else
                                  "the fold's test trials."), "",
-              "## Paired per-fold differences against ridge (20-way top-1)", "",
+              f"## Paired per-fold differences against ridge ({result['n_candidates']}-way top-1)", "",
               "| method | mean diff | wins | ties | losses |", "|---|---|---|---|---|"]
     for name, d in result["paired_vs_ridge_top1"].items():
         lines.append(f"| {METHOD_TITLES.get(name, name)} | {d['mean_diff']:+.3f} | {d['wins']} | "
@@ -960,6 +960,7 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
     result = {
         "protocol": cfg.protocol, "folds": [f[0] for f in folds], "n_folds": len(folds),
         "seeds": list(cfg.seeds), "data_source": data.source, "n_trials": len(data.trials),
+        "n_candidates": k,
         "chance": {**chance_levels(k),
                    "condition_uniform": 1 / len(np.unique(data.unique_labels)),
                    "condition_majority": majority_rate(data.trials.labels)},

@@ -54,6 +54,7 @@ BAD_OPTIONS = {  # name -> (script, options, words of the message)
     "epochs -3": (D, ["--epochs", "-3"], "--epochs must be >= 1, got -3"),
     "validation fraction 1": (D, ["--val-fraction", "1"], "--val-fraction must be < 1"),
     "learning rate 0": (D, ["--lr", "0"], "--lr must be > 0"),
+    "one pair per step": (D, ["--batch-size", "1", "--mixup", "0", "--epochs", "1"], "no negatives"),
     "hidden layer 0": (D, ["--fmri-hidden", "1024", "0"], "--fmri-hidden must be >= 1, got 0"),
     "seed -1": (D, ["--seed", "-1"], "--seed must be >= 0"),
     "seed 2**32": (D, ["--seed", "4294967296"], "--seed must be <= 4294967295, got 4294967296"),
