@@ -111,7 +111,8 @@ class DualEncoderConfig:
     # that chose the other settings, the S2 / S3 folds and the ridge baseline
     val_fraction: float = field(default=0.0, metadata={
         "min": 0, "below": 1, "help": "training trials held out for validation curves (never test "
-        "trials; 0 = fit on all of them)"})
+        "trials; at most one trial of each image shown 3 times or more, so that every validation "
+        "image is still seen in training; 0 = fit on all of them)"})
     log_every: int = field(default=20, metadata={"min": 1, "help": "epochs between log lines"})
     seed: int = field(default=0, metadata=SEED_METADATA)
 
@@ -807,6 +808,10 @@ def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.d
     gen = torch.Generator().manual_seed(config.seed)
     tr_idx, val_idx = (split_validation(train, config.val_fraction, config.seed)
                        if config.val_fraction > 0 else (np.arange(len(train)), np.array([], int)))
+    asked = round(config.val_fraction * len(train))
+    if progress and len(val_idx) < asked:
+        tqdm.write(f"validation: {len(val_idx)} trials held out, not the {asked} that --val-fraction "
+                   f"{config.val_fraction:g} asks for (at most one of each image shown 3 times or more)")
     to = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
     x, y = to(train.fmri[tr_idx]), to(train.images[tr_idx])
     xv, yv, val_ids = to(train.fmri[val_idx]), to(train.images[val_idx]), train.image_ids[val_idx]

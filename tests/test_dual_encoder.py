@@ -495,3 +495,13 @@ def test_an_ensemble_is_scored_as_one_model_from_its_fits(sim, monkeypatch):
     np.testing.assert_array_equal(rows["own"]["condition"], vote == fold.test.labels)
     # the two rows differ, so the settings reach the score
     assert not np.array_equal(rows["own"]["rank"], rows["embeddings"]["rank"])
+
+
+def test_a_validation_share_it_cannot_hold_out_is_said(sim, capsys):
+    """--val-fraction holds out at most one trial of each image shown 3 times or more (so that
+    every validation image is still seen in training) and says so when that is fewer than asked."""
+    fold = _fold(sim)
+    _, hist = train_dual_encoder(fold.train, replace(FAST, epochs=1, val_fraction=0.5), "cpu",
+                                 fold.unique_images, progress=True)
+    line = f"validation: {hist['n_validation']} trials held out, not the {round(0.5 * len(fold.train))}"
+    assert hist["n_validation"] <= len(fold.unique_images) and line in capsys.readouterr().out
