@@ -766,6 +766,29 @@ def one_cycle(optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int,
                                                pct_start=pct_start if total_steps >= 20 else 0.5)
 
 
+def fmri_batch(fmri, n_voxels: int, device) -> torch.Tensor:
+    """z-scored fMRI, numpy or torch of any real dtype, ``N x V`` or one trial ``V`` -> float32
+    ``N x V`` on ``device`` (the models' public methods take what a notebook holds); ValueError
+    naming the shape expected otherwise."""
+    x = torch.as_tensor(fmri, device=device).to(torch.float32)
+    if x.dim() not in (1, 2) or x.shape[-1] != n_voxels:
+        raise ValueError(f"fMRI of shape {tuple(x.shape)}; expected N x {n_voxels} z-scored voxels "
+                         f"(or one trial of {n_voxels})")
+    return x.reshape(-1, n_voxels)
+
+
+def image_batch(images, device) -> torch.Tensor:
+    """Images in [0, 1], numpy or torch of any real dtype, ``N x 1 x 28 x 28``, ``N x 28 x 28``,
+    ``N x 784`` or one image -> float32 ``N x 1 x 28 x 28`` on ``device``; ValueError naming the
+    shapes expected otherwise."""
+    y = torch.as_tensor(images, device=device).to(torch.float32)
+    grid = tuple(y.shape[-2:]) == (IMAGE_SIDE, IMAGE_SIDE) and (y.dim() < 4 or y.shape[1] == 1)
+    if not (grid and y.dim() <= 4 or y.dim() <= 2 and y.shape[-1] == N_PIXELS):
+        raise ValueError(f"images of shape {tuple(y.shape)}; expected N x 1 x 28 x 28, N x 28 x 28 "
+                         f"or N x {N_PIXELS} (or one image)")
+    return y.reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
+
+
 def generator_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
     """Where random numbers are drawn: the generator's device, else ``device``."""
     return generator.device if generator is not None else device

@@ -44,6 +44,7 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, Ch
                                      one_cycle, one_line, parse_config, prepare_out_dir, rank_summary,
                                      resolve_data, resolve_device, run_cli, save_checkpoint, save_figure,
                                      file_sha256, ENCODER_CHECKPOINT_NAME as CHECKPOINT_NAME,
+                                     fmri_batch, image_batch,
                                      save_json, script_parser, seed_everything, evaluating, write_summary,
                                      chance_levels, identification_scores, pearson_matrix,
                                      pearson_rows, topk_accuracy)
@@ -582,19 +583,24 @@ class MiyawakiDualEncoder(FromCheckpointHint, nn.Module):
         return self.latents(x, y)
 
     def encode_fmri(self, x: torch.Tensor) -> torch.Tensor:
-        """fMRI ``N x V`` (z-scored) -> unit embedding ``N x D``. No image is involved."""
-        return self.latents(x=x)["fmri"]
+        """fMRI ``N x V`` (z-scored; numpy or torch, ``fmri_batch``) -> unit embedding ``N x D``.
+        No image is involved."""
+        return self.latents(x=fmri_batch(x, self.fmri_dim, self.logit_scale.device))["fmri"]
 
     def encode_image(self, y: torch.Tensor) -> torch.Tensor:
-        """Images ``N x 1 x 28 x 28`` in [0, 1] -> unit embedding ``N x D``."""
-        return self.latents(y=y)["image"]
+        """Images ``N x 1 x 28 x 28`` in [0, 1] (numpy or torch, ``image_batch``) -> unit
+        embedding ``N x D``."""
+        return self.latents(y=image_batch(y, self.logit_scale.device))["image"]
 
     @torch.no_grad()
     def score_parts(self, fmri: torch.Tensor, candidates: torch.Tensor) -> dict:
         """The parts of the identification score of fMRI ``N x V`` (z-scored) against candidate
         images ``K x 1 x 28 x 28``, each ``N x K``: ``embedding`` (cosine of ``encode_fmri`` and
         ``encode_image``), ``readout`` (the protocol's Pearson r of the clipped pixel read-out)
-        and ``encoding`` (``EncodingReadout.scores``). No image of the trials is involved."""
+        and ``encoding`` (``EncodingReadout.scores``). No image of the trials is involved. Numpy or
+        torch inputs, one trial or image or a batch (``fmri_batch``, ``image_batch``)."""
+        fmri = fmri_batch(fmri, self.fmri_dim, self.logit_scale.device)
+        candidates = image_batch(candidates, self.logit_scale.device)
         with evaluating(self):
             emb = (self.encode_fmri(fmri) @ self.encode_image(candidates).T).cpu().numpy()
             readout = self.readout(fmri).cpu().numpy()

@@ -73,7 +73,7 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, Ch
                                      reconstruction_metrics, resolve_data, resolve_device, run_cli,
                                      save_checkpoint, save_figure, save_json, script_parser,
                                      seed_everything, evaluating, write_summary, generator_device,
-                                     rand_on, randn_on)
+                                     rand_on, randn_on, fmri_batch, image_batch)
 from miyawaki_dual_encoder import (CHECKPOINT_NAME as ENCODER_CHECKPOINT_NAME, SCRIPT as ENCODER_SCRIPT,
                                    POSTERIOR_DEFAULTS, EncodingReadout, PixelReadout, grouped_folds,
                                    image_prior, load_for_s1, posterior_weights, receptive_fields)
@@ -1113,13 +1113,11 @@ def decode_fold(encoder: nn.Module, fold: Fold, config: GenerativeConfig,
     return recons, seconds, novelty(decoders[0], fold.test.fmri)
 
 
-def _decode(encoder: nn.Module, encode, decoder: nn.Module, inputs: np.ndarray, anchor,
+def _decode(encoder: nn.Module, encode, decoder: nn.Module, x: torch.Tensor, anchor,
             generator: torch.Generator | None, likelihood=None) -> np.ndarray:
-    """``decoder.sample`` conditioned on ``encode(inputs)`` (a method of ``encoder``), for an
-    anchored decoder ``anchor(inputs)`` and with ``likelihood(inputs)`` (None: no
-    data-consistency step), on the decoder's device, both models evaluating -> numpy."""
-    device = next(decoder.parameters()).device
-    x = torch.as_tensor(inputs, dtype=torch.float32, device=device)
+    """``decoder.sample`` conditioned on ``encode(x)`` (a method of ``encoder``; x a batch on the
+    decoder's device), for an anchored decoder ``anchor(x)`` and with ``likelihood(x)`` (None: no
+    data-consistency step), both models evaluating -> numpy."""
     with evaluating(encoder, decoder):
         a = None if decoder.readout is None else anchor(x)
         step = None if likelihood is None else likelihood(x)
@@ -1132,12 +1130,14 @@ def reconstruct(encoder: nn.Module, decoder: nn.Module, fmri: np.ndarray,
     anchored decoder, its linear read-out of the same fMRI; with ``likelihood_weight`` > 0 an
     encoding model's consistency step towards the same fMRI as the sampler's likelihood: the
     decoder's own, ``encoding_model``, else the frozen encoder's) -> decoder sample ->
-    ``N x 1 x 28 x 28`` float32 numpy in [0, 1]."""
+    ``N x 1 x 28 x 28`` float32 numpy in [0, 1]. fMRI: numpy or torch, one trial or ``N x V``
+    (``fmri_batch``); ``generator`` seeds the sampling noise (None: torch's global stream)."""
+    x = fmri_batch(fmri, encoder.fmri_dim, next(decoder.parameters()).device)
     cfg = decoder.config
     encoding = encoder.encoding if decoder.encoding is None else decoder.encoding
     likelihood = None if not cfg["likelihood_weight"] else (
         lambda x: encoding.consistency_step(x, cfg["likelihood_reg"]))
-    return _decode(encoder, encoder.encode_fmri, decoder, fmri, decoder.readout, generator, likelihood)
+    return _decode(encoder, encoder.encode_fmri, decoder, x, decoder.readout, generator, likelihood)
 
 
 def novelty(decoder: nn.Module, fmri: np.ndarray) -> np.ndarray | None:
@@ -1147,7 +1147,7 @@ def novelty(decoder: nn.Module, fmri: np.ndarray) -> np.ndarray | None:
     Both decoders of one fit share it (``train_generative``)."""
     if decoder.readout is None:
         return None
-    x = torch.as_tensor(fmri, dtype=torch.float32, device=decoder.readout.weight.device)
+    x = fmri_batch(fmri, decoder.readout.weight.shape[1], decoder.readout.weight.device)
     with torch.no_grad():
         gate = decoder._novelty(decoder.readout(x))
     return None if gate is None else gate.cpu().numpy()
@@ -1158,7 +1158,8 @@ def oracle_reconstruct(encoder: nn.Module, decoder: nn.Module, images: np.ndarra
     """ORACLE decoding, conditioned on the true image's embedding (and, for an anchored decoder,
     the true image as its anchor; there is no fMRI, so no likelihood step) (``N x 1 x 28 x 28``
     in and out): an upper bound of the decoder, never a decoding result."""
-    return _decode(encoder, encoder.encode_image, decoder, images, lambda y: y, generator)
+    return _decode(encoder, encoder.encode_image, decoder,
+                   image_batch(images, next(decoder.parameters()).device), lambda y: y, generator)
 
 
 # --------------------------------------------------------------------------- figures

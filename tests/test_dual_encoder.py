@@ -505,3 +505,23 @@ def test_a_validation_share_it_cannot_hold_out_is_said(sim, capsys):
                                  fold.unique_images, progress=True)
     line = f"validation: {hist['n_validation']} trials held out, not the {round(0.5 * len(fold.train))}"
     assert hist["n_validation"] <= len(fold.unique_images) and line in capsys.readouterr().out
+
+
+def test_public_methods_take_what_a_notebook_holds(sim):
+    """encode_fmri / encode_image / score_candidates give the same numbers for a float32 torch
+    batch, a float64 numpy batch, one trial, and flat or 28 x 28 candidates; a wrong shape is a
+    ValueError naming the expected one."""
+    fold = _fold(sim)
+    model, _ = train_dual_encoder(fold.train, replace(FAST, epochs=1), "cpu", fold.unique_images,
+                                  progress=False)
+    x, cand = fold.test.fmri, fold.unique_images
+    ref = model.score_candidates(torch.as_tensor(x), torch.as_tensor(cand))
+    np.testing.assert_allclose(model.score_candidates(x.astype(np.float64), cand.reshape(len(cand), -1)), ref)
+    np.testing.assert_allclose(model.score_candidates(x[0], cand[:, 0]), ref[:1], atol=1e-5)
+    torch.testing.assert_close(model.encode_fmri(x[3]), model.encode_fmri(torch.as_tensor(x))[3:4])
+    torch.testing.assert_close(model.encode_image(cand[2, 0].astype(np.float64)),
+                               model.encode_image(torch.as_tensor(cand))[2:3])
+    with pytest.raises(ValueError, match=f"expected N x {sim.n_voxels}"):
+        model.encode_fmri(x[:, :-1])
+    with pytest.raises(ValueError, match="expected N x 1 x 28 x 28"):
+        model.encode_image(np.zeros((2, 3, 28, 28)))
