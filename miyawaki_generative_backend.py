@@ -86,12 +86,13 @@ SCRIPT = "miyawaki_generative_backend.py"
 
 # --------------------------------------------------------------------------- noise schedules
 def linear_beta_schedule(num_train_timesteps: int, beta_start: float = 1e-4,
-                         beta_end: float = 0.02) -> torch.Tensor:
+                         beta_end: float = 0.02, max_beta: float = 0.999) -> torch.Tensor:
     """Betas ``T`` (float64) rising linearly (Ho et al. 2020). The endpoints are given for
-    T = 1000 and scaled by 1000 / T, so any T destroys the signal equally."""
+    T = 1000 and scaled by 1000 / T, so any T destroys the signal equally; clipped at max_beta
+    (as the cosine schedule's), which only T <= 20 reaches (beta 1 would leave alpha_bar 0)."""
     scale = 1000 / num_train_timesteps
     return torch.linspace(beta_start * scale, beta_end * scale, num_train_timesteps,
-                          dtype=torch.float64)
+                          dtype=torch.float64).clamp(max=max_beta)
 
 
 def cosine_beta_schedule(num_train_timesteps: int, s: float = 0.008,
@@ -793,8 +794,9 @@ class GenerativeConfig(ScriptOptions):
                 "image; synthetic fMRI (the encoder's encoding model's prediction for the new image "
                 "plus a training trial's out-of-fold residual) through encode_fmri, with its "
                 "read-out as the anchor; or the null condition"})
-    augment_shift: int = field(default=POSTERIOR_DEFAULTS["augment_shift"], metadata={"min": 0,
-        "help": "shift of the augmentations in pixels (3 = one cell of the 10 x 10 grid)"})
+    augment_shift: int = field(default=POSTERIOR_DEFAULTS["augment_shift"], metadata={"min": 0, "max": 28,
+        "help": "shift of the augmentations in pixels (3 = one cell of the 10 x 10 grid; 28 can "
+                "move a whole image out)"})
     prior_size: int = field(default=POSTERIOR_DEFAULTS["prior_size"], metadata={"min": 2,
         "help": "image-prior samples made (and encoded) once per fit, drawn from at every step"})
     init_strength: float = field(default=0.15, metadata={"above": 0, "max": 1,

@@ -63,6 +63,14 @@ def test_linear_alpha_bar_is_monotone_and_matches_the_product(T):
     assert a[-1] < 1e-3                              # the last step is (almost) pure noise
 
 
+@pytest.mark.parametrize("T", [2, 10, 20])
+def test_a_short_linear_schedule_keeps_alpha_bar_positive(T):
+    """Scaled by 1000 / T, the linear betas would reach 1 for T <= 20 (alpha_bar 0, and a NaN
+    loss); clipped at 0.999 like the cosine schedule's, alpha_bar stays positive and falling."""
+    a = G.MiyawakiDiffusionDecoder(num_train_timesteps=T, beta_schedule="linear", **SMALL).alphas_cumprod
+    assert torch.all(a > 0) and torch.all(a[1:] < a[:-1])
+
+
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_add_noise_at_t0_is_identity_and_at_T_is_noise(schedule):
     model = G.MiyawakiDiffusionDecoder(beta_schedule=schedule, **SMALL)
