@@ -98,7 +98,7 @@ def batched_vs_separate(device: str, data, seeds=(0, 1, 2)) -> dict:
 
 def main(argv=None) -> dict:
     """Run the check; print the markdown and write both files; returns the JSON dict."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="a .mat file or 'simulated' (default: the real file "
                    "if present, else simulated)")
     p.add_argument("--out-dir", type=Path, default=REPO / "outputs" / "gpu_check")
@@ -115,6 +115,8 @@ def main(argv=None) -> dict:
     print(json.dumps(result["versions"]), f"| data {data_arg} | device {device}", flush=True)
 
     stage_dir = args.out_dir / "pipeline"
+    for sub in ("pipeline", "s3", "s3_generative"):          # no stale results from an earlier check
+        shutil.rmtree(args.out_dir / sub, ignore_errors=True)
     common = ["--data", data_arg, "--device", device, "--out-dir", str(stage_dir)]
     for script in STAGES:                                   # the default pipeline, as `make run` runs it
         result["steps"][script] = timed([sys.executable, script, *common], min(90.0, left() - 120))
@@ -129,8 +131,6 @@ def main(argv=None) -> dict:
         inner["generative_stage_s"] = gen.get("generative_stage_seconds")
     result["stage_inner_seconds"] = inner
 
-    for sub in ("s3", "s3_generative"):                      # no stale results from an earlier check
-        shutil.rmtree(args.out_dir / sub, ignore_errors=True)
     bench = ["miyawaki_evaluation.py", *common[:4], "--protocol", "s3"]
     result["steps"]["s3_dual_encoder"] = timed(
         [sys.executable, *bench, "--seeds", "0", "1", "2", "3", "4", "--permutation-control",

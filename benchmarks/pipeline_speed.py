@@ -52,7 +52,7 @@ def machine() -> str:
 
 def main(argv=None) -> dict:
     """Run every stage ``--repeats`` times; print and save the table; returns the JSON dict."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=None, help="passed to every stage (default: the scripts' own)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -60,6 +60,8 @@ def main(argv=None) -> dict:
     p.add_argument("--out-dir", type=Path, default=REPO / "outputs" / "speed",
                    help="where the stages write (kept apart from the main outputs)")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
     common = ["--out-dir", str(args.out_dir), "--device", args.device]
     common += ["--data", args.data] if args.data else []
     runs = {s: [] for s in STAGES}

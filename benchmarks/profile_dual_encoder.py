@@ -28,12 +28,14 @@ def rss_mib() -> dict:
 def main(argv=None) -> dict:
     """Fit on S1 for memory and time, again under the profiler for operator times and tensor
     memory; print the tables; returns them as a dict."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=None, help="as the scripts' --data (default: theirs)")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--rows", type=int, default=12, help="operators listed")
     args = p.parse_args(argv)
+    if args.epochs < 1 or args.rows < 1:
+        p.error(f"--epochs and --rows must be >= 1, got {args.epochs} and {args.rows}")
 
     memory = {"python start": rss_mib()}
     import torch

@@ -52,7 +52,7 @@ def run(data, candidates: list[GenerativeConfig], schemes: list[str]) -> dict:
 
 def main(argv=None) -> dict:
     """Score each anchor setting by inner CV; print a line each (best rule last) and save the JSON."""
-    p = tuning_parser(__doc__, "GenerativeConfig")
+    p = tuning_parser(__doc__)
     p.add_argument("--voxels", type=float, nargs="+", default=[0.4, 1.0])
     p.add_argument("--noise-shrink", type=float, nargs="+", default=[0.2, 0.5, 0.8])
     p.add_argument("--prior-scale", type=float, nargs="+", default=[1.0, 3.0])

@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,12 +35,12 @@ from miyawaki_dataset_loader import (DEFAULT_OUT, RidgeBaseline, reconstruction_
                                      resolve_data, resolve_device, run_cli, save_json)
 from miyawaki_dual_encoder import DualEncoderConfig, inner_folds, train_dual_encoder  # noqa: E402
 from miyawaki_generative_backend import GenerativeConfig, reconstruct, train_generative  # noqa: E402
-from tune_dual_encoder import parse_overrides, tuning_parser  # noqa: E402
+from tune_dual_encoder import candidates, tuning_parser  # noqa: E402
 
 METRICS = ("pixcorr", "ssim", "mse", "two_way", "top1")
 
 
-def run(data, specs: list[str], sampling: list[dict], schemes: list[str], seed: int,
+def run(data, configs: dict, sampling: list[dict], schemes: list[str], seed: int,
         device: torch.device) -> dict:
     """{scheme: {candidate: {"ridge" | "<decoder> <sampling>": mean metrics over inner folds}}}."""
     s1 = data.s1()
@@ -56,11 +55,10 @@ def run(data, specs: list[str], sampling: list[dict], schemes: list[str], seed: 
             scores.setdefault("ridge", {}).setdefault("ridge", []).append(score(ridge))
             encoder, _ = train_dual_encoder(fold.train, DualEncoderConfig(seed=seed, val_fraction=0.0),
                                             device, fold.unique_images, progress=False)
-            for spec in specs:
-                cfg = replace(GenerativeConfig(seed=seed), **parse_overrides(spec))
+            for spec, cfg in configs.items():
                 diffusion, gan, _ = train_generative(encoder, fold.train, cfg, device, progress=False,
                                                      exclude=fold.test.images[fold.unseen_test])
-                row = scores.setdefault(spec or "default", {})
+                row = scores.setdefault(spec, {})
                 fitted_gate = None if diffusion.readout is None else diffusion.readout.gate_coef.clone()
                 for kw in sampling:
                     diffusion.config.update({k: v for k, v in kw.items() if k in diffusion.config})
@@ -110,11 +108,12 @@ def main(argv=None) -> dict:
                     args.guidance, args.init_strength, args.blend, args.gate, args.likelihood,
                     args.likelihood_reg, args.likelihood_gate_power, args.stretch, args.gate_shift)]
     t0 = time.perf_counter()
-    results = run(data, args.set or [""], sampling, args.schemes, args.seed, device)
+    results = run(data, candidates(args.set, GenerativeConfig(seed=args.seed)), sampling, args.schemes,
+                  args.seed, device)
     for scheme, per_spec in results.items():
         for spec, rows in per_spec.items():
             for key, m in rows.items():
-                print(f"{scheme:6s} | {spec or 'default':36s} | {key:60s} | "
+                print(f"{scheme:6s} | {spec:36s} | {key:60s} | "
                       + " ".join(f"{k} {v:.4f}" for k, v in m.items()))
     print(f"{time.perf_counter() - t0:.0f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)

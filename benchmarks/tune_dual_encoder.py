@@ -20,15 +20,15 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from miyawaki_dataset_loader import DEFAULT_OUT, resolve_data, resolve_device, run_cli, save_json  # noqa: E402
-from miyawaki_dual_encoder import (DualEncoderConfig, config_from_dict, inner_cv_scores,  # noqa: E402
-                                   score_settings)
+from miyawaki_dataset_loader import (DEFAULT_OUT, OptionError, check_options, resolve_data,  # noqa: E402
+                                     resolve_device, run_cli, save_json)
+from miyawaki_dual_encoder import DualEncoderConfig, inner_cv_scores, score_settings  # noqa: E402
 
 
 def parse_overrides(spec: str) -> dict:
@@ -40,6 +40,20 @@ def parse_overrides(spec: str) -> dict:
         except json.JSONDecodeError:
             return v
     return {k: value(v) for k, v in (kv.split("=", 1) for kv in spec.split(",") if kv)}
+
+
+def candidates(specs: list[str], base) -> dict:
+    """``--set`` specs -> {spec or "default": ``base`` with the spec's fields}, each checked before
+    any fitting: an unknown field or a value out of its range is an OptionError naming it."""
+    names = {f.name for f in fields(base)}
+    out = {}
+    for spec in specs or [""]:
+        overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in parse_overrides(spec).items()}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise OptionError(f"--set {spec}: {type(base).__name__} has no field {', '.join(unknown)}")
+        out[spec or "default"] = check_options(replace(base, **overrides))
+    return out
 
 
 def score(data, cfg: DualEncoderConfig, scheme: str, seeds: list[int], settings, device,
@@ -56,14 +70,15 @@ def score(data, cfg: DualEncoderConfig, scheme: str, seeds: list[int], settings,
             for m in ("top1", "mrr")}
 
 
-def tuning_parser(doc: str, what: str) -> argparse.ArgumentParser:
-    """The options both tuning scripts share: ``--data`` and repeatable ``--set`` candidates of
-    ``what`` (a config class name)."""
-    p = argparse.ArgumentParser(description=doc.split("\n")[0],
+def tuning_parser(doc: str, what: str | None = None) -> argparse.ArgumentParser:
+    """The options the tuning scripts share: ``--data`` and, given ``what`` (a config class name),
+    repeatable ``--set`` candidates of it (``candidates``)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=None)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
-                   help=f"one candidate setting of {what} (repeat the flag for several)")
+    if what:
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                       help=f"one candidate setting of {what} (repeat the flag for several)")
     return p
 
 
@@ -71,7 +86,7 @@ def main(argv=None) -> dict:
     """Score each ``--set`` candidate by inner CV; print a line each and save the JSON; returns it."""
     p = tuning_parser(__doc__, "DualEncoderConfig")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--schemes", nargs="+", default=["seen", "unseen"])
+    p.add_argument("--schemes", nargs="+", default=["seen", "unseen"], choices=["seen", "unseen"])
     p.add_argument("--ensemble", action="store_true",
                    help="score the seeds' fits of every inner fold as one model (their embeddings' "
                         "cosine averaged) instead of averaging the seeds' scores")
@@ -80,13 +95,11 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     data = resolve_data(args.data)
     device = resolve_device(args.device)
-    base = DualEncoderConfig()
+    configs = candidates(args.set, DualEncoderConfig())
     results = {}
     settings = score_settings()
-    for spec in args.set or [""]:
-        cfg = config_from_dict({**vars(base), **parse_overrides(spec)})
+    for key, cfg in configs.items():
         t0 = time.perf_counter()
-        key = spec or "default"
         results[key] = {s: score(data, cfg, s, args.seeds, settings, device, args.ensemble)
                         for s in args.schemes}
         for name in results[key][args.schemes[0]]["top1"]:
