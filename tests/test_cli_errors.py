@@ -249,3 +249,17 @@ def test_kill_ends_the_benchmark_with_its_workers_and_writes_nothing(out):
         proc.kill()
         proc.wait()
     assert listing(out) == before
+
+
+def test_tuning_candidates_are_checked_before_any_fit():
+    """The tuning scripts' --set candidates: an unknown field or a value out of range stops them
+    with one line naming it before any fitting; a good one is the base config with its fields."""
+    sys.path.insert(0, str(L.REPO_DIR / "benchmarks"))
+    from tune_dual_encoder import candidates
+    good = candidates(["epochs=3,fmri_hidden=[64]", ""], D.DualEncoderConfig())
+    assert good["epochs=3,fmri_hidden=[64]"] == D.DualEncoderConfig(epochs=3, fmri_hidden=(64,))
+    assert good["default"] == D.DualEncoderConfig()
+    with pytest.raises(L.OptionError, match="--set epoch=2: DualEncoderConfig has no field epoch"):
+        candidates(["epoch=2"], D.DualEncoderConfig())
+    with pytest.raises(L.OptionError, match="--gan-steps must be >= 1"):
+        candidates(["gan_steps=0"], G.GenerativeConfig())
