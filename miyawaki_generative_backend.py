@@ -65,6 +65,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, CheckpointError, Fold,
+                                     OptionError,
                                      FromCheckpointHint, MeanImageBaseline, RidgeBaseline, condition_name,
                                      identification_scores, ScriptOptions, bf16_autocast, uses_bf16,
                                      Trials, add_config_args, check_finite, check_options,
@@ -1213,10 +1214,24 @@ def plot_sample_grid(samples: np.ndarray, title: str, cols: int = 10) -> Figure:
 
 
 # --------------------------------------------------------------------------- script
+# what only the anchor uses (its blend, the sampler's start from it, its gate and the gate's power
+# on the likelihood step, the stretch of its read-out, its posterior half): refused with --no-anchor
+# rather than ignored and recorded as used (the likelihood's encoding model and the prior's
+# synthetic fMRI still use anchor_model, rf_voxels and anchor_folds without it)
+ANCHOR_OPTIONS = ("anchor_blend", "init_strength", "novelty_gate", "likelihood_gate_power",
+                  "output_stretch", "rf_ridge_weight", "rf_noise_shrink", "rf_prior_scale")
+
+
 def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
     """Train both decoders on the S1 training trials' frozen embeddings, decode the S1 test
     trials from fMRI only, save checkpoint, figures and metrics; returns the metrics."""
     cfg = check_options(argv) if isinstance(argv, GenerativeConfig) else parse_args(argv)
+    if not cfg.anchor:
+        changed = [n for n in ANCHOR_OPTIONS if getattr(cfg, n) != getattr(GenerativeConfig(), n)]
+        if changed:
+            off = getattr(cfg, changed[0]) is False                   # a switch turned off
+            raise OptionError(f"--{'no-' * off}{changed[0].replace('_', '-')} applies only with the "
+                              "decoders' anchor, which --no-anchor turns off")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     data = resolve_data(cfg.data)

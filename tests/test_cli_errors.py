@@ -68,6 +68,8 @@ BAD_OPTIONS = {  # name -> (script, options, words of the message)
     "diffusion steps 0": (G, ["--diffusion-steps", "0"], "--diffusion-steps must be >= 1"),
     "prior of one image": (G, ["--prior-size", "1"], "--prior-size must be >= 2, got 1"),
     "augmentation shift 29": (G, ["--augment-shift", "29"], "--augment-shift must be <= 28, got 29"),
+    "anchor blend without the anchor": (G, ["--no-anchor", "--anchor-blend", "0.3"],
+                                        "--anchor-blend applies only with the decoders' anchor"),
     "condition probability 1.5": (G, ["--fmri-condition-prob", "1.5"],
                                   "--fmri-condition-prob must be <= 1, got 1.5"),
     "max folds -19": (E, ["--protocol", "s3", "--max-folds", "-19"], "--max-folds must be >= 0"),
