@@ -890,6 +890,18 @@ def check_options(cfg):
     return cfg
 
 
+def check_unused(cfg, names, where: str) -> None:
+    """OptionError for the first field of ``names`` that ``cfg`` sets away from its class's default
+    although it has no effect in this run (``where``: when it applies), naming the flag as typed
+    (``--no-x`` for a switch turned off): such a value would be ignored and still recorded in the
+    output's config as if it had been used."""
+    default = type(cfg)()
+    for name in names:
+        value = getattr(cfg, name)
+        if value != getattr(default, name):
+            raise OptionError(f"--{'no-' * (value is False)}{name.replace('_', '-')} applies only {where}")
+
+
 def bounds_text(metadata) -> str:
     """The range of a field's metadata for ``--help``, e.g. ``>= 1`` or ``>= 0, < 1``."""
     parts = [f"{sign} {number_text(metadata[k])}" for k, (_, sign) in BOUNDS.items() if k in metadata]

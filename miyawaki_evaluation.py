@@ -40,7 +40,7 @@ from miyawaki_dataset_loader import (GRID, IMAGE_SIDE, MAX_SEED, METRICS, RIDGE_
                                      MeanImageBaseline, MiyawakiData, OptionError, RidgeBaseline,
                                      ScriptOptions, Trials, add_config_args, chance_levels, check_options,
                                      condition_accuracy, condition_name, config_dict, cosine_scores, evaluating,
-                                     file_sha256,
+                                     file_sha256, check_unused,
                                      fold_means, identification_ranks, identification_scores,
                                      identification_summary, identified_labels,
                                      image_to_fmri_summary, majority_rate, mean_rank,
@@ -1055,13 +1055,11 @@ def check_mode_options(cfg: EvaluationConfig) -> None:
     """OptionError for an option of the other mode than ``cfg.protocol`` picks (``CHECKPOINT_OPTIONS``
     without a protocol, ``BENCHMARK_OPTIONS`` with one), for repeated ``--seeds``, and for
     ``--inner-repeats`` without ``--nested``."""
-    default = EvaluationConfig()
-    for name in CHECKPOINT_OPTIONS if cfg.protocol else BENCHMARK_OPTIONS:
-        if getattr(cfg, name) != getattr(default, name):
-            raise OptionError(f"--{name.replace('_', '-')} applies only "
-                              + ("without --protocol (the checkpoint's evaluation); the benchmark "
-                                 "trains its own models" if cfg.protocol else
-                                 "with --protocol s1|s2|s3 (the benchmark)"))
+    if cfg.protocol:
+        check_unused(cfg, CHECKPOINT_OPTIONS, "without --protocol (the checkpoint's evaluation); the "
+                     "benchmark trains its own models")
+    else:
+        check_unused(cfg, BENCHMARK_OPTIONS, "with --protocol s1|s2|s3 (the benchmark)")
     if len(set(cfg.seeds)) < len(cfg.seeds):
         raise OptionError(f"--seeds {' '.join(map(str, cfg.seeds))} repeats a seed; give each once")
     if cfg.inner_repeats > 1 and not cfg.nested:

@@ -65,7 +65,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, CheckpointError, Fold,
-                                     OptionError,
+                                     check_unused,
                                      FromCheckpointHint, MeanImageBaseline, RidgeBaseline, condition_name,
                                      identification_scores, ScriptOptions, bf16_autocast, uses_bf16,
                                      Trials, add_config_args, check_finite, check_options,
@@ -1227,11 +1227,7 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
     trials from fMRI only, save checkpoint, figures and metrics; returns the metrics."""
     cfg = check_options(argv) if isinstance(argv, GenerativeConfig) else parse_args(argv)
     if not cfg.anchor:
-        changed = [n for n in ANCHOR_OPTIONS if getattr(cfg, n) != getattr(GenerativeConfig(), n)]
-        if changed:
-            off = getattr(cfg, changed[0]) is False                   # a switch turned off
-            raise OptionError(f"--{'no-' * off}{changed[0].replace('_', '-')} applies only with the "
-                              "decoders' anchor, which --no-anchor turns off")
+        check_unused(cfg, ANCHOR_OPTIONS, "with the decoders' anchor, which --no-anchor turns off")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     data = resolve_data(cfg.data)
