@@ -146,48 +146,10 @@ class FMRIEncoder(nn.Module):
         return z + self.skip(x) if self.skip is not None else z
 
 
-class ChannelsLastMaxPool(torch.autograd.Function):
-    """``F.max_pool2d_with_indices(x, k)`` of ``N x C x H x W`` whose forward runs on a
-    channels-last copy of ``x``: on the CPU the NCHW kernel is ~10x slower at the CNN's sizes
-    (bfloat16 or float32; it was the largest single cost of a dual-encoder step). The backward is
-    the NCHW kernel's with the same indices, so values and gradients equal ``nn.MaxPool2d``'s bit
-    for bit (tests/test_dual_encoder.py). Returns (pooled, indices), both NCHW."""
-
-    @staticmethod
-    def forward(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        y, idx = F.max_pool2d_with_indices(x.contiguous(memory_format=torch.channels_last), k)
-        return y.contiguous(), idx.contiguous()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0], output[1])
-        ctx.k = inputs[1]
-        ctx.mark_non_differentiable(output[1])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor, _):
-        x, idx = ctx.saved_tensors
-        k = [ctx.k, ctx.k]
-        return torch.ops.aten.max_pool2d_with_indices_backward(grad, x, k, k, [0, 0], [1, 1], False,
-                                                               idx), None
-
-
-class MaxPool2d(nn.MaxPool2d):
-    """``nn.MaxPool2d(k)`` (stride k), on the CPU by ``ChannelsLastMaxPool``: the same numbers,
-    faster. Elsewhere, and under ``vmap`` (``train_dual_encoders``; layouts are not batched
-    there), nn.MaxPool2d's own."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dim() != 4 or torch._C._are_functorch_transforms_active():
-            return super().forward(x)
-        return ChannelsLastMaxPool.apply(x, self.kernel_size)[0]
-
-
 class StimulusEncoder(nn.Module):
-    """CNN ``N x 1 x 28 x 28`` -> ``N x latent_dim``: three conv blocks (BatchNorm + ReLU; 2 x 2
-    max pooling between blocks), pooled to 4 x 4, then a linear layer; plus an optional linear
-    skip from the centred pixels (a code that transfers to never-seen images, where the CNN alone
-    does not)."""
+    """CNN ``N x 1 x 28 x 28`` -> ``N x latent_dim``: three conv blocks (BatchNorm + ReLU),
+    pooled to 4 x 4, then a linear layer; plus an optional linear skip from the centred pixels
+    (a code that transfers to never-seen images, where the CNN alone does not)."""
 
     def __init__(self, latent_dim: int = 512, channels: tuple[int, ...] = (32, 64, 128),
                  skip: bool = True):
@@ -195,11 +157,8 @@ class StimulusEncoder(nn.Module):
         self.skip = nn.Linear(28 * 28, latent_dim, bias=False) if skip else None
         blocks, c_in = [], 1
         for i, c in enumerate(channels):
-            blocks += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c)]
-            # max pooling before the ReLU: the same values and gradients as after it (both are
-            # monotone), with the ReLU on a quarter of the pixels
-            blocks += ([MaxPool2d(2), nn.ReLU()] if i < len(channels) - 1
-                       else [nn.ReLU(), nn.AdaptiveAvgPool2d(4)])
+            blocks += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU()]
+            blocks.append(nn.MaxPool2d(2) if i < len(channels) - 1 else nn.AdaptiveAvgPool2d(4))
             c_in = c
         self.conv = nn.Sequential(*blocks)
         self.fc = nn.Linear(c_in * 16, latent_dim)
