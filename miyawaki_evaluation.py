@@ -27,6 +27,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import threadpoolctl
 import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
@@ -908,6 +909,14 @@ def plot_gallery(galleries: list[dict], names: list[str], title: str) -> Figure:
     return fig
 
 
+def worker_threads(n: int) -> None:
+    """A benchmark worker's initializer: torch and numpy / scipy's BLAS (and OpenMP) on ``n``
+    threads. BLAS left at its default, one thread per core, made two workers' pools busy-wait on
+    each other's cores: the S3 benchmark's work outside the networks ran ~4x slower."""
+    torch.set_num_threads(n)
+    threadpoolctl.threadpool_limits(n)
+
+
 def run_benchmark(cfg: "EvaluationConfig") -> dict:
     """Run every fold (``cfg.workers`` processes at a time), aggregate as docs/BASELINES.md, write
     ``benchmark_<protocol>.json`` / ``.md``; returns the JSON dict."""
@@ -930,7 +939,7 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
     # which runs S3 in ~20 % less time than one process with 2 threads); leaving the block on an
     # error or Ctrl-C terminates the workers at once
     workers = (multiprocessing.get_context("spawn").Pool(
-        cfg.workers, torch.set_num_threads, (max(1, torch.get_num_threads() // cfg.workers),))
+        cfg.workers, worker_threads, (max(1, torch.get_num_threads() // cfg.workers),))
         if cfg.workers > 1 else nullcontext())
     with workers:
         results = workers.imap(run_fold, jobs) if cfg.workers > 1 else map(run_fold, jobs)
