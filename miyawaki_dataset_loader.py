@@ -499,9 +499,13 @@ def identification_ranks(scores, true_ids):
 
     Rank 1 = best. Ties count pessimistically: rank = number of candidates scoring
     >= the true one, so a constant reconstruction (r = 0 with every candidate) ranks
-    last instead of first.
+    last instead of first; -inf ranks a candidate last (the kNN baselines' never-seen images). A
+    NaN score raises FloatingPointError (NaN compares false with everything: it would rank first).
     """
     scores = np.asarray(scores, dtype=np.float64)
+    if np.isnan(scores).any():
+        raise FloatingPointError(f"identification scores hold {int(np.isnan(scores).sum())} NaN "
+                                 "values; not scored")
     true_scores = scores[np.arange(len(scores)), np.asarray(true_ids)]
     return np.sum(scores >= true_scores[:, None], axis=1)
 
@@ -621,6 +625,7 @@ def per_trial_metrics(recon, true, image_ids, candidates, pool_true=None, pool_i
     unless scores (N x K, higher = better) are given (e.g. kNN votes).
     pool_true/pool_ids: the 2-way rival pool (see two_way_identification).
     """
+    check_finite_array(recon, "reconstructions")
     if scores is None:
         scores = identification_scores(recon, candidates)
     recon, true = _flat_clip(recon), _flat_clip(true)
@@ -988,6 +993,14 @@ def evaluating(*models: torch.nn.Module):
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
+
+
+def check_finite_array(values, name: str) -> None:
+    """Raise FloatingPointError where an array (numpy or torch) to be scored holds NaN or Inf: a
+    diverged decoder must not be scored (NaN ranks first and the means skip it)."""
+    bad = int((~np.isfinite(np.asarray(values, dtype=np.float64))).sum())
+    if bad:
+        raise FloatingPointError(f"{name} hold {bad} NaN or Inf values; not scored")
 
 
 def check_finite(loss: torch.Tensor, name: str) -> torch.Tensor:

@@ -42,6 +42,24 @@ def test_identification_ranks_match_loop_and_ties_are_pessimistic():
                                   [1, 3])
 
 
+def test_a_diverged_reconstruction_is_refused_not_scored():
+    """A NaN or Inf reconstruction (a diverged decoder or sampler) raises instead of being scored:
+    NaN compares false with every candidate, so it ranked first (a top-1 hit), and the fold means
+    skip NaN; a NaN identification score is refused too, while -inf (never this candidate) ranks
+    it last."""
+    images, ids, templates = random_images(np.random.default_rng(2), 6)
+    recon = images.copy()
+    for bad in (np.nan, np.inf):
+        recon[3, 10] = bad
+        with pytest.raises(FloatingPointError, match="reconstructions hold 1 NaN or Inf"):
+            L.reconstruction_metrics(recon, images, ids, templates)
+    scores = L.identification_scores(images, templates)
+    scores[0, 5] = np.nan
+    with pytest.raises(FloatingPointError, match="identification scores hold 1 NaN"):
+        L.identification_ranks(scores, ids)
+    np.testing.assert_array_equal(L.identification_ranks([[0.2, -np.inf, 0.1]], [1]), [3])
+
+
 def test_topk_and_mean_rank():
     ranks = np.array([1, 2, 5, 6, 20])
     assert L.topk_accuracy(ranks, 1) == 0.2 and L.topk_accuracy(ranks, 5) == 0.6
