@@ -972,7 +972,9 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
         "n_candidates": k,
         "chance": {**chance_levels(k),
                    "condition_uniform": 1 / len(np.unique(data.unique_labels)),
-                   "condition_majority": majority_rate(data.trials.labels)},
+                   # of the test trials the folds score (S1: its 12; S2 / S3: every trial)
+                   "condition_majority": majority_rate(
+                       data.trials.labels[np.concatenate([test for _, _, test in folds])])},
         "methods": methods,
         "paired_vs_ridge_top1": paired_vs_reference(methods),
         **({"paired_vs_ridge_pixcorr": {g: v for g, v in paired_vs_reference(methods, metric="pixcorr")

@@ -119,6 +119,19 @@ def test_generative_script_reconstructs_from_fmri_only(two_runs):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+@pytest.mark.xdist_group("leaks_two_runs")   # shares a module fixture: one test process (make test)
+def test_s1_benchmark_reports_the_majority_rate_of_its_own_test_trials(two_runs):
+    """The chance row beside the 4-way condition accuracy: the S1 benchmark scores the 12 S1 test
+    trials, whose majority class is 0.25 on the simulated set (as on the real file), not the 0.336
+    of all 119 trials; the checkpoint evaluation of the same trials says the same."""
+    (runs, _), _ = two_runs
+    test_labels = make_simulated_dataset().s1().test.labels
+    majority = np.unique(test_labels, return_counts=True)[1].max() / len(test_labels)
+    assert majority == 0.25
+    assert runs["benchmark_s1.json"]["chance"]["condition_majority"] == majority
+    assert runs["miyawaki_evaluation.json"]["condition_accuracy"]["majority_rate"] == majority
+
+
 def test_both_decoders_of_the_benchmark_reconstruct_from_fmri_only():
     data = make_simulated_dataset()
     fold = data.s1()
