@@ -70,7 +70,7 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, Ch
                                      identification_scores, ScriptOptions, bf16_autocast, uses_bf16,
                                      Trials, add_config_args, check_finite, check_options,
                                      config_dict, file_sha256, load_checkpoint, one_cycle, one_line,
-                                     parse_config, pearson_rows, prepare_out_dir,
+                                     nearest_training_check, parse_config, pearson_rows, prepare_out_dir,
                                      reconstruction_metrics, resolve_data, resolve_device, run_cli,
                                      save_checkpoint, save_figure, save_json, script_parser,
                                      seed_everything, evaluating, write_summary, generator_device,
@@ -1251,6 +1251,9 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
         results[name] = {**reconstruction_metrics(recon, **scoring),
                          "train_seconds": history[name]["seconds"],
                          "sample_seconds_per_image": sample_seconds / len(test)}
+        if fold.unseen_test.any():    # docs/PROTOCOL.md's zero-shot check (a random-image session)
+            results[name]["closer_than_train"] = float(
+                nearest_training_check(recon, fold)[0][fold.unseen_test].mean())
         oracle[name] = reconstruction_metrics(oracle_reconstruct(
             encoder, decoder, test.images, torch.Generator().manual_seed(cfg.seed)), **scoring)
         m = results[name]
@@ -1309,7 +1312,10 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
         m = results[name]
         print(f"{name:9s} S1 from fMRI only: MSE {m['mse']:.4f} | PixCorr {m['pixcorr']:.3f} | "
               f"SSIM {m['ssim']:.3f} | 2-way {m['two_way']:.3f} (chance 0.5) | top-1 {m['top1']:.2f} "
-              f"(chance {1 / k:.2f}) | top-5 {m['top5']:.2f} | train {m['train_seconds']:.1f} s, "
+              f"(chance {1 / k:.2f}) | top-5 {m['top5']:.2f} | "
+              + (f"closer to the true image than to any training image {m['closer_than_train']:.2f} | "
+                 if "closer_than_train" in m else "")
+              + f"train {m['train_seconds']:.1f} s, "
               f"{1000 * m['sample_seconds_per_image']:.1f} ms/image | ORACLE PixCorr "
               f"{oracle[name]['pixcorr']:.3f}")
     print(f"mean-image floor: MSE {floor['mse']:.4f} | PixCorr {floor['pixcorr']:.3f}; generative "

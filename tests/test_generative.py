@@ -310,6 +310,22 @@ def test_noise_control_is_no_better_than_the_mean_image(sim):
                 assert gap < 0.03, name
 
 
+def test_script_reports_the_zero_shot_check_where_the_test_images_are_new(tmp_path, monkeypatch):
+    """On a file whose S1 test images are absent from training (a random-image session, here of
+    60 patterns), the script reports docs/PROTOCOL.md's nearest-training-image check for each
+    decoder, as the S3 benchmark does; where every test image was seen it does not (test below)."""
+    data = L.make_simulated_dataset(random_images=60)
+    for module in (D, G):
+        monkeypatch.setattr(module, "resolve_data", lambda arg: data)
+    args = ["--data", "simulated-random", "--out-dir", str(tmp_path), "--device", "cpu"]
+    D.main([*args, "--epochs", "2", "--mixup", "8"])
+    G.main([*args, "--diffusion-steps", "3", "--gan-steps", "2", "--num-inference-steps", "2",
+            "--n-sample-grids", "0"])
+    saved = json.loads((tmp_path / "miyawaki_generation.json").read_text())
+    for name in ("diffusion", "gan"):
+        assert 0 <= saved[name]["closer_than_train"] <= 1
+
+
 def test_script_end_to_end_on_simulated_data(tmp_path):
     D.main(["--data", "simulated", "--epochs", "4", "--mixup", "8", "--out-dir", str(tmp_path),
             "--device", "cpu"])
@@ -319,6 +335,7 @@ def test_script_end_to_end_on_simulated_data(tmp_path):
     saved = json.loads((tmp_path / "miyawaki_generation.json").read_text())
     for name in ("diffusion", "gan"):
         assert {"mse", "pixcorr", "ssim", "two_way", "top1", "top5"} <= set(saved[name])
+        assert "closer_than_train" not in saved[name]        # every test image was seen
         assert saved[name]["mse"] == metrics[name]["mse"]
         assert {"mse", "pixcorr"} <= set(saved["oracle"][name]) and "ORACLE" in saved["oracle"]["note"]
         assert (tmp_path / f"miyawaki_{name}_generation.png").stat().st_size > 0
