@@ -912,7 +912,7 @@ def plot_gallery(galleries: list[dict], names: list[str], title: str) -> Figure:
 def worker_threads(n: int) -> None:
     """A benchmark worker's initializer: torch and numpy / scipy's BLAS (and OpenMP) on ``n``
     threads. BLAS left at its default, one thread per core, made two workers' pools busy-wait on
-    each other's cores: the S3 benchmark's work outside the networks ran ~4x slower."""
+    each other's cores: the S3 benchmark's work outside the networks ran 2.5x slower."""
     torch.set_num_threads(n)
     threadpoolctl.threadpool_limits(n)
 
