@@ -500,12 +500,11 @@ def identification_ranks(scores, true_ids):
     Rank 1 = best. Ties count pessimistically: rank = number of candidates scoring
     >= the true one, so a constant reconstruction (r = 0 with every candidate) ranks
     last instead of first; -inf ranks a candidate last (the kNN baselines' never-seen images). A
-    NaN score raises FloatingPointError (NaN compares false with everything: it would rank first).
+    NaN or +inf score raises FloatingPointError (NaN compares false with everything: it would rank
+    first).
     """
     scores = np.asarray(scores, dtype=np.float64)
-    if np.isnan(scores).any():
-        raise FloatingPointError(f"identification scores hold {int(np.isnan(scores).sum())} NaN "
-                                 "values; not scored")
+    check_finite_array(scores, "identification scores", allow_neg_inf=True)
     true_scores = scores[np.arange(len(scores)), np.asarray(true_ids)]
     return np.sum(scores >= true_scores[:, None], axis=1)
 
@@ -995,10 +994,12 @@ def evaluating(*models: torch.nn.Module):
             m.train(mode)
 
 
-def check_finite_array(values, name: str) -> None:
-    """Raise FloatingPointError where an array (numpy or torch) to be scored holds NaN or Inf: a
-    diverged decoder must not be scored (NaN ranks first and the means skip it)."""
-    bad = int((~np.isfinite(np.asarray(values, dtype=np.float64))).sum())
+def check_finite_array(values, name: str, allow_neg_inf: bool = False) -> None:
+    """Raise FloatingPointError where an array (numpy or torch) to be scored holds NaN or Inf
+    (-inf allowed with ``allow_neg_inf``: a score that ranks a candidate last): a diverged decoder
+    must not be scored (NaN ranks first and the means skip it)."""
+    values = np.asarray(values, dtype=np.float64)
+    bad = int((~np.isfinite(values) & ~(allow_neg_inf & np.isneginf(values))).sum())
     if bad:
         raise FloatingPointError(f"{name} hold {bad} NaN or Inf values; not scored")
 
