@@ -820,17 +820,19 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def native_bf16(device: torch.device | str) -> bool:
-    """Whether ``device`` runs bfloat16 natively: a CUDA GPU that supports it, or a CPU on which
-    torch's oneDNN bfloat16 kernels run (AVX-512 or AMX). Elsewhere, e.g. on AVX2-only CPUs, torch
-    emulates bfloat16 matrix products and convolutions, over 10x slower than float32."""
+    """Whether ``device`` runs bfloat16 natively: a CUDA GPU that supports it, or a CPU with
+    bfloat16 instructions (AMX, or AVX-512 BF16) under torch's oneDNN. Elsewhere torch converts
+    or emulates: 4.4x slower than float32 for a matrix product on an AVX-512 CPU without BF16
+    (Ice Lake), over 10x on an AVX2-only one."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):     # a build without oneDNN: no fast bfloat16 either
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                    and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()))
+    except (AttributeError, RuntimeError):     # a build without these checks: float32
         return False
 
 

@@ -94,8 +94,8 @@ class DualEncoderConfig:
         "it predicts best for held-out images of the training trials"})
     bf16: bool = field(default=True, metadata={
         "help": "bfloat16 autocast in training where the device runs bfloat16 natively (CUDA; CPUs "
-        "with AVX-512 or AMX: about 2x faster there); float32 elsewhere (AVX2-only CPUs emulate "
-        "it, over 10x slower)"})
+        "with AMX or AVX-512 BF16: about 2x faster there); float32 elsewhere (other CPUs convert "
+        "or emulate it: 1.7x to over 10x slower)"})
     epochs: int = field(default=100, metadata={"min": 1, "help": "training epochs"})
     batch_size: int = field(default=0, metadata={"min": 0, "help": "trials per step (0 = full batch)"})
     lr: float = field(default=1e-3, metadata={"above": 0, "help": "peak one-cycle learning rate"})

@@ -762,7 +762,7 @@ class GenerativeConfig(ScriptOptions):
         "help": "weight of the MSE reconstruction loss beside the hinge adversarial loss"})
     bf16: bool = field(default=True, metadata={
         "help": "bfloat16 autocast for the training forward passes where the device runs "
-        "bfloat16 natively (CUDA; CPUs with AVX-512 or AMX), else float32; sampling stays float32"})
+        "bfloat16 natively (CUDA; CPUs with AMX or AVX-512 BF16), else float32; sampling stays float32"})
     log_every: int = field(default=100, metadata={"min": 1, "help": "steps between log lines"})
     # low-level anchor and image prior (what lets the decoders reconstruct never-seen images)
     anchor: bool = field(default=True, metadata={

@@ -314,19 +314,29 @@ def test_one_line_keeps_error_messages_short_and_whole():
     assert L.one_line(KeyError()) == "KeyError"
 
 
-def test_native_bf16_follows_onednn_and_is_false_without_it(monkeypatch):
-    """A CPU has native bfloat16 when torch's oneDNN says so; a build whose check is missing or
-    fails counts as without (float32), never as an error in training."""
+@pytest.mark.parametrize("amx, avx512_bf16, native", [(True, False, True), (False, True, True),
+                                                      (False, False, False)])
+def test_native_bf16_needs_bfloat16_instructions(monkeypatch, amx, avx512_bf16, native):
+    """A CPU has native bfloat16 when oneDNN runs it and the CPU has AMX or AVX-512 BF16; an
+    AVX-512 CPU without them (Ice Lake: oneDNN says yes, but converts, 4.4x slower than float32)
+    trains in float32. A build whose check is missing or fails counts as without, never as an
+    error in training."""
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-    assert L.native_bf16("cpu") and not L.native_bf16("meta")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert L.native_bf16("cpu") == native and not L.native_bf16("meta")
     with L.bf16_autocast("cpu", True):
-        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert torch.is_autocast_enabled("cpu") == native
+        assert not native or torch.get_autocast_dtype("cpu") == torch.bfloat16
     with L.bf16_autocast("cpu", False):
         assert not torch.is_autocast_enabled("cpu")
 
     def missing():
         raise RuntimeError("no such op")
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", missing)
+    assert not L.native_bf16("cpu")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
     assert not L.native_bf16("cpu")
     with L.bf16_autocast("cpu", True):
         assert not torch.is_autocast_enabled("cpu")
