@@ -37,8 +37,8 @@ Choices, each measured:
 * ``guidance_scale=2`` on the same validation: PixCorr 0.9976 vs 0.9970 at 1 and 0.9915 at 4.
 * GAN ``recon_weight=10`` on the same validation: PixCorr 0.9943 / SSIM 0.981 (0: 0.9932 / 0.974,
   100: 0.9952 / 0.979); the projection discriminator alone already ties images to conditions.
-* bfloat16 autocast in training halves its time on a CPU with native bfloat16 (AVX-512; float32
-  where it is only emulated); S1 PixCorr moved by < 0.005.
+* bfloat16 autocast in training halves its time on a CPU with native bfloat16 (AMX or AVX-512
+  BF16; float32 where it is converted or emulated); S1 PixCorr moved by < 0.005.
 
 Usage::
 
