@@ -589,11 +589,11 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
         read-outs ``N x 1 x 28 x 28``). ``ddim``: deterministic DDIM over ``num_inference_steps``
         evenly spaced timesteps from T - 1 to 0 (the same generator gives the same images) or, with
         an anchor and ``init_strength`` s < 1, from the anchor noised to step s (T - 1) over
-        ``ceil(s x steps)`` steps; ``ddpm``: ancestral sampling over all T steps. With a
-        ``likelihood`` (``EncodingReadout.consistency_step`` of the test fMRI) every step but the
-        last moves its x_0 estimate by a data-consistency step, and the denoiser then pulls the
-        moved estimate back to the image prior. Then blended with the anchor (``anchor_blend``) and
-        contrast-stretched (``output_stretch``)."""
+        ``ceil(s x steps)`` steps; ``ddpm``: ancestral sampling over every step (it refuses a
+        ``num_inference_steps``). With a ``likelihood`` (``EncodingReadout.consistency_step`` of
+        the test fMRI) every step but the last moves its x_0 estimate by a data-consistency step,
+        and the denoiser then pulls the moved estimate back to the image prior. Then blended with
+        the anchor (``anchor_blend``) and contrast-stretched (``output_stretch``)."""
         self._check_anchor(anchor)
         sampler = sampler or self.config["sampler"]
         steps = num_inference_steps or self.config["num_inference_steps"]
@@ -606,6 +606,9 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
             n = min(max(1, math.ceil(s * steps)), start + 1)
             timesteps, eta = torch.linspace(start, 0, n).round().long().tolist(), 0.0
         elif sampler == "ddpm":
+            if num_inference_steps is not None:
+                raise ValueError("num_inference_steps applies to the ddim sampler only; ddpm takes "
+                                 "every one of the T steps")
             timesteps, eta = list(range(start, -1, -1)), 1.0
         else:
             raise ValueError(f"sampler {sampler!r}; use one of {SAMPLERS}")
@@ -742,7 +745,7 @@ class GenerativeConfig(ScriptOptions):
     sampler: str = field(default=decoder_default("sampler"), metadata={
         "choices": SAMPLERS, "help": "ddim: deterministic; ddpm: ancestral over all T steps"})
     num_inference_steps: int = field(default=decoder_default("num_inference_steps"), metadata={
-        "min": 1, "help": "DDIM steps"})
+        "min": 1, "help": "DDIM steps (--sampler ddim only: ddpm takes all T steps)"})
     guidance_scale: float = field(default=decoder_default("guidance_scale"), metadata={
         "help": "classifier-free guidance scale w (1 = the conditional model alone)"})
     # diffusion training
@@ -1228,6 +1231,8 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
     cfg = check_options(argv) if isinstance(argv, GenerativeConfig) else parse_args(argv)
     if not cfg.anchor:
         check_unused(cfg, ANCHOR_OPTIONS, "with the decoders' anchor, which --no-anchor turns off")
+    if cfg.sampler == "ddpm":
+        check_unused(cfg, ("num_inference_steps",), "with --sampler ddim (ddpm takes all T steps)")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     data = resolve_data(cfg.data)

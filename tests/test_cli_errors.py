@@ -70,6 +70,8 @@ BAD_OPTIONS = {  # name -> (script, options, words of the message)
     "augmentation shift 29": (G, ["--augment-shift", "29"], "--augment-shift must be <= 28, got 29"),
     "anchor blend without the anchor": (G, ["--no-anchor", "--anchor-blend", "0.3"],
                                         "--anchor-blend applies only with the decoders' anchor"),
+    "ddim steps with ddpm": (G, ["--sampler", "ddpm", "--num-inference-steps", "20"],
+                             "--num-inference-steps applies only with --sampler ddim"),
     "condition probability 1.5": (G, ["--fmri-condition-prob", "1.5"],
                                   "--fmri-condition-prob must be <= 1, got 1.5"),
     "max folds -19": (E, ["--protocol", "s3", "--max-folds", "-19"], "--max-folds must be >= 0"),

@@ -121,6 +121,8 @@ def test_bad_settings_and_non_finite_loss_raise():
         G.MiyawakiDiffusionDecoder(beta_schedule="quadratic", **SMALL)
     with pytest.raises(ValueError, match="sampler"):
         G.MiyawakiDiffusionDecoder(**SMALL).sample(unit(2), sampler="euler")
+    with pytest.raises(ValueError, match="ddim sampler only"):   # ddpm would ignore it
+        G.MiyawakiDiffusionDecoder(**SMALL).sample(unit(2), sampler="ddpm", num_inference_steps=5)
     with pytest.raises(FloatingPointError):
         G.check_finite(torch.tensor(float("nan")), "diffusion")
 
