@@ -607,8 +607,8 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
             timesteps, eta = torch.linspace(start, 0, n).round().long().tolist(), 0.0
         elif sampler == "ddpm":
             if num_inference_steps is not None:
-                raise ValueError("num_inference_steps applies to the ddim sampler only; ddpm takes "
-                                 "every one of the T steps")
+                raise ValueError("num_inference_steps applies to the ddim sampler only; ddpm "
+                                 "steps through every timestep")
             timesteps, eta = list(range(start, -1, -1)), 1.0
         else:
             raise ValueError(f"sampler {sampler!r}; use one of {SAMPLERS}")
@@ -743,9 +743,9 @@ class GenerativeConfig(ScriptOptions):
         "min": 0, "below": 1,
         "help": "classifier-free guidance: probability of training on the null condition"})
     sampler: str = field(default=decoder_default("sampler"), metadata={
-        "choices": SAMPLERS, "help": "ddim: deterministic; ddpm: ancestral over all T steps"})
+        "choices": SAMPLERS, "help": "ddim: deterministic; ddpm: ancestral, every timestep"})
     num_inference_steps: int = field(default=decoder_default("num_inference_steps"), metadata={
-        "min": 1, "help": "DDIM steps (--sampler ddim only: ddpm takes all T steps)"})
+        "min": 1, "help": "DDIM steps (--sampler ddim only: ddpm steps through every timestep)"})
     guidance_scale: float = field(default=decoder_default("guidance_scale"), metadata={
         "help": "classifier-free guidance scale w (1 = the conditional model alone)"})
     # diffusion training
@@ -765,7 +765,8 @@ class GenerativeConfig(ScriptOptions):
         "help": "weight of the MSE reconstruction loss beside the hinge adversarial loss"})
     bf16: bool = field(default=True, metadata={
         "help": "bfloat16 autocast for the training forward passes where the device runs "
-        "bfloat16 natively (CUDA; CPUs with AMX or AVX-512 BF16), else float32; sampling stays float32"})
+        "bfloat16 natively (CUDA; CPUs with AMX or AVX-512 BF16), else float32; sampling stays "
+        "float32"})
     log_every: int = field(default=100, metadata={"min": 1, "help": "steps between log lines"})
     # low-level anchor and image prior (what lets the decoders reconstruct never-seen images)
     anchor: bool = field(default=True, metadata={
@@ -1232,7 +1233,8 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
     if not cfg.anchor:
         check_unused(cfg, ANCHOR_OPTIONS, "with the decoders' anchor, which --no-anchor turns off")
     if cfg.sampler == "ddpm":
-        check_unused(cfg, ("num_inference_steps",), "with --sampler ddim (ddpm takes all T steps)")
+        check_unused(cfg, ("num_inference_steps",),
+                     "with --sampler ddim (ddpm steps through every timestep)")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     data = resolve_data(cfg.data)
