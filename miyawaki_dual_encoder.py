@@ -380,7 +380,7 @@ def image_prior(images: torch.Tensor, anchor: torch.Tensor | None, generator: to
     (``augmentation_ops``, ``shift`` px) of a pair, applied to both, and with probability ``mix`` a
     random box of a second transformed pair pasted into both (V1, and so the read-out, is
     retinotopic: a part of the image maps to that part of the anchor). A sample equal to an image
-    of ``exclude`` ``E x 784`` (bool) after binarising is dropped (P = size - rejected).
+    of ``exclude`` ``E x 1 x 28 x 28`` is dropped (P = size - rejected).
     No trial showed them: the decoders' ``training_set`` gives them conditions, and
     ``posterior_weights`` takes their mean and covariance."""
     device, n = images.device, size
@@ -404,10 +404,13 @@ def image_prior(images: torch.Tensor, anchor: torch.Tensor | None, generator: to
             new_anchor = new_anchor + box * (paste_anchor - new_anchor)
     keep = torch.ones(n, dtype=torch.bool, device=device)
     if exclude is not None and len(exclude):
-        # binary images a, b are equal where their Hamming distance |a| + |b| - 2 a.b is 0
-        # (whole numbers <= 784, exact in float32; P x E without a P x E x 784 comparison)
-        a, b = (new_images.flatten(1) > 0.5).float(), exclude.float()
-        keep = ~((a.sum(1, keepdim=True) + b.sum(1) - 2 * a @ b.T) == 0).any(1)
+        # images a, b are equal where |a - b|^2 = |a|^2 + |b|^2 - 2 a.b is 0: in float64, P x E
+        # without a P x E x 784 comparison; exact for binary images, and within 1e-6 (below one
+        # 8-bit grey level, 1.5e-5) for grey ones; never thresholded, so that low-contrast images
+        # do not all collapse into one
+        a, b = new_images.flatten(1).double(), exclude.to(device).flatten(1).double()
+        distance = (a * a).sum(1, keepdim=True) + (b * b).sum(1) - 2 * a @ b.T
+        keep = ~(distance < 1e-6).any(1)
     return new_images[keep], None if new_anchor is None else new_anchor[keep], int((~keep).sum())
 
 
@@ -462,9 +465,9 @@ def posterior_weights(fmri: np.ndarray, images: np.ndarray, seed: int = 0,
     s = {**POSTERIOR_DEFAULTS, **settings}
     if encoding is None:
         encoding = receptive_fields(fmri, images, s["rf_voxels"])
-    banned = None if exclude is None else torch.as_tensor(np.asarray(exclude)).flatten(1) > 0.5
     prior, _, _ = image_prior(torch.as_tensor(images), None, torch.Generator().manual_seed(seed),
-                              s["prior_size"], s["augment_shift"], s["augment_mix"], banned)
+                              s["prior_size"], s["augment_shift"], s["augment_mix"],
+                              None if exclude is None else torch.as_tensor(np.asarray(exclude)))
     return posterior_readout(encoding, np.asarray(fmri, np.float64),
                              np.asarray(images, np.float64).reshape(len(images), -1),
                              prior.flatten(1).double().numpy(), s["rf_noise_shrink"], s["rf_prior_scale"])

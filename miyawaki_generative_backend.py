@@ -1042,11 +1042,11 @@ def training_set(encoder: nn.Module, train: Trials, config: GenerativeConfig,
     if data.encoding is not None:
         data.encoding = data.encoding.to(device)
     if config.augment_prob > 0:
-        banned = None if exclude is None else torch.as_tensor(np.asarray(exclude), device=device).flatten(1) > 0.5
         gen = torch.Generator(device).manual_seed(config.seed + 2)
         data.prior_images, data.prior_anchor, data.rejected = image_prior(
             data.images, None if synthetic else data.anchor, gen, config.prior_size,
-            config.augment_shift, config.augment_mix, banned)
+            config.augment_shift, config.augment_mix,
+            None if exclude is None else torch.as_tensor(np.asarray(exclude)))
         with evaluating(encoder):
             if synthetic:
                 residuals = out_of_fold_residuals(train, config, encoder.config.encoding_alpha, folds)

@@ -179,10 +179,27 @@ def test_image_prior_never_produces_an_excluded_image():
     banned = torch.flip(images[3], dims=[-1])                           # a mirrored "r"
     assert not (banned == images).flatten(1).all(1).any()
     prior, anchor, rejected = D.image_prior(images, images, torch.Generator().manual_seed(0), 3000,
-                                            3, 0.0, banned.flatten()[None] > 0.5)
+                                            3, 0.0, banned[None])
     assert not ((prior.flatten(1) > 0.5) == (banned.flatten() > 0.5)).all(1).any()
     assert rejected > 0 and len(prior) == len(anchor) == 3000 - rejected
     assert torch.equal(anchor, prior)                 # the anchors had the images' transformations
+
+
+def test_image_prior_compares_grey_images_as_they_are():
+    """Grey images are compared as they are, not binarised: on a low-contrast set (pixels 0 or
+    0.4, all of which binarise to a blank image) the prior drops the excluded image's copies only,
+    and an image one grey level (1/255) away from them on one pixel excludes nothing."""
+    grids, _ = L.figure_images()
+    images = 0.4 * torch.as_tensor(L.upsample_grid(grids[5:10]))[:, None]   # n e u r o, dim
+    banned = torch.flip(images[3], dims=[-1])[None]                         # a mirrored "r"
+    draw = lambda exclude: D.image_prior(images, None, torch.Generator().manual_seed(0), 3000, 3,  # noqa: E731
+                                         0.0, exclude)
+    prior, _, rejected = draw(banned)
+    assert 0 < rejected < 3000 // 5 and len(prior) == 3000 - rejected
+    assert not (prior == banned).flatten(1).all(1).any()
+    near = banned.clone()
+    near[0, 0, 14, 14] += 1 / 255
+    assert draw(near)[2] == 0
 
 
 def test_posterior_readout_is_the_gaussian_posterior_mean():
