@@ -227,7 +227,11 @@ def load_miyawaki(path: str | os.PathLike) -> MiyawakiData:
     parts = {}
     for part in ("Trn", "Test"):
         fmri, stim = np.asarray(mat["fmri" + part]), np.asarray(mat["stim" + part])
-        labels = np.asarray(mat["label" + part]).ravel()
+        labels = np.asarray(mat["label" + part])
+        if labels.dtype.kind in "biuf" and labels.ndim == 2 and min(labels.shape) > 1:
+            raise DataError(f"{path}: label{part} has shape {labels.shape}; expected one label per "
+                            "trial (N x 1 or 1 x N)")
+        labels = labels.ravel()
         if fmri.ndim != 2 or stim.ndim != 2:
             raise DataError(f"{path}: fmri{part} and stim{part} must be 2-D (trials x features), "
                             f"got {fmri.shape} and {stim.shape}")
@@ -243,22 +247,24 @@ def load_miyawaki(path: str | os.PathLike) -> MiyawakiData:
             if not np.all(np.isfinite(values)):
                 raise DataError(f"{path}: {key} contains NaN or Inf values; impute or drop those "
                                 "voxels/trials before loading")
-        parts[part] = (fmri.astype(np.float64), stim.astype(np.float64), labels)
+        stim = stim.astype(np.float64)
+        if len(stim) and (stim.min() < 0 or stim.max() > 255):
+            raise DataError(f"{path}: stim{part} values span [{stim.min():g}, {stim.max():g}]; "
+                            "expected 0/1 (or grey levels in [0, 1]) or 0..255")
+        if stim.max(initial=0) > 1:   # 0..255 images, per key: stimTrn and stimTest may differ
+            stim = stim / 255.0
+        parts[part] = (fmri.astype(np.float64), stim, labels)
     if parts["Trn"][0].shape[1] != parts["Test"][0].shape[1]:
         raise DataError(f"{path}: fmriTrn has {parts['Trn'][0].shape[1]} voxels but fmriTest has "
                         f"{parts['Test'][0].shape[1]}")
     fmri = np.vstack([parts["Trn"][0], parts["Test"][0]])
     stim = np.vstack([parts["Trn"][1], parts["Test"][1]])
     labels = np.concatenate([parts["Trn"][2], parts["Test"][2]])
-    if stim.max() > 1:  # 0..255 images
-        stim = stim / 255.0
-    if stim.min() < 0 or stim.max() > 1:
-        raise DataError(f"{path}: image values span [{stim.min():g}, {stim.max():g}]; expected "
-                        "0/1 or 0..255")
     fractional = labels[labels != np.round(labels)]
     if len(fractional):
         raise DataError(f"{path}: labelTrn/labelTest hold non-integer values (e.g. {fractional[0]:g}); "
-                        "labels must be whole condition numbers (2 shapes, 3-5 letters)")
+                        "labels must be whole numbers, one condition id per trial (Miyawaki's: 2 "
+                        "shapes, 3-5 letters)")
     return _assemble(fmri, stim, labels.astype(np.int64), len(parts["Trn"][0]), str(path))
 
 

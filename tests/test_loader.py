@@ -55,6 +55,15 @@ def test_other_voxel_count_and_uint8_images_load(tmp_path, mat_arrays, write_mat
     np.testing.assert_array_equal(data.trials.images, sim.trials.images)
 
 
+def test_each_image_key_is_scaled_as_it_is_stored(tmp_path, mat_arrays, write_mat, sim):
+    """stimTrn in [0, 1] beside stimTest in 0..255 (and the other way round) loads as the file
+    with both in [0, 1]: each key is scaled by its own range, not by the two stacked."""
+    for key in ("stimTrn", "stimTest"):
+        arrays = {**mat_arrays, key: mat_arrays[key] * 255.0}
+        data = L.load_miyawaki(write_mat(tmp_path / f"{key}.mat", arrays))
+        np.testing.assert_array_equal(data.trials.images, sim.trials.images)
+
+
 def test_a_file_with_its_own_labels_keeps_them_in_summaries_and_titles(tmp_path, mat_arrays, write_mat):
     """Labels that are not Miyawaki's (here 0-3, as a digits file has 0-9) are named "label k",
     never "random" / "shapes" / "letters", even those that are also his numbers (1, 2, 3);
@@ -100,7 +109,11 @@ BAD_FILES = {  # name -> (maker(path, arrays, write_mat), words the message must
     "pixel count": (_mutated(lambda a: a.update(stimTest=a["stimTest"][:, :783])), ["784"]),
     "nan fmri": (_mutated(_set("fmriTrn", np.nan)), ["NaN or Inf"]),
     "inf fmri": (_mutated(_set("fmriTest", np.inf)), ["NaN or Inf"]),
-    "negative image": (_mutated(_set("stimTrn", -1.0)), ["image values"]),
+    "negative image": (_mutated(_set("stimTrn", -1.0)), ["stimTrn values span [-1, 1]"]),
+    "image over 255": (_mutated(lambda a: a.update(stimTest=a["stimTest"] * 256.0)),
+                       ["stimTest values span [0, 256]"]),
+    "two label columns": (_mutated(lambda a: a.update(labelTrn=np.hstack([a["labelTrn"]] * 2))),
+                          ["labelTrn has shape (107, 2)", "one label per trial"]),
     "nan image": (_mutated(_set("stimTrn", np.nan)), ["stimTrn", "NaN or Inf"]),
     "text labels": (_mutated(lambda a: a.update(labelTest=np.array([f"c{v}" for v in a["labelTest"].ravel()]))),
                     ["labelTest", "expected real numbers"]),
