@@ -1140,15 +1140,24 @@ def check_same_data(ckpt: dict, data: MiyawakiData, path: Path, script: str) -> 
             f"{data.source} ({data.n_voxels} voxels); rerun `python {script} --data {data.source}`")
 
 
+def json_ready(obj):
+    """``obj`` with numpy scalars and arrays as Python values, paths as text, and NaN / Inf as
+    None (null): strict JSON has no NaN, so an undefined number (e.g. a 2-way score without a
+    rival) reads as null in every JSON reader."""
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return str(obj) if isinstance(obj, Path) else obj
+
+
 def save_json(obj: dict, path: Path) -> None:
-    """Atomically write JSON (numpy scalars and arrays converted)."""
-    def default(o):
-        if isinstance(o, (np.generic, np.ndarray)):
-            return o.tolist()
-        if isinstance(o, Path):
-            return str(o)
-        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-    save_text(json.dumps(obj, indent=2, default=default), path)
+    """Atomically write ``obj`` as strict JSON (``json_ready``)."""
+    save_text(json.dumps(json_ready(obj), indent=2, allow_nan=False), path)
 
 
 def write_summary(out: Path) -> Path:

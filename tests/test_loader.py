@@ -3,12 +3,14 @@
 import functools
 import hashlib
 import http.server
+import json
 import os
 import re
 import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -286,6 +288,19 @@ def test_bad_checkpoint_refused(case, tmp_path):
     assert str(path) in msg and "python make_it.py" in msg and "\n" not in msg
     for word in words:
         assert word in msg
+
+
+def test_result_json_is_strict_with_undefined_numbers_as_null(tmp_path):
+    """NaN / Inf (an undefined score, e.g. a 2-way score with one test trial) are written as null:
+    strict JSON readers refuse Python's bare NaN."""
+    def refuse(constant):
+        raise ValueError(f"{constant} in JSON")
+    obj = {"two_way": float("nan"), "per_trial": np.array([[0.5, np.inf]]), "top1": np.float32(1),
+           "n": np.int64(3), "ok": np.bool_(True), "out": Path("x"), "seeds": (0, 1)}
+    L.save_json(obj, tmp_path / "m.json")
+    assert json.loads((tmp_path / "m.json").read_text(), parse_constant=refuse) == {
+        "two_way": None, "per_trial": [[0.5, None]], "top1": 1.0, "n": 3, "ok": True, "out": "x",
+        "seeds": [0, 1]}
 
 
 def test_atomic_writes_get_the_usual_file_mode(tmp_path):
