@@ -902,6 +902,12 @@ def check_options(cfg):
     return cfg
 
 
+def chance_text(p: float) -> str:
+    """A chance level for a log line or a title, to two significant digits (0.05, 0.25, 0.005,
+    0.0022): two fixed decimals would read 0.01 for 200 candidates and 0.00 for 460."""
+    return f"{p:.2g}"
+
+
 def check_unused(cfg, names, where: str) -> None:
     """OptionError for the first field of ``names`` that ``cfg`` sets away from its class's default
     although it has no effect in this run (``where``: when it applies), naming the flag as typed

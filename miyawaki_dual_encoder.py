@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, CheckpointError, Fold,
                                      generator_device, rand_on, SEED_METADATA,
                                      FromCheckpointHint, MiyawakiData, OptionError, RidgeBaseline,
-                                     ScriptOptions, bf16_autocast, uses_bf16,
+                                     ScriptOptions, bf16_autocast, uses_bf16, chance_text,
                                      Trials, add_config_args, check_finite, check_options,
                                      check_same_data, config_dict, identification_ranks, load_checkpoint,
                                      one_cycle, one_line, parse_config, prepare_out_dir, rank_summary,
@@ -863,7 +863,7 @@ def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.d
             msg = f"epoch {epoch} | loss {history['train_loss'][-1]:.3f}"
             if len(val_idx):
                 msg += (f" | val loss {history['val_loss'][-1]:.3f} | val id@1 "
-                        f"{history['val_top1'][-1]:.2f} (chance {1 / len(cand):.2f})")
+                        f"{history['val_top1'][-1]:.2f} (chance {chance_text(1 / len(cand))})")
             tqdm.write(msg)
     return model.eval(), history
 
@@ -1068,7 +1068,7 @@ def plot_training_curves(history: dict, chance: float) -> Figure:
     if validation:
         axes[0].plot(ep, history["val_loss"], label="validation")
         axes[1].plot(ep, history["val_top1"], label="validation top-1")
-        axes[1].axhline(chance, color="gray", ls="--", label=f"chance {chance:.2f}")
+        axes[1].axhline(chance, color="gray", ls="--", label=f"chance {chance_text(chance)}")
         axes[1].set(xlabel="epoch", ylabel="top-1", ylim=(0, 1.02),
                     title=f"Identification from fMRI only, {round(1 / chance)}-way (validation)")
         axes[1].legend()
@@ -1122,7 +1122,7 @@ def main(argv: list[str] | ScriptConfig | None = None) -> dict:
                "n_validation": history["n_validation"], "n_test": len(ranks),
                **rank_summary(ranks, k), "noise_control": cfg.noise_control,
                "train_seconds": seconds, "bf16_autocast": uses_bf16(device, cfg.bf16)}
-    print(f"S1 identification from fMRI only: top-1 {metrics['top1']:.2f} (chance {1 / k:.2f}), "
+    print(f"S1 identification from fMRI only: top-1 {metrics['top1']:.2f} (chance {chance_text(1 / k)}), "
           f"top-5 {metrics['top5']:.2f}, mean rank {metrics['mean_rank']:.1f} of {k}"
           f"{' [NOISE CONTROL]' if cfg.noise_control else ''} | {seconds:.1f} s on {device}"
           f"{', bfloat16' if metrics['bf16_autocast'] else ', float32'}")

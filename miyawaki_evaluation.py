@@ -41,7 +41,7 @@ from miyawaki_dataset_loader import (GRID, IMAGE_SIDE, MAX_SEED, METRICS, RIDGE_
                                      MeanImageBaseline, MiyawakiData, OptionError, RidgeBaseline,
                                      ScriptOptions, Trials, add_config_args, chance_levels, check_options,
                                      condition_accuracy, condition_name, config_dict, cosine_scores, evaluating,
-                                     file_sha256, check_unused,
+                                     file_sha256, check_unused, chance_text,
                                      fold_means, identification_ranks, identification_scores,
                                      identification_summary, identified_labels,
                                      image_to_fmri_summary, majority_rate, mean_rank,
@@ -454,7 +454,7 @@ def plot_correlation_analysis(sim, true_ids, title="", score_label="cosine simil
     ax2.set(xlabel="test trial (true image id)", ylabel=f"rank of true image (1 = best of {k})",
             ylim=(0, k + 0.5),
             title=f"Identification rank: top-1 {np.mean(ranks == 1):.2f}, top-5 "
-                  f"{np.mean(ranks <= 5):.2f} (chance {1 / k:.2f} / {min(5, k) / k:.2f})")
+                  f"{np.mean(ranks <= 5):.2f} (chance {chance_text(1 / k)} / {chance_text(min(5, k) / k)})")
     ax2.yaxis.set_major_locator(MaxNLocator(integer=True))
     handles, _ = ax2.get_legend_handles_labels()
     handles += [Patch(color=c, label=t) for c, t in
@@ -501,7 +501,7 @@ def print_checkpoint_summary(result: dict) -> None:
     k, n = ident["n_candidates"], result["n_test"]
     print(f"S1 fMRI->image identification (fMRI only, {k}-way): top-1 {ident['top1']:.3f} "
           f"(chance {ident['chance_top1']:.3f}), top-5 {ident['top5']:.3f} (chance "
-          f"{ident['chance_top5']:.2f}), mean rank {ident['mean_rank']:.2f} (chance "
+          f"{chance_text(ident['chance_top5'])}), mean rank {ident['mean_rank']:.2f} (chance "
           f"{ident['chance_mean_rank']:.1f})")
     print(f"S1 image->fMRI ({ident['image_to_fmri_n_queries']} images rank {n} test trials): top-1 "
           f"{ident['image_to_fmri_top1']:.3f} (chance {ident['image_to_fmri_chance_top1']:.3f}), "
@@ -620,11 +620,11 @@ def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
         "miyawaki_latent_space_tsne.png": plot_latent_space(
             xy[:n], test.labels, test.image_ids, xy[n:n + k], fold.unique_labels, xy[n + k:],
             fold.train.labels, title=f"Joint t-SNE of fMRI-only and image embeddings (S1 test: top-1 "
-                                     f"{ident['top1']:.2f}, chance {1 / k:.2f})"),
+                                     f"{ident['top1']:.2f}, chance {chance_text(1 / k)})"),
         "miyawaki_similarity_matrix.png": plot_similarity_matrix(
             sim, test.image_ids, fold.unique_images, fold.unique_labels,
             title=f"S1 test trials from fMRI only vs {k} candidate images (top-1 {ident['top1']:.2f}, "
-                  f"chance {1 / k:.2f})", score_label=label),
+                  f"chance {chance_text(1 / k)})", score_label=label),
         "miyawaki_correlation_analysis.png": plot_correlation_analysis(
             sim, test.image_ids, "S1 test trials, from fMRI only", label)}
     for name, fig in figures.items():
