@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import threadpoolctl
 import torch
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
@@ -83,9 +84,8 @@ METHOD_TITLES = {
 ABLATIONS = {"dual_encoder_embedding_only": {"readout_weight": 0.0, "encoding_weight": 0.0},
              "dual_encoder_ridge_readout": {"readout_model": "ridge"}}
 ORACLE_LABEL = "ORACLE: uses the true test image as a model input; not a decoding result"
-IMAGE_LATENT_NOTE = ("4-way condition of each test trial from its own image's latent (kNN among the "
+IMAGE_LATENT_NOTE = ("condition of each test trial from its own image's latent (kNN among the "
                      "training images' latents): uses the image, not a decoding number")
-CONDITION_COLOURS = {2: "tab:blue", 3: "tab:orange", 4: "tab:green", 5: "tab:red"}
 
 
 # --------------------------------------------------------------------------- classic baselines
@@ -357,33 +357,34 @@ def tsne_map(points: np.ndarray, seed: int = 0, perplexity: float = 30.0) -> np.
     return tsne.fit_transform(np.asarray(points, np.float64))
 
 
-def _condition_colour(label) -> str:
-    return CONDITION_COLOURS.get(int(label), "tab:gray")
-
-
 def plot_latent_space(test_xy, test_labels, test_ids, image_xy, image_labels, train_xy=None,
                       train_labels=None, title="") -> Figure:
     """Joint t-SNE map: test-trial fMRI embeddings (circles, ``N x 2``) joined to their true image's
     embedding (squares numbered by image id, ``K x 2``); optional training-trial fMRI embeddings
-    (small dots). Colour = condition."""
+    (small dots). Colour = condition, one per label of the file (tab10, tab20 beyond 10 labels:
+    Miyawaki's 2-5 are blue, orange, green, red)."""
+    present = [image_labels, test_labels, [] if train_labels is None else train_labels]
+    order = sorted({int(c) for labels in present for c in np.asarray(labels).ravel()})
+    cmap = colormaps["tab10" if len(order) <= 10 else "tab20"]
+    colour = {c: cmap(i % cmap.N) for i, c in enumerate(order)}
     fig = Figure(figsize=(8, 7))
     ax = fig.add_subplot()
     if train_xy is not None:
         ax.scatter(train_xy[:, 0], train_xy[:, 1], s=10, alpha=0.3,
-                   c=[_condition_colour(c) for c in train_labels], label="fMRI, training trials")
+                   c=[colour[int(c)] for c in train_labels], label="fMRI, training trials")
     for (x, y), k in zip(test_xy, test_ids):
         ax.plot([x, image_xy[k, 0]], [y, image_xy[k, 1]], color="0.5", lw=0.8, zorder=1)
-    ax.scatter(test_xy[:, 0], test_xy[:, 1], s=60, c=[_condition_colour(c) for c in test_labels],
+    ax.scatter(test_xy[:, 0], test_xy[:, 1], s=60, c=[colour[int(c)] for c in test_labels],
                edgecolors="k", zorder=3, label="fMRI, test trials (line to true image)")
     ax.scatter(image_xy[:, 0], image_xy[:, 1], s=150, marker="s", zorder=2, edgecolors="k",
-               c=[_condition_colour(c) for c in image_labels], alpha=0.8,
+               c=[colour[int(c)] for c in image_labels], alpha=0.8,
                label="image embeddings (number = image id)")
     for k, (x, y) in enumerate(image_xy):
         ax.annotate(str(k), (x, y), ha="center", va="center", fontsize=7, color="w", zorder=4,
                     fontweight="bold")
     handles, labels = ax.get_legend_handles_labels()
     for c in sorted(set(np.asarray(image_labels).tolist())):
-        handles.append(ax.scatter([], [], color=_condition_colour(c), marker="o"))
+        handles.append(ax.scatter([], [], color=colour[c], marker="o"))
         labels.append(condition_name(c, image_labels))
     ax.legend(handles, labels, fontsize=8, loc="best")
     ax.set(xlabel="t-SNE 1", ylabel="t-SNE 2", title=title or "Joint t-SNE of fMRI and image embeddings")
@@ -508,7 +509,7 @@ def print_checkpoint_summary(result: dict) -> None:
           f"mean rank {ident['image_to_fmri_mean_rank']:.2f}")
     print(f"S1 {n}-way retrieval among test trials: top-1 {r12['top1']:.3f} "
           f"(chance {r12['chance_top1']:.3f})")
-    print(f"S1 4-way condition (kNN k={cond['k']}): fMRI latent {cond['fmri_latent']:.3f}, fMRI "
+    print(f"S1 {round(1 / cond['uniform_chance'])}-way condition (kNN k={cond['k']}): fMRI latent {cond['fmri_latent']:.3f}, fMRI "
           f"correlation embedding {cond['correlation']:.3f} | majority rate {cond['majority_rate']:.3f}")
     print(f"S1 ridge baseline for reference: top-1 {ridge['top1']:.3f}, top-5 {ridge['top5']:.3f}")
 

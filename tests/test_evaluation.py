@@ -112,6 +112,20 @@ def test_tsne_works_on_12_points_and_figures_are_figures():
     assert isinstance(E.plot_correlation_analysis(sim, ids[:4]), Figure)
 
 
+def test_latent_space_colours_every_condition_of_the_file():
+    """Each condition of a file gets its own colour, not only Miyawaki's 2-5 (a 10-label file's
+    images were all grey but two); Miyawaki's keep blue, orange, green, red."""
+    from matplotlib.colors import to_rgba
+    xy = np.random.default_rng(0).normal(size=(14, 2))
+    for image_labels, wanted in ((np.arange(10), 10), (np.array([2, 3, 4, 5]), 4)):
+        k = len(image_labels)
+        fig = E.plot_latent_space(xy[:4], image_labels[:4], np.arange(4), xy[4:4 + k], image_labels)
+        squares = fig.axes[0].collections[1].get_facecolors()[:, :3]   # the image embeddings
+        assert len(np.unique(squares.round(6), axis=0)) == wanted
+    miyawaki = [to_rgba(c)[:3] for c in ("tab:blue", "tab:orange", "tab:green", "tab:red")]
+    np.testing.assert_allclose(squares, miyawaki)
+
+
 # --------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
