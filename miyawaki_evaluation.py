@@ -642,6 +642,13 @@ def permuted_trials(train: Trials, rng: np.random.Generator) -> Trials:
     return replace(train, fmri=train.fmri[rng.permutation(len(train))])
 
 
+def mean_sd(stats: dict, digits: int = 3) -> str:
+    """``aggregate``'s mean ± std as text; the mean alone where the std is undefined (one test
+    trial)."""
+    text = f"{stats['mean']:.{digits}f}"
+    return text if stats["std"] is None else f"{text} ± {stats['std']:.{digits}f}"
+
+
 def aggregate(values: np.ndarray, trial_values: np.ndarray | None = None) -> dict:
     """Summarise one metric of one method. values ``F x S``: fold means for F folds and S seeds
     (S = 1 for deterministic methods); trial_values: the per-trial values of the single fold.
@@ -659,7 +666,7 @@ def aggregate(values: np.ndarray, trial_values: np.ndarray | None = None) -> dic
     else:
         t = np.asarray(trial_values, np.float64)
         t = t[~np.isnan(t)]
-        out.update(std=float(t.std(ddof=1)) if len(t) > 1 else 0.0, std_over="trials")
+        out.update(std=float(t.std(ddof=1)) if len(t) > 1 else None, std_over="trials")  # None: one trial
     if values.shape[1] > 1:
         out["std_seeds"] = float(values.mean(axis=0).std(ddof=1))
     out["per_fold"] = per_fold.tolist()
@@ -697,7 +704,7 @@ def benchmark_markdown(result: dict) -> str:
                 cells.append("–")
                 continue
             d = 4 if metric == "mse" else 3
-            cell = f"{m[metric]['mean']:.{d}f} ± {m[metric]['std']:.{d}f}"
+            cell = mean_sd(m[metric], d)
             if "std_seeds" in m[metric]:
                 cell += f" (seeds ± {m[metric]['std_seeds']:.{d}f})"
             cells.append(cell)
@@ -716,8 +723,7 @@ def benchmark_markdown(result: dict) -> str:
               "neighbour vote); the dual encoder uses a kNN vote on the fMRI-only correlation "
               f"embeddings of the training trials (k={result['config']['knn_k']})"
               + "".join(f"; {METHOD_TITLES[n]}, condition of the top-1 image: "
-                        f"{result['methods'][n]['condition_top1']['mean']:.3f} ± "
-                        f"{result['methods'][n]['condition_top1']['std']:.3f}"
+                        f"{mean_sd(result['methods'][n]['condition_top1'])}"
                         for n in ("dual_encoder", "dual_encoder_permuted") if n in result["methods"])
               + ".",
               "Two-way pool: " + ("all trials (S3)." if result["protocol"] == "s3" else
@@ -756,8 +762,7 @@ def benchmark_markdown(result: dict) -> str:
     if gates:
         lines += ["", "Novelty gate (the decoders' P(new image) from each test trial's fMRI; near 1 "
                   "the output leans on the linear anchor, near 0 it is the decoder's sample), mean "
-                  "over test trials: " + ", ".join(f"{METHOD_TITLES.get(n, n)} {g['mean']:.3f} ± "
-                                                   f"{g['std']:.3f}" for n, g in gates.items()) + "."]
+                  "over test trials: " + ", ".join(f"{METHOD_TITLES.get(n, n)} {mean_sd(g)}" for n, g in gates.items()) + "."]
     novel = {n: m["closer_than_train"]["mean"] for n, m in result["methods"].items()
              if "closer_than_train" in m}
     if novel:
@@ -1005,7 +1010,7 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
         gallery.unlink(missing_ok=True)
     for name in methods:
         m = methods[name]
-        print(f"{METHOD_TITLES.get(name, name):40s} top-1 {m['top1']['mean']:.3f} ± {m['top1']['std']:.3f}"
+        print(f"{METHOD_TITLES.get(name, name):40s} top-1 {mean_sd(m['top1'])}"
               f"  top-5 {m['top5']['mean']:.3f}  condition {m['condition']['mean']:.3f}")
     print(f"chance: top-1 {result['chance']['top1']:.3f}, top-5 {result['chance']['top5']:.3f} | dual encoder "
           f"{result['dual_encoder_seconds_per_fit']:.1f} s per fit | total {seconds['total']:.0f} s")

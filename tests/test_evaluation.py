@@ -85,6 +85,8 @@ def test_aggregate_sd_over_folds_seeds_or_trials_and_paired_counts():
     assert s["std_over"] == "seeds" and s["std"] == pytest.approx(0.2)
     t = E.aggregate(np.array([[0.5]]), np.array([0.0, 1.0, np.nan]))
     assert t["std_over"] == "trials" and t["std"] == pytest.approx(np.std([0, 1], ddof=1))
+    one = E.aggregate(np.array([[1.0]]), np.array([1.0]))        # one test trial: no spread
+    assert one["std"] is None and E.mean_sd(one) == "1.000" and E.mean_sd(t) == "0.500 ± 0.707"
     methods = {"ridge": {"top1": {"per_fold": [0.5, 0.5, 1.0]}},
                "x": {"top1": {"per_fold": [0.6, 0.5, 0.0]}}}
     assert E.paired_vs_reference(methods)["x"] == {"mean_diff": pytest.approx(-0.3), "wins": 1,
