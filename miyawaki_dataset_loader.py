@@ -1209,7 +1209,7 @@ def write_summary(out: Path) -> Path:
         c = ev["condition_accuracy"]
         lines.append(f"| condition from the fMRI embedding (kNN) | {fmt(c['correlation'])} | "
                      f"{fmt(c['uniform_chance'])} (majority {fmt(c['majority_rate'])}) | "
-                     f"{fmt(ridge.get('condition'))} |")
+                     f"{fmt(ridge.get('condition'))} (its top-1 image's) |")
     if gen:
         for name, title in (("diffusion", "diffusion decoder"), ("gan", "GAN decoder")):
             g = gen[name]
