@@ -836,8 +836,9 @@ def native_bf16(device: torch.device | str) -> bool:
     if device.type != "cpu":
         return False
     try:
+        cpu = torch.cpu
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()
-                    and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()))
+                    and (cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported()))
     except (AttributeError, RuntimeError):     # a build without these checks: float32
         return False
 

@@ -1122,7 +1122,8 @@ def main(argv: list[str] | ScriptConfig | None = None) -> dict:
                "n_validation": history["n_validation"], "n_test": len(ranks),
                **rank_summary(ranks, k), "noise_control": cfg.noise_control,
                "train_seconds": seconds, "bf16_autocast": uses_bf16(device, cfg.bf16)}
-    print(f"S1 identification from fMRI only: top-1 {metrics['top1']:.2f} (chance {chance_text(1 / k)}), "
+    print(f"S1 identification from fMRI only: top-1 {metrics['top1']:.2f} "
+          f"(chance {chance_text(1 / k)}), "
           f"top-5 {metrics['top5']:.2f}, mean rank {metrics['mean_rank']:.1f} of {k}"
           f"{' [NOISE CONTROL]' if cfg.noise_control else ''} | {seconds:.1f} s on {device}"
           f"{', bfloat16' if metrics['bf16_autocast'] else ', float32'}")

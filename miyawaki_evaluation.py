@@ -455,7 +455,8 @@ def plot_correlation_analysis(sim, true_ids, title="", score_label="cosine simil
     ax2.set(xlabel="test trial (true image id)", ylabel=f"rank of true image (1 = best of {k})",
             ylim=(0, k + 0.5),
             title=f"Identification rank: top-1 {np.mean(ranks == 1):.2f}, top-5 "
-                  f"{np.mean(ranks <= 5):.2f} (chance {chance_text(1 / k)} / {chance_text(min(5, k) / k)})")
+                  f"{np.mean(ranks <= 5):.2f} (chance {chance_text(1 / k)} / "
+                  f"{chance_text(min(5, k) / k)})")
     ax2.yaxis.set_major_locator(MaxNLocator(integer=True))
     handles, _ = ax2.get_legend_handles_labels()
     handles += [Patch(color=c, label=t) for c, t in
@@ -509,7 +510,8 @@ def print_checkpoint_summary(result: dict) -> None:
           f"mean rank {ident['image_to_fmri_mean_rank']:.2f}")
     print(f"S1 {n}-way retrieval among test trials: top-1 {r12['top1']:.3f} "
           f"(chance {r12['chance_top1']:.3f})")
-    print(f"S1 {round(1 / cond['uniform_chance'])}-way condition (kNN k={cond['k']}): fMRI latent {cond['fmri_latent']:.3f}, fMRI "
+    print(f"S1 {round(1 / cond['uniform_chance'])}-way condition (kNN k={cond['k']}): fMRI latent "
+          f"{cond['fmri_latent']:.3f}, fMRI "
           f"correlation embedding {cond['correlation']:.3f} | majority rate {cond['majority_rate']:.3f}")
     print(f"S1 ridge baseline for reference: top-1 {ridge['top1']:.3f}, top-5 {ridge['top5']:.3f}")
 
@@ -666,7 +668,8 @@ def aggregate(values: np.ndarray, trial_values: np.ndarray | None = None) -> dic
     else:
         t = np.asarray(trial_values, np.float64)
         t = t[~np.isnan(t)]
-        out.update(std=float(t.std(ddof=1)) if len(t) > 1 else None, std_over="trials")  # None: one trial
+        # one trial has no spread: None
+        out.update(std=float(t.std(ddof=1)) if len(t) > 1 else None, std_over="trials")
     if values.shape[1] > 1:
         out["std_seeds"] = float(values.mean(axis=0).std(ddof=1))
     out["per_fold"] = per_fold.tolist()
@@ -762,7 +765,8 @@ def benchmark_markdown(result: dict) -> str:
     if gates:
         lines += ["", "Novelty gate (the decoders' P(new image) from each test trial's fMRI; near 1 "
                   "the output leans on the linear anchor, near 0 it is the decoder's sample), mean "
-                  "over test trials: " + ", ".join(f"{METHOD_TITLES.get(n, n)} {mean_sd(g)}" for n, g in gates.items()) + "."]
+                  "over test trials: "
+                  + ", ".join(f"{METHOD_TITLES.get(n, n)} {mean_sd(g)}" for n, g in gates.items()) + "."]
     novel = {n: m["closer_than_train"]["mean"] for n, m in result["methods"].items()
              if "closer_than_train" in m}
     if novel:

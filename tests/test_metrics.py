@@ -142,4 +142,5 @@ def test_condition_helpers():
 def test_chance_levels_print_to_two_significant_digits():
     """A 200-way or 460-way chance level (a file of other images, the random-image session) does
     not print as 0.01 or 0.00; Miyawaki's 20-way levels print as before."""
-    assert [L.chance_text(1 / k) for k in (2, 4, 20, 200, 460)] == ["0.5", "0.25", "0.05", "0.005", "0.0022"]
+    assert [L.chance_text(1 / k) for k in (2, 4, 20, 200, 460)] == ["0.5", "0.25", "0.05", "0.005",
+                                                                     "0.0022"]
