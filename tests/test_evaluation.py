@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import scipy.io
+import threadpoolctl
 import torch
 from matplotlib.figure import Figure
 
@@ -302,6 +303,15 @@ def test_benchmark_workers_give_the_same_numbers_as_one_process(tmp_path, monkey
             assert pooled["methods"][method][metric]["per_fold"] == m["per_fold"], (method, metric)
     with pytest.raises(SystemExit):
         E.parse_args(["--protocol", "s3", "--workers", "0"])
+
+
+def test_benchmark_workers_run_blas_on_their_share_of_threads():
+    """A worker's numpy / scipy BLAS runs on the worker's threads, not on one per core (the tests
+    set 1 thread by environment, so 2 shows the limit at work)."""
+    with E.multiprocessing.get_context("spawn").Pool(1, E.worker_threads, (2,)) as pool:
+        info = pool.apply(threadpoolctl.threadpool_info)
+    blas = [lib["num_threads"] for lib in info if lib["user_api"] == "blas"]
+    assert blas and set(blas) == {2}, info
 
 
 def test_generative_decoders_are_scored_from_fmri_only(sim):
