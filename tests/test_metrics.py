@@ -131,6 +131,22 @@ def test_reconstruction_metrics_scores_override_ranking():
     assert got["pixcorr"] == pytest.approx(1.0) and got["top1"] == 0.0
 
 
+def test_nearest_training_check_scores_the_clipped_reconstruction(sim):
+    """docs/PROTOCOL.md's nearest-training-image check reads a reconstruction clipped to [0, 1], as
+    every protocol metric does: out-of-range spikes on the background of the never-seen image
+    itself change nothing (it is closer to itself than to any training image)."""
+    name, tr, te = L.splits("s3", sim)[4]
+    fold = sim.fold(tr, te, name)
+    true = fold.test.images
+    spiked = true.copy().reshape(len(true), -1)
+    background = np.flatnonzero(spiked[0] == 0)[::7]
+    spiked[:, background] = -20.0                       # clipped to 0: the true image again
+    spiked = spiked.reshape(true.shape)
+    for got, want in zip(L.nearest_training_check(spiked, fold), L.nearest_training_check(true, fold)):
+        np.testing.assert_array_equal(got, want)
+    assert L.nearest_training_check(spiked, fold)[0].all()
+
+
 def test_condition_helpers():
     scores = np.array([[0.1, 0.9, 0.2], [0.8, 0.1, 0.1], [0.5, 0.5, 0.0]])
     labels = L.identified_labels(scores, np.array([2, 3, 5]))

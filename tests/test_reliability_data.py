@@ -72,6 +72,18 @@ def test_s2_tests_each_trial_once_per_seed(sim):
     assert not np.array_equal(folds[0][2], folds[5][2])  # the seeds give different splits
 
 
+def test_s2_folds_are_stratified_by_image(sim):
+    """Each S2 fold tests every image in proportion to its trials (stratified: each image's trials
+    spread over the 5 folds of a seed within one of each other), so every image of a fold's test
+    trials that is shown 5 times or more is also in its training trials."""
+    ids = sim.trials.image_ids
+    counts = np.bincount(ids)
+    for _, tr, te in L.splits("s2", sim):
+        per_fold = np.bincount(ids[te], minlength=len(counts))
+        assert np.all(per_fold >= counts // 5) and np.all(per_fold <= -(-counts // 5))
+        assert np.isin(ids[te][counts[ids[te]] >= 5], ids[tr]).all()
+
+
 def test_s3_holds_out_each_image_entirely(sim):
     folds = L.splits("s3", sim)
     assert len(folds) == 20
