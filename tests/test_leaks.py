@@ -285,6 +285,40 @@ def test_no_image_prior_of_an_s3_fold_holds_the_held_out_image(monkeypatch):
     assert sum(made) == 0 and sum(rejected) > 0
 
 
+def test_every_score_of_a_fold_s_fit_reads_the_trials_it_was_fitted_on(monkeypatch):
+    """In a benchmark fold the permutation control's kNN condition and its nested linear parts
+    read the control's shuffled trials, as its networks were fitted on, and the real fit's read
+    the real trials: a control scored with correctly paired trials would not be a control."""
+    data = make_simulated_dataset()
+    fitted, reads = {}, []                          # id(model) -> its training trials; scores
+
+    def fit(train, *args, **kwargs):
+        model, history = train_dual_encoder(train, *args, **kwargs)
+        fitted[id(model)] = train
+        return model, history
+
+    def read(name):
+        def wrapper(model, train, *args, **kwargs):
+            reads.append((name, model, train))
+            return real(model, train, *args, **kwargs)
+        real = getattr(E, name)
+        return wrapper
+
+    train_dual_encoder = E.train_dual_encoder
+    monkeypatch.setattr(E, "train_dual_encoder", fit)
+    for name in ("embedding_fold_metrics", "with_setting"):
+        monkeypatch.setattr(E, name, read(name))
+    cfg = replace(BENCHMARK, seeds=(0,), nested=True, protocol="s3")
+    E.benchmark_fold(cfg, data, (data.trials.images, data.trials.image_ids), torch.device("cpu"),
+                     (3, *splits("s3", data)[3]))
+    assert len(fitted) == 2                                     # the real fit and the control
+    for model_id, train in fitted.items():
+        names = [name for name, model, _ in reads if id(model) == model_id]
+        assert {"embedding_fold_metrics", "with_setting"} <= set(names)
+    for name, model, train in reads:
+        assert train is fitted[id(model)], name
+
+
 def test_permutation_control_sits_at_chance_over_seeds():
     """The benchmark's control (training fMRI shuffled against images, scored by the benchmark's
     embedding_fold_metrics) identifies S1 test trials at chance for each of three seeds."""
