@@ -326,6 +326,7 @@ def test_script_reports_the_zero_shot_check_where_the_test_images_are_new(tmp_pa
     saved = json.loads((tmp_path / "miyawaki_generation.json").read_text())
     for name in ("diffusion", "gan"):
         assert 0 <= saved[name]["closer_than_train"] <= 1
+    assert saved["image_prior"]["n_excluded_images"] == 20    # the prior avoids the new figures
 
 
 def test_script_end_to_end_on_simulated_data(tmp_path):

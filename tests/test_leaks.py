@@ -260,9 +260,10 @@ def test_s3_decoders_do_not_depend_on_the_held_out_image():
 
 
 def test_no_image_prior_of_an_s3_fold_holds_the_held_out_image(monkeypatch):
-    """Every image prior built for an S3 fold's decoders (the anchor's, the out-of-fold anchors'
-    and the novelty gate's calibration read-outs', the decoders' own) leaves out the held-out
-    image, here image 7 (a "u", a turned "n": the priors make it, and the exclusion removes it)."""
+    """Every image prior built for an S3 fold's decoders by the benchmark's ``decode_fold`` (the
+    anchor's, the out-of-fold anchors' and the novelty gate's calibration read-outs', the
+    decoders' own) leaves out the held-out image, here image 7 (a "u", a turned "n": the priors
+    make it, and the exclusion removes it)."""
     data, k = make_simulated_dataset(), 7
     _, train_idx, test_idx = splits("s3", data)[k]
     fold = data.fold(train_idx, test_idx)
@@ -279,8 +280,7 @@ def test_no_image_prior_of_an_s3_fold_holds_the_held_out_image(monkeypatch):
     monkeypatch.setattr(D, "image_prior", recorded)                 # the read-outs' priors
     monkeypatch.setattr(G, "image_prior", recorded)                 # the decoders' own
     encoder = D.MiyawakiDualEncoder(data.n_voxels, config=D.DualEncoderConfig())  # embeddings only
-    G.training_set(encoder, fold.train, TINY_DECODERS, torch.device("cpu"),
-                   exclude=fold.test.images[fold.unseen_test])
+    G.decode_fold(encoder, fold, TINY_DECODERS, "cpu")           # what the S3 benchmark runs
     assert len(made) == 1 + TINY_DECODERS.anchor_folds + 5 + 1     # anchor, out-of-fold, gate, decoders
     assert sum(made) == 0 and sum(rejected) > 0
 
