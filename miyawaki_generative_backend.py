@@ -178,11 +178,15 @@ def contrast_stretch(images: torch.Tensor, t) -> torch.Tensor:
 
 def choose_stretch(anchors: np.ndarray, images: np.ndarray) -> float:
     """The contrast stretch t of ``STRETCHES`` under which out-of-fold anchors ``N x 1 x 28 x 28``
-    (``out_of_fold_readouts``) best match their trials' images (mean PixCorr, docs/PROTOCOL.md):
-    chosen per fit on training trials only, so binary figures get a steep stretch and grayscale
-    images a mild one or none."""
+    (``out_of_fold_readouts``) best match their trials' images (mean PixCorr, docs/PROTOCOL.md)
+    among the stretches that leave their MSE no higher than none does (PixCorr hardly sees the
+    grey levels a stretch moves: it would map a grey background to black): chosen per fit on
+    training trials only, so binary figures get a steep stretch and grayscale images a mild one
+    or none."""
     a, y = torch.as_tensor(anchors).flatten(1), np.asarray(images).reshape(len(images), -1)
-    score = [pearson_rows(contrast_stretch(a, t).numpy(), y).mean() for t in STRETCHES]
+    stretched = [contrast_stretch(a, t).numpy() for t in STRETCHES]
+    mse = [np.mean((s - y) ** 2, dtype=np.float64) for s in stretched]
+    score = [pearson_rows(s, y).mean() if m <= mse[0] else -np.inf for s, m in zip(stretched, mse)]
     return STRETCHES[int(np.argmax(score))]
 
 

@@ -553,8 +553,9 @@ def test_anchored_decoders_round_trip_and_need_their_anchor(tmp_path, sim):
 
 def test_output_stretch_is_chosen_per_fit_from_the_out_of_fold_anchors():
     """Hazy read-outs of binary figures (shrunk towards grey, noisy) get a steep contrast stretch;
-    read-outs of grayscale images that are right up to a little noise get none: the stretch comes
-    from the training trials, not from a constant tuned to the figures."""
+    read-outs of grayscale images that are right up to a little noise get none, and those of
+    figures on a grey background none that blackens it: the stretch comes from the training
+    trials, not from a constant tuned to the figures."""
     images, _ = L.figure_images()
     binary = np.stack([L.upsample_grid(im) for im in images])[:, None].astype(np.float32)
     rng = np.random.default_rng(0)
@@ -562,6 +563,14 @@ def test_output_stretch_is_chosen_per_fit_from_the_out_of_fold_anchors():
     gray = rng.uniform(0, 1, binary.shape)
     assert G.choose_stretch(hazy, binary) >= 0.2
     assert G.choose_stretch(gray + rng.normal(0, 0.02, gray.shape), gray) == 0.0
+    # figures on a grey background (0.3): clipping the background's noise at t = 0.3 would raise
+    # the PixCorr and map the background to black (an MSE several times the unstretched one)
+    grey_background = 0.3 + 0.6 * binary
+    noisy = grey_background + rng.normal(0, 0.1, binary.shape)
+    t = G.choose_stretch(noisy, grey_background)
+    mse = lambda t: np.mean((G.contrast_stretch(torch.as_tensor(noisy), t).numpy()  # noqa: E731
+                             - grey_background) ** 2)
+    assert mse(t) <= mse(0.0) < mse(0.3) / 3
 
 
 def test_likelihood_step_moves_samples_only_where_the_novelty_gate_opens():
