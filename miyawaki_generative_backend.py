@@ -1176,20 +1176,22 @@ def oracle_reconstruct(encoder: nn.Module, decoder: nn.Module, images: np.ndarra
 # --------------------------------------------------------------------------- figures
 def plot_generation(true: np.ndarray, recon: np.ndarray, title: str, image_ids: np.ndarray,
                     candidates: np.ndarray, labels: np.ndarray, gate: np.ndarray | None = None) -> Figure:
-    """For every trial a column: true image | reconstruction | reconstruction binarised at 0.5,
-    PixCorr with the true image in the panel titles; each column is named by its image (#id and
-    condition, from the candidates' ``labels``), and a reconstruction whose 20-way identification
-    (Pearson with the ``candidates``) misses is marked in red with the image it was taken for.
-    true, recon ``N x 1 x 28 x 28`` in [0, 1]; image_ids ``N`` index the candidates ``K x 1 x 28 x
-    28``; gate ``N``: the decoders' novelty gate (``novelty``), shown under each reconstruction."""
-    binary = (recon > 0.5).astype(np.float32)
+    """For every trial a column: true image | reconstruction | (binary images only) the
+    reconstruction binarised at 0.5, PixCorr with the true image in the panel titles; each column
+    is named by its image (#id and condition, from the candidates' ``labels``), and a
+    reconstruction whose K-way identification (Pearson with the ``candidates``) misses is marked
+    in red with the image it was taken for. true, recon ``N x 1 x 28 x 28`` in [0, 1]; image_ids
+    ``N`` index the candidates ``K x 1 x 28 x 28``; gate ``N``: the decoders' novelty gate
+    (``novelty``), shown under each reconstruction."""
     n = len(true)
     guess = identification_scores(recon, candidates).argmax(1)
     flat = lambda a: a.reshape(n, -1)  # noqa: E731
-    rows = [("true", true, None), ("recon", recon, pearson_rows(flat(recon), flat(true))),
-            ("binarised", binary, pearson_rows(flat(binary), flat(true)))]
-    fig = Figure(figsize=(1.25 * n, 4.4))
-    axes = fig.subplots(3, n, squeeze=False)
+    rows = [("true", true, None), ("recon", recon, pearson_rows(flat(recon), flat(true)))]
+    if np.isin(true, (0, 1)).all():           # figures: the binarised reconstruction too
+        binary = (recon > 0.5).astype(np.float32)
+        rows.append(("binarised", binary, pearson_rows(flat(binary), flat(true))))
+    fig = Figure(figsize=(1.25 * n, 1.6 * len(rows) + 0.6))
+    axes = fig.subplots(len(rows), n, squeeze=False, gridspec_kw={"hspace": 0.7})
     for r, (name, imgs, corr) in enumerate(rows):
         for i in range(n):
             ax = axes[r, i]

@@ -211,6 +211,17 @@ def encoder_record(tmp_path) -> dict:
     return {"encoder_checkpoint": str(path), "encoder_sha256": L.file_sha256(path)}
 
 
+def test_generation_figure_binarises_binary_images_only(sim):
+    """The reconstruction figure adds a row binarised at 0.5 for binary figures only: for
+    grayscale images (here the figures on a grey background) that row would mean nothing."""
+    fold = sim.s1()
+    ids, labels = fold.test.image_ids, fold.unique_labels
+    for scale, offset, n_rows in ((1.0, 0.0, 3), (0.6, 0.3, 2)):
+        true, candidates = (offset + scale * a for a in (fold.test.images, fold.unique_images))
+        fig = G.plot_generation(true, true[::-1].copy(), "title", ids, candidates, labels)
+        assert len(fig.axes) == n_rows * len(true)
+
+
 def test_checkpoint_round_trip_with_weights_only(tmp_path):
     diffusion = G.MiyawakiDiffusionDecoder(beta_schedule="linear", guidance_scale=2.0, **SMALL).eval()
     gan = G.MiyawakiGANDecoder(correlation_dim=16, noise_dim=8).eval()
