@@ -141,9 +141,7 @@ class MiyawakiData:
         """Split by trial indices; z-score fMRI with the training rows only (std 0 -> 1)."""
         train_idx, test_idx = np.asarray(train_idx), np.asarray(test_idx)
         train, test = self.trials.subset(train_idx), self.trials.subset(test_idx)
-        mean = train.fmri.mean(0)
-        std = train.fmri.std(0)
-        std = np.where(std > 0, std, 1.0).astype(np.float32)
+        mean, std = voxel_stats(train.fmri)
         train = Trials(standardize(train.fmri, mean, std), train.images, train.labels, train.image_ids)
         test = Trials(standardize(test.fmri, mean, std), test.images, test.labels, test.image_ids)
         meta = {"source": self.source, "fingerprint": self.fingerprint, "n_voxels": self.n_voxels,
@@ -155,6 +153,13 @@ class MiyawakiData:
         """The file's own split (protocol S1); DataError when one side of it is empty."""
         [(name, train_idx, test_idx)] = splits("s1", self)
         return self.fold(train_idx, test_idx, name)
+
+
+def voxel_stats(fmri: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-voxel mean and SD ``V`` of fMRI ``N x V`` (SD 0 -> 1): the z-scoring (``standardize``)
+    of every model and figure."""
+    std = fmri.std(0)
+    return fmri.mean(0), np.where(std > 0, std, 1.0).astype(np.float32)
 
 
 def standardize(fmri: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -1271,8 +1276,10 @@ def plot_unique_images(images: np.ndarray, labels: np.ndarray, counts: np.ndarra
 
 
 def plot_fmri_correlation(fmri: np.ndarray, image_ids: np.ndarray, labels: np.ndarray) -> Figure:
-    """Pearson correlation between the mean fMRI patterns (``N x V``) of the K images, which are
-    ordered by condition (``labels`` ``K``)."""
+    """Pearson correlation between the mean fMRI patterns of the K images, which are ordered by
+    condition (``labels`` ``K``), from fMRI ``N x V`` z-scored per voxel over its N trials (raw
+    voxel baselines would make every pair of patterns correlate)."""
+    fmri = standardize(fmri, *voxel_stats(fmri))
     means = np.stack([fmri[image_ids == k].mean(0) for k in range(len(labels))])
     corr = pearson_matrix(means, means)
     fig = Figure(figsize=(6.5, 5.5))

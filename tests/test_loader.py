@@ -79,6 +79,16 @@ def test_a_file_with_its_own_labels_keeps_them_in_summaries_and_titles(tmp_path,
     assert fig.axes[0].get_yticklabels()[0].get_text() == "#0 label 0"
 
 
+def test_fmri_correlation_figure_z_scores_each_voxel(sim):
+    """Raw fMRI with a baseline per voxel gives the same pattern correlations as the z-scored
+    trials (the figure z-scores each voxel): the baselines alone would correlate every pair."""
+    fmri = sim.trials.fmri * 3 + np.random.default_rng(0).normal(0, 5, sim.n_voxels)
+    corr = [L.plot_fmri_correlation(f, sim.trials.image_ids, sim.unique_labels).axes[0].images[0]
+            .get_array() for f in (sim.trials.fmri, fmri)]
+    np.testing.assert_allclose(corr[1], corr[0], atol=1e-5)
+    assert np.abs(corr[0][~np.eye(len(corr[0]), dtype=bool)]).mean() < 0.5
+
+
 # --------------------------------------------------------------------------- bad input
 def _mutated(edit):
     """A bad-file maker that edits the simulated arrays before writing them."""
