@@ -691,6 +691,15 @@ def paired_vs_reference(methods: dict, reference: str = "ridge", metric: str = "
     return out
 
 
+def unseen_s2_note(n_unseen: int, n_test: int) -> str:
+    """The line an S2 run prints (and its markdown holds) when some test trials show an image
+    their fold's training trials do not."""
+    return (f"S2 note: {n_unseen} of the folds' {n_test} test trials show an image that no training "
+            f"trial of their fold shows (an image shown fewer times than S2 has folds): on those "
+            f"S2 tests never-seen images, as S3 does (their nearest-training-image check is "
+            f"closer_than_train)")
+
+
 def benchmark_markdown(result: dict) -> str:
     """The benchmark JSON as a markdown table with chance levels and paired differences."""
     p, ch = result["protocol"].upper(), result["chance"]
@@ -698,6 +707,8 @@ def benchmark_markdown(result: dict) -> str:
              f"Dual encoder: seeds {result['seeds']}, {result['config']['epochs']} epochs per fit, "
              f"trained on each fold's training trials (val_fraction 0). Baselines are deterministic "
              f"(once per fold). Wall time {result['seconds']['total']:.0f} s.", "",
+             *([unseen_s2_note(result["n_unseen_test_trials"], result["n_test_trials"]), ""]
+               if p == "S2" and result["n_unseen_test_trials"] else []),
              "| method | " + " | ".join(METRICS) + " | fit s |",
              "|---" * (len(METRICS) + 2) + "|"]
     for name, m in result["methods"].items():
@@ -719,7 +730,7 @@ def benchmark_markdown(result: dict) -> str:
     std_over = sorted({v["std_over"] for m in result["methods"].values() for v in m.values()})
     lines += ["", f"Mean over folds; ± = SD over {' / '.join(std_over)}"
               + (" (one split: baselines over its test trials, dual encoder over seeds)"
-                 if result["n_folds"] == 1 else "")
+                 if result["n_folds"] == 1 and len(result["seeds"]) > 1 else "")
               + "; for the dual encoder each fold's value is the mean over seeds and '(seeds ± x)' is "
               "the SD over seeds of the protocol mean.",
               "Condition: baselines use the condition of the top-1 identified image (kNN rows: "
@@ -936,6 +947,13 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
     out = prepare_out_dir(cfg.out_dir)
     if cfg.max_folds:
         folds = folds[:cfg.max_folds]
+    ids = data.trials.image_ids
+    # test trials whose image no training trial of their fold shows (all of S3's; in S2 those of
+    # images shown fewer times than it has folds): scored as never-seen images
+    n_unseen = sum(int((~np.isin(ids[test], ids[train])).sum()) for _, train, test in folds)
+    n_test = sum(len(test) for _, _, test in folds)
+    if cfg.protocol == "s2" and n_unseen:
+        print(unseen_s2_note(n_unseen, n_test))
     pool = (data.trials.images, data.trials.image_ids) if cfg.protocol == "s3" else None
     # method -> metric -> {fold: S fold means}; a metric of some folds only (closer_than_train:
     # folds with a never-seen test image) has those folds alone
@@ -979,7 +997,7 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
     result = {
         "protocol": cfg.protocol, "folds": [f[0] for f in folds], "n_folds": len(folds),
         "seeds": list(cfg.seeds), "data_source": data.source, "n_trials": len(data.trials),
-        "n_candidates": k,
+        "n_candidates": k, "n_test_trials": n_test, "n_unseen_test_trials": n_unseen,
         "chance": {**chance_levels(k),
                    "condition_uniform": 1 / len(np.unique(data.unique_labels)),
                    # of the test trials the folds score (S1: its 12; S2 / S3: every trial)

@@ -234,7 +234,10 @@ def test_s2_with_an_image_shown_once_averages_its_unseen_metric_over_its_folds(t
     assert ridge["closer_than_train"]["folds"] == [folds[1][0]]
     assert len(ridge["closer_than_train"]["per_fold"]) == 1
     assert result["n_candidates"] == 21                               # 20 figures and the new image
-    assert "ridge (21-way top-1)" in (tmp_path / "out" / "benchmark_s2.md").read_text()
+    assert result["n_unseen_test_trials"] == 1
+    assert result["n_test_trials"] == len(folds[0][2]) + len(folds[1][2])
+    md = (tmp_path / "out" / "benchmark_s2.md").read_text()
+    assert "ridge (21-way top-1)" in md and "S2 note: 1 of the folds'" in md
 
 
 def test_benchmark_s3_two_folds_writes_the_schema(tmp_path):

@@ -132,6 +132,15 @@ def test_s1_benchmark_reports_the_majority_rate_of_its_own_test_trials(two_runs)
     assert runs["miyawaki_evaluation.json"]["condition_accuracy"]["majority_rate"] == majority
 
 
+@pytest.mark.xdist_group("leaks_two_runs")   # shares a module fixture: one test process (make test)
+def test_s1_benchmark_of_one_seed_says_its_sd_is_over_trials(two_runs):
+    """With one split and one seed every ± of the S1 benchmark's table is an SD over test trials,
+    the dual encoder's too (with several seeds its ± is over seeds)."""
+    (runs, _), _ = two_runs
+    md = E.benchmark_markdown(runs["benchmark_s1.json"])
+    assert "± = SD over trials;" in md and "over seeds)" not in md
+
+
 def test_both_decoders_of_the_benchmark_reconstruct_from_fmri_only():
     data = make_simulated_dataset()
     fold = data.s1()
