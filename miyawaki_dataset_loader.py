@@ -704,8 +704,12 @@ def nearest_training_check(recon, fold: Fold) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fold_means(per_trial: dict) -> dict:
-    """{metric: N array} -> {metric: mean} for the (EXTRA_)METRICS present (nan entries ignored)."""
-    return {m: float(np.nanmean(per_trial[m])) for m in (*METRICS, *EXTRA_METRICS) if m in per_trial}
+    """{metric: N array} -> {metric: mean} for the (EXTRA_)METRICS present (nan entries ignored;
+    nan where every entry is: a 2-way score without rivals)."""
+    def mean(v):
+        v = np.asarray(v, np.float64)
+        return float(np.nan) if np.isnan(v).all() else float(np.nanmean(v))
+    return {m: mean(per_trial[m]) for m in (*METRICS, *EXTRA_METRICS) if m in per_trial}
 
 
 # --------------------------------------------------------------------------- the reference read-out
@@ -912,6 +916,12 @@ def chance_text(p: float) -> str:
     """A chance level for a log line or a title, to two significant digits (0.05, 0.25, 0.005,
     0.0022): two fixed decimals would read 0.01 for 200 candidates and 0.00 for 460."""
     return f"{p:.2g}"
+
+
+def value_text(v: float, digits: int = 3) -> str:
+    """A number for a log line, "undefined" where it is NaN (a 2-way score without rivals; the
+    image -> fMRI retrieval of test trials that show one image), as the JSONs' null."""
+    return "undefined" if np.isnan(v) else f"{v:.{digits}f}"
 
 
 def check_unused(cfg, names, where: str) -> None:

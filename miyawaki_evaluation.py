@@ -42,7 +42,7 @@ from miyawaki_dataset_loader import (GRID, IMAGE_SIDE, MAX_SEED, METRICS, RIDGE_
                                      MeanImageBaseline, MiyawakiData, OptionError, RidgeBaseline,
                                      ScriptOptions, Trials, add_config_args, chance_levels, check_options,
                                      condition_accuracy, condition_name, config_dict, cosine_scores, evaluating,
-                                     file_sha256, check_unused, chance_text,
+                                     file_sha256, check_unused, chance_text, value_text,
                                      fold_means, identification_ranks, identification_scores,
                                      identification_summary, identified_labels,
                                      image_to_fmri_summary, majority_rate, mean_rank,
@@ -505,9 +505,10 @@ def print_checkpoint_summary(result: dict) -> None:
           f"(chance {ident['chance_top1']:.3f}), top-5 {ident['top5']:.3f} (chance "
           f"{chance_text(ident['chance_top5'])}), mean rank {ident['mean_rank']:.2f} (chance "
           f"{ident['chance_mean_rank']:.1f})")
-    print(f"S1 image->fMRI ({ident['image_to_fmri_n_queries']} images rank {n} test trials): top-1 "
-          f"{ident['image_to_fmri_top1']:.3f} (chance {ident['image_to_fmri_chance_top1']:.3f}), "
-          f"mean rank {ident['image_to_fmri_mean_rank']:.2f}")
+    print(f"S1 image->fMRI ({ident['image_to_fmri_n_queries']} image(s) rank {n} test trial(s)): "
+          f"top-1 {value_text(ident['image_to_fmri_top1'])} (chance "
+          f"{value_text(ident['image_to_fmri_chance_top1'])}), mean rank "
+          f"{value_text(ident['image_to_fmri_mean_rank'], 2)}")
     print(f"S1 {n}-way retrieval among test trials: top-1 {r12['top1']:.3f} "
           f"(chance {r12['chance_top1']:.3f})")
     print(f"S1 {round(1 / cond['uniform_chance'])}-way condition (kNN k={cond['k']}): fMRI latent "

@@ -65,7 +65,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, CheckpointError, Fold,
-                                     check_unused, chance_text,
+                                     check_unused, chance_text, value_text,
                                      FromCheckpointHint, MeanImageBaseline, RidgeBaseline, condition_name,
                                      identification_scores, ScriptOptions, bf16_autocast, uses_bf16,
                                      Trials, add_config_args, check_finite, check_options,
@@ -1324,7 +1324,7 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
     for name in ("diffusion", "gan"):
         m = results[name]
         print(f"{name:9s} S1 from fMRI only: MSE {m['mse']:.4f} | PixCorr {m['pixcorr']:.3f} | "
-              f"SSIM {m['ssim']:.3f} | 2-way {m['two_way']:.3f} (chance 0.5) | top-1 {m['top1']:.2f} "
+              f"SSIM {m['ssim']:.3f} | 2-way {value_text(m['two_way'])} (chance 0.5) | top-1 {m['top1']:.2f} "
               f"(chance {chance_text(1 / k)}) | top-5 {m['top5']:.2f} | "
               + (f"closer to the true image than to any training image {m['closer_than_train']:.2f} | "
                  if "closer_than_train" in m else "")

@@ -2,6 +2,7 @@
 run on the simulated set (dual encoder -> evaluation) and the benchmark's JSON schema."""
 
 import json
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -204,6 +205,25 @@ def test_checkpoint_from_another_voxel_count_is_refused(trained, tmp_path):
     with pytest.raises(L.CheckpointError, match="967 voxels.*300 voxels.*miyawaki_dual_encoder.py"):
         E.main(["--device", "cpu", "--data", str(path), "--out-dir", str(tmp_path),
                 "--checkpoint", str(trained[0] / D.CHECKPOINT_NAME)])
+
+
+def test_a_file_with_one_test_trial_prints_undefined_numbers_as_undefined(tmp_path, mat_arrays,
+                                                                          write_mat, capsys):
+    """One test trial leaves the image -> fMRI retrieval and the decoders' 2-way score undefined:
+    the scripts print "undefined" (the JSONs hold null), not nan, and warn of no empty mean."""
+    arrays = {**mat_arrays, **{k: mat_arrays[k][:1] for k in ("fmriTest", "stimTest", "labelTest")}}
+    args = ["--device", "cpu", "--data", str(write_mat(tmp_path / "one.mat", arrays)),
+            "--out-dir", str(tmp_path / "out")]
+    D.main([*args, "--epochs", "2", "--mixup", "8"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        E.main(args)
+        G.main([*args, "--diffusion-steps", "3", "--gan-steps", "2", "--num-inference-steps", "2",
+                "--n-sample-grids", "0"])
+    out = capsys.readouterr().out
+    assert "nan" not in out
+    assert "S1 image->fMRI (1 image(s) rank 1 test trial(s)): top-1 undefined" in out
+    assert out.count("2-way undefined (chance 0.5)") == 2                  # diffusion, GAN
 
 
 def test_nested_inner_folds_mimic_the_fold():
