@@ -1168,7 +1168,9 @@ def oracle_reconstruct(encoder: nn.Module, decoder: nn.Module, images: np.ndarra
                        generator: torch.Generator | None = None) -> np.ndarray:
     """ORACLE decoding, conditioned on the true image's embedding (and, for an anchored decoder,
     the true image as its anchor; there is no fMRI, so no likelihood step) (``N x 1 x 28 x 28``
-    in and out): an upper bound of the decoder, never a decoding result."""
+    in and out): an upper bound of the decoder, never a decoding result. Where the novelty gate
+    reads that anchor as a new image (a test image absent from training) the output is the true
+    image, stretched, so it bounds the decoder only on images seen in training."""
     return _decode(encoder, encoder.encode_image, decoder,
                    image_batch(images, next(decoder.parameters()).device), lambda y: y, generator)
 
@@ -1295,8 +1297,10 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
         "n_test": len(test), "n_candidates": k,
         "chance": {"two_way": 0.5, "top1": 1 / k, "top5": min(5, k) / k},
         "diffusion": results["diffusion"], "gan": results["gan"], "mean_image_floor": floor,
-        "oracle": {"note": "ORACLE: conditioned on encode_image(true test image); not a decoding "
-                           "result", **oracle},
+        "oracle": {"note": "ORACLE: conditioned on encode_image(true test image), with the true "
+                           "image as an anchored decoder's anchor; not a decoding result (where the "
+                           "gate reads that anchor as a new image the output is the anchor itself, "
+                           "stretched, and bounds nothing)", **oracle},
         "novelty_gate": None if gate is None else {
             "note": "both decoders' P(new image) per test trial, from its fMRI (near 1: the output "
                     "leans on the anchor; near 0: the decoder's sample)",
