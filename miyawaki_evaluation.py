@@ -397,10 +397,11 @@ def plot_similarity_matrix(sim, true_ids, candidates, candidate_labels, title=""
                            score_label="cosine similarity") -> Figure:
     """Scores (``score_label``) of N test trials (rows) with K candidate images (columns,
     thumbnails on top); the true image is boxed, each row's top-1 pick dotted. sim ``N x K``;
-    candidates ``K x 1 x 28 x 28``; true_ids ``N``."""
+    candidates ``K x 1 x 28 x 28``; true_ids ``N``. At most 30 inches a side: past 40 candidates or
+    60 trials the axis keeps plain numbers instead of a label each (a file of hundreds of images)."""
     sim = np.asarray(sim)
     n, k = sim.shape
-    fig = Figure(figsize=(max(7.0, 0.45 * k + 2), max(4.0, 0.4 * n + 2.2)))
+    fig = Figure(figsize=(min(30.0, max(7.0, 0.45 * k + 2)), min(30.0, max(4.0, 0.4 * n + 2.2))))
     gs = fig.add_gridspec(2, 2, height_ratios=[1.1, n], width_ratios=[k, 0.6], hspace=0.02,
                           wspace=0.05)
     ax = fig.add_subplot(gs[1, 0])
@@ -420,8 +421,10 @@ def plot_similarity_matrix(sim, true_ids, candidates, candidate_labels, title=""
                linewidths=1.5, label="true image")
     ax.scatter(sim.argmax(1), np.arange(n), marker="o", s=14, color="w", edgecolors="k",
                label="top-1 pick")
-    ax.set_xticks(range(k), [f"{j}\n{int(candidate_labels[j])}" for j in range(k)], fontsize=7)
-    ax.set_yticks(range(n), [f"trial {i} (img {int(t)})" for i, t in enumerate(true_ids)], fontsize=7)
+    if k <= 40:
+        ax.set_xticks(range(k), [f"{j}\n{int(candidate_labels[j])}" for j in range(k)], fontsize=7)
+    if n <= 60:
+        ax.set_yticks(range(n), [f"trial {i} (img {int(t)})" for i, t in enumerate(true_ids)], fontsize=7)
     ax.set_xlabel("candidate image id / condition    (red box: true image, white dot: top-1 pick)")
     fig.colorbar(im, cax=cax, label=score_label)
     return fig
@@ -429,7 +432,8 @@ def plot_similarity_matrix(sim, true_ids, candidates, candidate_labels, title=""
 
 def plot_correlation_analysis(sim, true_ids, title="", score_label="cosine similarity") -> Figure:
     """Left: distribution of matched (true image) vs mismatched scores (``score_label``), sim
-    ``N x K``. Right: 20-way identification rank of each test trial, with top-1 / top-5 and chance."""
+    ``N x K``. Right: K-way identification rank of each test trial, with top-1 / top-5 and chance
+    (a label per trial up to 40 trials)."""
     sim = np.asarray(sim)
     n, k = sim.shape
     match = np.zeros_like(sim, dtype=bool)
@@ -451,7 +455,8 @@ def plot_correlation_analysis(sim, true_ids, title="", score_label="cosine simil
     ax2.bar(np.arange(n), ranks, color=colours)
     ax2.axhline((k + 1) / 2, color="k", ls="--", lw=1, label=f"chance mean rank {(k + 1) / 2:.1f}")
     ax2.axhline(5.5, color="tab:olive", ls=":", lw=1, label="top-5 boundary")
-    ax2.set_xticks(np.arange(n), [f"{i}\n({int(t)})" for i, t in enumerate(true_ids)], fontsize=7)
+    if n <= 40:
+        ax2.set_xticks(np.arange(n), [f"{i}\n({int(t)})" for i, t in enumerate(true_ids)], fontsize=7)
     ax2.set(xlabel="test trial (true image id)", ylabel=f"rank of true image (1 = best of {k})",
             ylim=(0, k + 0.5),
             title=f"Identification rank: top-1 {np.mean(ranks == 1):.2f}, top-5 "

@@ -114,6 +114,10 @@ def test_tsne_works_on_12_points_and_figures_are_figures():
     sim, cands = rng.uniform(-1, 1, (4, 8)), rng.random((8, 1, 28, 28))
     assert isinstance(E.plot_similarity_matrix(sim, ids[:4], cands, labels), Figure)
     assert isinstance(E.plot_correlation_analysis(sim, ids[:4]), Figure)
+    # a file of 300 images (30 test trials): a readable figure, not 300 labels on 16000 pixels
+    sim, cands, ids = rng.uniform(-1, 1, (30, 300)), rng.random((300, 1, 28, 28)), np.arange(30)
+    fig = E.plot_similarity_matrix(sim, ids, cands, np.zeros(300))
+    assert max(fig.get_size_inches()) <= 30 and len(fig.axes[0].get_xticklabels()) < 40
 
 
 def test_latent_space_colours_every_condition_of_the_file():
