@@ -424,7 +424,8 @@ def plot_similarity_matrix(sim, true_ids, candidates, candidate_labels, title=""
     if k <= 40:
         ax.set_xticks(range(k), [f"{j}\n{int(candidate_labels[j])}" for j in range(k)], fontsize=7)
     if n <= 60:
-        ax.set_yticks(range(n), [f"trial {i} (img {int(t)})" for i, t in enumerate(true_ids)], fontsize=7)
+        ax.set_yticks(range(n), [f"trial {i} (img {int(t)})" for i, t in enumerate(true_ids)],
+                      fontsize=7)
     ax.set_xlabel("candidate image id / condition    (red box: true image, white dot: top-1 pick)")
     fig.colorbar(im, cax=cax, label=score_label)
     return fig
@@ -953,10 +954,9 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
     out = prepare_out_dir(cfg.out_dir)
     if cfg.max_folds:
         folds = folds[:cfg.max_folds]
-    ids = data.trials.image_ids
     # test trials whose image no training trial of their fold shows (all of S3's; in S2 those of
     # images shown fewer times than it has folds): scored as never-seen images
-    n_unseen = sum(int((~np.isin(ids[test], ids[train])).sum()) for _, train, test in folds)
+    n_unseen = sum(int(data.fold(train, test).unseen_test.sum()) for _, train, test in folds)
     n_test = sum(len(test) for _, _, test in folds)
     if cfg.protocol == "s2" and n_unseen:
         print(unseen_s2_note(n_unseen, n_test))

@@ -1328,8 +1328,8 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
     for name in ("diffusion", "gan"):
         m = results[name]
         print(f"{name:9s} S1 from fMRI only: MSE {m['mse']:.4f} | PixCorr {m['pixcorr']:.3f} | "
-              f"SSIM {m['ssim']:.3f} | 2-way {value_text(m['two_way'])} (chance 0.5) | top-1 {m['top1']:.2f} "
-              f"(chance {chance_text(1 / k)}) | top-5 {m['top5']:.2f} | "
+              f"SSIM {m['ssim']:.3f} | 2-way {value_text(m['two_way'])} (chance 0.5) | "
+              f"top-1 {m['top1']:.2f} (chance {chance_text(1 / k)}) | top-5 {m['top5']:.2f} | "
               + (f"closer to the true image than to any training image {m['closer_than_train']:.2f} | "
                  if "closer_than_train" in m else "")
               + f"train {m['train_seconds']:.1f} s, "
