@@ -174,6 +174,86 @@ def test_samplers_are_deterministic_given_the_generator():
                        gan.sample(c, torch.Generator().manual_seed(0)))
 
 
+def test_guidance_mixes_the_conditional_and_the_null_condition_s_noise():
+    """Classifier-free guidance: eps_u + w (eps_c - eps_u), eps_u from the zero (null) condition."""
+    model = G.MiyawakiDiffusionDecoder(**SMALL).eval()
+    x, t, c = torch.randn(4, 784), torch.full((4,), 500), unit(4)
+    with torch.no_grad():
+        eps_c, eps_u = (model.noise_estimate(x, t, cond) for cond in (c, torch.zeros_like(c)))
+        for w in (1.0, 3.0):
+            torch.testing.assert_close(model.predict_noise(x, t, c, w), eps_u + w * (eps_c - eps_u))
+
+
+def test_ddim_from_the_anchor_is_the_deterministic_ddim_chain():
+    """DDIM from an anchor at s = 0.15 (ceil(0.15 x 20) = 3 steps), with and without a
+    likelihood: the first denoiser call sees the anchor noised to t = round(0.15 (T - 1)) with the
+    generator's first draw; every step is the eta = 0 update from the x_0 estimate clipped to
+    [-1, 1] (the denoiser is pushed past it); the likelihood step runs at every step but the
+    last; the output is the last x_0 estimate."""
+    model = G.MiyawakiDiffusionDecoder(anchor_voxels=8, init_strength=0.15, num_inference_steps=20,
+                                       likelihood_weight=1.0, **SMALL).eval()
+    with torch.no_grad():
+        model.denoiser.net[-1].bias += 2.0                       # x_0 estimates beyond [-1, 1]
+    anchor, c, a_bar = torch.rand(3, 1, 28, 28), unit(3), model.alphas_cumprod
+    start = round(0.15 * (model.num_train_timesteps - 1))
+    first = model.add_noise(G.anchor_features(anchor),
+                            torch.randn(3, 784, generator=torch.Generator().manual_seed(0)),
+                            torch.full((3,), start))
+    predict = model.predict_noise
+    for with_likelihood in (False, True):
+        calls, likelihood_calls = [], []
+
+        def recorded(x, t, *args):
+            calls.append((x.clone(), int(t[0]), predict(x, t, *args)))
+            return calls[-1][2]
+
+        def likelihood(images, weight):
+            likelihood_calls.append(weight)
+            return images
+
+        model.predict_noise = recorded
+        out = model.sample(c, torch.Generator().manual_seed(0), anchor,
+                           likelihood=likelihood if with_likelihood else None)
+        assert [t for _, t, _ in calls] == [start, start // 2, 0]
+        assert len(likelihood_calls) == (2 if with_likelihood else 0)
+        torch.testing.assert_close(calls[0][0], first)
+        for (x, t, eps), nxt in zip(calls, [*calls[1:], None]):
+            x0 = ((x - (1 - a_bar[t]).sqrt() * eps) / a_bar[t].sqrt()).clamp(-1, 1)
+            if nxt is None:
+                torch.testing.assert_close(out, ((x0 + 1) / 2).reshape(out.shape))
+                break
+            a_prev = a_bar[nxt[1]]
+            eps0 = (x - a_bar[t].sqrt() * x0) / (1 - a_bar[t]).sqrt()
+            torch.testing.assert_close(nxt[0], a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps0,
+                                       atol=1e-4, rtol=1e-4)
+
+
+def test_diffusion_loss_draws_every_timestep_drops_conditions_and_weights_by_min_snr():
+    """The training loss draws t from all of 0 .. T - 1, zeroes about condition_drop_prob of the
+    conditions (the null condition guidance needs), and Min-SNR-gamma weights a step by
+    min(SNR, gamma) / SNR <= 1: the same draws give a lower loss than unweighted."""
+    model = G.MiyawakiDiffusionDecoder(num_train_timesteps=10, condition_drop_prob=0.1, **SMALL)
+    images, c = torch.rand(4000, 1, 28, 28), unit(4000)
+    seen = []
+    estimate = model.noise_estimate
+    model.noise_estimate = lambda x, t, cond, anchor: seen.append((t, cond)) or estimate(x, t, cond, anchor)
+    with torch.no_grad():
+        weighted = model.loss(images, c, torch.Generator().manual_seed(0))
+        model.snr_gamma = 0.0
+        plain = model.loss(images, c, torch.Generator().manual_seed(0))
+    t, cond = seen[0]
+    assert set(t.tolist()) == set(range(10))
+    assert 0.08 < (cond.abs().sum(1) == 0).float().mean() < 0.12
+    assert weighted < plain
+
+
+def test_likelihood_weight_follows_the_gate_to_its_power():
+    model = G.MiyawakiDiffusionDecoder(anchor_voxels=8, novelty_gate=True, likelihood_weight=2.0,
+                                       likelihood_gate_power=4.0, **SMALL)
+    weight = model._likelihood_weight(lambda images, w: images, torch.tensor([0.5, 1.0]))
+    torch.testing.assert_close(weight, torch.tensor([[0.125], [2.0]]))
+
+
 def test_gan_discriminator_and_generator_both_receive_gradients():
     gan = G.MiyawakiGANDecoder(correlation_dim=16, noise_dim=4, disc_hidden_dim=32)
     c, real = unit(6), (torch.rand(6, 1, 28, 28) > 0.5).float()
