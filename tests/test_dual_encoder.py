@@ -42,6 +42,19 @@ def test_aligned_pairs_have_lower_loss_than_shuffled():
     assert aligned < shuffled
 
 
+def test_infonce_is_the_mean_of_both_directions():
+    """Symmetric InfoNCE, by hand: the fMRI -> image cross-entropy over each fMRI row's images
+    and the image -> fMRI one over each image's trials, averaged, each against the uniform
+    distribution over the positives (4 trials of 3 images: the two directions differ)."""
+    fmri, img, scale = unit(4, seed=1), unit(3, seed=2), 7.0
+    pos = torch.tensor([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=torch.bool)
+    logits = scale * fmri @ img.T
+    rows = -(torch.log_softmax(logits, 1) * pos / pos.sum(1, keepdim=True)).sum(1).mean()
+    cols = -(torch.log_softmax(logits.T, 1) * (pos / pos.sum(0)).T).sum(1).mean()
+    torch.testing.assert_close(contrastive_loss(fmri, img, pos, torch.tensor(scale)),
+                               0.5 * (rows + cols))
+
+
 def test_repeats_are_positives_not_negatives():
     """Two trials of the same image: marking both as positives must lower the loss when the
     fMRI embeddings are close to that image, compared with treating the repeat as a negative."""

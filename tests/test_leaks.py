@@ -211,6 +211,21 @@ def test_nested_selection_reads_training_trials_only():
         {k: v for k, v in nested_b.items() if k != "seconds"}
 
 
+def test_nested_selection_takes_the_best_inner_top1(monkeypatch):
+    """The declared rule: the fold's setting is the one of highest inner top-1 (inner MRR is
+    recorded, not used); here the two point at different settings."""
+    data = make_simulated_dataset()
+    names = [D.setting_name(c) for c in D.score_settings()]
+    best_top1, best_mrr = names[3], names[5]
+    monkeypatch.setattr(E, "inner_cv_scores", lambda *args: {
+        "top1": {n: 0.9 if n == best_top1 else 0.5 for n in names},
+        "mrr": {n: 0.9 if n == best_mrr else 0.5 for n in names}})
+    cfg = replace(BENCHMARK, seeds=(0,), epochs=1, nested=True, permutation_control=False)
+    _, _, nested = E.benchmark_fold(cfg, data, (data.trials.images, data.trials.image_ids),
+                                    torch.device("cpu"), (3, *splits("s3", data)[3]))
+    assert D.setting_name(nested["setting"]) == best_top1
+
+
 def test_s3_training_never_sees_the_held_out_image():
     """On an S3 fold no training trial shows the held-out image, and replacing that image (in
     its trials and among the candidates) leaves every trained weight identical but the pixel

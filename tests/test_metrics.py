@@ -155,6 +155,12 @@ def test_condition_helpers():
     assert L.majority_rate([2, 3, 3, 5]) == 0.5
 
 
+def test_chance_levels_of_fewer_than_five_candidates():
+    """Top-5 of 3 candidates is certain: chance min(5, k) / k, not 5 / k."""
+    assert L.chance_levels(3) == {"top1": 1 / 3, "top5": 1.0, "mean_rank": 2.0, "two_way": 0.5}
+    assert L.chance_levels(20)["top5"] == 0.25
+
+
 def test_chance_levels_print_to_two_significant_digits():
     """A 200-way or 460-way chance level (a file of other images, the random-image session) does
     not print as 0.01 or 0.00; Miyawaki's 20-way levels print as before."""
