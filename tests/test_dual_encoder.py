@@ -350,6 +350,18 @@ def test_inner_cv_scores_each_setting_with_its_own_readout(sim):
     assert inner["mrr"][setting_name(rf)] != inner["mrr"][setting_name(ridge)]
 
 
+def test_inner_cv_of_several_seeds_scores_their_fits_as_one_model(sim, monkeypatch):
+    """``seeds``: every inner fold fits one model per seed and scores them together (the
+    ensemble's inner CV, benchmarks/tune_dual_encoder.py --ensemble), not the first fit alone."""
+    scored, parts = [], D.ensemble_parts
+    monkeypatch.setattr(D, "ensemble_parts",
+                        lambda models, *args: scored.append(len(models)) or parts(models, *args))
+    setting = {"readout_weight": 0.9, "encoding_weight": 0.0, "readout_model": "ridge"}
+    D.inner_cv_scores(sim, np.arange(60), replace(FAST, epochs=1, readout_model="ridge"), "seen",
+                      [setting], seeds=(0, 1))
+    assert scored == [2] * 5
+
+
 @pytest.mark.filterwarnings("ignore:The least populated class")   # inner_folds silences it too
 def test_repeated_inner_folds_validate_every_trial_once_per_repeat(sim):
     """Repeat 0 is the single inner CV (so --inner-repeats 1 keeps its numbers); each further
@@ -431,10 +443,10 @@ BATCHED = DualEncoderConfig(epochs=4, dropout=0.0, bf16=False, val_fraction=0.0,
 def test_batched_fits_equal_separate_fits(sim):
     """Three seeds trained as one vmapped model (the GPU path of the benchmark) end with the
     weights, BatchNorm statistics and loss curves of three separate fits (dropout 0, float32: float
-    rounding only)."""
+    rounding only), from a logit scale above CLIP's clamp at ln 100, which both paths apply."""
     fold = sim.s1()
     x, y = torch.as_tensor(fold.test.fmri), torch.as_tensor(fold.unique_images)
-    configs = [replace(BATCHED, seed=s) for s in (0, 1, 2)]
+    configs = [replace(BATCHED, seed=s, logit_scale_init=5.0) for s in (0, 1, 2)]
     models, histories = train_dual_encoders(fold.train, configs)
     for cfg, model, history in zip(configs, models, histories):
         ref, ref_history = train_dual_encoder(fold.train, cfg, progress=False)
