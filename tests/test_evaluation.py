@@ -179,6 +179,23 @@ def test_score_checkpoint_gives_the_script_s_numbers_without_writing(trained, si
 
 
 @pytest.mark.xdist_group("evaluation_trained")   # shares a module fixture: one test process (make test)
+def test_checkpoint_evaluation_numbers_against_brute_force(trained, sim):
+    """The evaluation's embedding-only identification (fMRI embedding against each candidate's
+    image embedding), its retrieval among the test trials (each test fMRI embedding against the
+    test trials' image embeddings) and the 4-way condition chance, recomputed by hand."""
+    saved = json.loads((trained[0] / "miyawaki_evaluation.json").read_text())
+    model, _ = D.MiyawakiDualEncoder.from_checkpoint(trained[0] / D.CHECKPOINT_NAME)
+    test, cand = sim.s1().test, sim.s1().unique_images
+    with torch.no_grad():
+        fmri = model.encode_fmri(torch.as_tensor(test.fmri)).numpy()
+        images, shown = (model.encode_image(torch.as_tensor(a)).numpy() for a in (cand, test.images))
+    ids = test.image_ids
+    assert saved["identification"]["embedding_only_top1"] == np.mean((fmri @ images.T).argmax(1) == ids)
+    assert saved["retrieval_test_trials"]["top1"] == np.mean(ids[(fmri @ shown.T).argmax(1)] == ids)
+    assert saved["condition_accuracy"]["uniform_chance"] == 0.25
+
+
+@pytest.mark.xdist_group("evaluation_trained")   # shares a module fixture: one test process (make test)
 def test_extract_latents_from_trials_uses_fmri_only(trained, sim):
     model, _ = D.MiyawakiDualEncoder.from_checkpoint(trained[0] / D.CHECKPOINT_NAME)
     test = sim.s1().test
