@@ -91,6 +91,9 @@ BAD_OPTIONS = {  # name -> (script, options, words of the message)
     "evaluation seed 2**32": (E, ["--seed", "4294967296"], "--seed must be <= 4294967295"),
     "knn k 0": (E, ["--knn-k", "0"], "--knn-k must be >= 1"),
     "perplexity 0": (E, ["--tsne-perplexity", "0"], "--tsne-perplexity must be > 0"),
+    "perplexity in the benchmark": (E, ["--protocol", "s3", "--max-folds", "1", "--epochs", "1",
+                                        "--seeds", "0", "--tsne-perplexity", "5"],
+                                    "--tsne-perplexity applies only without --protocol"),
 }
 
 
@@ -109,6 +112,7 @@ def test_the_bounds_are_the_code_s_limits():
     blocks = D.DualEncoderConfig.__dataclass_fields__["cnn_channels"].metadata["max_items"]
     image = torch.rand(1, 1, 28, 28)
     assert torch.isfinite(D.StimulusEncoder(8, (2,) * blocks).train()(image)).all()
+    assert L.check_options(D.ScriptConfig(cnn_channels=(2,) * blocks)).cnn_channels == (2,) * blocks
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         D.StimulusEncoder(8, (2,) * (blocks + 1)).train()(image)
     L.seed_everything(L.MAX_SEED)

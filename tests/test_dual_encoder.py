@@ -299,6 +299,20 @@ def test_readout_image_prior_never_holds_a_candidate_no_training_trial_showed(si
     assert len(seen[-1]) == 0
 
 
+def test_encoding_model_keeps_the_voxels_it_predicts_for_new_images(sim):
+    """The encoding model keeps the voxels it predicts best for held-out *images*: 50 voxels
+    driven linearly by the image (noisy) against 50 that answer each image with a value of their
+    own (a look-up, nearly noiseless, predictable only for images seen in training)."""
+    train = sim.s1().train
+    rng = np.random.default_rng(0)
+    drive = train.images.reshape(len(train), -1) @ rng.standard_normal((784, 50))
+    linear = (drive - drive.mean(0)) / drive.std(0) + 0.3 * rng.standard_normal((len(train), 50))
+    lookup = rng.standard_normal((20, 50))[train.image_ids] + 0.1 * rng.standard_normal((len(train), 50))
+    enc = EncodingReadout(100)
+    assert enc.fit(np.hstack([linear, lookup]), train.images, train.image_ids, 30.0, 0.5) == 50
+    assert enc.voxels[:50].sum() >= 45        # the 20 figures overlap: a look-up is partly linear
+
+
 def test_consistency_step_moves_images_towards_the_fmri_under_the_encoding_model(sim):
     """The decoders' likelihood step: with weight 1 and a small ridge it moves an image until the
     encoding model's prediction of it (kept voxels) matches the given fMRI, by the least-norm
