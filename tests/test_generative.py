@@ -236,7 +236,8 @@ def test_diffusion_loss_draws_every_timestep_drops_conditions_and_weights_by_min
     images, c = torch.rand(4000, 1, 28, 28), unit(4000)
     seen = []
     estimate = model.noise_estimate
-    model.noise_estimate = lambda x, t, cond, anchor: seen.append((t, cond)) or estimate(x, t, cond, anchor)
+    model.noise_estimate = lambda x, t, cond, anchor: (seen.append((t, cond))
+                                                       or estimate(x, t, cond, anchor))
     with torch.no_grad():
         weighted = model.loss(images, c, torch.Generator().manual_seed(0))
         model.snr_gamma = 0.0
