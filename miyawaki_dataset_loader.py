@@ -707,7 +707,7 @@ def fold_means(per_trial: dict) -> dict:
     """{metric: N array} -> {metric: mean} for the (EXTRA_)METRICS present (nan entries ignored;
     nan where every entry is: a 2-way score without rivals)."""
     def mean(v):
-        v = np.asarray(v, np.float64)
+        v = np.asarray(v)
         return float(np.nan) if np.isnan(v).all() else float(np.nanmean(v))
     return {m: mean(per_trial[m]) for m in (*METRICS, *EXTRA_METRICS) if m in per_trial}
 
