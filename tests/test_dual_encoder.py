@@ -417,7 +417,7 @@ def test_noise_control_sits_at_chance(tmp_path):
     metrics = main(["--data", "simulated", "--noise-control", "--epochs", str(FAST.epochs), "--mixup",
                     str(FAST.mixup), "--out-dir", str(tmp_path), "--device", "cpu"])
     assert metrics["noise_control"] and metrics["n_test"] == 12
-    assert metrics["top1"] <= 0.25               # at most 3 of 12 (chance 0.6; 4 or more: p < 0.003)
+    assert metrics["top1"] <= 0.25               # at most 3 of 12 (0.6 expected by chance; 4+: p < 0.003)
     assert metrics["mean_rank"] > 6              # chance mean rank 10.5 of 20
 
 
