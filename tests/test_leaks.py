@@ -17,6 +17,7 @@ import torch
 import miyawaki_dual_encoder as D
 import miyawaki_evaluation as E
 import miyawaki_generative_backend as G
+import miyawaki_dataset_loader as L
 from miyawaki_dataset_loader import make_simulated_dataset, splits
 
 SIM = ["--data", "simulated", "--device", "cpu"]
@@ -190,15 +191,20 @@ def test_benchmark_rows_do_not_depend_on_the_test_images(protocol):
                 np.testing.assert_array_equal(values, b[method][metric], err_msg=f"{method} {metric}")
 
 
+def with_other_test_trials(data, test_idx):
+    """``data`` whose trials ``test_idx`` have other fMRI (random) and other images (swap_images)."""
+    fmri = data.trials.fmri.copy()
+    fmri[test_idx] = np.random.default_rng(0).standard_normal(fmri[test_idx].shape)
+    return swap_images(replace(data, trials=replace(data.trials, fmri=fmri)), test_idx)
+
+
 def test_nested_selection_reads_training_trials_only():
     """The score setting chosen inside an S3 fold, and the inner scores behind the choice, stay
     the same when the fold's test trials get other fMRI and other images: nested selection reads
     the fold's training trials only. (S3 only: the S2 path differs in its inner folds alone.)"""
     data, protocol = make_simulated_dataset(), "s3"
     _, _, test_idx = splits(protocol, data)[3]
-    fmri = data.trials.fmri.copy()
-    fmri[test_idx] = np.random.default_rng(0).standard_normal(fmri[test_idx].shape)
-    changed = swap_images(replace(data, trials=replace(data.trials, fmri=fmri)), test_idx)
+    changed = with_other_test_trials(data, test_idx)
     cfg = replace(BENCHMARK, nested=True, permutation_control=False, protocol=protocol)
     pool = lambda d: (d.trials.images, d.trials.image_ids) if protocol == "s3" else None  # noqa: E731
     (rows, _, nested), (_, _, nested_b) = (
@@ -209,6 +215,31 @@ def test_nested_selection_reads_training_trials_only():
     assert set(nested["inner_top1"]) == set(nested["inner_mrr"]) == names
     assert {k: v for k, v in nested.items() if k != "seconds"} == \
         {k: v for k, v in nested_b.items() if k != "seconds"}
+
+
+@pytest.mark.parametrize("script", ["tune_dual_encoder", "tune_anchor", "tune_decoders"])
+def test_tuning_scripts_read_s1_training_trials_only(script, monkeypatch):
+    """benchmarks/tune_*.py choose the released settings: every inner-CV score they report stays
+    the same when the 12 S1 test trials get other fMRI and other images (tiny fits, on 2 of the 5
+    inner folds)."""
+    monkeypatch.syspath_prepend(str(L.REPO_DIR / "benchmarks"))
+    tune = __import__(script)
+    data = make_simulated_dataset()
+    changed = with_other_test_trials(data, data.s1().test_idx)
+    tiny = replace(TINY_DECODERS, prior_size=32, anchor_folds=2)
+    monkeypatch.setattr(D, "inner_folds", lambda *a, folds=D.inner_folds, **kw: list(folds(*a, **kw))[:2])
+    monkeypatch.setattr(tune, "inner_folds", D.inner_folds, raising=False)
+    monkeypatch.setattr(tune, "DualEncoderConfig", lambda **kw: D.DualEncoderConfig(epochs=1, **kw),
+                        raising=False)
+    cpu = torch.device("cpu")
+    run = {"tune_dual_encoder": lambda d: tune.score(d, D.DualEncoderConfig(epochs=1), "unseen", [0],
+                                                     D.score_settings()[::7], cpu),
+           "tune_anchor": lambda d: tune.run(d, [replace(tiny, anchor_model="ridge"), tiny],
+                                             ["unseen", "seen"]),
+           "tune_decoders": lambda d: tune.run(d, {"default": tiny}, [dict(gate_shift=0.0)], ["unseen"],
+                                               0, cpu)}[script]
+    a, b = run(data), run(changed)
+    assert list(numbers(a)) and changed_numbers(a, b) == []
 
 
 def test_nested_selection_takes_the_best_inner_top1(monkeypatch):
