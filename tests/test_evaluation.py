@@ -105,6 +105,23 @@ def test_permuted_trials_shuffle_fmri_only(sim):
 
 
 # --------------------------------------------------------------------------- figures
+def test_tsne_perplexity_is_capped_at_a_third_of_the_other_points(monkeypatch):
+    """As --tsne-perplexity's help says: min(perplexity, (N - 1) / 3), at least 1."""
+    used = []
+
+    class Spy:                                           # stands in for sklearn's TSNE: no fit
+        def __init__(self, perplexity, **kw):
+            used.append(perplexity)
+
+        def fit_transform(self, x):
+            return x[:, :2]
+
+    monkeypatch.setattr(E, "TSNE", Spy)
+    for n, asked in ((12, 30.0), (100, 30.0), (100, 5.0), (3, 30.0)):
+        E.tsne_map(np.zeros((n, 4)), perplexity=asked)
+    assert used == [11 / 3, 30.0, 5.0, 1.0]
+
+
 def test_tsne_works_on_12_points_and_figures_are_figures():
     rng = np.random.default_rng(2)
     xy = E.tsne_map(unit(rng, 12, 16), seed=0, perplexity=30)
