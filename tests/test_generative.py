@@ -431,12 +431,14 @@ def test_script_reports_the_zero_shot_check_where_the_test_images_are_new(tmp_pa
     assert saved["image_prior"]["n_excluded_images"] == 20    # the prior avoids the new figures
 
 
-def test_script_end_to_end_on_simulated_data(tmp_path):
+def test_script_end_to_end_on_simulated_data(tmp_path, capsys):
     D.main(["--data", "simulated", "--epochs", "4", "--mixup", "8", "--out-dir", str(tmp_path),
             "--device", "cpu"])
     args = ["--data", "simulated", "--out-dir", str(tmp_path), "--device", "cpu", "--seed", "3",
-            "--diffusion-steps", "20", "--gan-steps", "10", "--num-inference-steps", "5"]
+            "--diffusion-steps", "20", "--gan-steps", "10", "--num-inference-steps", "5", "--oracle"]
     metrics = G.main(args)
+    fmri_only, oracle = capsys.readouterr().out.split("ORACLE")  # the oracle on a line of its own
+    assert "S1 from fMRI only" in fmri_only and "from fMRI only" not in oracle
     saved = json.loads((tmp_path / "miyawaki_generation.json").read_text())
     for name in ("diffusion", "gan"):
         assert {"mse", "pixcorr", "ssim", "two_way", "top1", "top5"} <= set(saved[name])

@@ -82,7 +82,7 @@ def run_scripts(out, data):
         mp.setattr(G, "plot_generation", spy)
         D.main([*args, "--epochs", "3", "--mixup", "8"])
         E.main([*args, "--oracle"])
-        G.main([*args, *TINY_DECODER_ARGS])
+        G.main([*args, *TINY_DECODER_ARGS, "--oracle"])
         E.main([*args, "--protocol", "s1", "--seeds", "0", "--epochs", "3", "--permutation-control"])
     return {p.name: json.loads(p.read_text()) for p in out.glob("*.json")}, shown
 

@@ -1,6 +1,7 @@
 """The README's Python blocks run as written, in order, in one namespace (a notebook), on the
 simulated set, against outputs the scripts just wrote: the notebook path cannot rot."""
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -22,6 +23,7 @@ def test_readme_python_blocks_run_on_the_simulated_set(tmp_path, monkeypatch):
     D.main([*SIM, "--epochs", "2", "--out-dir", str(out)])
     G.main([*SIM, "--out-dir", str(out), "--diffusion-steps", "3", "--gan-steps", "2",
             "--num-inference-steps", "2", "--n-sample-grids", "0"])
+    assert "oracle" not in json.loads((out / "miyawaki_generation.json").read_text())  # no --oracle
     summary = (out / "summary.md").read_text()                   # what make run ends with
     for row in ("dual encoder identification top-1 (20-way)", "diffusion decoder reconstruction",
                 "GAN decoder reconstruction", "miyawaki_training_curves.png"):
