@@ -362,7 +362,7 @@ def plot_latent_space(test_xy, test_labels, test_ids, image_xy, image_labels, tr
     """Joint t-SNE map: test-trial fMRI embeddings (circles, ``N x 2``) joined to their true image's
     embedding (squares numbered by image id, ``K x 2``); optional training-trial fMRI embeddings
     (small dots). Colour = condition, one per label of the file (tab10, tab20 beyond 10 labels:
-    Miyawaki's 2-5 are blue, orange, green, red)."""
+    Miyawaki's 2-5 are blue, orange, green, red); the legend sits right of the map."""
     present = [image_labels, test_labels, [] if train_labels is None else train_labels]
     order = sorted({int(c) for labels in present for c in np.asarray(labels).ravel()})
     cmap = colormaps["tab10" if len(order) <= 10 else "tab20"]
@@ -386,7 +386,8 @@ def plot_latent_space(test_xy, test_labels, test_ids, image_xy, image_labels, tr
     for c in sorted(set(np.asarray(image_labels).tolist())):
         handles.append(ax.scatter([], [], color=colour[c], marker="o"))
         labels.append(condition_name(c, image_labels))
-    ax.legend(handles, labels, fontsize=8, loc="best")
+    ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1),  # off the map
+              borderaxespad=0)
     ax.set(xlabel="t-SNE 1", ylabel="t-SNE 2", title=title or "Joint t-SNE of fMRI and image embeddings")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -629,8 +630,10 @@ def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
     figures = {
         "miyawaki_latent_space_tsne.png": plot_latent_space(
             xy[:n], test.labels, test.image_ids, xy[n:n + k], fold.unique_labels, xy[n + k:],
-            fold.train.labels, title=f"Joint t-SNE of fMRI-only and image embeddings (S1 test: top-1 "
-                                     f"{ident['top1']:.2f}, chance {chance_text(1 / k)})"),
+            fold.train.labels, title=f"Joint t-SNE of fMRI-only and image embeddings\n(S1 test: the "
+                                     f"embeddings' top-1 {ident['embedding_only_top1']:.2f}, the "
+                                     f"identification score's {ident['top1']:.2f}, chance "
+                                     f"{chance_text(1 / k)})"),
         "miyawaki_similarity_matrix.png": plot_similarity_matrix(
             sim, test.image_ids, fold.unique_images, fold.unique_labels,
             title=f"S1 test trials from fMRI only vs {k} candidate images (top-1 {ident['top1']:.2f}, "

@@ -10,6 +10,7 @@ import pytest
 import scipy.io
 import threadpoolctl
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 import miyawaki_dataset_loader as L
@@ -127,7 +128,10 @@ def test_tsne_works_on_12_points_and_figures_are_figures():
     xy = E.tsne_map(unit(rng, 12, 16), seed=0, perplexity=30)
     assert xy.shape == (12, 2) and np.all(np.isfinite(xy))
     labels, ids = np.repeat([2, 3, 4, 5], 2), np.arange(8)
-    assert isinstance(E.plot_latent_space(xy[:4], labels[:4], ids[:4], xy[4:], labels), Figure)
+    fig = E.plot_latent_space(xy[:4], labels[:4], ids[:4], xy[4:], labels)
+    FigureCanvasAgg(fig).draw()                          # the legend hides no point: right of the map
+    ax = fig.axes[0]
+    assert ax.get_legend().get_window_extent().x0 > ax.get_window_extent().x1
     sim, cands = rng.uniform(-1, 1, (4, 8)), rng.random((8, 1, 28, 28))
     assert isinstance(E.plot_similarity_matrix(sim, ids[:4], cands, labels), Figure)
     assert isinstance(E.plot_correlation_analysis(sim, ids[:4]), Figure)
@@ -154,15 +158,18 @@ def test_latent_space_colours_every_condition_of_the_file():
 # --------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A dual encoder trained for 15 epochs on the simulated set, then evaluated (with oracle)."""
-    out = tmp_path_factory.mktemp("eval")
+    """A dual encoder trained for 15 epochs on the simulated set, then evaluated (with oracle):
+    (out dir, result, the t-SNE figure's title)."""
+    out, titles, plot = tmp_path_factory.mktemp("eval"), [], E.plot_latent_space
     D.main([*FAST, "--epochs", "15", "--out-dir", str(out)])
-    return out, E.main([*FAST, "--out-dir", str(out), "--oracle"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(E, "plot_latent_space", lambda *a, title: titles.append(title) or plot(*a, title=title))
+        return out, E.main([*FAST, "--out-dir", str(out), "--oracle"]), titles[0]
 
 
 @pytest.mark.xdist_group("evaluation_trained")   # shares a module fixture: one test process (make test)
 def test_evaluation_end_to_end_from_fmri_only(trained):
-    out, result = trained
+    out, result, tsne_title = trained
     saved = json.loads((out / "miyawaki_evaluation.json").read_text())
     for key in ("split", "seed", "n_test", "identification", "condition_accuracy", "config"):
         assert key in saved
@@ -178,6 +185,9 @@ def test_evaluation_end_to_end_from_fmri_only(trained):
     assert "oracle" in saved["oracle"]["label"].lower()
     assert "uses the image" in saved["oracle"]["image_latent_condition_note"]
     assert saved["baselines_s1"]["ridge"]["top1"] >= 0.5
+    # the t-SNE map shows the embeddings, so its title gives their own top-1 before the score's
+    assert f"embeddings' top-1 {ident['embedding_only_top1']:.2f}, the identification score's " \
+           f"{ident['top1']:.2f}" in tsne_title
     for name in ("latent_space_tsne", "similarity_matrix", "correlation_analysis"):
         assert (out / f"miyawaki_{name}.png").stat().st_size > 10_000
 
@@ -185,7 +195,7 @@ def test_evaluation_end_to_end_from_fmri_only(trained):
 @pytest.mark.xdist_group("evaluation_trained")   # shares a module fixture: one test process (make test)
 def test_score_checkpoint_gives_the_script_s_numbers_without_writing(trained, sim):
     """The notebook call: a pure function of (model, fold) that returns what the script saves."""
-    out, _ = trained
+    out, *_ = trained
     saved = json.loads((out / "miyawaki_evaluation.json").read_text())
     model, _ = D.MiyawakiDualEncoder.from_checkpoint(out / D.CHECKPOINT_NAME)
     before = sorted(p.name for p in out.iterdir())
