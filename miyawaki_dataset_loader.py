@@ -798,13 +798,17 @@ def fmri_batch(fmri, n_voxels: int, device) -> torch.Tensor:
 
 def image_batch(images, device) -> torch.Tensor:
     """Images in [0, 1], numpy or torch of any real dtype, ``N x 1 x 28 x 28``, ``N x 28 x 28``,
-    ``N x 784`` or one image -> float32 ``N x 1 x 28 x 28`` on ``device``; ValueError naming the
-    shapes expected otherwise."""
+    ``N x 784`` (rows in C order, as ``images.reshape(N, -1)`` gives; the .mat file's rows are
+    MATLAB's column-major ones, which ``load_miyawaki`` turns upright) or one image -> float32
+    ``N x 1 x 28 x 28`` on ``device``; ValueError naming what is expected otherwise."""
     y = torch.as_tensor(images, device=device).to(torch.float32)
     grid = tuple(y.shape[-2:]) == (IMAGE_SIDE, IMAGE_SIDE) and (y.dim() < 4 or y.shape[1] == 1)
     if not (grid and y.dim() <= 4 or y.dim() <= 2 and y.shape[-1] == N_PIXELS):
         raise ValueError(f"images of shape {tuple(y.shape)}; expected N x 1 x 28 x 28, N x 28 x 28 "
-                         f"or N x {N_PIXELS} (or one image)")
+                         f"or N x {N_PIXELS} rows in C order (or one image)")
+    if y.numel() and not (y.min() >= -1e-4 and y.max() <= 1 + 1e-4):    # NaN fails it too
+        raise ValueError(f"images with values in [{y.min().item():g}, {y.max().item():g}]; expected "
+                         f"[0, 1] (0..255 images: divide by 255, as load_miyawaki does)")
     return y.reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
 
 

@@ -562,8 +562,8 @@ def test_a_validation_share_it_cannot_hold_out_is_said(sim, capsys):
 
 def test_public_methods_take_what_a_notebook_holds(sim):
     """encode_fmri / encode_image / score_candidates give the same numbers for a float32 torch
-    batch, a float64 numpy batch, one trial, and flat or 28 x 28 candidates; a wrong shape is a
-    ValueError naming the expected one."""
+    batch, a float64 numpy batch, one trial, and flat or 28 x 28 candidates; a wrong shape, or
+    images outside [0, 1], is a ValueError naming what is expected."""
     fold = _fold(sim)
     model, _ = train_dual_encoder(fold.train, replace(FAST, epochs=1), "cpu", fold.unique_images,
                                   progress=False)
@@ -578,3 +578,5 @@ def test_public_methods_take_what_a_notebook_holds(sim):
         model.encode_fmri(x[:, :-1])
     with pytest.raises(ValueError, match="expected N x 1 x 28 x 28"):
         model.encode_image(np.zeros((2, 3, 28, 28)))
+    with pytest.raises(ValueError, match=r"values in \[0, 255\]; expected \[0, 1\]"):
+        model.score_candidates(x, 255 * cand)                      # a file's 0..255 images as they are
