@@ -728,6 +728,13 @@ def pair_objective(out: dict, positives: torch.Tensor, scale: torch.Tensor) -> t
             + contrastive_loss(out["fmri_latent"], out["image_latent"], positives, scale))
 
 
+def chance_loss(y: torch.Tensor, n_mixed: int = 0) -> float:
+    """``pair_loss`` at uniform scores for images ``N x 1 x 28 x 28`` (``pair_batch``'s rows R and
+    image columns C): ln C + ln R, the level a loss curve starts from and is read against."""
+    rows, columns = pair_batch(y, n_mixed)[1].shape
+    return math.log(rows) + math.log(columns)
+
+
 def pair_loss(model: MiyawakiDualEncoder, x: torch.Tensor, y: torch.Tensor,
               bf16: bool = False, n_mixed: int = 0) -> torch.Tensor:
     """Training objective for fMRI ``N x V`` paired with images ``N x 1 x 28 x 28`` (the last
@@ -811,8 +818,10 @@ def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.d
     candidates ``K x 1 x 28 x 28``: the images validation identification ranks against (default:
     the training images); those no training trial shows are kept out of the read-out's image
     prior (``fit_linear_parts``). Returns (model in eval mode, history): per-epoch lists
-    ``train_loss``, ``val_loss``, ``val_top1`` and the trial counts ``n_train`` (fitted on) and
-    ``n_validation``."""
+    ``train_loss``, ``val_loss``, ``val_top1``, the trial counts ``n_train`` (fitted on) and
+    ``n_validation``, and each loss's value at uniform scores (``train_chance_loss``,
+    ``val_chance_loss``: the training batches' rows and columns include mixup's, so the two losses
+    are read against their own chance, not against each other)."""
     device = torch.device(device)
     seed_everything(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
@@ -838,7 +847,8 @@ def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.d
     steps_per_epoch = math.ceil(len(x) / bs)
     opt, sched = optimizer(model.parameters(), config, config.epochs * steps_per_epoch)
     history = {"train_loss": [], "val_loss": [], "val_top1": [], "n_train": len(tr_idx),
-               "n_validation": len(val_idx), **linear}
+               "n_validation": len(val_idx), **linear,
+               **({"val_chance_loss": chance_loss(yv)} if len(val_idx) else {})}
     # disable=None: the bar switches itself off when stderr is not a terminal
     bar = tqdm(range(1, config.epochs + 1), desc="dual encoder", disable=None if progress else True,
                leave=False)
@@ -850,6 +860,8 @@ def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.d
             b = order[s * bs:(s + 1) * bs]
             xb, yb = augment(x[b], y[b], config, gen)
             loss = pair_loss(model, xb, yb, config.bf16, config.mixup)
+            if "train_chance_loss" not in history:                    # the first step's batch
+                history["train_chance_loss"] = chance_loss(yb, config.mixup)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -1064,10 +1076,18 @@ def plot_training_curves(history: dict, chance: float) -> Figure:
     fig = Figure(figsize=(10, 3.8) if validation else (5.5, 3.8))
     axes = fig.subplots(1, 2 if validation else 1, squeeze=False)[0]
     ep = np.arange(1, len(history["train_loss"]) + 1)
-    axes[0].plot(ep, history["train_loss"], label="train (with mixup + noise)")
-    axes[0].set(xlabel="epoch", ylabel="InfoNCE loss", title="Contrastive loss")
+    line, = axes[0].plot(ep, history["train_loss"], label="train (with mixup + noise)")
+    axes[0].set(xlabel="epoch", ylabel="InfoNCE loss (two terms)",
+                title="Contrastive loss (dashed: each at uniform scores)")
+    curves = [("train", line, "train_chance_loss")]
     if validation:
-        axes[0].plot(ep, history["val_loss"], label="validation")
+        line, = axes[0].plot(ep, history["val_loss"], label="validation (no mixup, no noise)")
+        curves.append(("validation", line, "val_chance_loss"))
+    for name, line, key in curves:    # different batch sizes: each loss against its own chance
+        if key in history:
+            axes[0].axhline(history[key], color=line.get_color(), ls="--", lw=0.8,
+                            label=f"{name} at chance ({history[key]:.2f})")
+    if validation:
         axes[1].plot(ep, history["val_top1"], label="validation top-1")
         axes[1].axhline(chance, color="gray", ls="--", label=f"chance {chance_text(chance)}")
         axes[1].set(xlabel="epoch", ylabel="top-1", ylim=(0, 1.02),

@@ -55,6 +55,25 @@ def test_infonce_is_the_mean_of_both_directions():
                                0.5 * (rows + cols))
 
 
+def test_loss_curves_are_read_against_their_own_chance(sim):
+    """chance_loss is pair_objective at uniform scores (ln C + ln R: the training batches' mixup
+    rows and columns put it far above validation's), and the curves figure draws both levels."""
+    y = torch.as_tensor(sim.trials.images[:30])
+    mixed = torch.cat([y, y[:8] * 0.3 + y[8:16] * 0.7])          # 8 mixup rows after 30 trials
+    for images, n_mixed in ((y, 0), (mixed, 8)):
+        _, pos = D.pair_batch(images, n_mixed)
+        same = {k: torch.ones(n, 4) / 2 for k, n in (("fmri", len(pos)), ("image", pos.shape[1]),
+                                                     ("fmri_latent", len(pos)), ("image_latent", pos.shape[1]))}
+        assert D.pair_objective(same, pos, torch.tensor(10.0)).item() == pytest.approx(
+            D.chance_loss(images, n_mixed), rel=1e-6)
+    _, hist = train_dual_encoder(sim.s1().train, replace(FAST, epochs=2, val_fraction=0.1), "cpu",
+                                 progress=False)
+    ax = D.plot_training_curves(hist, 0.05).axes[0]
+    levels = sorted(line.get_ydata()[0] for line in ax.lines if line.get_linestyle() == "--")
+    assert levels == pytest.approx(sorted([hist["val_chance_loss"], hist["train_chance_loss"]]))
+    assert hist["val_chance_loss"] < hist["train_chance_loss"]
+
+
 def test_repeats_are_positives_not_negatives():
     """Two trials of the same image: marking both as positives must lower the loss when the
     fMRI embeddings are close to that image, compared with treating the repeat as a negative."""
