@@ -1076,15 +1076,17 @@ def train_generative(encoder: nn.Module, fold_train: Trials, config: GenerativeC
     never-seen test images, ``E x 1 x 28 x 28``). Usable per cross-validation fold; no I/O.
 
     Returns (diffusion, gan, history): history["diffusion"] / ["gan"] hold the loss curves and
-    ``seconds``; history["diffusion"]["samples"] the DDIM grids of one training trial per image;
+    ``seconds``; history["diffusion"]["samples"] the DDIM grids of one training trial per image
+    (the image ids in ``sample_image_ids``);
     history["prior"] what the image prior held. Anchored decoders carry the fitted read-out."""
     device = torch.device(device)
     t0 = time.perf_counter()
     data = training_set(encoder, fold_train, config, device, exclude)
-    _, first = np.unique(fold_train.image_ids, return_index=True)
+    grid_ids, first = np.unique(fold_train.image_ids, return_index=True)
     first = torch.as_tensor(first, device=device)
     diffusion, hist_d = train_diffusion(data, config, data.cond_fmri[first],
                                         None if data.anchor is None else data.anchor[first], progress)
+    hist_d["sample_image_ids"] = grid_ids.tolist()
     t2 = time.perf_counter()
     gan, hist_g = train_gan(data, config, progress)
     # the training set's set-up (anchors, embeddings) is counted once, in the diffusion's time
@@ -1220,16 +1222,18 @@ def plot_generation(true: np.ndarray, recon: np.ndarray, title: str, image_ids: 
     return fig
 
 
-def plot_sample_grid(samples: np.ndarray, title: str, cols: int = 10) -> Figure:
-    """Samples ``G x 1 x 28 x 28`` in [0, 1] on a grid."""
+def plot_sample_grid(samples: np.ndarray, title: str, names: list[str] | None = None,
+                     cols: int = 10) -> Figure:
+    """Samples ``G x 1 x 28 x 28`` in [0, 1] on a grid, each titled by its ``names`` entry."""
     rows = math.ceil(len(samples) / cols)
-    fig = Figure(figsize=(1.0 * cols, 1.05 * rows + 0.4))
+    fig = Figure(figsize=(1.0 * cols, 1.2 * rows + 0.6))
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, img in zip(axes.ravel(), samples):
+    for ax, img, name in zip(axes.ravel(), samples, names or [""] * len(samples)):
         ax.imshow(img[0], cmap="gray", interpolation="nearest", vmin=0, vmax=1)
-    fig.suptitle(title, fontsize=10)
+        ax.set_title(name, fontsize=8)
+    fig.suptitle(title, fontsize=9)
     return fig
 
 
@@ -1293,9 +1297,14 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
     for stale in grid_dir.glob("step_*.png"):
         stale.unlink()
     for step, samples in history["diffusion"]["samples"].items():
-        save_figure(plot_sample_grid(samples, f"diffusion DDIM samples after {step} steps "
-                                              "(one training trial per image, fMRI embedding)"),
-                    grid_dir / f"step_{step:05d}.png")
+        save_figure(plot_sample_grid(samples, (
+            f"diffusion samples during training, after {step} of {cfg.diffusion_steps} steps: one "
+            f"training trial per image (#id), from its fMRI embedding"
+            + (" and out-of-fold anchor" if diffusion.readout is not None else "")
+            + ";\nthe sampler before the fitted gate and stretch are attached, without the "
+              "likelihood step: not the test reconstructions"),
+            [f"#{i}" for i in history["diffusion"]["sample_image_ids"]]),
+            grid_dir / f"step_{step:05d}.png")
     floor = reconstruction_metrics(MeanImageBaseline().fit(train.fmri, train.images).predict(test.fmri)
                                    .reshape(test.images.shape), **scoring)
     config = config_dict(cfg)

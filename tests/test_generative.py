@@ -431,12 +431,17 @@ def test_script_reports_the_zero_shot_check_where_the_test_images_are_new(tmp_pa
     assert saved["image_prior"]["n_excluded_images"] == 20    # the prior avoids the new figures
 
 
-def test_script_end_to_end_on_simulated_data(tmp_path, capsys):
+def test_script_end_to_end_on_simulated_data(tmp_path, capsys, monkeypatch):
     D.main(["--data", "simulated", "--epochs", "4", "--mixup", "8", "--out-dir", str(tmp_path),
             "--device", "cpu"])
     args = ["--data", "simulated", "--out-dir", str(tmp_path), "--device", "cpu", "--seed", "3",
             "--diffusion-steps", "20", "--gan-steps", "10", "--num-inference-steps", "5", "--oracle"]
+    grids, plot = [], G.plot_sample_grid
+    monkeypatch.setattr(G, "plot_sample_grid", lambda *a: grids.append(a) or plot(*a))
     metrics = G.main(args)
+    # the training-progress grids: one training trial per image, each named by its image
+    assert [a[2] for a in grids] == [[f"#{i}" for i in range(20)]] * 4
+    assert all(len(a[0]) == 20 and "not the test reconstructions" in a[1] for a in grids)
     fmri_only, oracle = capsys.readouterr().out.split("ORACLE")  # the oracle on a line of its own
     assert "S1 from fMRI only" in fmri_only and "from fMRI only" not in oracle
     saved = json.loads((tmp_path / "miyawaki_generation.json").read_text())
