@@ -50,6 +50,7 @@ Usage::
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import math
 import time
@@ -314,6 +315,9 @@ class CheckpointMixin(FromCheckpointHint):
     """``from_checkpoint`` for a decoder stored under ``CHECKPOINT_KEY`` as {"config", "state"}."""
 
     CHECKPOINT_KEY = ""
+    # weights_fingerprint of the dual encoder whose embeddings it was trained on (None: unknown,
+    # e.g. a seed-style load_state_dict); reconstruct refuses another encoder
+    encoder_fingerprint: str | None = None
 
     @staticmethod
     def constructor_config(args: dict) -> dict:
@@ -322,8 +326,10 @@ class CheckpointMixin(FromCheckpointHint):
         return {k: v for k, v in args.items() if k not in ("self", "__class__")}
 
     def checkpoint_entry(self) -> dict:
-        """{"config": constructor arguments, "state": state dict}, as ``from_checkpoint`` reads it."""
-        return {"config": dict(self.config), "state": self.state_dict()}
+        """{"config": constructor arguments, "state": state dict, "encoder_fingerprint"}, as
+        ``from_checkpoint`` reads it."""
+        return {"config": dict(self.config), "state": self.state_dict(),
+                "encoder_fingerprint": self.encoder_fingerprint}
 
     @classmethod
     def from_checkpoint(cls, path_or_dict, map_location="cpu", encoder_checkpoint=None):
@@ -338,11 +344,22 @@ class CheckpointMixin(FromCheckpointHint):
             entry = ckpt[cls.CHECKPOINT_KEY]
             model = cls(**entry["config"])
             model.load_state_dict(entry["state"])
+            model.encoder_fingerprint = entry.get("encoder_fingerprint")
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             where = path_or_dict if from_file else "the checkpoint"
             raise CheckpointError(f"the {cls.CHECKPOINT_KEY} decoder in {where} does not fit this code "
                                   f"({one_line(e)}); rerun `python {SCRIPT}`") from None
         return model.to(map_location).eval(), ckpt
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """Short sha256 of a module's state (names, dtypes and values): which dual encoder a decoder's
+    conditions came from."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def check_encoder(ckpt: dict, encoder_checkpoint=None, where="the checkpoint") -> None:
@@ -1092,6 +1109,7 @@ def train_generative(encoder: nn.Module, fold_train: Trials, config: GenerativeC
     # the training set's set-up (anchors, embeddings) is counted once, in the diffusion's time
     hist_d["seconds"], hist_g["seconds"] = t2 - t0, time.perf_counter() - t2
     for model in (diffusion, gan):
+        model.encoder_fingerprint = weights_fingerprint(encoder)
         if data.anchor is not None:
             model.readout.load_state_dict(data.readout.state_dict())
             model.encoding.load_state_dict(data.encoding.state_dict())
@@ -1133,7 +1151,13 @@ def _decode(encoder: nn.Module, encode, decoder: nn.Module, x: torch.Tensor, anc
             generator: torch.Generator | None, likelihood=None) -> np.ndarray:
     """``decoder.sample`` conditioned on ``encode(x)`` (a method of ``encoder``; x a batch on the
     decoder's device), for an anchored decoder ``anchor(x)`` and with ``likelihood(x)`` (None: no
-    data-consistency step), both models evaluating -> numpy."""
+    data-consistency step), both models evaluating -> numpy; ValueError for a decoder trained on
+    another dual encoder's embeddings (``encoder_fingerprint``)."""
+    trained_on = decoder.encoder_fingerprint
+    if trained_on is not None and trained_on != weights_fingerprint(encoder):
+        raise ValueError(f"this decoder was trained on the embeddings of another dual encoder (weights "
+                         f"{trained_on}, this one's {weights_fingerprint(encoder)}); load the encoder "
+                         f"its checkpoint names (encoder_checkpoint), or retrain the decoders on this one")
     with evaluating(encoder, decoder):
         a = None if decoder.readout is None else anchor(x)
         step = None if likelihood is None else likelihood(x)

@@ -486,6 +486,10 @@ def test_script_end_to_end_on_simulated_data(tmp_path, capsys, monkeypatch):
         recon = G.reconstruct(encoder, decoder, fold.test.fmri, torch.Generator().manual_seed(3))
         again = L.reconstruction_metrics(recon, fold.test.images, fold.test.image_ids, fold.unique_images)
         assert again["mse"] == pytest.approx(metrics[name]["mse"], abs=1e-6)
+        # beside another dual encoder (a notebook's mix-up of two runs) it refuses to decode
+        other = D.MiyawakiDualEncoder(encoder.fmri_dim, config=encoder.config).eval()
+        with pytest.raises(ValueError, match="trained on the embeddings of another dual encoder"):
+            G.reconstruct(other, decoder, fold.test.fmri)
     assert saved["encoder_sha256"] == L.file_sha256(tmp_path / "miyawaki_dual_encoder.pth")
     # an encoder checkpoint fitted on other data is refused with the script to rerun
     enc_ckpt["data_fingerprint"] = "0" * 16
