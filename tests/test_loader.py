@@ -45,6 +45,16 @@ def test_real_images_upright_and_test_scaled_with_train_stats(real, real_path):
     np.testing.assert_allclose(fold.test.fmri, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_a_file_loads_back_trial_for_trial(tmp_path, mat_arrays, write_mat, sim):
+    """The simulated set written in the file's layout loads back as it was, trial for trial: the
+    training rows first, each trial's fMRI, image and label together."""
+    data = L.load_miyawaki(write_mat(tmp_path / "sim.mat", mat_arrays))
+    assert data.n_file_train == sim.n_file_train
+    for key in ("fmri", "images", "labels"):
+        np.testing.assert_array_equal(getattr(data.trials, key), getattr(sim.trials, key), err_msg=key)
+    np.testing.assert_array_equal(data.unique_images[data.trials.image_ids], sim.trials.images)
+
+
 def test_other_voxel_count_and_uint8_images_load(tmp_path, mat_arrays, write_mat, sim):
     rng = np.random.default_rng(0)
     arrays = {**mat_arrays, "fmriTrn": rng.normal(size=(107, 3092)),

@@ -111,7 +111,11 @@ def test_fold_statistics_come_from_training_rows_only(sim):
     np.testing.assert_array_equal(changed.fmri_mean, fold.fmri_mean)
     np.testing.assert_array_equal(changed.fmri_std, fold.fmri_std)
     np.testing.assert_array_equal(changed.train.fmri, fold.train.fmri)
-    assert not np.allclose(changed.test.fmri, fold.test.fmri)
+    # the test rows z-scored with the training statistics: the shift shows, 100 / SD per voxel
+    np.testing.assert_allclose(fold.test.fmri, (sim.trials.fmri[te] - fold.fmri_mean) / fold.fmri_std,
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(changed.test.fmri - fold.test.fmri,
+                               np.broadcast_to(100.0 / fold.fmri_std, fold.test.fmri.shape), rtol=1e-3)
 
 
 def test_constant_voxel_gets_unit_std(sim):
