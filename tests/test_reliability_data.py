@@ -27,6 +27,16 @@ def test_simulated_structure_matches_real_file(sim):
     np.testing.assert_array_equal(sim.unique_labels[t.image_ids], t.labels)
 
 
+def test_random_image_session_is_miyawakis_protocol():
+    """--data simulated-random: random patterns, each shown once, in Miyawaki's condition 1
+    ("random"), as the training split; the 20 figures, each once, as the test split."""
+    data = L.make_simulated_dataset(random_images=30)
+    t, n = data.trials, data.n_file_train
+    assert (n, len(t), len(data.unique_images)) == (30, 50, 50)
+    assert set(t.labels[:n]) == {1} and L.condition_name(1, data.unique_labels) == "random"
+    assert set(t.labels[n:]) == {2, 3, 4, 5} and np.bincount(t.image_ids).max() == 1
+
+
 def test_simulated_is_deterministic_per_seed(sim):
     again, other = L.make_simulated_dataset(seed=0), L.make_simulated_dataset(seed=1)
     for a, b in zip(dataclasses.astuple(sim.trials), dataclasses.astuple(again.trials)):
