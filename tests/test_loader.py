@@ -333,15 +333,21 @@ def test_result_json_is_strict_with_undefined_numbers_as_null(tmp_path):
         "seeds": [0, 1]}
 
 
-def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+def test_atomic_writes_get_the_usual_file_mode(tmp_path, monkeypatch):
+    """The usual mode, and the temp file beside its target: a rename within one folder is atomic
+    (one in /tmp would fail for an --out-dir on another file system, after all the work)."""
     import stat
     from miyawaki_dataset_loader import save_json
+    renames, replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: renames.append((src, dst)) or replace(src, dst))
     umask = os.umask(0o022)
     try:
         save_json({"a": 1}, tmp_path / "m.json")
     finally:
         os.umask(umask)
     assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o644
+    [(src, dst)] = renames
+    assert Path(src).parent == Path(dst).parent == tmp_path
 
 
 def test_interrupted_figure_write_keeps_the_previous_file(tmp_path, monkeypatch):
