@@ -455,7 +455,11 @@ def test_script_checkpoint_round_trip(tmp_path):
     assert 0 <= metrics["top1"] <= 1 and metrics["n_candidates"] == 20
     # trained on every S1 training trial (no validation set unless --val-fraction asks for one)
     assert (metrics["n_train"], metrics["n_validation"], metrics["n_test"]) == (107, 0, 12)
-    assert json.loads((tmp_path / "miyawaki_dual_encoder.json").read_text())["n_train"] == 107
+    saved = json.loads((tmp_path / "miyawaki_dual_encoder.json").read_text())
+    assert saved["n_train"] == 107
+    # the options of the run beside its results, in the JSON and the checkpoint
+    for config in (saved["config"], ckpt["script_config"]):
+        assert (config["epochs"], config["mixup"], config["out_dir"]) == (4, 8, str(tmp_path))
 
 
 def test_checkpoint_of_other_architecture_is_refused(tmp_path):
