@@ -147,6 +147,35 @@ def test_nearest_training_check_scores_the_clipped_reconstruction(sim):
     assert L.nearest_training_check(spiked, fold)[0].all()
 
 
+def test_nearest_training_check_against_brute_force(sim):
+    """A fold whose training trials lack images 3 and 11 while its test trials show 3, 5 and 11:
+    per trial, the training image of highest Pearson r (an index into the candidates, never 3 or
+    11), and 1 only where the true image's r is strictly higher (a blank reconstruction, r = 0 with
+    everything, scores 0). score_reconstructions records it for the never-seen trials only."""
+    ids = sim.trials.image_ids
+    test = np.flatnonzero(np.isin(ids, [3, 5, 11]))[[0, 1, 5, 6, 9]]
+    train = np.setdiff1d(np.flatnonzero(~np.isin(ids, [3, 11])), test)
+    fold = sim.fold(train, test)
+    assert sorted(set(ids[test])) == [3, 5, 11]
+    rng = np.random.default_rng(0)
+    recon = np.clip(fold.test.images + rng.normal(0, 0.6, fold.test.images.shape), 0, 1)
+    recon[1] = fold.unique_images[0]                                 # a training image
+    recon[-1] = 0.0                                                  # blank
+    flat = recon.reshape(len(recon), -1)
+    seen = sorted(set(fold.train.image_ids))
+    r = {k: [brute_pearson(x, fold.unique_images[k].ravel()) for x in flat] for k in range(20)}
+    nearest = [max(seen, key=lambda k: r[k][i]) for i in range(len(flat))]
+    closer = [float(r[k][i] > max(r[j][i] for j in seen)) for i, k in enumerate(fold.test.image_ids)]
+    got_closer, got_nearest = L.nearest_training_check(recon, fold)
+    np.testing.assert_array_equal(got_nearest, nearest)
+    np.testing.assert_array_equal(got_closer, closer)
+    assert 0 < sum(closer[:-1]) < len(closer) - 1 and closer[-1] == 0
+    unseen = ~np.isin(fold.test.image_ids, seen)
+    recorded = L.score_reconstructions(recon, fold)["closer_than_train"]
+    np.testing.assert_array_equal(recorded[unseen], np.asarray(closer)[unseen])
+    assert np.isnan(recorded[~unseen]).all() and 0 < unseen.sum() < len(unseen)
+
+
 def test_condition_helpers():
     scores = np.array([[0.1, 0.9, 0.2], [0.8, 0.1, 0.1], [0.5, 0.5, 0.0]])
     labels = L.identified_labels(scores, np.array([2, 3, 5]))
