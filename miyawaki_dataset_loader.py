@@ -948,6 +948,14 @@ def bounds_text(metadata) -> str:
     return ", ".join(parts)
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, but for the empty ones (None, ""), whose help says what
+    they stand for ("default OUT_DIR/...")."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, "") else super()._get_help_string(action)
+
+
 class ScriptParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line (``error: ...``, exit code 2), no usage block."""
 
@@ -966,7 +974,7 @@ def script_parser(doc: str) -> argparse.ArgumentParser:
     """A script's parser (one-line errors): the first paragraph of its docstring ``doc``,
     defaults shown in ``--help``, and the common options."""
     parser = ScriptParser(description=" ".join(doc.strip().split("\n\n")[0].split()),
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=DefaultsHelpFormatter)
     return add_common_args(parser)
 
 

@@ -53,7 +53,8 @@ def test_import_creates_no_files(module, changed_by_import):
 
 def test_every_script_option_has_help_and_shows_its_default(monkeypatch):
     """One config style: each script's options are dataclass fields with help (add_config_args),
-    and ``--help`` (ArgumentDefaultsHelpFormatter) shows every option's help and default."""
+    and ``--help`` shows every option's help and its default, but for the empty ones (None, ""),
+    whose help says what they stand for: no "(default: None)" or "(default: )"."""
     import argparse
     import dataclasses
 
@@ -64,10 +65,13 @@ def test_every_script_option_has_help_and_shows_its_default(monkeypatch):
                         (G, G.GenerativeConfig)):
         monkeypatch.setattr(module, "parse_config", lambda parser, config_cls, argv: parser)
         parser = module.parse_args([])
-        assert parser.formatter_class is argparse.ArgumentDefaultsHelpFormatter
+        assert issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
         helps = {a.dest: a.help for a in parser._actions}
         for f in dataclasses.fields(cls):
             assert helps.get(f.name), f"{cls.__name__}.{f.name}: no --help text"
+        text = " ".join(parser.format_help().split())
+        assert "(default: None)" not in text and "(default: )" not in text
+        assert "(default: auto)" in text                 # --device, as every other default
 
 
 def test_scripts_import_only_the_loader_and_the_dual_encoder_at_the_top():
