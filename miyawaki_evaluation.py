@@ -654,6 +654,15 @@ def permuted_trials(train: Trials, rng: np.random.Generator) -> Trials:
     return replace(train, fmri=train.fmri[rng.permutation(len(train))])
 
 
+def spread_text(result: dict) -> str:
+    """What the benchmark's ± is (``aggregate``'s ``std_over`` of every row), for its table and its
+    console lines."""
+    std_over = sorted({v["std_over"] for m in result["methods"].values() for v in m.values()})
+    return (f"Mean over folds; ± = SD over {' / '.join(std_over)}"
+            + (" (one split: baselines over its test trials, dual encoder over seeds)"
+               if result["n_folds"] == 1 and len(result["seeds"]) > 1 else ""))
+
+
 def mean_sd(stats: dict, digits: int = 3) -> str:
     """``aggregate``'s mean ± std as text; the mean alone where the std is undefined (one test
     trial)."""
@@ -737,10 +746,7 @@ def benchmark_markdown(result: dict) -> str:
     lines.append(f"| *chance* | {ch['top1']:.3f} | {ch['top5']:.3f} | {ch['two_way']:.2f} | "
                  f"see mean image | see mean image | see mean image | {ch['condition_uniform']:.2f} "
                  f"(majority {ch['condition_majority']:.3f}) | |")
-    std_over = sorted({v["std_over"] for m in result["methods"].values() for v in m.values()})
-    lines += ["", f"Mean over folds; ± = SD over {' / '.join(std_over)}"
-              + (" (one split: baselines over its test trials, dual encoder over seeds)"
-                 if result["n_folds"] == 1 and len(result["seeds"]) > 1 else "")
+    lines += ["", spread_text(result)
               + "; for the dual encoder each fold's value is the mean over seeds and '(seeds ± x)' is "
               "the SD over seeds of the protocol mean.",
               "Condition: baselines use the condition of the top-1 identified image (kNN rows: "
@@ -1039,6 +1045,7 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
             f"{cfg.seeds[0]}); red = closer to the nearest training image than to the true one")), gallery)
     else:                                   # no decoders this run: an older gallery is not its own
         gallery.unlink(missing_ok=True)
+    print(spread_text(result) + ":")
     for name in methods:
         m = methods[name]
         print(f"{METHOD_TITLES.get(name, name):40s} top-1 {mean_sd(m['top1'])}"

@@ -308,10 +308,12 @@ def test_s2_with_an_image_shown_once_averages_its_unseen_metric_over_its_folds(t
     assert "ridge (21-way top-1)" in md and "S2 note: 1 of the folds'" in md
 
 
-def test_benchmark_s3_two_folds_writes_the_schema(tmp_path):
+def test_benchmark_s3_two_folds_writes_the_schema(tmp_path, capsys):
     (tmp_path / "benchmark_s3_reconstructions.png").write_bytes(b"an earlier --generative run's")
     result = E.main([*FAST, "--protocol", "s3", "--max-folds", "2", "--seeds", "0", "1",
                      "--epochs", "4", "--permutation-control", "--nested", "--out-dir", str(tmp_path)])
+    # the console's rows say what their ± is, as the markdown does
+    assert "Mean over folds; ± = SD over folds:\nmean image" in capsys.readouterr().out
     saved = json.loads((tmp_path / "benchmark_s3.json").read_text())
     assert saved["protocol"] == "s3" and saved["n_folds"] == 2 and saved["seeds"] == [0, 1]
     assert saved["seed_fits"] == "separate"                   # auto on a CPU: one fit per seed
