@@ -1,0 +1,252 @@
+"""Reporting: what the result tables and figures show a reader, from hand-made inputs (no training).
+The benchmark's markdown (every table row as wide as its header, the paired wins / ties / losses
+under their own headings, the chance row's condition cell), summary.md's chance cells, the S3
+gallery's panels (the first test trial everywhere, the protocol's clipped PixCorr, red only for a
+memorised reconstruction) and the generation figure's titles (r with the true image, red and
+"as #k" only for a missed identification)."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from matplotlib.colors import same_color
+
+import miyawaki_dataset_loader as L
+import miyawaki_evaluation as E
+import miyawaki_generative_backend as G
+
+
+# --------------------------------------------------------------------------- helpers
+def md_tables(text: str) -> list[tuple[str | None, list[list[str]]]]:
+    """The markdown tables of ``text``: (the last heading above, rows as lists of stripped cells)."""
+    tables, rows, heading = [], None, None
+    for line in text.splitlines():
+        if line.startswith("|"):
+            if rows is None:
+                rows = []
+                tables.append((heading, rows))
+            rows.append([c.strip() for c in line.strip()[1:-1].split("|")])
+        else:
+            rows = None
+            if line.startswith("#"):
+                heading = line
+    return tables
+
+
+def by_first_cell(rows: list[list[str]]) -> dict[str, list[str]]:
+    return {r[0]: r for r in rows[2:]}          # after the header and separator rows
+
+
+def title_color_is_red(ax) -> bool:
+    return same_color(ax.title.get_color(), "tab:red")
+
+
+# --------------------------------------------------------------------------- benchmark markdown
+N_FOLDS = 6
+RIDGE_TOP1 = [0.20, 0.30, 0.25, 0.40, 0.10, 0.35]
+RIDGE_PIXCORR = [0.40, 0.50, 0.45, 0.42, 0.38, 0.47]
+# per-fold values against ridge (by hand): dual encoder 3 wins / 1 tie / 2 losses on top-1,
+# knn1 1 win / 0 ties / 5 losses; diffusion 4 wins / 0 ties / 2 losses on PixCorr
+DUAL_TOP1 = [0.50, 0.30, 0.10, 0.60, 0.05, 0.45]
+KNN1_TOP1 = [0.10, 0.20, 0.30, 0.30, 0.05, 0.30]
+DIFFUSION_PIXCORR = [0.50, 0.40, 0.55, 0.50, 0.30, 0.60]
+DIFFUSION_TOP1 = [0.20, 0.30, 0.25, 0.40, 0.10, 0.35]   # ties ridge in every fold
+
+
+def hand_made_benchmark() -> dict:
+    """A benchmark result as run_benchmark writes it: 6 folds, dual encoder over 2 seeds."""
+    rng = np.random.default_rng(0)
+
+    def method(top1, pixcorr=None, seeds=1, extra=()):
+        out = {}
+        for metric in (*L.METRICS, *extra):
+            v = {"top1": top1, "pixcorr": pixcorr}.get(metric) or list(rng.uniform(0, 1, N_FOLDS))
+            per_seed = np.repeat(np.asarray(v, float)[:, None], seeds, axis=1)
+            out[metric] = E.aggregate(per_seed)
+        return out
+
+    methods = {"ridge": method(RIDGE_TOP1, RIDGE_PIXCORR),
+               "knn1": method(KNN1_TOP1),
+               "dual_encoder": method(DUAL_TOP1, seeds=2, extra=("condition_top1",)),
+               "diffusion": method(DIFFUSION_TOP1, DIFFUSION_PIXCORR)}
+    return {
+        "protocol": "s2", "folds": [f"s2-fold{i}" for i in range(N_FOLDS)], "n_folds": N_FOLDS,
+        "seeds": [0, 1], "data_source": "simulated", "n_trials": 119, "n_candidates": 20,
+        "n_test_trials": 119, "n_unseen_test_trials": 0,
+        "chance": {**L.chance_levels(20), "condition_uniform": 0.25, "condition_majority": 0.336},
+        "methods": methods,
+        "paired_vs_ridge_top1": E.paired_vs_reference(methods),
+        "paired_vs_ridge_pixcorr": {g: v for g, v in E.paired_vs_reference(methods, metric="pixcorr")
+                                    .items() if g in E.GENERATIVE},
+        "seconds": {"total": 30.0, "ridge": 0.5, "knn1": 0.2, "dual_encoder": 20.0, "diffusion": 9.0},
+        "config": {"epochs": 2, "knn_k": 5},
+    }
+
+
+def test_every_row_of_every_benchmark_markdown_table_has_its_headers_cell_count():
+    """A markdown table renders only when its separator row has as many cells as its header; a
+    data row with fewer or more cells shifts its numbers under the wrong columns."""
+    tables = md_tables(E.benchmark_markdown(hand_made_benchmark()))
+    assert len(tables) == 3                       # methods, paired top-1, paired PixCorr
+    for heading, rows in tables:
+        header, separator = rows[0], rows[1]
+        assert all(re.fullmatch(r":?-{3,}:?", c) for c in separator), (heading, separator)
+        for row in rows[1:]:
+            assert len(row) == len(header), (heading, header, row)
+    header = tables[0][1][0]
+    assert header == ["method", *L.METRICS, "fit s"]
+
+
+def test_paired_tables_put_wins_ties_and_losses_under_their_own_columns():
+    """The per-fold wins / ties / losses against ridge (counted by hand) under the columns so named,
+    in the top-1 table and in the reconstructions' PixCorr table."""
+    result = hand_made_benchmark()
+    tables = {heading: rows for heading, rows in md_tables(E.benchmark_markdown(result))}
+    top1 = next(rows for h, rows in tables.items() if h and "Paired per-fold differences" in h)
+    pix = next(rows for h, rows in tables.items() if h and "PixCorr against ridge" in h)
+    expected_top1 = {"dual_encoder": (3, 1, 2), "knn1": (1, 0, 5), "diffusion": (0, 6, 0)}
+    for rows, expected, ref, values in (
+            (top1, expected_top1, RIDGE_TOP1,
+             {"dual_encoder": DUAL_TOP1, "knn1": KNN1_TOP1, "diffusion": DIFFUSION_TOP1}),
+            (pix, {"diffusion": (4, 0, 2)}, RIDGE_PIXCORR, {"diffusion": DIFFUSION_PIXCORR})):
+        columns = rows[0]
+        assert columns == ["method", "mean diff", "wins", "ties", "losses"]
+        table = by_first_cell(rows)
+        assert set(table) == {E.METHOD_TITLES[n] for n in expected}
+        for name, (wins, ties, losses) in expected.items():
+            row = dict(zip(columns, table[E.METHOD_TITLES[name]]))
+            assert (int(row["wins"]), int(row["ties"]), int(row["losses"])) == (wins, ties, losses), name
+            assert float(row["mean diff"]) == pytest.approx(np.mean(values[name]) - np.mean(ref),
+                                                             abs=1e-3)
+
+
+def test_chance_row_shows_uniform_condition_chance_beside_the_majority_rate():
+    """The chance row: 1/K top-1, min(5, K)/K top-5, 0.5 two-way and, under condition, the uniform
+    4-way chance with the test trials' majority-class rate in brackets (not the other way round)."""
+    result = hand_made_benchmark()
+    rows = md_tables(E.benchmark_markdown(result))[0][1]
+    chance = dict(zip(rows[0], by_first_cell(rows)["*chance*"]))
+    assert (float(chance["top1"]), float(chance["top5"]), float(chance["two_way"])) == (0.05, 0.25, 0.5)
+    m = re.fullmatch(r"([\d.]+) \(majority ([\d.]+)\)", chance["condition"])
+    assert m, chance["condition"]
+    assert float(m[1]) == pytest.approx(0.25) and float(m[2]) == pytest.approx(0.336)
+
+
+# --------------------------------------------------------------------------- summary.md
+def test_summary_shows_each_results_chance_not_its_value(tmp_path):
+    """summary.md's chance column: the K-way chance beside the dual encoder's top-1 and the uniform
+    condition chance (majority rate in brackets) beside the kNN condition accuracy."""
+    common = {"data_source": "simulated", "checkpoint_sha256": "ab" * 32}
+    (tmp_path / "miyawaki_dual_encoder.json").write_text(json.dumps(
+        {**common, "top1": 0.6, "chance_top1": 0.05, "n_candidates": 20}))
+    (tmp_path / "miyawaki_evaluation.json").write_text(json.dumps(
+        {**common, "n_test": 12,
+         "condition_accuracy": {"correlation": 0.583, "uniform_chance": 0.25, "majority_rate": 0.417},
+         "baselines_s1": {"ridge": {"top1": 0.333, "condition": 0.5, "pixcorr": 0.4}}}))
+    rows = md_tables(L.write_summary(tmp_path).read_text())[0][1]
+    assert rows[0] == ["what", "value", "chance", "ridge"]
+    table = {r[0]: dict(zip(rows[0], r)) for r in rows[2:]}
+    ident = table["dual encoder identification top-1 (20-way)"]
+    assert (ident["value"], ident["chance"], ident["ridge"]) == ("0.600", "0.050", "0.333")
+    cond = table["condition from the fMRI embedding (kNN)"]
+    assert cond["value"] == "0.583"
+    m = re.fullmatch(r"([\d.]+) \(majority ([\d.]+)\)", cond["chance"])
+    assert m, cond["chance"]
+    assert (float(m[1]), float(m[2])) == (0.25, 0.417)
+
+
+# --------------------------------------------------------------------------- S3 gallery
+@pytest.fixture(scope="module")
+def s1_fold(sim):
+    """The simulated S1 fold: 12 test trials of different images (so rows of a reconstruction differ)."""
+    fold = sim.s1()
+    assert len(np.unique(fold.test.image_ids)) > 1
+    return fold
+
+
+def test_gallery_panels_show_the_first_test_trial_with_the_protocols_pixcorr(s1_fold):
+    """Every decoder panel shows the decoder's reconstruction of the first test trial (the one in
+    the "true" panel), clipped to [0, 1], and its r is the protocol's PixCorr of that trial (which
+    clips the reconstruction): reconstructions here reach outside [0, 1] and differ row by row."""
+    fold = s1_fold
+    rng = np.random.default_rng(0)
+    true = fold.test.images
+    recons = {"diffusion": 2.5 * true - 0.8 + rng.normal(0, 0.3, true.shape),
+              "gan": rng.normal(0.5, 0.8, true.shape)}
+    gallery = E.fold_gallery(fold, recons, np.linspace(0.1, 0.9, len(true)))
+    np.testing.assert_array_equal(gallery["true"][0], true[0])
+    for name, recon in recons.items():
+        img, corr, _, gate = gallery[name]
+        np.testing.assert_allclose(img, recon[0].clip(0, 1), err_msg=name)
+        protocol = L.score_reconstructions(recon.reshape(len(recon), -1), fold)["pixcorr"][0]
+        assert corr == pytest.approx(protocol, abs=1e-9), name
+        assert gate == pytest.approx(0.1)              # the first trial's gate
+
+
+def test_gallery_ridge_panel_is_ridges_reconstruction_of_the_first_test_trial(s1_fold):
+    """The ridge panel: ridge fitted on the training trials, from the first test trial's fMRI, shown
+    clipped, with the protocol's (clipped) PixCorr of that reconstruction."""
+    fold = s1_fold
+    ridge = L.RidgeBaseline().fit(fold.train.fmri, fold.train.images).predict(fold.test.fmri)
+    assert ridge.min() < 0 or ridge.max() > 1      # clipping matters for this check
+    img, corr, memorised, gate = E.fold_gallery(fold, {})["ridge"]
+    np.testing.assert_allclose(img, ridge[0].reshape(1, 28, 28).clip(0, 1), atol=1e-6)
+    assert corr == pytest.approx(L.score_reconstructions(ridge, fold)["pixcorr"][0], abs=1e-6)
+    assert gate is None and memorised in (True, False)
+
+
+def test_gallery_figure_marks_only_memorised_reconstructions_in_red():
+    """Red titles with "memorised?" for a reconstruction that fails the nearest-training-image check
+    and for nothing else: not a reconstruction that passes it, not the true or nearest image."""
+    img = np.full((1, 28, 28), 0.5)
+    gallery = {"true": (img, 1.0, None, None), "ridge": (img, 0.31, False, None),
+               "diffusion": (img, 0.52, False, 0.2), "gan": (img, 0.77, True, 0.2),
+               "nearest training image": (img, 0.8, None, None)}
+    fig = E.plot_gallery([gallery], ["s3-image0"], "title")
+    marked = {col: (title_color_is_red(ax), "memorised?" in ax.get_title())
+              for col, ax in zip(gallery, fig.axes)}
+    assert marked == {"true": (False, False), "ridge": (False, False), "diffusion": (False, False),
+                      "gan": (True, True), "nearest training image": (False, False)}
+    assert "r=0.77" in fig.axes[3].get_title() and "g=0.20" in fig.axes[3].get_title()
+
+
+# --------------------------------------------------------------------------- generation figure
+def generation_case():
+    """5 grey-level candidates, 4 trials showing candidates 0, 2, 4, 1."""
+    rng = np.random.default_rng(1)
+    candidates = rng.uniform(0.1, 0.9, (5, 1, 28, 28))
+    ids = np.array([0, 2, 4, 1])
+    return candidates, ids, np.array([2, 3, 4, 5, 2]), candidates[ids].copy()
+
+
+def recon_titles(fig, n):
+    """(title, red) of the reconstruction row's panels (the second row of ``n`` columns)."""
+    return [(ax.get_title(), title_color_is_red(ax)) for ax in fig.axes[n:2 * n]]
+
+
+def test_generation_figure_marks_nothing_when_every_reconstruction_is_its_true_image():
+    candidates, ids, labels, true = generation_case()
+    fig = G.plot_generation(true, true.copy(), "title", ids, candidates, labels)
+    assert len(fig.axes) == 2 * len(true)             # grey-level images: no binarised row
+    for title, red in recon_titles(fig, len(true)):
+        assert title.splitlines()[0] == "r=1.00" and "as #" not in title and not red, title
+
+
+def test_generation_figure_names_the_candidate_a_missed_reconstruction_was_taken_for():
+    """Column 1 reconstructs candidate 3 instead of its image 2: that panel alone is red and says
+    "as #3"; the noisy but correct ones stay black; every r is Pearson(reconstruction, true)."""
+    candidates, ids, labels, true = generation_case()
+    rng = np.random.default_rng(2)
+    recon = np.clip(true + rng.normal(0, 0.1, true.shape), 0, 1)
+    recon[1] = candidates[3]
+    fig = G.plot_generation(true, recon, "title", ids, candidates, labels)
+    r = L.pearson_rows(recon.reshape(4, -1), true.reshape(4, -1))
+    assert np.all(r < 0.99)                           # the r values say something here
+    titles = recon_titles(fig, len(true))
+    for i, (title, red) in enumerate(titles):
+        assert title.splitlines()[0] == f"r={r[i]:.2f}", (i, title)
+        if i == 1:
+            assert red and title.splitlines()[-1] == "as #3", title
+        else:
+            assert not red and "as #" not in title, (i, title)
