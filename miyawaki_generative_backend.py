@@ -1108,8 +1108,9 @@ def train_generative(encoder: nn.Module, fold_train: Trials, config: GenerativeC
     gan, hist_g = train_gan(data, config, progress)
     # the training set's set-up (anchors, embeddings) is counted once, in the diffusion's time
     hist_d["seconds"], hist_g["seconds"] = t2 - t0, time.perf_counter() - t2
+    fingerprint = weights_fingerprint(encoder)
     for model in (diffusion, gan):
-        model.encoder_fingerprint = weights_fingerprint(encoder)
+        model.encoder_fingerprint = fingerprint
         if data.anchor is not None:
             model.readout.load_state_dict(data.readout.state_dict())
             model.encoding.load_state_dict(data.encoding.state_dict())
