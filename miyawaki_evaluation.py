@@ -60,6 +60,10 @@ from miyawaki_dual_encoder import (CHECKPOINT_NAME, MAX_LINEAR_WEIGHT, SCORE_GRI
 BASELINES = ("mean_image", "ridge", "ridge_snap", "multiscale_local", "knn1", "knn5")
 DECODERS = ("diffusion", "gan")               # the two networks, which share a novelty gate
 GENERATIVE = ("anchor", *DECODERS)           # with --generative: their anchor alone beside them
+PROTOCOL_TITLES = {
+    "s1": "the file's own split",
+    "s2": "stratified 5-fold CV by image, 3 repeats (every test image also in training)",
+    "s3": "leave-one-stimulus-out (the test image never in training)"}
 METHOD_TITLES = {
     "mean_image": "mean image (floor)",
     "ridge": "ridge (fMRI->784 px)",
@@ -722,13 +726,17 @@ def unseen_s2_note(n_unseen: int, n_test: int) -> str:
 def benchmark_markdown(result: dict) -> str:
     """The benchmark JSON as a markdown table with chance levels and paired differences."""
     p, ch = result["protocol"].upper(), result["chance"]
-    lines = [f"# Benchmark {p} ({result['n_folds']} fold(s), data: {result['data_source']})", "",
+    n, available = result["n_folds"], result.get("n_folds_available", result["n_folds"])
+    folds = f"{n} folds" if n == available else f"the first {n} of its {available} folds (--max-folds)"
+    lines = [f"# Benchmark {p}: {PROTOCOL_TITLES[result['protocol']]}", "",
+             f"{folds}; data: {result['data_source']}; fMRI only at test time; higher is better but "
+             f"for MSE.", "",
              f"Dual encoder: seeds {result['seeds']}, {result['config']['epochs']} epochs per fit, "
              f"trained on each fold's training trials (val_fraction 0). Baselines are deterministic "
              f"(once per fold). Wall time {result['seconds']['total']:.0f} s.", "",
              *([unseen_s2_note(result["n_unseen_test_trials"], result["n_test_trials"]), ""]
                if p == "S2" and result["n_unseen_test_trials"] else []),
-             "| method | " + " | ".join(METRICS) + " | fit s |",
+             "| method | " + " | ".join(METRICS) + " | fit s (all folds and seeds) |",
              "|---" * (len(METRICS) + 2) + "|"]
     for name, m in result["methods"].items():
         cells = []
@@ -747,8 +755,8 @@ def benchmark_markdown(result: dict) -> str:
                  f"see mean image | see mean image | see mean image | {ch['condition_uniform']:.2f} "
                  f"(majority {ch['condition_majority']:.3f}) | |")
     lines += ["", spread_text(result)
-              + "; for the dual encoder each fold's value is the mean over seeds and '(seeds ± x)' is "
-              "the SD over seeds of the protocol mean.",
+              + ("; for the dual encoder each fold's value is the mean over seeds and '(seeds ± x)' "
+                 "is the SD over seeds of the protocol mean." if len(result["seeds"]) > 1 else "."),
               "Condition: baselines use the condition of the top-1 identified image (kNN rows: "
               "neighbour vote); the dual encoder uses a kNN vote on the fMRI-only correlation "
               f"embeddings of the training trials (k={result['config']['knn_k']})"
@@ -792,15 +800,19 @@ def benchmark_markdown(result: dict) -> str:
     if gates:
         lines += ["", "Novelty gate (the decoders' P(new image) from each test trial's fMRI; near 1 "
                   "the output leans on the linear anchor, near 0 it is the decoder's sample), mean "
-                  "over test trials: "
+                  "over folds of each fold's mean ± SD over folds: "
                   + ", ".join(f"{METHOD_TITLES.get(n, n)} {mean_sd(g)}" for n, g in gates.items()) + "."]
     novel = {n: m["closer_than_train"]["mean"] for n, m in result["methods"].items()
              if "closer_than_train" in m}
     if novel:
-        lines += ["", "Nearest-training-image check (docs/PROTOCOL.md, Shirakawa et al. 2024): share of "
-                  "test trials whose reconstruction is closer (PixCorr) to the true, never-seen "
-                  "image than to every training image: "
-                  + ", ".join(f"{METHOD_TITLES.get(n, n)} {v:.3f}" for n, v in novel.items()) + "."]
+        lines += ["", "Nearest-training-image check (docs/PROTOCOL.md, Shirakawa et al. 2024): mean over "
+                  "folds of each fold's share of never-seen test trials whose reconstruction is "
+                  "closer (PixCorr) to the true image than to every training image: "
+                  + ", ".join(f"{METHOD_TITLES.get(n, n)} {v:.3f}" for n, v in novel.items()) + "."
+                  + (" On S3 every candidate but the true image is a training image, so this is the "
+                     "reconstructions' top-1 by PixCorr again (ties aside); it adds information "
+                     "where the candidates are not the training images (a random-image session)."
+                     if result["protocol"] == "s3" else "")]
     return "\n".join(lines) + "\n"
 
 
@@ -921,6 +933,10 @@ def fold_gallery(fold: Fold, recons: dict, gate: np.ndarray | None = None) -> di
     return out
 
 
+GALLERY_TITLES = {"ridge": "ridge", "anchor": "anchor alone",
+                  "nearest training image": "training image\nclosest to the true"}
+
+
 def plot_gallery(galleries: list[dict], names: list[str], title: str) -> Figure:
     """One row per fold (``galleries`` from ``fold_gallery``, ``names`` their folds), one column
     per panel, PixCorr with the true image in each title (and the decoders' novelty gate g); a
@@ -937,7 +953,8 @@ def plot_gallery(galleries: list[dict], names: list[str], title: str) -> Figure:
             ax.imshow(img[0], cmap="gray", interpolation="nearest", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title((f"{col}\n" if r == 0 else "") + f"r={corr:.2f}"
+            ax.set_title((f"{GALLERY_TITLES.get(col, METHOD_TITLES.get(col, col))}\n" if r == 0 else "")
+                         + f"r={corr:.2f}"
                          + (f" g={gate:.2f}" if gate is not None else "")
                          + ("\nmemorised?" if memorised else ""), fontsize=7,
                          color="tab:red" if memorised else "k")
@@ -960,6 +977,7 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
     device = resolve_device(cfg.device)
     data: MiyawakiData = resolve_data(cfg.data)
     folds = splits(cfg.protocol, data)
+    n_available = len(folds)
     out = prepare_out_dir(cfg.out_dir)
     if cfg.max_folds:
         folds = folds[:cfg.max_folds]
@@ -1011,6 +1029,7 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
     seconds["total"] = time.perf_counter() - t_start
     result = {
         "protocol": cfg.protocol, "folds": [f[0] for f in folds], "n_folds": len(folds),
+        "n_folds_available": n_available,
         "seeds": list(cfg.seeds), "data_source": data.source, "n_trials": len(data.trials),
         "n_candidates": k, "n_test_trials": n_test, "n_unseen_test_trials": n_unseen,
         "chance": {**chance_levels(k),
@@ -1042,7 +1061,9 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
     if galleries:
         save_figure(plot_gallery(galleries, [f[0] for f in folds], (
             f"{cfg.protocol.upper()}: first test trial of each fold, from fMRI only (decoders: seed "
-            f"{cfg.seeds[0]}); red = closer to the nearest training image than to the true one")), gallery)
+            f"{cfg.seeds[0]}); red, memorised?: closer (PixCorr) to some training image than to the "
+            f"true one; last column: the training image closest to the true one (a look-up with the "
+            f"true image, not a decoder's output)")), gallery)
     else:                                   # no decoders this run: an older gallery is not its own
         gallery.unlink(missing_ok=True)
     print(spread_text(result) + ":")

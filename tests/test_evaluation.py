@@ -348,6 +348,16 @@ def test_benchmark_s3_two_folds_writes_the_schema(tmp_path, capsys):
     md = (tmp_path / "benchmark_s3.md").read_text()
     assert "| *chance* | 0.050 | 0.250 |" in md and "wins" in md and "permutation control" in md
     assert result["methods"] == saved["methods"]
+    # a --max-folds run says that it is one, and what S3 is, in its title lines
+    assert saved["n_folds_available"] == 20
+    assert md.startswith("# Benchmark S3: leave-one-stimulus-out (the test image never in training)"
+                         "\n\nthe first 2 of its 20 folds (--max-folds)")
+    # on S3 every other candidate is a training image: the nearest-training-image check is the
+    # PixCorr top-1 again, fold for fold, as the markdown says
+    for name in ("ridge", "mean_image", "multiscale_local"):
+        m = saved["methods"][name]
+        assert m["closer_than_train"]["per_fold"] == m["top1"]["per_fold"], name
+    assert "top-1 by PixCorr again" in md
 
 
 def test_benchmark_workers_give_the_same_numbers_as_one_process(tmp_path, monkeypatch):

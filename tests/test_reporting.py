@@ -95,7 +95,7 @@ def test_every_row_of_every_benchmark_markdown_table_has_its_headers_cell_count(
         for row in rows[1:]:
             assert len(row) == len(header), (heading, header, row)
     header = tables[0][1][0]
-    assert header == ["method", *L.METRICS, "fit s"]
+    assert header == ["method", *L.METRICS, "fit s (all folds and seeds)"]
 
 
 def test_paired_tables_put_wins_ties_and_losses_under_their_own_columns():
@@ -209,6 +209,10 @@ def test_gallery_figure_marks_only_memorised_reconstructions_in_red():
     assert marked == {"true": (False, False), "ridge": (False, False), "diffusion": (False, False),
                       "gan": (True, True), "nearest training image": (False, False)}
     assert "r=0.77" in fig.axes[3].get_title() and "g=0.20" in fig.axes[3].get_title()
+    # the column heads: the decoders by their table names, the last one what it is (a look-up)
+    heads = [ax.get_title().splitlines()[0] for ax in fig.axes]
+    assert heads[2:4] == ["diffusion decoder", "GAN decoder"]
+    assert fig.axes[4].get_title().startswith("training image\nclosest to the true")
 
 
 # --------------------------------------------------------------------------- generation figure
