@@ -942,10 +942,11 @@ def plot_gallery(galleries: list[dict], names: list[str], title: str) -> Figure:
     per panel, PixCorr with the true image in each title (and the decoders' novelty gate g); a
     reconstruction that fails the nearest-training-image check is marked "memorised?" in red."""
     cols = list(galleries[0])
-    height = 1.55 * len(galleries) + 0.8
+    lines = title.count("\n") + 1
+    height = 1.55 * len(galleries) + 0.6 + 0.2 * lines
     fig = Figure(figsize=(1.5 * len(cols), height))
     axes = fig.subplots(len(galleries), len(cols), squeeze=False)
-    fig.subplots_adjust(top=1 - 1.0 / height, bottom=0.1 / height, hspace=0.45)
+    fig.subplots_adjust(top=1 - (0.8 + 0.2 * lines) / height, bottom=0.1 / height, hspace=0.45)
     for r, (g, name) in enumerate(zip(galleries, names)):
         for c, col in enumerate(cols):
             img, corr, memorised, gate = g[col]
@@ -959,7 +960,7 @@ def plot_gallery(galleries: list[dict], names: list[str], title: str) -> Figure:
                          + ("\nmemorised?" if memorised else ""), fontsize=7,
                          color="tab:red" if memorised else "k")
         axes[r, 0].set_ylabel(name, fontsize=7)
-    fig.suptitle(title, fontsize=10, y=1 - 0.15 / height)
+    fig.suptitle(title, fontsize=9, y=1 - 0.1 / height, va="top")
     return fig
 
 
@@ -1061,8 +1062,8 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
     if galleries:
         save_figure(plot_gallery(galleries, [f[0] for f in folds], (
             f"{cfg.protocol.upper()}: first test trial of each fold, from fMRI only (decoders: seed "
-            f"{cfg.seeds[0]}); red, memorised?: closer (PixCorr) to some training image than to the "
-            f"true one; last column: the training image closest to the true one (a look-up with the "
+            f"{cfg.seeds[0]})\nred, memorised?: closer (PixCorr) to some training image than to the "
+            f"true one\nlast column: the training image closest to the true one (a look-up with the "
             f"true image, not a decoder's output)")), gallery)
     else:                                   # no decoders this run: an older gallery is not its own
         gallery.unlink(missing_ok=True)
