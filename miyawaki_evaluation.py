@@ -727,7 +727,8 @@ def benchmark_markdown(result: dict) -> str:
     """The benchmark JSON as a markdown table with chance levels and paired differences."""
     p, ch = result["protocol"].upper(), result["chance"]
     n, available = result["n_folds"], result.get("n_folds_available", result["n_folds"])
-    folds = f"{n} folds" if n == available else f"the first {n} of its {available} folds (--max-folds)"
+    folds = (f"{n} fold{'s' * (n != 1)}" if n == available
+             else f"the first {n} of its {available} folds (--max-folds)")
     lines = [f"# Benchmark {p}: {PROTOCOL_TITLES[result['protocol']]}", "",
              f"{folds}; data: {result['data_source']}; fMRI only at test time; higher is better but "
              f"for MSE.", "",

@@ -139,7 +139,7 @@ def test_s1_benchmark_of_one_seed_says_its_sd_is_over_trials(two_runs):
     the dual encoder's too (with several seeds its ± is over seeds)."""
     (runs, _), _ = two_runs
     md = E.benchmark_markdown(runs["benchmark_s1.json"])
-    assert "± = SD over trials;" in md and "over seeds)" not in md
+    assert "± = SD over trials." in md and "over seeds" not in md
 
 
 def test_both_decoders_of_the_benchmark_reconstruct_from_fmri_only():
