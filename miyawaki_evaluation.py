@@ -524,7 +524,8 @@ def print_checkpoint_summary(result: dict) -> None:
           f"(chance {r12['chance_top1']:.3f})")
     print(f"S1 {round(1 / cond['uniform_chance'])}-way condition (kNN k={cond['k']}): fMRI latent "
           f"{cond['fmri_latent']:.3f}, fMRI "
-          f"correlation embedding {cond['correlation']:.3f} | majority rate {cond['majority_rate']:.3f}")
+          f"correlation embedding {cond['correlation']:.3f} | majority rate {cond['majority_rate']:.3f}"
+          + (f" ({cond['note']})" if "note" in cond else ""))
     print(f"S1 ridge baseline for reference: top-1 {ridge['top1']:.3f}, top-5 {ridge['top5']:.3f}")
 
 
@@ -566,6 +567,9 @@ def score_checkpoint(model: MiyawakiDualEncoder, fold: Fold, knn_k: int = 5, ora
         "majority_rate": majority_rate(test.labels),
         "uniform_chance": 1 / len(np.unique(fold.unique_labels)),
     }
+    if not np.isin(test.labels, fold.train.labels).any():      # e.g. a random-image session
+        cond["note"] = ("no test trial's condition occurs among the training trials, so a kNN vote "
+                        "over them cannot name it: 0 by construction, not a measurement")
     base, _ = evaluate_baselines(fold)
     result = {
         "split": fold.meta.get("split", ""), "n_test": n, "n_candidates": k, "chance": chance_levels(k),

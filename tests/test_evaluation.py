@@ -274,6 +274,21 @@ def test_a_file_with_one_test_trial_prints_undefined_numbers_as_undefined(tmp_pa
     assert out.count("2-way undefined (chance 0.5)") == 2                  # diffusion, GAN
 
 
+def test_condition_of_a_random_image_session_is_flagged_as_zero_by_construction():
+    """S1 of a random-image session: the training trials are all condition 1 (random), the test
+    trials the figures' 2-5, so the kNN condition is 0 whatever the model: the result says so; on
+    the figure set it says nothing."""
+    for data, flagged in ((L.make_simulated_dataset(random_images=40), True),
+                          (L.make_simulated_dataset(), False)):
+        fold = data.s1()
+        model, _ = D.train_dual_encoder(fold.train, D.DualEncoderConfig(epochs=1, mixup=0), "cpu",
+                                        fold.unique_images, progress=False)
+        cond = E.score_checkpoint(model, fold)["condition_accuracy"]
+        assert ("note" in cond) == flagged
+        if flagged:
+            assert cond["correlation"] == cond["fmri_latent"] == 0 and "0 by construction" in cond["note"]
+
+
 def test_nested_inner_folds_mimic_the_fold():
     """Nested selection holds images out of its inner folds where the fold's test images are never
     seen in training (S3, and S1 of a random-image session), trials where they are (S1, S2)."""
