@@ -763,7 +763,8 @@ def benchmark_markdown(result: dict) -> str:
               + ("; for the dual encoder each fold's value is the mean over seeds and '(seeds ± x)' "
                  "is the SD over seeds of the protocol mean." if len(result["seeds"]) > 1 else "."),
               "Condition: baselines, the encoding model, the anchor and the decoders use the "
-              "condition of the top-1 identified image (kNN rows: neighbour vote); the dual encoder uses a kNN vote on the fMRI-only correlation "
+              "condition of the top-1 identified image (kNN rows: neighbour vote); the dual encoder "
+              "uses a kNN vote on the fMRI-only correlation "
               f"embeddings of the training trials (k={result['config']['knn_k']})"
               + "".join(f"; {METHOD_TITLES[n]}, condition of the top-1 image: "
                         f"{mean_sd(result['methods'][n]['condition_top1'])}"
