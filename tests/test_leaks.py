@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+import miyawaki_dataset_loader as L
 import miyawaki_dual_encoder as D
 import miyawaki_evaluation as E
 import miyawaki_generative_backend as G
-import miyawaki_dataset_loader as L
 from miyawaki_dataset_loader import make_simulated_dataset, splits
 
 SIM = ["--data", "simulated", "--device", "cpu"]
