@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from miyawaki_dataset_loader import (DEFAULT_OUT, OptionError, check_options, resolve_data,  # noqa: E402
-                                     resolve_device, run_cli, save_json)
+from miyawaki_dataset_loader import (DEFAULT_OUT, DefaultsHelpFormatter, OptionError,  # noqa: E402
+                                     check_options, resolve_data, resolve_device, run_cli, save_json)
 from miyawaki_dual_encoder import DualEncoderConfig, inner_cv_scores, score_settings  # noqa: E402
 
 
@@ -74,7 +74,7 @@ def tuning_parser(doc: str, what: str | None = None) -> argparse.ArgumentParser:
     """The options the tuning scripts share: ``--data`` and, given ``what`` (a config class name),
     repeatable ``--set`` candidates of it (``candidates``)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--data", default=None)
     if what:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
