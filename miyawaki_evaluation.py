@@ -46,7 +46,7 @@ from miyawaki_dataset_loader import (GRID, IMAGE_SIDE, MAX_SEED, METRICS, RIDGE_
                                      fold_means, identification_ranks, identification_scores,
                                      identification_summary, identified_labels,
                                      image_to_fmri_summary, majority_rate, mean_rank,
-                                     nearest_training_check, parse_config, pearson_matrix,
+                                     nearest_training_check, panel_title, parse_config, pearson_matrix,
                                      pearson_rows, prepare_out_dir, resolve_data, resolve_device,
                                      retrieval_ranks, run_cli, save_figure, save_json, save_text,
                                      score_reconstructions, script_parser, splits, topk_accuracy,
@@ -960,11 +960,11 @@ def plot_gallery(galleries: list[dict], names: list[str], title: str) -> Figure:
             ax.imshow(img[0], cmap="gray", interpolation="nearest", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title((f"{GALLERY_TITLES.get(col, METHOD_TITLES.get(col, col))}\n" if r == 0 else "")
-                         + f"r={corr:.2f}"
-                         + (f" g={gate:.2f}" if gate is not None else "")
-                         + ("\nmemorised?" if memorised else ""), fontsize=7,
-                         color="tab:red" if memorised else "k")
+            panel_title(ax, (f"{GALLERY_TITLES.get(col, METHOD_TITLES.get(col, col))}\n" if r == 0 else "")
+                        + f"r={corr:.2f}"
+                        + (f" g={gate:.2f}" if gate is not None else "")
+                        + ("\nmemorised?" if memorised else ""), fontsize=7,
+                        color="tab:red" if memorised else "k")
         axes[r, 0].set_ylabel(name, fontsize=7)
     fig.suptitle(title, fontsize=9, y=1 - 0.1 / height, va="top")
     return fig

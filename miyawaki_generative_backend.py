@@ -71,7 +71,7 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, Ch
                                      identification_scores, ScriptOptions, bf16_autocast, uses_bf16,
                                      Trials, add_config_args, check_finite, check_options,
                                      config_dict, file_sha256, load_checkpoint, one_cycle, one_line,
-                                     nearest_training_check, parse_config, pearson_rows, prepare_out_dir,
+                                     nearest_training_check, panel_title, parse_config, pearson_rows, prepare_out_dir,
                                      reconstruction_metrics, resolve_data, resolve_device, run_cli,
                                      save_checkpoint, save_figure, save_json, script_parser,
                                      seed_everything, evaluating, write_summary, generator_device,
@@ -1236,12 +1236,12 @@ def plot_generation(true: np.ndarray, recon: np.ndarray, title: str, image_ids: 
             ax.set_xticks([])
             ax.set_yticks([])
             if corr is None:
-                ax.set_title(f"#{image_ids[i]} {condition_name(labels[image_ids[i]], labels)}", fontsize=6)
+                panel_title(ax, f"#{image_ids[i]} {condition_name(labels[image_ids[i]], labels)}", fontsize=6)
             else:
                 wrong = r == 1 and guess[i] != image_ids[i]
-                ax.set_title(f"r={corr[i]:.2f}" + (f"\ng={gate[i]:.2f}" if r == 1 and gate is not None else "")
-                             + (f"\nas #{guess[i]}" if wrong else ""), fontsize=7,
-                             color="tab:red" if wrong else "k")
+                panel_title(ax, f"r={corr[i]:.2f}" + (f"\ng={gate[i]:.2f}" if r == 1 and gate is not None else "")
+                            + (f"\nas #{guess[i]}" if wrong else ""), fontsize=7,
+                            color="tab:red" if wrong else "k")
         axes[r, 0].set_ylabel(name, fontsize=9)
     fig.suptitle(title, fontsize=10)
     return fig
@@ -1257,7 +1257,7 @@ def plot_sample_grid(samples: np.ndarray, title: str, names: list[str] | None = 
         ax.axis("off")
     for ax, img, name in zip(axes.ravel(), samples, names or [""] * len(samples)):
         ax.imshow(img[0], cmap="gray", interpolation="nearest", vmin=0, vmax=1)
-        ax.set_title(name, fontsize=8)
+        panel_title(ax, name, fontsize=8)
     fig.suptitle(title, fontsize=9)
     return fig
 
