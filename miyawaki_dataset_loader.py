@@ -1303,26 +1303,29 @@ def plot_unique_images(images: np.ndarray, labels: np.ndarray, counts: np.ndarra
     return fig
 
 
-def plot_fmri_correlation(fmri: np.ndarray, image_ids: np.ndarray, labels: np.ndarray) -> Figure:
+def plot_fmri_correlation(fmri: np.ndarray, image_ids: np.ndarray, labels: np.ndarray,
+                          max_images: int = 40) -> Figure:
     """Pearson correlation between the mean fMRI patterns of the K images, which are ordered by
-    condition (``labels`` ``K``), from fMRI ``N x V`` z-scored per voxel over its N trials (raw
-    voxel baselines would make every pair of patterns correlate)."""
+    condition (``labels`` ``K``; the last ``max_images`` of them when there are more, as in
+    ``plot_unique_images``), from fMRI ``N x V`` z-scored per voxel over its N trials (raw voxel
+    baselines would make every pair of patterns correlate)."""
     fmri = standardize(fmri, *voxel_stats(fmri))
-    means = np.stack([fmri[image_ids == k].mean(0) for k in range(len(labels))])
+    shown = np.arange(max(0, len(labels) - max_images), len(labels))
+    means = np.stack([fmri[image_ids == k].mean(0) for k in shown])
     corr = pearson_matrix(means, means)
     fig = Figure(figsize=(6.5, 5.5))
     ax = fig.add_subplot()
     im = ax.imshow(corr, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
-    if len(labels) <= 40:  # more images than that get no tick labels (unreadable)
-        ticks = [f"#{k} {condition_name(labels[k], labels)}" for k in range(len(labels))]
-        ax.set_xticks(range(len(labels)), ticks, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(labels)), ticks, fontsize=7)
-    for b in np.where(np.diff(labels) != 0)[0]:
+    ticks = [f"#{k} {condition_name(labels[k], labels)}" for k in shown]
+    ax.set_xticks(range(len(shown)), ticks, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(shown)), ticks, fontsize=7)
+    for b in np.where(np.diff(labels[shown]) != 0)[0]:
         ax.axhline(b + 0.5, color="k", lw=0.8)
         ax.axvline(b + 0.5, color="k", lw=0.8)
     fig.colorbar(im, ax=ax, label="Pearson r")
-    fig.suptitle("Mean fMRI pattern correlation between images\n(lines separate the conditions)",
-                 fontsize=10)
+    fig.suptitle("Mean fMRI pattern correlation between images"
+                 + (f", the last {len(shown)} of {len(labels)} images" if shown[0] else "")
+                 + "\n(lines separate the conditions)", fontsize=10)
     return fig
 
 
@@ -1333,7 +1336,7 @@ def summary(data: MiyawakiData) -> str:
     cond = ", ".join(f"{condition_name(c, data.unique_labels)}: {int((t.labels == c).sum())}"
                      for c in np.unique(t.labels))
     return (f"source: {data.source}\n"
-            f"trials: {len(t)} ({data.n_file_train} train / {len(t) - data.n_file_train} test in the file's split)\n"
+            f"trials: {len(t)} ({data.n_file_train} train / {len(t) - data.n_file_train} test in its own split, S1)\n"
             f"voxels: {data.n_voxels}\n"
             f"unique images: {len(data.unique_images)} (trials per image {counts.min()}-{counts.max()})\n"
             f"trials per condition: {cond}")

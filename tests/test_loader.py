@@ -89,6 +89,19 @@ def test_a_file_with_its_own_labels_keeps_them_in_summaries_and_titles(tmp_path,
     assert fig.axes[0].get_yticklabels()[0].get_text() == "#0 label 0"
 
 
+def test_fmri_correlation_figure_of_a_random_image_session_shows_its_last_40_images_by_name():
+    """A random-image session has 460 images: the figure shows the last 40 (20 random patterns and
+    the 20 figures), each named, and says so, rather than an unlabelled 460 x 460 matrix."""
+    data = L.make_simulated_dataset(random_images=L.SIM_RANDOM_IMAGES)
+    k = len(data.unique_images)
+    fig = L.plot_fmri_correlation(data.trials.fmri, data.trials.image_ids, data.unique_labels)
+    ax = fig.axes[0]
+    ticks = [t.get_text() for t in ax.get_yticklabels()]
+    assert ax.images[0].get_array().shape == (40, 40) and len(ticks) == 40
+    assert ticks[0] == f"#{k - 40} random" and ticks[-1] == f"#{k - 1} letters (regular)"
+    assert f"the last 40 of {k} images" in fig.get_suptitle()
+
+
 def test_fmri_correlation_figure_z_scores_each_voxel(sim):
     """Raw fMRI with a baseline per voxel gives the same pattern correlations as the z-scored
     trials (the figure z-scores each voxel): the baselines alone would correlate every pair."""
