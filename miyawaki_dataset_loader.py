@@ -86,6 +86,26 @@ class Trials:
     labels: np.ndarray
     image_ids: np.ndarray
 
+    def __post_init__(self):
+        """fMRI and images as float32 (a notebook's arrays may be float64); ValueError, before any
+        model sees them, for other shapes, complex or non-finite fMRI, or images outside [0, 1]
+        (0..255 ones train without an error, and badly)."""
+        if np.iscomplexobj(self.fmri) or np.iscomplexobj(self.images):
+            raise ValueError("Trials of complex values; expected real fMRI and images")
+        fmri, images = np.asarray(self.fmri, np.float32), np.asarray(self.images, np.float32)
+        n = len(fmri)
+        if (fmri.ndim != 2 or images.shape != (n, 1, IMAGE_SIDE, IMAGE_SIDE)
+                or np.shape(self.labels) != (n,) or np.shape(self.image_ids) != (n,)):
+            raise ValueError(f"Trials of fMRI {fmri.shape}, images {images.shape}, labels "
+                             f"{np.shape(self.labels)} and image ids {np.shape(self.image_ids)}; expected "
+                             f"N x V, N x 1 x {IMAGE_SIDE} x {IMAGE_SIDE}, N and N")
+        if not np.isfinite(fmri).all():
+            raise ValueError("Trials with NaN or infinite fMRI values")
+        if images.size:
+            check_unit_range(float(images.min()), float(images.max()))
+        object.__setattr__(self, "fmri", fmri)
+        object.__setattr__(self, "images", images)
+
     def __len__(self) -> int:
         return len(self.fmri)
 
@@ -138,8 +158,11 @@ class MiyawakiData:
         return hashlib.sha256(np.ascontiguousarray(self.trials.fmri).tobytes()).hexdigest()[:16]
 
     def fold(self, train_idx: np.ndarray, test_idx: np.ndarray, name: str = "") -> Fold:
-        """Split by trial indices; z-score fMRI with the training rows only (std 0 -> 1)."""
+        """Split by trial indices (disjoint: ValueError otherwise); z-score fMRI with the training
+        rows only (std 0 -> 1)."""
         train_idx, test_idx = np.asarray(train_idx), np.asarray(test_idx)
+        if np.intersect1d(train_idx, test_idx).size:
+            raise ValueError("train and test indices overlap: a test trial would be a training trial")
         train, test = self.trials.subset(train_idx), self.trials.subset(test_idx)
         mean, std = voxel_stats(train.fmri)
         train = Trials(standardize(train.fmri, mean, std), train.images, train.labels, train.image_ids)
@@ -626,6 +649,29 @@ def identification_scores(recon, candidates) -> np.ndarray:
     return pearson_matrix(_flat_clip(recon), _flat_clip(candidates))
 
 
+RECON_SCALE_MAX = 10.0  # above this a reconstruction is on another scale (0..255), not overshoot
+
+
+def check_scored_images(recon, true, image_ids, candidates) -> None:
+    """ValueError unless N reconstructions and N true images of the candidates' size (any shape
+    that flattens to N x P, as the candidates ``K x ...`` to K x P) have N image ids, the true
+    images lie in [0, 1] and the reconstructions on that scale (the protocol clips predictions to
+    [0, 1]; values above ``RECON_SCALE_MAX`` are 0..255 ones): numpy would broadcast one image
+    over N and scoring would clip 0..255 ones, each without an error."""
+    shapes = [np.shape(a) for a in (recon, true, image_ids, candidates)]
+    sizes = [np.size(a) // max(len(a), 1) for a in (recon, true, candidates)]
+    if not (len(recon) == len(true) == len(image_ids) and sizes[0] == sizes[1] == sizes[2]
+            and np.ndim(image_ids) == 1):
+        raise ValueError(f"reconstructions {shapes[0]}, true images {shapes[1]}, image ids {shapes[2]} "
+                         f"and candidates {shapes[3]}; expected N images, N images and N ids, the "
+                         f"images of the candidates' size")
+    true = np.asarray(true)
+    check_unit_range(float(true.min()), float(true.max()), "true images")
+    if np.max(recon) > RECON_SCALE_MAX:
+        raise ValueError(f"reconstructions with values up to {np.max(recon):g}; expected the images' "
+                         f"[0, 1] scale (0..255 ones: divide by 255)")
+
+
 def per_trial_metrics(recon, true, image_ids, candidates, pool_true=None, pool_ids=None,
                       scores=None):
     """Per-trial metrics -> dict of N arrays: mse, pixcorr, ssim, two_way, rank.
@@ -636,6 +682,7 @@ def per_trial_metrics(recon, true, image_ids, candidates, pool_true=None, pool_i
     pool_true/pool_ids: the 2-way rival pool (see two_way_identification).
     """
     check_finite_array(recon, "reconstructions")
+    check_scored_images(recon, true, image_ids, candidates)
     if scores is None:
         scores = identification_scores(recon, candidates)
     recon, true = _flat_clip(recon), _flat_clip(true)
@@ -788,11 +835,16 @@ def one_cycle(optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int,
 def fmri_batch(fmri, n_voxels: int, device) -> torch.Tensor:
     """z-scored fMRI, numpy or torch of any real dtype, ``N x V`` or one trial ``V`` -> float32
     ``N x V`` on ``device`` (the models' public methods take what a notebook holds); ValueError
-    naming the shape expected otherwise."""
-    x = torch.as_tensor(fmri, device=device).to(torch.float32)
+    naming what is expected for another shape, complex or non-finite values."""
+    x = torch.as_tensor(fmri, device=device)
+    if x.is_complex():
+        raise ValueError("complex fMRI; expected real z-scored voxels")
+    x = x.to(torch.float32)
     if x.dim() not in (1, 2) or x.shape[-1] != n_voxels:
         raise ValueError(f"fMRI of shape {tuple(x.shape)}; expected N x {n_voxels} z-scored voxels "
                          f"(or one trial of {n_voxels})")
+    if not torch.isfinite(x).all():
+        raise ValueError("fMRI with NaN or infinite values; expected finite z-scored voxels")
     return x.reshape(-1, n_voxels)
 
 
@@ -806,10 +858,17 @@ def image_batch(images, device) -> torch.Tensor:
     if not (grid and y.dim() <= 4 or y.dim() <= 2 and y.shape[-1] == N_PIXELS):
         raise ValueError(f"images of shape {tuple(y.shape)}; expected N x 1 x 28 x 28, N x 28 x 28 "
                          f"or N x {N_PIXELS} rows in C order (or one image)")
-    if y.numel() and not (y.min() >= -1e-4 and y.max() <= 1 + 1e-4):    # NaN fails it too
-        raise ValueError(f"images with values in [{y.min().item():g}, {y.max().item():g}]; expected "
-                         f"[0, 1] (0..255 images: divide by 255, as load_miyawaki does)")
+    if y.numel():
+        check_unit_range(y.min().item(), y.max().item())
     return y.reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
+
+
+def check_unit_range(low: float, high: float, what: str = "images") -> None:
+    """ValueError unless [low, high], the range of some images' values, lies in [0, 1] (to 1e-4;
+    NaN fails too): 0..255 images would be used, and scored, without an error."""
+    if not (low >= -1e-4 and high <= 1 + 1e-4):
+        raise ValueError(f"{what} with values in [{low:g}, {high:g}]; expected [0, 1] (0..255 images: "
+                         f"divide by 255, as load_miyawaki does)")
 
 
 def generator_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
@@ -1149,10 +1208,15 @@ def load_checkpoint(path: Path, kind: str, script: str, map_location="cpu") -> d
     """Load a checkpoint of this project with ``weights_only=True``.
 
     Raises CheckpointError naming ``script`` (the one that writes it) when the file is missing,
-    corrupt, holds pickled objects, or is of another kind or format version."""
+    corrupt, holds pickled objects, or is of another kind or format version; a ValueError for a
+    CUDA ``map_location`` where there is no CUDA device (rather than "rerun the script")."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; run `python {script}` first")
+    if (isinstance(map_location, (str, torch.device)) and torch.device(map_location).type == "cuda"
+            and not torch.cuda.is_available()):
+        raise ValueError(f"map_location {str(map_location)!r}, but torch sees no CUDA device here; "
+                         f"load with map_location='cpu'")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, pickled objects refused by weights_only, ...

@@ -489,7 +489,11 @@ def standardize_rows(scores: np.ndarray) -> np.ndarray:
 def score_weights(readout_weight: float, encoding_weight: float,
                   names=SCORE_WEIGHTS) -> tuple[float, float, float]:
     """The weights of ``SCORE_PARTS``: (1 - readout_weight - encoding_weight, readout_weight,
-    encoding_weight); a ValueError naming ``names`` when the two sum to more than 1."""
+    encoding_weight); a ValueError naming ``names`` when either is negative or the two sum to
+    more than 1."""
+    for name, weight in zip(names, (readout_weight, encoding_weight)):
+        if weight < 0:
+            raise ValueError(f"{name} must be >= 0, got {weight:g}")
     if readout_weight + encoding_weight > 1 + 1e-9:
         raise ValueError(f"{names[0]} + {names[1]} must be <= 1, got {readout_weight:g} + "
                          f"{encoding_weight:g}")
@@ -822,7 +826,9 @@ def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.d
     ``train_loss``, ``val_loss``, ``val_top1``, the trial counts ``n_train`` (fitted on) and
     ``n_validation``, and each loss's value at uniform scores (``train_chance_loss``,
     ``val_chance_loss``: the training batches' rows and columns include mixup's, so the two losses
-    are read against their own chance, not against each other)."""
+    are read against their own chance, not against each other). A setting out of its option's
+    range (``check_options``) is an OptionError before any work, as on the command line."""
+    check_options(config)
     device = torch.device(device)
     seed_everything(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
@@ -896,7 +902,7 @@ def train_dual_encoders(train: Trials, configs: list[DualEncoderConfig], device:
     in distribution, not number for number. ``candidates``: as in ``train_dual_encoder``. Returns
     (models in eval mode, histories with ``train_loss`` per epoch, ``n_train``, ``n_validation``)."""
     from torch.func import functional_call, stack_module_state, vmap
-    base = configs[0]
+    base = check_options(configs[0])
     if any(replace(c, seed=base.seed) != base for c in configs):
         raise ValueError("batched fits need configs that differ in seed only")
     if base.batch_size or base.val_fraction:

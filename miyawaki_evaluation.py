@@ -42,9 +42,9 @@ from miyawaki_dataset_loader import (GRID, IMAGE_SIDE, MAX_SEED, METRICS, RIDGE_
                                      MeanImageBaseline, MiyawakiData, OptionError, RidgeBaseline,
                                      ScriptOptions, Trials, add_config_args, chance_levels, check_options,
                                      condition_accuracy, condition_name, config_dict, cosine_scores, evaluating,
-                                     file_sha256, check_unused, chance_text, value_text,
+                                     file_sha256, check_unused, chance_text, value_text, fmri_batch,
                                      fold_means, identification_ranks, identification_scores,
-                                     identification_summary, identified_labels,
+                                     identification_summary, identified_labels, image_batch,
                                      image_to_fmri_summary, majority_rate, mean_rank,
                                      nearest_training_check, panel_title, parse_config, pearson_matrix,
                                      pearson_rows, prepare_out_dir, resolve_data, resolve_device,
@@ -248,7 +248,8 @@ def extract_latent_representations(model: MiyawakiDualEncoder, fmri=None, images
     """Embeddings of a dual encoder as numpy arrays (unit rows).
 
     fmri: ``N x V`` z-scored fMRI, or a ``Trials`` (then only its fMRI is used: the trials' images
-    are never fed to the model, so the result is fMRI-only); images: ``M x 1 x 28 x 28``.
+    are never fed to the model, so the result is fMRI-only); images: ``M x 1 x 28 x 28`` in [0, 1]
+    (both checked and converted as by the model's public methods: ``fmri_batch``, ``image_batch``).
     Returns ``model.latents`` as numpy for whichever inputs are given: ``fmri_latent``, ``fmri``
     (correlation embedding, ``N x D``), ``image_latent``, ``image`` (``M x D``), and any other
     key the model adds. Given a DataLoader instead (the seed project's call), it returns
@@ -258,12 +259,9 @@ def extract_latent_representations(model: MiyawakiDualEncoder, fmri=None, images
     if isinstance(fmri, Trials):
         fmri = fmri.fmri
     device = next(model.parameters()).device
-
-    def as_tensor(a):
-        return None if a is None else torch.as_tensor(np.asarray(a, np.float32), device=device)
-
     with evaluating(model):
-        out = model.latents(x=as_tensor(fmri), y=as_tensor(images))
+        out = model.latents(x=None if fmri is None else fmri_batch(fmri, model.fmri_dim, device),
+                            y=None if images is None else image_batch(images, device))
     return {k: v.cpu().numpy() for k, v in out.items()}
 
 

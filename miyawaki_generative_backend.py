@@ -1095,7 +1095,9 @@ def train_generative(encoder: nn.Module, fold_train: Trials, config: GenerativeC
     Returns (diffusion, gan, history): history["diffusion"] / ["gan"] hold the loss curves and
     ``seconds``; history["diffusion"]["samples"] the DDIM grids of one training trial per image
     (the image ids in ``sample_image_ids``);
-    history["prior"] what the image prior held. Anchored decoders carry the fitted read-out."""
+    history["prior"] what the image prior held. Anchored decoders carry the fitted read-out. A
+    setting out of its option's range (``check_options``) is an OptionError before any work."""
+    check_options(config)
     device = torch.device(device)
     t0 = time.perf_counter()
     data = training_set(encoder, fold_train, config, device, exclude)

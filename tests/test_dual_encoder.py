@@ -471,6 +471,9 @@ def test_checkpoint_of_other_architecture_is_refused(tmp_path):
     torch.save(ckpt, path)
     with pytest.raises(CheckpointError, match="miyawaki_dual_encoder.py"):
         MiyawakiDualEncoder.from_checkpoint(path)
+    if not torch.cuda.is_available():   # a device this machine lacks is not a bad checkpoint
+        with pytest.raises(ValueError, match="no CUDA device here; load with map_location='cpu'"):
+            MiyawakiDualEncoder.from_checkpoint(path, map_location="cuda")
 
 
 BATCHED = DualEncoderConfig(epochs=4, dropout=0.0, bf16=False, val_fraction=0.0, latent_dim=32,
@@ -603,3 +606,26 @@ def test_public_methods_take_what_a_notebook_holds(sim):
         model.encode_image(np.zeros((2, 3, 28, 28)))
     with pytest.raises(ValueError, match=r"values in \[0, 255\]; expected \[0, 1\]"):
         model.score_candidates(x, 255 * cand)                      # a file's 0..255 images as they are
+    bad = x.copy()
+    bad[1, 5] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        model.score_candidates(bad, cand)                          # a NaN row would score NaN
+    with pytest.raises(ValueError, match="complex fMRI"):
+        model.encode_fmri(x.astype(np.complex64))
+    with pytest.raises(ValueError, match="readout_weight must be >= 0"):
+        model.score_candidates(x, cand, readout_weight=-0.5)
+    # the evaluation's embedding helper takes and checks the same inputs
+    from miyawaki_evaluation import extract_latent_representations
+    flat = extract_latent_representations(model, x, cand[:, 0])           # N x 28 x 28 images
+    with torch.no_grad():
+        np.testing.assert_allclose(flat["image"], model.encode_image(cand).numpy(), atol=1e-6)
+        np.testing.assert_allclose(flat["fmri"], model.encode_fmri(x).numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match=r"values in \[0, 255\]"):
+        extract_latent_representations(model, images=255 * cand)
+    with pytest.raises(ValueError, match=f"expected N x {sim.n_voxels}"):
+        extract_latent_representations(model, x[:, :-1])
+    # and a config out of its option's range stops a fit before any work, as on the command line
+    with pytest.raises(L.OptionError, match="--epochs must be >= 1, got 0"):
+        train_dual_encoder(fold.train, replace(FAST, epochs=0), "cpu", progress=False)
+    with pytest.raises(L.OptionError, match="--epochs must be >= 1, got 0"):
+        D.train_dual_encoders(fold.train, [replace(BATCHED, epochs=0)])

@@ -770,3 +770,9 @@ def test_decoders_beat_ridge_on_the_never_seen_figures_of_a_random_image_session
                                          fold.test.images.reshape(20, -1)).mean()
         print(f"seed {seed}: diffusion PixCorr {score(recon):.3f}, ridge {score(ridge):.3f}")
         assert score(recon) > score(ridge) + RANDOM_SESSION_MARGIN
+
+
+def test_a_decoder_setting_out_of_range_stops_before_any_work(sim):
+    """In a notebook as on the command line (check_options): 0 diffusion steps trained nothing."""
+    with pytest.raises(L.OptionError, match="--diffusion-steps must be >= 1, got 0"):
+        G.train_generative(None, sim.s1().train, replace(TINY, diffusion_steps=0), "cpu", progress=False)

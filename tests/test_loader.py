@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -417,3 +418,49 @@ def test_native_bf16_needs_bfloat16_instructions(monkeypatch, amx, avx512_bf16, 
     assert not L.native_bf16("cpu")
     with L.bf16_autocast("cpu", True):
         assert not torch.is_autocast_enabled("cpu")
+
+
+# --------------------------------------------------------------------------- input checks
+def test_trials_are_float32_and_refuse_what_would_train_badly(sim):
+    """Trials built in a notebook: float64 arrays become float32 (what the models compute in);
+    0..255 images, images without their channel axis, NaN or complex fMRI are a ValueError naming
+    what is expected (0..255 images trained without an error and identified at 0.33 not 0.92)."""
+    t = sim.trials
+    made = L.Trials(t.fmri.astype(np.float64), t.images.astype(np.float64), t.labels, t.image_ids)
+    assert made.fmri.dtype == made.images.dtype == np.float32
+    np.testing.assert_array_equal(made.fmri, t.fmri)
+    with pytest.raises(ValueError, match=r"values in \[0, 255\]; expected \[0, 1\]"):
+        replace(t, images=t.images * 255)
+    with pytest.raises(ValueError, match="expected N x V, N x 1 x 28 x 28, N and N"):
+        replace(t, images=t.images[:, 0])
+    with pytest.raises(ValueError, match="expected N x V, N x 1 x 28 x 28, N and N"):
+        replace(t, labels=t.labels[:-1])
+    fmri = t.fmri.copy()
+    fmri[3, 2] = np.inf
+    with pytest.raises(ValueError, match="NaN or infinite fMRI"):
+        replace(t, fmri=fmri)
+    with pytest.raises(ValueError, match="complex"):
+        replace(t, fmri=t.fmri.astype(np.complex64))
+
+
+def test_a_fold_refuses_test_trials_that_are_also_training_trials(sim):
+    with pytest.raises(ValueError, match="overlap"):
+        sim.fold(np.arange(len(sim.trials)), np.arange(12))
+
+
+def test_metrics_refuse_reconstructions_of_another_count_or_scale(sim):
+    """One reconstruction against 12 true images was broadcast over them (and SSIM scored one
+    pair); 0..255 reconstructions were clipped to white and scored. Both are ValueErrors now;
+    N x 784 rows and an overshooting linear read-out (the protocol clips it) still score."""
+    fold = sim.s1()
+    true, ids, cand = fold.test.images, fold.test.image_ids, fold.unique_images
+    score = lambda recon: L.reconstruction_metrics(recon, true, ids, cand)  # noqa: E731
+    assert score(true.reshape(len(true), -1))["pixcorr"] == pytest.approx(1.0)
+    assert score(1.5 * true - 0.25)["top1"] == 1.0
+    for recon in (true[:1], true[0, 0], true[:, :, :14]):
+        with pytest.raises(ValueError, match="expected N images, N images and N ids"):
+            score(recon)
+    with pytest.raises(ValueError, match=r"up to 255; expected the images' \[0, 1\] scale"):
+        score(255 * true)
+    with pytest.raises(ValueError, match=r"true images with values in \[0, 255\]"):
+        L.reconstruction_metrics(true, 255 * true, ids, cand)
