@@ -50,7 +50,9 @@ CONDITION_NAMES = {1: "random", 2: "shapes", 3: "letters (thin)", 4: "letters (l
                    5: "letters (regular)"}
 SIM_RANDOM_IMAGES = 440  # Miyawaki's random-image session: 440 trials
 REQUIRED_KEYS = ("fmriTrn", "stimTrn", "labelTrn", "fmriTest", "stimTest", "labelTest")
-CHECKPOINT_FORMAT = 2  # 2: one layout, a model's {config, state} beside the script_config
+# 2: one layout, a model's {config, state} beside the script_config; 3: the data fingerprint
+# covers the images and labels too (a format-2 checkpoint of other images passed as this data's)
+CHECKPOINT_FORMAT = 3
 GET_DATA_HINT = ("get the real file with `python miyawaki_dataset_loader.py --download` "
                  "or run on the built-in simulated set with `--data simulated`")
 
@@ -154,8 +156,12 @@ class MiyawakiData:
 
     @property
     def fingerprint(self) -> str:
-        """Short hash of the fMRI values, so a checkpoint can tell which data it was fitted on."""
-        return hashlib.sha256(np.ascontiguousarray(self.trials.fmri).tobytes()).hexdigest()[:16]
+        """Short hash of the trials' fMRI, images and labels, so a checkpoint can tell which data it
+        was fitted on (the same fMRI beside other images is other data)."""
+        digest = hashlib.sha256()
+        for values in (self.trials.fmri, self.trials.images, self.trials.labels):
+            digest.update(np.ascontiguousarray(values).tobytes())
+        return digest.hexdigest()[:16]
 
     def fold(self, train_idx: np.ndarray, test_idx: np.ndarray, name: str = "") -> Fold:
         """Split by trial indices (disjoint: ValueError otherwise); z-score fMRI with the training
@@ -252,7 +258,7 @@ def load_miyawaki(path: str | os.PathLike) -> MiyawakiData:
     if missing:
         raise DataError(f"{path} lacks the key(s) {', '.join(missing)}; expected "
                         f"{', '.join(REQUIRED_KEYS)} (see docs/PROTOCOL.md)")
-    parts = {}
+    parts, scaled = {}, {}
     for part in ("Trn", "Test"):
         fmri, stim = np.asarray(mat["fmri" + part]), np.asarray(mat["stim" + part])
         labels = np.asarray(mat["label" + part])
@@ -279,14 +285,23 @@ def load_miyawaki(path: str | os.PathLike) -> MiyawakiData:
         if len(stim) and (stim.min() < 0 or stim.max() > 255):
             raise DataError(f"{path}: stim{part} values span [{stim.min():g}, {stim.max():g}]; "
                             "expected 0/1 (or grey levels in [0, 1]) or 0..255")
-        if stim.max(initial=0) > 1:   # 0..255 images, per key: stimTrn and stimTest may differ
-            stim = stim / 255.0
-        parts[part] = (fmri.astype(np.float64), stim, labels)
+        scaled[part] = stim.max(initial=0) > 1    # 0..255 images, per key: the two may differ
+        parts[part] = (fmri.astype(np.float64), stim / 255.0 if scaled[part] else stim, labels)
     if parts["Trn"][0].shape[1] != parts["Test"][0].shape[1]:
         raise DataError(f"{path}: fmriTrn has {parts['Trn'][0].shape[1]} voxels but fmriTest has "
                         f"{parts['Test'][0].shape[1]}")
+    if scaled["Trn"] != scaled["Test"] and all(len(parts[p][1]) for p in parts):
+        wide, narrow = ("Trn", "Test") if scaled["Trn"] else ("Test", "Trn")
+        print(f"note: {path}: stim{wide} is on a 0..255 scale and stim{narrow} within [0, 1]; each "
+              f"key was scaled by its own range (if stim{narrow} is 0..255 too, its images are "
+              f"nearly black: rescale it in the file)")
     fmri = np.vstack([parts["Trn"][0], parts["Test"][0]])
     stim = np.vstack([parts["Trn"][1], parts["Test"][1]])
+    if len(np.unique(stim, axis=0)) < 2:
+        raise DataError(f"{path} shows one distinct image in all its trials; identification and "
+                        f"decoding need at least two")
+    if not np.ptp(fmri, axis=0).any():
+        raise DataError(f"{path}: no voxel's fMRI varies across the trials; there is nothing to decode")
     labels = np.concatenate([parts["Trn"][2], parts["Test"][2]])
     fractional = labels[labels != np.round(labels)]
     if len(fractional):
@@ -298,6 +313,7 @@ def load_miyawaki(path: str | os.PathLike) -> MiyawakiData:
 
 SIMULATED = ("simulated", "simulated-random")   # --data values that name the built-in sets
 ENCODER_CHECKPOINT_NAME = "miyawaki_dual_encoder.pth"   # in an output folder (write_summary reads it)
+DATASET_JSON = "miyawaki_dataset.json"   # this script's result: its data and figures (write_summary)
 
 
 def resolve_data(arg: str | os.PathLike | None = None) -> MiyawakiData:
@@ -811,6 +827,13 @@ def majority_rate(labels):
     return float(np.max(np.unique(labels, return_counts=True)[1]) / len(labels))
 
 
+def uniform_condition_chance(labels) -> float:
+    """1 / the number of conditions among trials' ``labels`` (N), the uniform chance of the
+    condition accuracy: counted over trials, not over the unique images, whose label is their
+    first trial's (a file may show one image under several conditions)."""
+    return 1 / len(np.unique(labels))
+
+
 # --------------------------------------------------------------------------- plumbing (seeding, device, options, files)
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch (CPU and CUDA) and ask torch for deterministic kernels."""
@@ -1264,7 +1287,8 @@ def write_summary(out: Path) -> Path:
     Every script calls it last, so after ``make run`` it covers the whole pipeline. A result (and
     the figures it lists) of another dual-encoder checkpoint (sha256) than the one in ``out`` (or,
     without one, of another checkpoint or data set than the first result present) is left out,
-    and named."""
+    and named; so are the data figures of this script (``DATASET_JSON``) when they show other data
+    than the results kept."""
     out = Path(out)
 
     def read(name):
@@ -1286,6 +1310,10 @@ def write_summary(out: Path) -> Path:
         ref_key = key(results[reference]) if reference else None
     stale = [name for name, r in results.items() if r and key(r) != ref_key]
     de, ev, gen = (None if name in stale else r for name, r in results.items())
+    data_key = lambda r: (r["data_source"], r.get("data_fingerprint"))  # noqa: E731
+    kept, results[DATASET_JSON] = next((r for r in (de, ev, gen) if r), None), read(DATASET_JSON)
+    if kept and results[DATASET_JSON] and data_key(results[DATASET_JSON]) != data_key(kept):
+        stale.append(DATASET_JSON)
     lines = ["# Results (S1: the file's split, fMRI only at test time)", ""]
     if ev:
         lines.append(f"Data: {ev['data_source']}; {ev['n_test']} test trials.")
@@ -1417,7 +1445,8 @@ class LoaderConfig(ScriptOptions):
 
 
 def main(argv: list[str] | LoaderConfig | None = None) -> dict:
-    """Print the data summary and save the two data figures; returns the summary numbers."""
+    """Print the data summary and save the two data figures, and beside them ``DATASET_JSON``
+    (which data they show, the summary numbers and this run's settings); returns that record."""
     cfg = check_options(argv) if isinstance(argv, LoaderConfig) else parse_args(argv)
     if cfg.download:
         if str(cfg.data) in SIMULATED:
@@ -1430,14 +1459,16 @@ def main(argv: list[str] | LoaderConfig | None = None) -> dict:
     out = prepare_out_dir(cfg.out_dir)
     t = data.trials
     counts = np.bincount(t.image_ids, minlength=len(data.unique_images))
-    save_figure(plot_unique_images(data.unique_images, data.unique_labels, counts),
-                out / "miyawaki_samples_analysis.png")
-    save_figure(plot_fmri_correlation(t.fmri, t.image_ids, data.unique_labels),
-                out / "miyawaki_fmri_correlation.png")
-    print(f"figures: {out / 'miyawaki_samples_analysis.png'}, {out / 'miyawaki_fmri_correlation.png'}")
+    figures = ["miyawaki_samples_analysis.png", "miyawaki_fmri_correlation.png"]
+    save_figure(plot_unique_images(data.unique_images, data.unique_labels, counts), out / figures[0])
+    save_figure(plot_fmri_correlation(t.fmri, t.image_ids, data.unique_labels), out / figures[1])
+    result = {"data_source": data.source, "data_fingerprint": data.fingerprint, "n_trials": len(t),
+              "n_file_train": data.n_file_train, "n_voxels": data.n_voxels,
+              "n_unique": len(data.unique_images), "figures": figures, "config": config_dict(cfg)}
+    save_json(result, out / DATASET_JSON)
+    print(f"figures: {', '.join(str(out / f) for f in figures)}; saved {out / DATASET_JSON}")
     write_summary(out)
-    return {"n_trials": len(t), "n_voxels": data.n_voxels, "n_unique": len(data.unique_images),
-            "source": data.source}
+    return result
 
 
 def parse_args(argv=None) -> LoaderConfig:

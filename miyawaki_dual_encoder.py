@@ -260,7 +260,7 @@ class EncodingReadout(nn.Module):
         if n_images >= 2 and voxel_fraction < 1:
             pred = np.zeros_like(x)
             for tr, va in grouped_folds(image_ids, n_folds):
-                pred[va] = Ridge(alpha=alpha).fit(y[tr], x[tr]).predict(y[va])
+                pred[va] = Ridge(alpha=alpha).fit(y[tr], x[tr]).predict(y[va]).reshape(len(va), -1)
             accuracy = pearson_rows(pred.T, x.T)
         keep = np.argsort(-accuracy, kind="stable")[:max(1, round(voxel_fraction * n_voxels))]
         self.voxels.zero_()
@@ -1103,7 +1103,8 @@ def plot_training_curves(history: dict, chance: float) -> Figure:
     fig.suptitle(f"Validation: {history.get('n_validation', '?')} training trials held out, one each "
                  f"of images shown at least 3 times (so seen in training); never test trials"
                  if validation else f"Fitted on all {history.get('n_train', '?')} training trials "
-                 f"(--val-fraction 0.1 holds some out for validation curves)", fontsize=9)
+                 f"(--val-fraction holds some out for validation curves, of images shown at least "
+                 f"3 times)", fontsize=9)
     fig.subplots_adjust(top=0.82)
     axes[0].legend()
     return fig
@@ -1168,7 +1169,8 @@ def main(argv: list[str] | ScriptConfig | None = None) -> dict:
     figure = "miyawaki_training_curves.png"
     save_figure(plot_training_curves(history, 1 / k), out / figure)
     # the result file's top level reads like the evaluation's and the decoders'
-    save_json({**metrics, "data_source": data.source, "checkpoint_sha256": file_sha256(out / CHECKPOINT_NAME),
+    save_json({**metrics, "data_source": data.source, "data_fingerprint": data.fingerprint,
+               "checkpoint_sha256": file_sha256(out / CHECKPOINT_NAME),
                "n_candidates": k, "chance": chance_levels(k), "figures": [figure], "config": config},
               out / "miyawaki_dual_encoder.json")
     write_summary(out)

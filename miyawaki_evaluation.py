@@ -50,7 +50,7 @@ from miyawaki_dataset_loader import (GRID, IMAGE_SIDE, MAX_SEED, METRICS, RIDGE_
                                      pearson_rows, prepare_out_dir, resolve_data, resolve_device,
                                      retrieval_ranks, run_cli, save_figure, save_json, save_text,
                                      score_reconstructions, script_parser, splits, topk_accuracy,
-                                     upsample_grid, write_summary)
+                                     uniform_condition_chance, upsample_grid, write_summary)
 from miyawaki_dual_encoder import (CHECKPOINT_NAME, MAX_LINEAR_WEIGHT, SCORE_GRID, DualEncoderConfig,
                                    EncodingReadout, MiyawakiDualEncoder, OracleWarning, ensemble_parts,
                                    fused_scores, inner_cv_scores, load_for_s1, score_settings,
@@ -62,7 +62,7 @@ DECODERS = ("diffusion", "gan")               # the two networks, which share a 
 GENERATIVE = ("anchor", *DECODERS)           # with --generative: their anchor alone beside them
 PROTOCOL_TITLES = {
     "s1": "the file's own split",
-    "s2": "stratified 5-fold CV by image, 3 repeats (every test image also in training)",
+    "s2": "stratified 5-fold CV by image, 3 repeats (a test image is in training wherever it has other trials)",
     "s3": "leave-one-stimulus-out (the test image never in training)"}
 METHOD_TITLES = {
     "mean_image": "mean image (floor)",
@@ -563,9 +563,11 @@ def score_checkpoint(model: MiyawakiDualEncoder, fold: Fold, knn_k: int = 5, ora
         "correlation": condition_accuracy(
             knn_condition(tr["fmri"], fold.train.labels, te["fmri"], knn_k), test.labels),
         "majority_rate": majority_rate(test.labels),
-        "uniform_chance": 1 / len(np.unique(fold.unique_labels)),
+        "uniform_chance": uniform_condition_chance(np.concatenate([fold.train.labels, test.labels])),
     }
-    if not np.isin(test.labels, fold.train.labels).any():      # e.g. a random-image session
+    if cond["uniform_chance"] == 1:
+        cond["note"] = "one condition in the data: 1 by construction, not a measurement"
+    elif not np.isin(test.labels, fold.train.labels).any():      # e.g. a random-image session
         cond["note"] = ("no test trial's condition occurs among the training trials, so a kNN vote "
                         "over them cannot name it: 0 by construction, not a measurement")
     base, _ = evaluate_baselines(fold)
@@ -614,7 +616,8 @@ def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
     out = prepare_out_dir(cfg.out_dir)
     emb = checkpoint_embeddings(model, fold)             # for the scores and the figures
     scores = score_checkpoint(model, fold, cfg.knn_k, cfg.oracle, emb)
-    result = {"split": "s1", "seed": ckpt["seed"], "data_source": data.source, "checkpoint": str(path),
+    result = {"split": "s1", "seed": ckpt["seed"], "data_source": data.source,
+              "data_fingerprint": data.fingerprint, "checkpoint": str(path),
               "checkpoint_sha256": file_sha256(path),
               **{key: v for key, v in scores.items() if key not in ("split", "oracle")},
               "config": config_dict(cfg)}
@@ -804,7 +807,7 @@ def benchmark_markdown(result: dict) -> str:
     if gates:
         lines += ["", "Novelty gate (the decoders' P(new image) from each test trial's fMRI; near 1 "
                   "the output leans on the linear anchor, near 0 it is the decoder's sample), mean "
-                  "over folds of each fold's mean ± SD over folds: "
+                  f"over folds of each fold's mean ± SD over {next(iter(gates.values()))['std_over']}: "
                   + ", ".join(f"{METHOD_TITLES.get(n, n)} {mean_sd(g)}" for n, g in gates.items()) + "."]
     novel = {n: m["closer_than_train"]["mean"] for n, m in result["methods"].items()
              if "closer_than_train" in m}
@@ -1038,7 +1041,7 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
         "seeds": list(cfg.seeds), "data_source": data.source, "n_trials": len(data.trials),
         "n_candidates": k, "n_test_trials": n_test, "n_unseen_test_trials": n_unseen,
         "chance": {**chance_levels(k),
-                   "condition_uniform": 1 / len(np.unique(data.unique_labels)),
+                   "condition_uniform": uniform_condition_chance(data.trials.labels),
                    # of the test trials the folds score (S1: its 12; S2 / S3: every trial)
                    "condition_majority": majority_rate(
                        data.trials.labels[np.concatenate([test for _, _, test in folds])])},

@@ -1337,7 +1337,8 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
     config = config_dict(cfg)
     k = len(fold.unique_images)
     metrics = {
-        "split": "s1", "seed": cfg.seed, "data_source": data.source, "device": str(device),
+        "split": "s1", "seed": cfg.seed, "data_source": data.source,
+        "data_fingerprint": data.fingerprint, "device": str(device),
         "test_input": "fMRI only: encode_fmri(z-scored test fMRI)",
         "n_test": len(test), "n_candidates": k,
         "chance": {"two_way": 0.5, "top1": 1 / k, "top5": min(5, k) / k},

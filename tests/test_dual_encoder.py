@@ -629,3 +629,12 @@ def test_public_methods_take_what_a_notebook_holds(sim):
         train_dual_encoder(fold.train, replace(FAST, epochs=0), "cpu", progress=False)
     with pytest.raises(L.OptionError, match="--epochs must be >= 1, got 0"):
         D.train_dual_encoders(fold.train, [replace(BATCHED, epochs=0)])
+
+
+def test_encoding_model_fits_a_file_of_one_voxel(sim):
+    """A file may have any voxel count: with one voxel sklearn returns 1-D predictions, which the
+    voxel ranking's out-of-fold fill once refused (a traceback from the dual encoder and S3)."""
+    fold = sim.s1()
+    enc = EncodingReadout(1)
+    assert enc.fit(fold.train.fmri[:, :1], fold.train.images, fold.train.image_ids, 30.0, 0.4) == 1
+    assert enc(torch.as_tensor(fold.test.images)).shape == (12, 1)

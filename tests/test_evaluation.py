@@ -289,6 +289,24 @@ def test_condition_of_a_random_image_session_is_flagged_as_zero_by_construction(
             assert cond["correlation"] == cond["fmri_latent"] == 0 and "0 by construction" in cond["note"]
 
 
+def test_condition_chance_counts_the_trials_conditions():
+    """The uniform condition chance counts the trials' conditions: a file that shows each image under
+    two conditions has 2 (its images' labels, each the first trial's, gave one: chance 1.00), and a
+    file of one condition is flagged as 1 by construction."""
+    sim = L.make_simulated_dataset()
+    two = np.where(np.arange(len(sim.trials)) % 2, 2, 3)          # every image under both
+    for labels, chance in ((two, 0.5), (np.full(len(sim.trials), 2), 1.0), (sim.trials.labels, 0.25)):
+        data = replace(sim, trials=replace(sim.trials, labels=labels),
+                       unique_labels=np.full(len(sim.unique_images), 2))
+        assert L.uniform_condition_chance(data.trials.labels) == chance
+        fold = data.s1()
+        model, _ = D.train_dual_encoder(fold.train, D.DualEncoderConfig(epochs=1, mixup=0), "cpu",
+                                        fold.unique_images, progress=False)
+        cond = E.score_checkpoint(model, fold)["condition_accuracy"]
+        assert cond["uniform_chance"] == chance
+        assert ("1 by construction" in cond.get("note", "")) == (chance == 1)
+
+
 def test_nested_inner_folds_mimic_the_fold():
     """Nested selection holds images out of its inner folds where the fold's test images are never
     seen in training (S3, and S1 of a random-image session), trials where they are (S1, S2)."""

@@ -166,6 +166,11 @@ BAD_FILES = {  # name -> (maker(path, arrays, write_mat), words the message must
     "complex fmri": (_mutated(lambda a: a.update(fmriTest=a["fmriTest"] * 1j)), ["fmriTest", "complex"]),
     "fractional label": (_mutated(lambda a: a.update(labelTest=a["labelTest"] + 0.5)),
                          ["non-integer", "labelTrn/labelTest"]),
+    # schema-valid but nothing to decode: these ended in LinAlgError / KFold tracebacks
+    "one distinct image": (_mutated(lambda a: a.update(stimTrn=a["stimTrn"] * 0, stimTest=a["stimTest"] * 0)),
+                           ["one distinct image", "at least two"]),
+    "constant fmri": (_mutated(lambda a: a.update(fmriTrn=a["fmriTrn"] * 0 + 1, fmriTest=a["fmriTest"] * 0 + 1)),
+                      ["no voxel's fMRI varies"]),
 }
 
 
@@ -257,7 +262,7 @@ def test_cli_download_real_file(server, real_path, tmp_path):
     result = L.main(["--download", "--url", f"{url}/real.mat", "--data", str(dest),
                      "--out-dir", str(tmp_path / "out")])
     assert _sha256(dest) == L.DATA_SHA256
-    assert result["n_trials"] == 119 and result["source"] == str(dest)
+    assert result["n_trials"] == 119 and result["data_source"] == str(dest)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -418,6 +423,27 @@ def test_native_bf16_needs_bfloat16_instructions(monkeypatch, amx, avx512_bf16, 
     assert not L.native_bf16("cpu")
     with L.bf16_autocast("cpu", True):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_keys_on_two_scales_load_with_a_note(tmp_path, mat_arrays, write_mat, capsys):
+    """stimTrn 0..255 beside a stimTest within [0, 1] is loaded key by key, and says so: dark test
+    images of a 0..255 file (all at most 1) would otherwise be read as white without a word."""
+    L.load_miyawaki(write_mat(tmp_path / "two.mat", {**mat_arrays, "stimTrn": mat_arrays["stimTrn"] * 255.0}))
+    note = capsys.readouterr().out
+    assert "stimTrn is on a 0..255 scale and stimTest within [0, 1]" in note and note.count("\n") == 1
+    L.load_miyawaki(write_mat(tmp_path / "one.mat", mat_arrays))
+    assert capsys.readouterr().out == ""
+
+
+def test_the_data_fingerprint_covers_images_and_labels(sim):
+    """A checkpoint names its data by this fingerprint: the same fMRI beside other images (or other
+    labels) is other data, refused, not scored with the first file's encoder."""
+    t = sim.trials
+    others = [replace(t, images=t.images[::-1].copy()), replace(t, labels=t.labels[::-1].copy()),
+              replace(t, fmri=t.fmri[::-1].copy())]
+    prints = {replace(sim, trials=o).fingerprint for o in others}
+    assert len(prints) == 3 and sim.fingerprint not in prints
+    assert replace(sim, trials=replace(t)).fingerprint == sim.fingerprint
 
 
 # --------------------------------------------------------------------------- input checks

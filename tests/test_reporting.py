@@ -123,6 +123,17 @@ def test_paired_tables_put_wins_ties_and_losses_under_their_own_columns():
                                                              abs=1e-3)
 
 
+def test_novelty_gate_line_says_what_its_spread_is_over():
+    """The gate's ± is SD over folds, or with one fold over its test trials (aggregate's std_over),
+    and the line says which."""
+    for n_folds, over in ((N_FOLDS, "folds"), (1, "trials")):
+        result = hand_made_benchmark()
+        values = np.random.default_rng(1).uniform(0, 1, (n_folds, 1))
+        result["methods"]["diffusion"]["novelty_gate"] = E.aggregate(values, values[0].repeat(12))
+        md = E.benchmark_markdown(result)
+        assert f"each fold's mean ± SD over {over}: diffusion decoder" in md, md
+
+
 def test_chance_row_shows_uniform_condition_chance_beside_the_majority_rate():
     """The chance row: 1/K top-1, min(5, K)/K top-5, 0.5 two-way and, under condition, the uniform
     4-way chance with the test trials' majority-class rate in brackets (not the other way round)."""
@@ -156,6 +167,27 @@ def test_summary_shows_each_results_chance_not_its_value(tmp_path):
     m = re.fullmatch(r"([\d.]+) \(majority ([\d.]+)\)", cond["chance"])
     assert m, cond["chance"]
     assert (float(m[1]), float(m[2])) == (0.25, 0.417)
+
+
+def test_summary_leaves_out_data_figures_of_other_data(tmp_path):
+    """The loader's data figures (listed in its miyawaki_dataset.json) go with the results when
+    they show the same data, and are left out, and named, when the loader last ran on another file
+    (it overwrote the figures while the results stayed)."""
+    (tmp_path / "miyawaki_dual_encoder.json").write_text(json.dumps(
+        {"data_source": "a.mat", "data_fingerprint": "f1", "checkpoint_sha256": "ab" * 32, "top1": 0.6,
+         "chance_top1": 0.05, "n_candidates": 20, "figures": ["miyawaki_training_curves.png"]}))
+    figures = ["miyawaki_samples_analysis.png", "miyawaki_fmri_correlation.png"]
+    for name in [*figures, "miyawaki_training_curves.png"]:
+        (tmp_path / name).write_bytes(b"png")
+    for source, fingerprint, shown in (("a.mat", "f1", True), ("b.mat", "f2", False),
+                                       ("a.mat", "f2", False)):   # the same path, other contents
+        (tmp_path / L.DATASET_JSON).write_text(json.dumps(
+            {"data_source": source, "data_fingerprint": fingerprint, "figures": figures}))
+        text = L.write_summary(tmp_path).read_text()
+        assert ("miyawaki_samples_analysis.png" in text) == shown, (source, fingerprint)
+        assert ("miyawaki_fmri_correlation.png" in text) == shown
+        assert ("Left out: `miyawaki_dataset.json`" in text) != shown
+        assert "miyawaki_training_curves.png" in text and "identification" in text
 
 
 # --------------------------------------------------------------------------- S3 gallery
