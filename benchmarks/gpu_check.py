@@ -103,7 +103,12 @@ def main(argv=None) -> dict:
                    "if present, else simulated)")
     p.add_argument("--out-dir", type=Path, default=REPO / "outputs" / "gpu_check")
     p.add_argument("--budget", type=float, default=280.0, help="seconds for the whole check")
+    p.add_argument("--allow-cpu", action="store_true",
+                   help="without CUDA, run the check on the CPU anyway (a dry run of this script)")
     args = p.parse_args(argv)
+    if not (torch.cuda.is_available() or args.allow_cpu):
+        p.error("torch sees no CUDA device, so there is no GPU to check (the CPU's timings are the "
+                "README's Speed section); --allow-cpu runs the check on the CPU as a dry run")
     t_start = time.perf_counter()
     left = lambda: args.budget - (time.perf_counter() - t_start)  # noqa: E731
     args.out_dir.mkdir(parents=True, exist_ok=True)

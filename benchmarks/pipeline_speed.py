@@ -54,16 +54,17 @@ def main(argv=None) -> dict:
     """Run every stage ``--repeats`` times; print and save the table; returns the JSON dict."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default=None, help="passed to every stage (default: the scripts' own)")
+    p.add_argument("--data", default=argparse.SUPPRESS, help="passed to every stage (default: the scripts' own)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out-dir", type=Path, default=REPO / "outputs" / "speed",
                    help="where the stages write (kept apart from the main outputs)")
     args = p.parse_args(argv)
+    data = getattr(args, "data", None)         # SUPPRESS: no "(default: None)" in --help
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
     common = ["--out-dir", str(args.out_dir), "--device", args.device]
-    common += ["--data", args.data] if args.data else []
+    common += ["--data", data] if data else []
     runs = {s: [] for s in STAGES}
     for r in range(args.repeats):
         for s in STAGES:
@@ -81,7 +82,7 @@ def main(argv=None) -> dict:
     extra["diffusion_sampling_s_per_image"] = gen["diffusion"]["sample_seconds_per_image"]
     host = machine()
     lines = [f"Machine: {host}; device {args.device}; median of {args.repeats} runs; "
-             f"data {args.data or 'default'}.", "",
+             f"data {data or 'default'}.", "",
              "| stage | wall s | CPU s | peak MiB |", "|---|---|---|---|"]
     lines += [f"| {s} | {v['wall_s']:.1f} | {v['cpu_s']:.1f} | {v['peak_mib']:.0f} |" for s, v in med.items()]
     lines += [f"| **total** | **{total['wall_s']:.1f}** | {total['cpu_s']:.1f} | {total['peak_mib']:.0f} (max) |", "",

@@ -30,7 +30,7 @@ def main(argv=None) -> dict:
     memory; print the tables; returns them as a dict."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default=None, help="as the scripts' --data (default: theirs)")
+    p.add_argument("--data", default=argparse.SUPPRESS, help="as the scripts' --data (default: theirs)")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--rows", type=int, default=12, help="operators listed")
     args = p.parse_args(argv)
@@ -43,9 +43,12 @@ def main(argv=None) -> dict:
     memory["import torch"] = rss_mib()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import miyawaki_dual_encoder as de
-    from miyawaki_dataset_loader import resolve_data
+    from miyawaki_dataset_loader import DataError, resolve_data
     memory["import the repository's modules"] = rss_mib()
-    fold = resolve_data(args.data).s1()
+    try:
+        fold = resolve_data(getattr(args, "data", None)).s1()   # SUPPRESS: no "(default: None)"
+    except DataError as e:           # one line, as the scripts' run_cli (imported late: see above)
+        raise SystemExit(f"error: {e}") from None
     memory["load the data"] = rss_mib()
 
     cfg = de.DualEncoderConfig(epochs=args.epochs)

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from miyawaki_dataset_loader import (DEFAULT_OUT, reconstruction_metrics, resolve_data,  # noqa: E402
-                                     run_cli, save_json)
+from miyawaki_dataset_loader import (DEFAULT_OUT, check_options, reconstruction_metrics,  # noqa: E402
+                                     resolve_data, run_cli, save_json)
 from miyawaki_dual_encoder import inner_folds  # noqa: E402
 from miyawaki_generative_backend import GenerativeConfig, fit_anchor  # noqa: E402
 from tune_dual_encoder import tuning_parser  # noqa: E402
@@ -62,9 +62,9 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     data = resolve_data(args.data)
     base = GenerativeConfig(seed=args.seed)
-    candidates = [replace(base, anchor_model="ridge")] + [
-        replace(base, anchor_model="receptive-field", rf_voxels=v, rf_noise_shrink=s,
-                rf_prior_scale=c, rf_ridge_weight=r)
+    candidates = [check_options(replace(base, anchor_model="ridge"))] + [   # each before any fit
+        check_options(replace(base, anchor_model="receptive-field", rf_voxels=v, rf_noise_shrink=s,
+                              rf_prior_scale=c, rf_ridge_weight=r))
         for v, s, c, r in itertools.product(args.voxels, args.noise_shrink, args.prior_scale,
                                             args.ridge_weight)]
     t0 = time.perf_counter()

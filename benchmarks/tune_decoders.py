@@ -25,17 +25,20 @@ from __future__ import annotations
 import itertools
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from miyawaki_dataset_loader import (DEFAULT_OUT, RidgeBaseline, reconstruction_metrics,  # noqa: E402
-                                     resolve_data, resolve_device, run_cli, save_json)
+from miyawaki_dataset_loader import (DEFAULT_OUT, RidgeBaseline, check_options,  # noqa: E402
+                                     reconstruction_metrics, resolve_data, resolve_device, run_cli,
+                                     save_json)
 from miyawaki_dual_encoder import DualEncoderConfig, inner_folds, train_dual_encoder  # noqa: E402
-from miyawaki_generative_backend import GenerativeConfig, reconstruct, train_generative  # noqa: E402
-from tune_dual_encoder import candidates, tuning_parser  # noqa: E402
+from miyawaki_generative_backend import (ANCHOR_OPTIONS, GenerativeConfig, reconstruct,  # noqa: E402
+                                         train_generative)
+from tune_dual_encoder import best_by_mean, candidates, tuning_parser  # noqa: E402
 
 METRICS = ("pixcorr", "ssim", "mse", "two_way", "top1")
 
@@ -60,15 +63,21 @@ def run(data, configs: dict, sampling: list[dict], schemes: list[str], seed: int
                                                      exclude=fold.test.images[fold.unseen_test])
                 row = scores.setdefault(spec, {})
                 fitted_gate = None if diffusion.readout is None else diffusion.readout.gate_coef.clone()
+                done = set()
                 for kw in sampling:
                     diffusion.config.update({k: v for k, v in kw.items() if k in diffusion.config})
                     gan.config.update({k: v for k, v in kw.items() if k in gan.config})
                     for name, dec in (("diffusion", diffusion), ("gan", gan)):
-                        if not dec.config.get("anchor_voxels") and kw.get("anchor_blend"):
-                            continue
                         if fitted_gate is not None:     # the gate's logit shifted by gate_shift
-                            dec.readout.gate_coef.copy_(fitted_gate + torch.tensor([0.0, kw["gate_shift"]]))
-                        key = f"{name} " + " ".join(f"{k}={v}" for k, v in kw.items())
+                            dec.readout.gate_coef.copy_(fitted_gate + torch.tensor(
+                                [0.0, kw["gate_shift"]], device=fitted_gate.device))
+                        # without an anchor the anchor's settings do not apply: scored once
+                        applies = kw if dec.readout is not None else {
+                            k: v for k, v in kw.items() if k not in (*ANCHOR_OPTIONS, "gate_shift")}
+                        key = " ".join([name, *(f"{k}={v}" for k, v in applies.items())])
+                        if key in done:
+                            continue
+                        done.add(key)
                         recon = reconstruct(encoder, dec, fold.test.fmri, torch.Generator().manual_seed(seed))
                         row.setdefault(key, []).append(score(recon))
         out[scheme] = {spec: {key: {m: float(np.mean([r[m] for r in rows])) for m in METRICS}
@@ -107,18 +116,26 @@ def main(argv=None) -> dict:
                 for w, s, b, g, lw, lr, lp, st, gs in itertools.product(
                     args.guidance, args.init_strength, args.blend, args.gate, args.likelihood,
                     args.likelihood_reg, args.likelihood_gate_power, args.stretch, args.gate_shift)]
+    configs = candidates(args.set, GenerativeConfig(seed=args.seed), tuple(sampling[0]))
+    for kw in sampling:   # the sampling grid's values, checked like --set ones before any fit
+        check_options(replace(GenerativeConfig(), **{k: v for k, v in kw.items() if k != "gate_shift"}))
     t0 = time.perf_counter()
-    results = run(data, candidates(args.set, GenerativeConfig(seed=args.seed)), sampling, args.schemes,
-                  args.seed, device)
+    results = run(data, configs, sampling, args.schemes, args.seed, device)
     for scheme, per_spec in results.items():
         for spec, rows in per_spec.items():
             for key, m in rows.items():
                 print(f"{scheme:6s} | {spec:36s} | {key:60s} | "
                       + " ".join(f"{k} {v:.4f}" for k, v in m.items()))
     print(f"{time.perf_counter() - t0:.0f} s")
+    selection = best_by_mean({s: {f"{spec} | {key}": m["pixcorr"] for spec, rows in per_spec.items()
+                                  for key, m in rows.items() if key.startswith("diffusion")}
+                              for s, per_spec in results.items()})
+    print(f"best by the {selection['rule']}' diffusion PixCorr (the first of ties): "
+          f"{selection['best']} ({selection['score']:.4f})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_json({"data": data.source, "seed": args.seed, "device": str(device),
-               "base": vars(GenerativeConfig()) | {"out_dir": None}, "results": results}, args.out)
+               "base": vars(GenerativeConfig(seed=args.seed)) | {"out_dir": None}, "results": results,
+               "selection": {k: v for k, v in selection.items() if k != "means"}}, args.out)
     return results
 
 

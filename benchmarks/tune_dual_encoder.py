@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from dataclasses import fields, replace
@@ -28,23 +29,42 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from miyawaki_dataset_loader import (DEFAULT_OUT, DefaultsHelpFormatter, OptionError,  # noqa: E402
                                      check_options, resolve_data, resolve_device, run_cli, save_json)
-from miyawaki_dual_encoder import DualEncoderConfig, inner_cv_scores, score_settings  # noqa: E402
+from miyawaki_dual_encoder import SCORE_GRID, DualEncoderConfig, inner_cv_scores, score_settings  # noqa: E402
 
 
 def parse_overrides(spec: str) -> dict:
-    """``"a=1,b=False,c=name"`` -> {"a": 1, "b": False, "c": "name"} (JSON values, Python's
-    True/False accepted, anything else a string)."""
+    """``"a=1,b=False,c=name,d=[64,32]"`` -> {"a": 1, "b": False, "c": "name", "d": [64, 32]}
+    (JSON values, Python's True/False accepted, anything else a string; commas inside brackets
+    belong to a list)."""
     def value(v: str):
         try:
             return json.loads(v.replace("True", "true").replace("False", "false"))
         except json.JSONDecodeError:
             return v
-    return {k: value(v) for k, v in (kv.split("=", 1) for kv in spec.split(",") if kv)}
+    items = re.split(r",(?![^\[]*\])", spec)
+    bad = [kv for kv in items if kv and "=" not in kv]
+    if bad:
+        raise OptionError(f"--set {spec}: {bad[0]!r} is not KEY=VALUE")
+    return {k: value(v) for k, v in (kv.split("=", 1) for kv in items if kv)}
 
 
-def candidates(specs: list[str], base) -> dict:
+def same_kind(value, default) -> bool:
+    """Whether a ``--set`` value fits a field whose default is ``default`` (None: anything)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return number and (isinstance(default, float) or float(value).is_integer())
+    if isinstance(default, tuple):
+        return isinstance(value, tuple) and all(same_kind(v, d) for v, d in zip(value, default * len(value)))
+    return default is None or isinstance(value, type(default))
+
+
+def candidates(specs: list[str], base, grid: tuple[str, ...] = ()) -> dict:
     """``--set`` specs -> {spec or "default": ``base`` with the spec's fields}, each checked before
-    any fitting: an unknown field or a value out of its range is an OptionError naming it."""
+    any fitting: an unknown field, a value of another type or out of its range, or a field of the
+    script's own ``grid`` (set at every grid point, so a ``--set`` would be ignored) is an
+    OptionError naming it."""
     names = {f.name for f in fields(base)}
     out = {}
     for spec in specs or [""]:
@@ -52,6 +72,15 @@ def candidates(specs: list[str], base) -> dict:
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise OptionError(f"--set {spec}: {type(base).__name__} has no field {', '.join(unknown)}")
+        gridded = sorted(set(overrides) & set(grid))
+        if gridded:
+            raise OptionError(f"--set {spec}: {', '.join(gridded)} is varied by this script's own grid, "
+                              f"which sets it at every point, so --set would be ignored (--help)")
+        for k, v in overrides.items():
+            if not same_kind(v, getattr(base, k)):
+                raise OptionError(f"--set {spec}: {k} takes values like {getattr(base, k)!r}, got {v!r}")
+            if isinstance(getattr(base, k), (int, float)) and not isinstance(v, bool):
+                overrides[k] = type(getattr(base, k))(v)         # 3.0 for an int field: 3
         out[spec or "default"] = check_options(replace(base, **overrides))
     return out
 
@@ -68,6 +97,18 @@ def score(data, cfg: DualEncoderConfig, scheme: str, seeds: list[int], settings,
              for seed in seeds])
     return {m: {name: float(np.mean([r[m][name] for r in runs])) for name in runs[0][m]}
             for m in ("top1", "mrr")}
+
+
+def best_by_mean(per_scheme: dict[str, dict[str, float]]) -> dict:
+    """The selection rule of the tuning scripts: the candidate with the highest mean over the
+    inner schemes (``per_scheme``: {scheme: {candidate: score}}, candidates in the order they
+    were scored; a tie goes to the first) -> {"rule", "best", "score", "means"}."""
+    schemes = list(per_scheme)
+    names = [n for n in per_scheme[schemes[0]] if all(n in per_scheme[s] for s in schemes)]
+    means = {n: float(np.mean([per_scheme[s][n] for s in schemes])) for n in names}
+    best = max(names, key=lambda n: means[n])           # max keeps the first of equal ones
+    return {"rule": f"highest mean over the {' and '.join(schemes)} inner schemes",
+            "best": best, "score": means[best], "means": means}
 
 
 def tuning_parser(doc: str, what: str | None = None) -> argparse.ArgumentParser:
@@ -95,7 +136,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     data = resolve_data(args.data)
     device = resolve_device(args.device)
-    configs = candidates(args.set, DualEncoderConfig())
+    configs = candidates(args.set, DualEncoderConfig(), tuple(SCORE_GRID))
     results = {}
     settings = score_settings()
     for key, cfg in configs.items():
@@ -110,10 +151,14 @@ def main(argv=None) -> dict:
                             + f" mean {np.mean(values):.3f}")
             print(f"{key:20s} {name:60s} " + " | ".join(line), flush=True)
         print(f"{key}: {time.perf_counter() - t0:.0f} s", flush=True)
+    selection = best_by_mean({s: {f"{key} | {name}": v for key, r in results.items()
+                                  for name, v in r[s]["top1"].items()} for s in args.schemes})
+    print(f"best by the {selection['rule']}' top-1 (the first of ties): {selection['best']} "
+          f"({selection['score']:.3f})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_json({"data": data.source, "seeds": args.seeds, "ensemble": args.ensemble,
-               "device": str(device), "results": results},
-              args.out)
+               "device": str(device), "results": results,
+               "selection": {k: v for k, v in selection.items() if k != "means"}}, args.out)
     return results
 
 

@@ -271,3 +271,47 @@ def test_tuning_candidates_are_checked_before_any_fit():
         candidates(["epoch=2"], D.DualEncoderConfig())
     with pytest.raises(L.OptionError, match="--gan-steps must be >= 1"):
         candidates(["gan_steps=0"], G.GenerativeConfig())
+    # a list of several items (its commas are not the specs'), and values of the wrong kind
+    two = candidates(["fmri_hidden=[512,256],dropout=0"], D.DualEncoderConfig())
+    assert two["fmri_hidden=[512,256],dropout=0"] == D.DualEncoderConfig(fmri_hidden=(512, 256), dropout=0.0)
+    for spec in ("mixup=abc", "epochs=2.5", "skip=1"):
+        with pytest.raises(L.OptionError, match=f"--set {spec}: .* takes values like"):
+            candidates([spec], D.DualEncoderConfig())
+    # a field the script's own grid sets at every point would be ignored silently
+    with pytest.raises(L.OptionError, match="readout_weight is varied by this script's own grid"):
+        candidates(["readout_weight=0.25"], D.DualEncoderConfig(), tuple(D.SCORE_GRID))
+
+
+def test_tuning_grids_are_checked_before_any_fit_and_the_rule_names_its_choice(monkeypatch):
+    """The tuning scripts' own grids (--blend, --likelihood, --voxels, ...) are checked like --set
+    values before any fit (they were scored, or failed after fitting); best_by_mean is the README's
+    rule: the highest mean over the inner schemes, the first of equal ones."""
+    sys.path.insert(0, str(L.REPO_DIR / "benchmarks"))
+    import tune_anchor
+    import tune_decoders
+    from tune_dual_encoder import best_by_mean
+
+    def fit(*args):
+        raise AssertionError("fitting began before the settings were checked")
+    for tune in (tune_anchor, tune_decoders):
+        monkeypatch.setattr(tune, "run", fit)
+    for main, args, flag in ((tune_decoders.main, ["--blend", "1.5"], "--anchor-blend must be <= 1"),
+                             (tune_decoders.main, ["--likelihood", "-1"], "--likelihood-weight must be >= 0"),
+                             (tune_decoders.main, ["--set", "guidance_scale=3"], "own grid"),
+                             (tune_anchor.main, ["--voxels", "1.5"], "--rf-voxels must be <= 1"),
+                             (tune_anchor.main, ["--ridge-weight", "2"], "--rf-ridge-weight must be <= 1")):
+        with pytest.raises(L.OptionError, match=flag):
+            main(["--data", "simulated", *args])
+    chosen = best_by_mean({"unseen": {"a": 0.6, "b": 0.8, "c": 0.7}, "seen": {"a": 1.0, "b": 0.8, "c": 0.9}})
+    assert (chosen["best"], chosen["score"]) == ("a", 0.8) and chosen["means"]["c"] == pytest.approx(0.8)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_gpu_check_without_a_gpu_stops_in_one_line(capsys):
+    """benchmarks/gpu_check.py on a CPU machine said "device cpu" and spent its 280 s budget
+    running everything there; it now stops at once (--allow-cpu for a dry run)."""
+    sys.path.insert(0, str(L.REPO_DIR / "benchmarks"))
+    import gpu_check
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main([])
+    assert stop.value.code == 2 and "no CUDA device" in capsys.readouterr().err

@@ -242,6 +242,22 @@ def test_tuning_scripts_read_s1_training_trials_only(script, monkeypatch):
     assert list(numbers(a)) and changed_numbers(a, b) == []
 
 
+def test_tune_decoders_scores_a_candidate_without_an_anchor(monkeypatch):
+    """A decoder without an anchor is scored once per setting that applies to it, not skipped for
+    every blend > 0 (the docstring's --set anchor=False example came out with no row at all)."""
+    monkeypatch.syspath_prepend(str(L.REPO_DIR / "benchmarks"))
+    import tune_decoders as tune
+    tiny = replace(TINY_DECODERS, prior_size=32, anchor_folds=2)
+    monkeypatch.setattr(tune, "inner_folds", lambda *a, **kw: list(D.inner_folds(*a, **kw))[:1])
+    monkeypatch.setattr(tune, "DualEncoderConfig", lambda **kw: D.DualEncoderConfig(epochs=1, **kw))
+    sampling = [dict(anchor_blend=b, gate_shift=0.0) for b in (0.5, 1.0)]
+    rows = tune.run(make_simulated_dataset(), {"anchored": tiny, "none": replace(tiny, anchor=False)},
+                    sampling, ["unseen"], 0, torch.device("cpu"))["unseen"]
+    assert sorted(rows["none"]) == ["diffusion", "gan"]            # once each: no anchor setting
+    assert sorted(rows["anchored"]) == [f"{d} anchor_blend={b} gate_shift=0.0"
+                                        for d in ("diffusion", "gan") for b in (0.5, 1.0)]
+
+
 def test_nested_selection_takes_the_best_inner_top1(monkeypatch):
     """The declared rule: the fold's setting is the one of highest inner top-1 (inner MRR is
     recorded, not used); here the two point at different settings."""
