@@ -520,7 +520,9 @@ def print_checkpoint_summary(result: dict) -> None:
           f"{value_text(ident['image_to_fmri_mean_rank'], 2)}")
     print(f"S1 {n}-way retrieval among test trials: top-1 {r12['top1']:.3f} "
           f"(chance {r12['chance_top1']:.3f})")
-    print(f"S1 {round(1 / cond['uniform_chance'])}-way condition (kNN k={cond['k']}): fMRI latent "
+    asked = result["config"]["knn_k"]
+    capped = f", --knn-k {asked} capped at the {cond['k']} training trials" if asked != cond["k"] else ""
+    print(f"S1 {round(1 / cond['uniform_chance'])}-way condition (kNN k={cond['k']}{capped}): fMRI latent "
           f"{cond['fmri_latent']:.3f}, fMRI "
           f"correlation embedding {cond['correlation']:.3f} | majority rate {cond['majority_rate']:.3f}"
           + (f" ({cond['note']})" if "note" in cond else ""))
@@ -557,7 +559,7 @@ def score_checkpoint(model: MiyawakiDualEncoder, fold: Fold, knn_k: int = 5, ora
     r12 = retrieval_ranks(cosine_scores(te["fmri"], te_img["image"]), test.image_ids, test.image_ids)
     same = test.image_ids[:, None] == test.image_ids[None, :]
     cond = {
-        "k": knn_k,
+        "k": min(knn_k, len(fold.train)),       # knn_condition's: at most the training trials
         "fmri_latent": condition_accuracy(
             knn_condition(tr["fmri_latent"], fold.train.labels, te["fmri_latent"], knn_k), test.labels),
         "correlation": condition_accuracy(

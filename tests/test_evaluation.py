@@ -305,6 +305,8 @@ def test_condition_chance_counts_the_trials_conditions():
         cond = E.score_checkpoint(model, fold)["condition_accuracy"]
         assert cond["uniform_chance"] == chance
         assert ("1 by construction" in cond.get("note", "")) == (chance == 1)
+    # a k above the training trials is capped by the vote, and the result says which k voted
+    assert E.score_checkpoint(model, fold, 500)["condition_accuracy"]["k"] == len(fold.train)
 
 
 def test_nested_inner_folds_mimic_the_fold():
