@@ -164,9 +164,10 @@ class MiyawakiData:
         return digest.hexdigest()[:16]
 
     def fold(self, train_idx: np.ndarray, test_idx: np.ndarray, name: str = "") -> Fold:
-        """Split by trial indices (disjoint: ValueError otherwise); z-score fMRI with the training
-        rows only (std 0 -> 1)."""
-        train_idx, test_idx = np.asarray(train_idx), np.asarray(test_idx)
+        """Split by trial indices or boolean masks (disjoint: ValueError otherwise); z-score fMRI
+        with the training rows only (std 0 -> 1)."""
+        train_idx, test_idx = (np.flatnonzero(i) if np.asarray(i).dtype == bool else np.asarray(i)
+                               for i in (train_idx, test_idx))            # masks as indices
         if np.intersect1d(train_idx, test_idx).size:
             raise ValueError("train and test indices overlap: a test trial would be a training trial")
         train, test = self.trials.subset(train_idx), self.trials.subset(test_idx)
@@ -665,15 +666,16 @@ def identification_scores(recon, candidates) -> np.ndarray:
     return pearson_matrix(_flat_clip(recon), _flat_clip(candidates))
 
 
-RECON_SCALE_MAX = 10.0  # above this a reconstruction is on another scale (0..255), not overshoot
+RECON_SCALE_MAX = 10.0  # above this a reconstruction looks like another scale (0..255): a warning
 
 
 def check_scored_images(recon, true, image_ids, candidates) -> None:
     """ValueError unless N reconstructions and N true images of the candidates' size (any shape
-    that flattens to N x P, as the candidates ``K x ...`` to K x P) have N image ids, the true
-    images lie in [0, 1] and the reconstructions on that scale (the protocol clips predictions to
-    [0, 1]; values above ``RECON_SCALE_MAX`` are 0..255 ones): numpy would broadcast one image
-    over N and scoring would clip 0..255 ones, each without an error."""
+    that flattens to N x P, as the candidates ``K x ...`` to K x P) have N image ids and the true
+    images lie in [0, 1] (numpy would broadcast one image over N without an error); a warning
+    where reconstructions go above ``RECON_SCALE_MAX``, as 0..255 ones do (the protocol clips
+    predictions to [0, 1], so they score as near white; a diverged linear read-out does too, and
+    is scored so)."""
     shapes = [np.shape(a) for a in (recon, true, image_ids, candidates)]
     sizes = [np.size(a) // max(len(a), 1) for a in (recon, true, candidates)]
     if not (len(recon) == len(true) == len(image_ids) and sizes[0] == sizes[1] == sizes[2]
@@ -684,8 +686,9 @@ def check_scored_images(recon, true, image_ids, candidates) -> None:
     true = np.asarray(true)
     check_unit_range(float(true.min()), float(true.max()), "true images")
     if np.max(recon) > RECON_SCALE_MAX:
-        raise ValueError(f"reconstructions with values up to {np.max(recon):g}; expected the images' "
-                         f"[0, 1] scale (0..255 ones: divide by 255)")
+        warnings.warn(f"reconstructions with values up to {np.max(recon):g}, far off the images' [0, 1] "
+                      f"scale (0..255 ones: divide by 255); scored clipped to [0, 1], as the protocol says",
+                      stacklevel=3)
 
 
 def per_trial_metrics(recon, true, image_ids, candidates, pool_true=None, pool_ids=None,
@@ -1310,10 +1313,8 @@ def write_summary(out: Path) -> Path:
         ref_key = key(results[reference]) if reference else None
     stale = [name for name, r in results.items() if r and key(r) != ref_key]
     de, ev, gen = (None if name in stale else r for name, r in results.items())
-    data_key = lambda r: (r["data_source"], r.get("data_fingerprint"))  # noqa: E731
-    kept, results[DATASET_JSON] = next((r for r in (de, ev, gen) if r), None), read(DATASET_JSON)
-    if kept and results[DATASET_JSON] and data_key(results[DATASET_JSON]) != data_key(kept):
-        stale.append(DATASET_JSON)
+    kept, loader = next((r for r in (de, ev, gen) if r), None), read(DATASET_JSON)
+    other_data = bool(kept and loader and not same_data(loader, kept))
     lines = ["# Results (S1: the file's split, fMRI only at test time)", ""]
     if ev:
         lines.append(f"Data: {ev['data_source']}; {ev['n_test']} test trials.")
@@ -1346,12 +1347,24 @@ def write_summary(out: Path) -> Path:
         lines += ["", f"Left out: {', '.join(f'`{n}`' for n in stale)} and their figures, from another "
                   f"data set or dual-encoder checkpoint than `{reference}`; rerun the scripts in order "
                   "to include them."]
+    if other_data:
+        lines += ["", f"Left out: the data figures of `{DATASET_JSON}`, which show {loader['data_source']}, "
+                  "other data than the results'; rerun `miyawaki_dataset_loader.py` on their data."]
     old_figures = {f for name in stale for f in results[name].get("figures", [])}
+    old_figures |= set(loader["figures"]) if other_data else set()
     figures = sorted(p.name for p in out.glob("*.png") if p.name not in old_figures)
     lines += ["", "Figures: " + (", ".join(f"`{f}`" for f in figures) if figures else "none yet") + "."]
     path = out / "summary.md"
     save_text("\n".join(lines) + "\n", path)
     return path
+
+
+def same_data(a: dict, b: dict) -> bool:
+    """Whether two result JSONs come from the same data: their data fingerprints where both have
+    one (a path may be written two ways), else their ``data_source`` (results of older code)."""
+    if a.get("data_fingerprint") and b.get("data_fingerprint"):
+        return a["data_fingerprint"] == b["data_fingerprint"]
+    return a["data_source"] == b["data_source"]
 
 
 def save_text(text: str, path: Path) -> None:

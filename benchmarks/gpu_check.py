@@ -106,9 +106,11 @@ def main(argv=None) -> dict:
     p.add_argument("--allow-cpu", action="store_true",
                    help="without CUDA, run the check on the CPU anyway (a dry run of this script)")
     args = p.parse_args(argv)
-    if not (torch.cuda.is_available() or args.allow_cpu):
-        p.error("torch sees no CUDA device, so there is no GPU to check (the CPU's timings are the "
-                "README's Speed section); --allow-cpu runs the check on the CPU as a dry run")
+    if not (torch.cuda.is_available() or args.allow_cpu):    # one line, as the scripts' errors
+        print("error: torch sees no CUDA device, so there is no GPU to check (the CPU's timings are "
+              "the README's Speed section); --allow-cpu runs the check on the CPU as a dry run",
+              file=sys.stderr)
+        sys.exit(2)
     t_start = time.perf_counter()
     left = lambda: args.budget - (time.perf_counter() - t_start)  # noqa: E731
     args.out_dir.mkdir(parents=True, exist_ok=True)

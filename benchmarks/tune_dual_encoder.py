@@ -57,7 +57,21 @@ def same_kind(value, default) -> bool:
         return number and (isinstance(default, float) or float(value).is_integer())
     if isinstance(default, tuple):
         return isinstance(value, tuple) and all(same_kind(v, d) for v, d in zip(value, default * len(value)))
+    if isinstance(default, Path):
+        return isinstance(value, str)
     return default is None or isinstance(value, type(default))
+
+
+def as_kind(value, default):
+    """A ``--set`` value that ``same_kind`` accepted, as the field's type: 3.0 for an int field is
+    3, [64.0] for a tuple of ints (64,), a path string a Path."""
+    if isinstance(default, bool) or default is None:
+        return value
+    if isinstance(default, (int, float)):
+        return type(default)(value)
+    if isinstance(default, tuple) and default:
+        return tuple(as_kind(v, default[0]) for v in value)
+    return Path(value) if isinstance(default, Path) else value
 
 
 def candidates(specs: list[str], base, grid: tuple[str, ...] = ()) -> dict:
@@ -79,8 +93,7 @@ def candidates(specs: list[str], base, grid: tuple[str, ...] = ()) -> dict:
         for k, v in overrides.items():
             if not same_kind(v, getattr(base, k)):
                 raise OptionError(f"--set {spec}: {k} takes values like {getattr(base, k)!r}, got {v!r}")
-            if isinstance(getattr(base, k), (int, float)) and not isinstance(v, bool):
-                overrides[k] = type(getattr(base, k))(v)         # 3.0 for an int field: 3
+            overrides[k] = as_kind(v, getattr(base, k))
         out[spec or "default"] = check_options(replace(base, **overrides))
     return out
 
@@ -106,7 +119,8 @@ def best_by_mean(per_scheme: dict[str, dict[str, float]]) -> dict:
     schemes = list(per_scheme)
     names = [n for n in per_scheme[schemes[0]] if all(n in per_scheme[s] for s in schemes)]
     means = {n: float(np.mean([per_scheme[s][n] for s in schemes])) for n in names}
-    best = max(names, key=lambda n: means[n])           # max keeps the first of equal ones
+    top = max(means.values())
+    best = next(n for n in names if means[n] >= top - 1e-12)   # equal up to rounding: the first
     return {"rule": f"highest mean over the {' and '.join(schemes)} inner schemes",
             "best": best, "score": means[best], "means": means}
 

@@ -272,8 +272,9 @@ def test_tuning_candidates_are_checked_before_any_fit():
     with pytest.raises(L.OptionError, match="--gan-steps must be >= 1"):
         candidates(["gan_steps=0"], G.GenerativeConfig())
     # a list of several items (its commas are not the specs'), and values of the wrong kind
-    two = candidates(["fmri_hidden=[512,256],dropout=0"], D.DualEncoderConfig())
+    two = candidates(["fmri_hidden=[512,256],dropout=0", "fmri_hidden=[64.0]"], D.DualEncoderConfig())
     assert two["fmri_hidden=[512,256],dropout=0"] == D.DualEncoderConfig(fmri_hidden=(512, 256), dropout=0.0)
+    assert two["fmri_hidden=[64.0]"].fmri_hidden == (64,) and type(two["fmri_hidden=[64.0]"].fmri_hidden[0]) is int
     for spec in ("mixup=abc", "epochs=2.5", "skip=1"):
         with pytest.raises(L.OptionError, match=f"--set {spec}: .* takes values like"):
             candidates([spec], D.DualEncoderConfig())
@@ -304,6 +305,8 @@ def test_tuning_grids_are_checked_before_any_fit_and_the_rule_names_its_choice(m
             main(["--data", "simulated", *args])
     chosen = best_by_mean({"unseen": {"a": 0.6, "b": 0.8, "c": 0.7}, "seen": {"a": 1.0, "b": 0.8, "c": 0.9}})
     assert (chosen["best"], chosen["score"]) == ("a", 0.8) and chosen["means"]["c"] == pytest.approx(0.8)
+    # equal up to rounding (0.39999999999999997 against 0.4): still the first
+    assert best_by_mean({"seen": {"a": 0.1, "b": 0.4}, "unseen": {"a": 0.7, "b": 0.4}})["best"] == "a"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
@@ -314,4 +317,5 @@ def test_gpu_check_without_a_gpu_stops_in_one_line(capsys):
     import gpu_check
     with pytest.raises(SystemExit) as stop:
         gpu_check.main([])
-    assert stop.value.code == 2 and "no CUDA device" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "no CUDA device" in err and err.count("\n") == 1

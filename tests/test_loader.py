@@ -472,12 +472,17 @@ def test_trials_are_float32_and_refuse_what_would_train_badly(sim):
 def test_a_fold_refuses_test_trials_that_are_also_training_trials(sim):
     with pytest.raises(ValueError, match="overlap"):
         sim.fold(np.arange(len(sim.trials)), np.arange(12))
+    mask = np.arange(len(sim.trials)) < sim.n_file_train            # masks are indices too
+    fold = sim.fold(mask, ~mask)
+    np.testing.assert_array_equal(fold.test_idx, sim.s1().test_idx)
+    np.testing.assert_array_equal(fold.test.fmri, sim.s1().test.fmri)
 
 
 def test_metrics_refuse_reconstructions_of_another_count_or_scale(sim):
     """One reconstruction against 12 true images was broadcast over them (and SSIM scored one
-    pair); 0..255 reconstructions were clipped to white and scored. Both are ValueErrors now;
-    N x 784 rows and an overshooting linear read-out (the protocol clips it) still score."""
+    pair): a ValueError now. 0..255 reconstructions are clipped to white and scored, as a diverged
+    read-out's are (a tuning grid may hold one), now with a warning; N x 784 rows and an
+    overshooting linear read-out (the protocol clips it) score as before."""
     fold = sim.s1()
     true, ids, cand = fold.test.images, fold.test.image_ids, fold.unique_images
     score = lambda recon: L.reconstruction_metrics(recon, true, ids, cand)  # noqa: E731
@@ -486,7 +491,7 @@ def test_metrics_refuse_reconstructions_of_another_count_or_scale(sim):
     for recon in (true[:1], true[0, 0], true[:, :, :14]):
         with pytest.raises(ValueError, match="expected N images, N images and N ids"):
             score(recon)
-    with pytest.raises(ValueError, match=r"up to 255; expected the images' \[0, 1\] scale"):
+    with pytest.warns(UserWarning, match=r"up to 255, far off the images' \[0, 1\] scale"):
         score(255 * true)
     with pytest.raises(ValueError, match=r"true images with values in \[0, 255\]"):
         L.reconstruction_metrics(true, 255 * true, ids, cand)

@@ -172,21 +172,28 @@ def test_summary_shows_each_results_chance_not_its_value(tmp_path):
 def test_summary_leaves_out_data_figures_of_other_data(tmp_path):
     """The loader's data figures (listed in its miyawaki_dataset.json) go with the results when
     they show the same data, and are left out, and named, when the loader last ran on another file
-    (it overwrote the figures while the results stayed)."""
+    (it overwrote the figures while the results stayed). Same data: the same fingerprint, whatever
+    the path's spelling, or, for results of older code without one, the same source."""
     (tmp_path / "miyawaki_dual_encoder.json").write_text(json.dumps(
         {"data_source": "a.mat", "data_fingerprint": "f1", "checkpoint_sha256": "ab" * 32, "top1": 0.6,
          "chance_top1": 0.05, "n_candidates": 20, "figures": ["miyawaki_training_curves.png"]}))
     figures = ["miyawaki_samples_analysis.png", "miyawaki_fmri_correlation.png"]
     for name in [*figures, "miyawaki_training_curves.png"]:
         (tmp_path / name).write_bytes(b"png")
-    for source, fingerprint, shown in (("a.mat", "f1", True), ("b.mat", "f2", False),
-                                       ("a.mat", "f2", False)):   # the same path, other contents
+    de = json.loads((tmp_path / "miyawaki_dual_encoder.json").read_text())
+    older = {k: v for k, v in de.items() if k != "data_fingerprint"}     # results of older code
+    for source, fingerprint, results, shown in (
+            ("a.mat", "f1", de, True), ("b.mat", "f2", de, False),
+            ("a.mat", "f2", de, False),                      # the same path, other contents
+            ("/data/a.mat", "f1", de, True),                 # the same file, another spelling
+            ("a.mat", "f9", older, True), ("b.mat", "f9", older, False)):
+        (tmp_path / "miyawaki_dual_encoder.json").write_text(json.dumps(results))
         (tmp_path / L.DATASET_JSON).write_text(json.dumps(
             {"data_source": source, "data_fingerprint": fingerprint, "figures": figures}))
         text = L.write_summary(tmp_path).read_text()
         assert ("miyawaki_samples_analysis.png" in text) == shown, (source, fingerprint)
         assert ("miyawaki_fmri_correlation.png" in text) == shown
-        assert ("Left out: `miyawaki_dataset.json`" in text) != shown
+        assert ("Left out: the data figures of `miyawaki_dataset.json`" in text) != shown
         assert "miyawaki_training_curves.png" in text and "identification" in text
 
 
