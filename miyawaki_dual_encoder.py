@@ -74,7 +74,7 @@ class DualEncoderConfig:
     skip: bool = field(default=True, metadata={
         "help": "linear skip paths beside the fMRI MLP and the CNN"})
     # the identification score's settings: chosen by benchmarks/tune_dual_encoder.py on the S1
-    # training trials (README, "Identification score"); the S2 / S3 benchmark can choose them
+    # training trials (docs/MODELS.md, "Identification score"); the S2 / S3 benchmark can choose them
     # inside every fold instead (--nested)
     readout_weight: float = field(default=0.9, metadata={
         "min": 0, "max": 1, "help": "identification score: weight of the linear pixel read-out's "

@@ -20,7 +20,7 @@ reflected / shifted / cut-and-pasted images conditioned through synthetic fMRI (
 model's prediction plus a training residual; never equal to a fold's unseen test image), start
 DDIM from the noised anchor, take data-consistency steps under the same encoding model and blend
 their output with the anchor; ``benchmarks/tune_anchor.py`` and ``benchmarks/tune_decoders.py``
-chose these settings by inner CV on the S1 training trials (README, "Decoders").
+chose these settings by inner CV on the S1 training trials (docs/MODELS.md, "Decoders").
 
 Choices, each measured:
 

@@ -9,7 +9,7 @@ from pathlib import Path
 # shared with another job it is many times faster (a busy core stalls every step of a 2-thread
 # pool). `make test` runs one pytest process per core (pytest-xdist) to use the other cores. Set
 # before numpy and torch load, so their BLAS and OpenMP pools and the scripts and benchmark
-# workers the tests start get one thread too (README, Tests and CI: 318 s -> 208 s).
+# workers the tests start get one thread too (docs/TESTS.md: 318 s -> 208 s).
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
