@@ -53,20 +53,22 @@ def run(data, candidates: list[GenerativeConfig], schemes: list[str]) -> dict:
 def main(argv=None) -> dict:
     """Score each anchor setting by inner CV; print a line each (best rule last) and save the JSON."""
     p = tuning_parser(__doc__)
-    p.add_argument("--voxels", type=float, nargs="+", default=[0.4, 1.0])
-    p.add_argument("--noise-shrink", type=float, nargs="+", default=[0.2, 0.5, 0.8])
-    p.add_argument("--prior-scale", type=float, nargs="+", default=[1.0, 3.0])
-    p.add_argument("--ridge-weight", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.7])
+    p.add_argument("--voxels", "--rf-voxels", type=float, nargs="+", default=[0.4, 1.0])
+    p.add_argument("--noise-shrink", "--rf-noise-shrink", type=float, nargs="+", default=[0.2, 0.5, 0.8])
+    p.add_argument("--prior-scale", "--rf-prior-scale", type=float, nargs="+", default=[1.0, 3.0])
+    p.add_argument("--ridge-weight", "--rf-ridge-weight", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.7])
     p.add_argument("--seed", type=int, default=0, help="seed of the anchor's image prior")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT / "tune_anchor.json")
     args = p.parse_args(argv)
-    data = resolve_data(args.data)
     base = GenerativeConfig(seed=args.seed)
-    candidates = [check_options(replace(base, anchor_model="ridge"))] + [   # each before any fit
+    # each checked before the data load and any fit; an error names the config's flag, which this
+    # script takes as well (--rf-voxels for --voxels)
+    candidates = [check_options(replace(base, anchor_model="ridge"))] + [
         check_options(replace(base, anchor_model="receptive-field", rf_voxels=v, rf_noise_shrink=s,
                               rf_prior_scale=c, rf_ridge_weight=r))
         for v, s, c, r in itertools.product(args.voxels, args.noise_shrink, args.prior_scale,
                                             args.ridge_weight)]
+    data = resolve_data(args.data)
     t0 = time.perf_counter()
     results = run(data, candidates, ["unseen", "seen"])
     names = ["ridge"] + [f"rf_voxels={c.rf_voxels:g},rf_noise_shrink={c.rf_noise_shrink:g},"

@@ -88,17 +88,17 @@ def run(data, configs: dict, sampling: list[dict], schemes: list[str], seed: int
 def main(argv=None) -> dict:
     """Score each candidate by inner CV; print a line each and save the JSON; returns it."""
     p = tuning_parser(__doc__, "GenerativeConfig (training)")
-    p.add_argument("--guidance", type=float, nargs="+", default=[GenerativeConfig.guidance_scale])
+    p.add_argument("--guidance", "--guidance-scale", type=float, nargs="+", default=[GenerativeConfig.guidance_scale])
     p.add_argument("--init-strength", type=float, nargs="+", default=[GenerativeConfig.init_strength])
-    p.add_argument("--blend", type=float, nargs="+", default=[GenerativeConfig.anchor_blend])
-    p.add_argument("--gate", type=int, nargs="+", default=[int(GenerativeConfig.novelty_gate)],
+    p.add_argument("--blend", "--anchor-blend", type=float, nargs="+", default=[GenerativeConfig.anchor_blend])
+    p.add_argument("--gate", "--novelty-gate", type=int, nargs="+", default=[int(GenerativeConfig.novelty_gate)],
                    choices=[0, 1], help="novelty gate of the blend off / on")
-    p.add_argument("--likelihood", type=float, nargs="+", default=[GenerativeConfig.likelihood_weight],
+    p.add_argument("--likelihood", "--likelihood-weight", type=float, nargs="+", default=[GenerativeConfig.likelihood_weight],
                    help="weights of the encoding-model data-consistency step (0 = off)")
     p.add_argument("--likelihood-reg", type=float, nargs="+", default=[GenerativeConfig.likelihood_reg])
     p.add_argument("--likelihood-gate-power", type=float, nargs="+",
                    default=[GenerativeConfig.likelihood_gate_power])
-    p.add_argument("--stretch", type=int, nargs="+", default=[int(GenerativeConfig.output_stretch)],
+    p.add_argument("--stretch", "--output-stretch", type=int, nargs="+", default=[int(GenerativeConfig.output_stretch)],
                    choices=[0, 1], help="the per-fit output contrast stretch off / on")
     p.add_argument("--gate-shift", type=float, nargs="+", default=[0.0],
                    help="added to the fitted novelty gate's logit (< 0: it opens less); not a "
@@ -108,8 +108,6 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT / "tune_decoders.json")
     args = p.parse_args(argv)
-    data = resolve_data(args.data)
-    device = resolve_device(args.device)
     sampling = [dict(guidance_scale=w, init_strength=s, anchor_blend=b, novelty_gate=bool(g),
                      likelihood_weight=lw, likelihood_reg=lr, likelihood_gate_power=lp,
                      output_stretch=bool(st), gate_shift=gs)
@@ -117,8 +115,12 @@ def main(argv=None) -> dict:
                     args.guidance, args.init_strength, args.blend, args.gate, args.likelihood,
                     args.likelihood_reg, args.likelihood_gate_power, args.stretch, args.gate_shift)]
     configs = candidates(args.set, GenerativeConfig(seed=args.seed), tuple(sampling[0]))
-    for kw in sampling:   # the sampling grid's values, checked like --set ones before any fit
+    # the sampling grid's values, checked like --set ones before the data load and any fit; an
+    # error names the config's flag, which this script takes as well (--anchor-blend for --blend)
+    for kw in sampling:
         check_options(replace(GenerativeConfig(), **{k: v for k, v in kw.items() if k != "gate_shift"}))
+    data = resolve_data(args.data)
+    device = resolve_device(args.device)
     t0 = time.perf_counter()
     results = run(data, configs, sampling, args.schemes, args.seed, device)
     for scheme, per_spec in results.items():

@@ -94,7 +94,10 @@ def candidates(specs: list[str], base, grid: tuple[str, ...] = ()) -> dict:
             if not same_kind(v, getattr(base, k)):
                 raise OptionError(f"--set {spec}: {k} takes values like {getattr(base, k)!r}, got {v!r}")
             overrides[k] = as_kind(v, getattr(base, k))
-        out[spec or "default"] = check_options(replace(base, **overrides))
+        try:
+            out[spec or "default"] = check_options(replace(base, **overrides))
+        except OptionError as e:   # the config's flag (--epochs) is the main script's, not ours
+            raise OptionError(f"--set {spec}: {e}") from None
     return out
 
 
@@ -148,9 +151,9 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT / "tune_dual_encoder.json")
     args = p.parse_args(argv)
+    configs = candidates(args.set, DualEncoderConfig(), tuple(SCORE_GRID))   # before the data load
     data = resolve_data(args.data)
     device = resolve_device(args.device)
-    configs = candidates(args.set, DualEncoderConfig(), tuple(SCORE_GRID))
     results = {}
     settings = score_settings()
     for key, cfg in configs.items():

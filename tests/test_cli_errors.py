@@ -285,24 +285,33 @@ def test_tuning_candidates_are_checked_before_any_fit():
 
 def test_tuning_grids_are_checked_before_any_fit_and_the_rule_names_its_choice(monkeypatch):
     """The tuning scripts' own grids (--blend, --likelihood, --voxels, ...) are checked like --set
-    values before any fit (they were scored, or failed after fitting); best_by_mean is the README's
-    rule: the highest mean over the inner schemes, the first of equal ones."""
+    values before the data load and any fit (they were scored, or failed after fitting), and the
+    flag an error names is one the script takes (it named the config's --rf-voxels where the
+    script had only --voxels); best_by_mean is the README's rule: the highest mean over the inner
+    schemes, the first of equal ones."""
     sys.path.insert(0, str(L.REPO_DIR / "benchmarks"))
     import tune_anchor
     import tune_decoders
+    import tune_dual_encoder
     from tune_dual_encoder import best_by_mean
 
-    def fit(*args):
-        raise AssertionError("fitting began before the settings were checked")
-    for tune in (tune_anchor, tune_decoders):
-        monkeypatch.setattr(tune, "run", fit)
-    for main, args, flag in ((tune_decoders.main, ["--blend", "1.5"], "--anchor-blend must be <= 1"),
-                             (tune_decoders.main, ["--likelihood", "-1"], "--likelihood-weight must be >= 0"),
-                             (tune_decoders.main, ["--set", "guidance_scale=3"], "own grid"),
-                             (tune_anchor.main, ["--voxels", "1.5"], "--rf-voxels must be <= 1"),
-                             (tune_anchor.main, ["--ridge-weight", "2"], "--rf-ridge-weight must be <= 1")):
-        with pytest.raises(L.OptionError, match=flag):
+    def work(*args):
+        raise AssertionError("the data load or a fit began before the settings were checked")
+    for tune in (tune_anchor, tune_decoders, tune_dual_encoder):
+        monkeypatch.setattr(tune, "run" if tune is not tune_dual_encoder else "score", work)
+        monkeypatch.setattr(tune, "resolve_data", work)
+    for main, args, named in ((tune_decoders.main, ["--blend", "1.5"], "--anchor-blend must be <= 1"),
+                              (tune_decoders.main, ["--likelihood", "-1"], "--likelihood-weight must be >= 0"),
+                              (tune_decoders.main, ["--set", "guidance_scale=3"], "own grid"),
+                              (tune_dual_encoder.main, ["--set", "epochs=0"], "--set epochs=0: --epochs must be >= 1"),
+                              (tune_anchor.main, ["--voxels", "1.5"], "--rf-voxels must be <= 1"),
+                              (tune_anchor.main, ["--ridge-weight", "2"], "--rf-ridge-weight must be <= 1")):
+        with pytest.raises(L.OptionError, match=named):
             main(["--data", "simulated", *args])
+        flag = named.split()[0]
+        if flag not in ("own", "--set"):   # the named flag, given the same value: the same error
+            with pytest.raises(L.OptionError, match=named):
+                main(["--data", "simulated", flag, args[1]])
     chosen = best_by_mean({"unseen": {"a": 0.6, "b": 0.8, "c": 0.7}, "seen": {"a": 1.0, "b": 0.8, "c": 0.9}})
     assert (chosen["best"], chosen["score"]) == ("a", 0.8) and chosen["means"]["c"] == pytest.approx(0.8)
     # equal up to rounding (0.39999999999999997 against 0.4): still the first
