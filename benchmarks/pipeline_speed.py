@@ -38,7 +38,7 @@ def run_stage(script: str, args: list[str]) -> dict:
 
 
 def machine() -> str:
-    """CPU model and count, and the GPU when one is used."""
+    """CPU model and count, the GPU when there is one, and the versions."""
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
@@ -81,8 +81,12 @@ def main(argv=None) -> dict:
     gen = json.loads((args.out_dir / "miyawaki_generation.json").read_text())
     extra["diffusion_sampling_s_per_image"] = gen["diffusion"]["sample_seconds_per_image"]
     host = machine()
-    lines = [f"Machine: {host}; device {args.device}; median of {args.repeats} runs; "
-             f"data {data or 'default'}.", "",
+    import torch   # the stages inherit this process's environment, so its thread count
+    ran = {"device": gen["device"], "bf16_autocast": bool(gen["bf16_autocast"] or de["bf16_autocast"]),
+           "torch_threads": torch.get_num_threads()}
+    lines = [f"Machine: {host}; ran on {ran['device']} (--device {args.device}), "
+             f"{'bfloat16 autocast' if ran['bf16_autocast'] else 'float32'}, {ran['torch_threads']} "
+             f"torch threads; median of {args.repeats} runs; data {data or 'default'}.", "",
              "| stage | wall s | CPU s | peak MiB |", "|---|---|---|---|"]
     lines += [f"| {s} | {v['wall_s']:.1f} | {v['cpu_s']:.1f} | {v['peak_mib']:.0f} |" for s, v in med.items()]
     lines += [f"| **total** | **{total['wall_s']:.1f}** | {total['cpu_s']:.1f} | {total['peak_mib']:.0f} (max) |", "",
@@ -91,7 +95,7 @@ def main(argv=None) -> dict:
     text = "\n".join(lines)
     print(text)
     (args.out_dir / "pipeline_speed.md").write_text(text + "\n")
-    result = {"machine": host, "device": args.device, "repeats": args.repeats, "stages": med,
+    result = {"machine": host, **ran, "device_option": args.device, "repeats": args.repeats, "stages": med,
               "total": total, **extra, "runs": runs}
     (args.out_dir / "pipeline_speed.json").write_text(json.dumps(result, indent=2))
     return result

@@ -3,7 +3,8 @@ The benchmark's markdown (every table row as wide as its header, the paired wins
 under their own headings, the chance row's condition cell), summary.md's chance cells, the S3
 gallery's panels (the first test trial everywhere, the protocol's clipped PixCorr, red only for a
 memorised reconstruction), the generation figure's titles (r with the true image, red and
-"as #k" only for a missed identification) and where a panel's title sits."""
+"as #k" only for a missed identification), where a panel's title sits, and what the speed
+benchmark says the stages ran on."""
 
 import io
 import json
@@ -311,3 +312,27 @@ def test_a_panel_title_sits_where_matplotlib_would_place_it():
         return buffer.getvalue()
 
     assert saved(L.panel_title) == saved(lambda ax, text, **kw: ax.set_title(text, **kw))
+
+
+def test_pipeline_speed_reports_the_device_precision_and_threads_the_stages_ran_with(tmp_path,
+                                                                                     monkeypatch):
+    """benchmarks/pipeline_speed.py printed the --device option ("auto"), not the device the
+    stages ran on, and neither their precision nor their thread count, which decide the times."""
+    import sys
+
+    import torch
+    sys.path.insert(0, str(L.REPO_DIR / "benchmarks"))
+    import pipeline_speed
+
+    def stage(script, args):           # the stages' result JSONs, as the scripts write them
+        (tmp_path / "miyawaki_dual_encoder.json").write_text(json.dumps(
+            {"config": {"epochs": 2}, "n_train": 10, "train_seconds": 1.0, "bf16_autocast": False}))
+        (tmp_path / "miyawaki_generation.json").write_text(json.dumps(
+            {"device": "cpu", "bf16_autocast": True, "diffusion": {"sample_seconds_per_image": 0.01}}))
+        return {"wall_s": 1.0, "cpu_s": 1.5, "peak_mib": 100.0}
+    monkeypatch.setattr(pipeline_speed, "run_stage", stage)
+    result = pipeline_speed.main(["--repeats", "1", "--out-dir", str(tmp_path)])
+    text = (tmp_path / "pipeline_speed.md").read_text()
+    assert (result["device"], result["device_option"], result["bf16_autocast"]) == ("cpu", "auto", True)
+    assert result["torch_threads"] == torch.get_num_threads()
+    assert f"ran on cpu (--device auto), bfloat16 autocast, {torch.get_num_threads()} torch threads" in text
