@@ -98,10 +98,12 @@ def batched_vs_separate(device: str, data, seeds=(0, 1, 2)) -> dict:
 
 def main(argv=None) -> dict:
     """Run the check; print the markdown and write both files; returns the JSON dict."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=None, help="a .mat file or 'simulated' (default: the real file "
-                   "if present, else simulated)")
-    p.add_argument("--out-dir", type=Path, default=REPO / "outputs" / "gpu_check")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default=argparse.SUPPRESS, help="a .mat file or 'simulated' (default: "
+                   "the real file if present, else simulated)")
+    p.add_argument("--out-dir", type=Path, default=REPO / "outputs" / "gpu_check",
+                   help="where the check writes")
     p.add_argument("--budget", type=float, default=280.0, help="seconds for the whole check")
     p.add_argument("--allow-cpu", action="store_true",
                    help="without CUDA, run the check on the CPU anyway (a dry run of this script)")
@@ -114,7 +116,7 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     left = lambda: args.budget - (time.perf_counter() - t_start)  # noqa: E731
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    data_arg = args.data or (str(DEFAULT_DATA) if DEFAULT_DATA.is_file() else "simulated")
+    data_arg = getattr(args, "data", None) or (str(DEFAULT_DATA) if DEFAULT_DATA.is_file() else "simulated")
     result = {"versions": versions(), "data": data_arg,
               "real_file_present": DEFAULT_DATA.is_file(), "steps": {}}
     device = "cuda" if torch.cuda.is_available() else "cpu"

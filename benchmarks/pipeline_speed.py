@@ -55,8 +55,9 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=argparse.SUPPRESS, help="passed to every stage (default: the scripts' own)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="passed to every stage")
+    p.add_argument("--repeats", type=int, default=3, help="runs of every stage (the table shows medians)")
     p.add_argument("--out-dir", type=Path, default=REPO / "outputs" / "speed",
                    help="where the stages write (kept apart from the main outputs)")
     args = p.parse_args(argv)

@@ -31,7 +31,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=argparse.SUPPRESS, help="as the scripts' --data (default: theirs)")
-    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--epochs", type=int, default=100, help="epochs of the profiled fit")
     p.add_argument("--rows", type=int, default=12, help="operators listed")
     args = p.parse_args(argv)
     if args.epochs < 1 or args.rows < 1:

@@ -53,12 +53,16 @@ def run(data, candidates: list[GenerativeConfig], schemes: list[str]) -> dict:
 def main(argv=None) -> dict:
     """Score each anchor setting by inner CV; print a line each (best rule last) and save the JSON."""
     p = tuning_parser(__doc__)
-    p.add_argument("--voxels", "--rf-voxels", type=float, nargs="+", default=[0.4, 1.0])
-    p.add_argument("--noise-shrink", "--rf-noise-shrink", type=float, nargs="+", default=[0.2, 0.5, 0.8])
-    p.add_argument("--prior-scale", "--rf-prior-scale", type=float, nargs="+", default=[1.0, 3.0])
-    p.add_argument("--ridge-weight", "--rf-ridge-weight", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.7])
+    p.add_argument("--voxels", "--rf-voxels", type=float, nargs="+", default=[0.4, 1.0],
+                   help="fractions of voxels the receptive-field model keeps")
+    p.add_argument("--noise-shrink", "--rf-noise-shrink", type=float, nargs="+", default=[0.2, 0.5, 0.8],
+                   help="shrinkage of the residual covariance towards its diagonal")
+    p.add_argument("--prior-scale", "--rf-prior-scale", type=float, nargs="+", default=[1.0, 3.0],
+                   help="scale of the image prior's covariance")
+    p.add_argument("--ridge-weight", "--rf-ridge-weight", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.7],
+                   help="weight of ridge in the anchor (the rest: the receptive-field posterior)")
     p.add_argument("--seed", type=int, default=0, help="seed of the anchor's image prior")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT / "tune_anchor.json")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT / "tune_anchor.json", help="the result JSON")
     args = p.parse_args(argv)
     base = GenerativeConfig(seed=args.seed)
     # each checked before the data load and any fit; an error names the config's flag, which this

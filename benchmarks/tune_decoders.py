@@ -38,7 +38,7 @@ from miyawaki_dataset_loader import (DEFAULT_OUT, RidgeBaseline, check_options, 
 from miyawaki_dual_encoder import DualEncoderConfig, inner_folds, train_dual_encoder  # noqa: E402
 from miyawaki_generative_backend import (ANCHOR_OPTIONS, GenerativeConfig, reconstruct,  # noqa: E402
                                          train_generative)
-from tune_dual_encoder import best_by_mean, candidates, tuning_parser  # noqa: E402
+from tune_dual_encoder import best_by_mean, candidates, option_help, tuning_parser  # noqa: E402
 
 METRICS = ("pixcorr", "ssim", "mse", "two_way", "top1")
 
@@ -88,25 +88,31 @@ def run(data, configs: dict, sampling: list[dict], schemes: list[str], seed: int
 def main(argv=None) -> dict:
     """Score each candidate by inner CV; print a line each and save the JSON; returns it."""
     p = tuning_parser(__doc__, "GenerativeConfig (training)")
-    p.add_argument("--guidance", "--guidance-scale", type=float, nargs="+", default=[GenerativeConfig.guidance_scale])
-    p.add_argument("--init-strength", type=float, nargs="+", default=[GenerativeConfig.init_strength])
-    p.add_argument("--blend", "--anchor-blend", type=float, nargs="+", default=[GenerativeConfig.anchor_blend])
+    p.add_argument("--guidance", "--guidance-scale", type=float, nargs="+", default=[GenerativeConfig.guidance_scale],
+                   help="classifier-free guidance scales")
+    p.add_argument("--init-strength", type=float, nargs="+", default=[GenerativeConfig.init_strength],
+                   help="DDIM starts from the anchor noised to this fraction of the schedule (1 = from noise)")
+    p.add_argument("--blend", "--anchor-blend", type=float, nargs="+", default=[GenerativeConfig.anchor_blend],
+                   help="weights b of the anchor in the output blend")
     p.add_argument("--gate", "--novelty-gate", type=int, nargs="+", default=[int(GenerativeConfig.novelty_gate)],
                    choices=[0, 1], help="novelty gate of the blend off / on")
     p.add_argument("--likelihood", "--likelihood-weight", type=float, nargs="+", default=[GenerativeConfig.likelihood_weight],
                    help="weights of the encoding-model data-consistency step (0 = off)")
-    p.add_argument("--likelihood-reg", type=float, nargs="+", default=[GenerativeConfig.likelihood_reg])
+    p.add_argument("--likelihood-reg", type=float, nargs="+", default=[GenerativeConfig.likelihood_reg],
+                   help="the likelihood step's regularisation mu, in units of mean diag(W W^T)")
     p.add_argument("--likelihood-gate-power", type=float, nargs="+",
-                   default=[GenerativeConfig.likelihood_gate_power])
+                   default=[GenerativeConfig.likelihood_gate_power],
+                   help="the likelihood step is scaled by the novelty gate to this power")
     p.add_argument("--stretch", "--output-stretch", type=int, nargs="+", default=[int(GenerativeConfig.output_stretch)],
                    choices=[0, 1], help="the per-fit output contrast stretch off / on")
     p.add_argument("--gate-shift", type=float, nargs="+", default=[0.0],
                    help="added to the fitted novelty gate's logit (< 0: it opens less); not a "
                         "decoder setting, a check of the gate's calibration")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--schemes", nargs="+", default=["unseen", "seen"], choices=["unseen", "seen"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT / "tune_decoders.json")
+    p.add_argument("--seed", type=int, default=0, help="seed of the dual encoders and decoders")
+    p.add_argument("--schemes", nargs="+", default=["unseen", "seen"], choices=["unseen", "seen"],
+                   help="inner folds: unseen = 4 images held out per fold, seen = stratified by image")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=option_help("device"))
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT / "tune_decoders.json", help="the result JSON")
     args = p.parse_args(argv)
     sampling = [dict(guidance_scale=w, init_strength=s, anchor_blend=b, novelty_gate=bool(g),
                      likelihood_weight=lw, likelihood_reg=lr, likelihood_gate_power=lp,

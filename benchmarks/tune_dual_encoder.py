@@ -28,7 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from miyawaki_dataset_loader import (DEFAULT_OUT, DefaultsHelpFormatter, OptionError,  # noqa: E402
-                                     check_options, resolve_data, resolve_device, run_cli, save_json)
+                                     ScriptOptions, check_options, resolve_data, resolve_device,
+                                     run_cli, save_json)
 from miyawaki_dual_encoder import SCORE_GRID, DualEncoderConfig, inner_cv_scores, score_settings  # noqa: E402
 
 
@@ -128,12 +129,17 @@ def best_by_mean(per_scheme: dict[str, dict[str, float]]) -> dict:
             "best": best, "score": means[best], "means": means}
 
 
+def option_help(name: str) -> str:
+    """The scripts' --help text of a shared option (``ScriptOptions``: data, device)."""
+    return ScriptOptions.__dataclass_fields__[name].metadata["help"]
+
+
 def tuning_parser(doc: str, what: str | None = None) -> argparse.ArgumentParser:
     """The options the tuning scripts share: ``--data`` and, given ``what`` (a config class name),
     repeatable ``--set`` candidates of it (``candidates``)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                 formatter_class=DefaultsHelpFormatter)
-    p.add_argument("--data", default=None)
+    p.add_argument("--data", default=None, help=option_help("data"))
     if what:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                        help=f"one candidate setting of {what} (repeat the flag for several)")
@@ -143,13 +149,15 @@ def tuning_parser(doc: str, what: str | None = None) -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     """Score each ``--set`` candidate by inner CV; print a line each and save the JSON; returns it."""
     p = tuning_parser(__doc__, "DualEncoderConfig")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--schemes", nargs="+", default=["seen", "unseen"], choices=["seen", "unseen"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="the networks' seeds (each fits every inner fold)")
+    p.add_argument("--schemes", nargs="+", default=["seen", "unseen"], choices=["seen", "unseen"],
+                   help="inner folds: seen = stratified by image, unseen = 4 images held out per fold")
     p.add_argument("--ensemble", action="store_true",
                    help="score the seeds' fits of every inner fold as one model (their embeddings' "
                         "cosine averaged) instead of averaging the seeds' scores")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT / "tune_dual_encoder.json")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help=option_help("device"))
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT / "tune_dual_encoder.json", help="the result JSON")
     args = p.parse_args(argv)
     configs = candidates(args.set, DualEncoderConfig(), tuple(SCORE_GRID))   # before the data load
     data = resolve_data(args.data)

@@ -86,3 +86,29 @@ def test_scripts_import_only_the_loader_and_the_dual_encoder_at_the_top():
         imported |= {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
         project = {m for m in imported if m and m.startswith("miyawaki_")}
         assert project <= allowed - {name}, f"{name} imports {sorted(project - allowed)}"
+
+
+@pytest.mark.parametrize("name", ["tune_dual_encoder", "tune_decoders", "tune_anchor", "pipeline_speed",
+                                  "profile_dual_encoder", "gpu_check"])
+def test_every_benchmark_option_has_help_and_shows_its_default(name, monkeypatch):
+    """The benchmark scripts' --help, as the scripts': every option says what it is and shows its
+    default (many showed a bare "--seeds SEEDS [SEEDS ...]"), none shows "(default: None)"."""
+    import argparse
+    import importlib
+    sys.path.insert(0, str(L.REPO_DIR / "benchmarks"))
+    module = importlib.import_module(name)
+
+    class Parsed(Exception):
+        pass
+
+    def capture(parser, *args, **kwargs):
+        raise Parsed(parser)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(Parsed) as parsed:
+        module.main([])
+    parser = parsed.value.args[0]
+    assert issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
+    for action in parser._actions:
+        assert action.help, f"{name} {action.option_strings}: no --help text"
+    text = " ".join(parser.format_help().split())
+    assert "(default: None)" not in text and "(default: )" not in text
