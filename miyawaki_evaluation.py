@@ -429,15 +429,32 @@ def plot_similarity_matrix(sim, true_ids, candidates, candidate_labels, title=""
     if n <= 60:
         ax.set_yticks(range(n), [f"trial {i} (img {int(t)})" for i, t in enumerate(true_ids)],
                       fontsize=7)
-    ax.set_xlabel("candidate image id / condition    (red box: true image, white dot: top-1 pick)")
+    names = {c: condition_name(c, candidate_labels) for c in np.unique(candidate_labels).astype(int)}
+    named = any(name != f"label {c}" for c, name in names.items())   # a file's own labels: no key
+    key = f" ({', '.join(f'{c} {name}' for c, name in names.items())})" if named else ""
+    ax.set_xlabel(f"candidate image id / condition{key}\n(red box: true image, white dot: top-1 pick)")
     fig.colorbar(im, cax=cax, label=score_label)
     return fig
 
 
+def matched_auc(sim, true_ids) -> float:
+    """P(a matched score > a mismatched one) over all pairs of ``sim`` ``N x K`` (ties count 1/2;
+    chance 0.5): the Mann-Whitney statistic of the true image's scores against the others'."""
+    from scipy.stats import rankdata
+    sim = np.asarray(sim, dtype=np.float64)
+    match = np.zeros(sim.shape, dtype=bool)
+    match[np.arange(len(sim)), true_ids] = True
+    ranks = rankdata(sim.ravel())
+    n_m, n_u = int(match.sum()), int((~match).sum())
+    return float((ranks[match.ravel()].sum() - n_m * (n_m + 1) / 2) / (n_m * n_u))
+
+
 def plot_correlation_analysis(sim, true_ids, title="", score_label="cosine similarity") -> Figure:
     """Left: distribution of matched (true image) vs mismatched scores (``score_label``), sim
-    ``N x K``. Right: K-way identification rank of each test trial, with top-1 / top-5 and chance
-    (a label per trial up to 40 trials)."""
+    ``N x K``, titled with their AUC (``matched_auc``: the means would compare nothing for scores
+    z-scored over the candidates, where the mismatched mean is -1/(K-1) of the matched one). Right:
+    K-way identification rank of each test trial, with top-1 / top-5 and chance (a label per trial
+    up to 40 trials)."""
     sim = np.asarray(sim)
     n, k = sim.shape
     match = np.zeros_like(sim, dtype=bool)
@@ -450,19 +467,17 @@ def plot_correlation_analysis(sim, true_ids, title="", score_label="cosine simil
              label=f"mismatched pairs (n={int((~match).sum())})")
     ax1.hist(sim[match], bins=bins, density=True, alpha=0.7, color="tab:red",
              label=f"matched pairs (n={n})")
-    ax1.axvline(sim[match].mean(), color="tab:red", ls="--", lw=1)
-    ax1.axvline(sim[~match].mean(), color="k", ls="--", lw=1)
     ax1.set(xlabel=score_label, ylabel="density",
-            title=f"Matched {sim[match].mean():.2f} vs mismatched {sim[~match].mean():.2f} (means)")
+            title=f"Matched vs mismatched pairs: AUC {matched_auc(sim, true_ids):.2f} (chance 0.50)")
     ax1.legend(fontsize=8)
     colours = ["tab:green" if r == 1 else "tab:olive" if r <= 5 else "tab:gray" for r in ranks]
-    ax2.bar(np.arange(n), ranks, color=colours)
+    ax2.bar(np.arange(n), ranks - 0.5, bottom=0.5, color=colours)      # rank 1: the lowest bar
     ax2.axhline((k + 1) / 2, color="k", ls="--", lw=1, label=f"chance mean rank {(k + 1) / 2:.1f}")
     ax2.axhline(5.5, color="tab:olive", ls=":", lw=1, label="top-5 boundary")
     if n <= 40:
         ax2.set_xticks(np.arange(n), [f"{i}\n({int(t)})" for i, t in enumerate(true_ids)], fontsize=7)
     ax2.set(xlabel="test trial (true image id)", ylabel=f"rank of true image (1 = best of {k})",
-            ylim=(0, k + 0.5),
+            ylim=(0.5, k + 0.5),
             title=f"Identification rank: top-1 {np.mean(ranks == 1):.2f}, top-5 "
                   f"{np.mean(ranks <= 5):.2f} (chance {chance_text(1 / k)} / "
                   f"{chance_text(min(5, k) / k)})")
@@ -637,7 +652,8 @@ def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
 
     xy = tsne_map(np.concatenate([te["fmri"], cand["image"], tr["fmri"]]), cfg.seed, cfg.tsne_perplexity)
     label = (f"identification score ({model.config.readout_model} read-out weight "
-             f"{model.config.readout_weight:g}, encoding weight {model.config.encoding_weight:g})")
+             f"{model.config.readout_weight:g}, encoding weight {model.config.encoding_weight:g};\n"
+             f"a sum of parts z-scored over the {k} candidates)")
     figures = {
         "miyawaki_latent_space_tsne.png": plot_latent_space(
             xy[:n], test.labels, test.image_ids, xy[n:n + k], fold.unique_labels, xy[n + k:],

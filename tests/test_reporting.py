@@ -336,3 +336,34 @@ def test_pipeline_speed_reports_the_device_precision_and_threads_the_stages_ran_
     assert (result["device"], result["device_option"], result["bf16_autocast"]) == ("cpu", "auto", True)
     assert result["torch_threads"] == torch.get_num_threads()
     assert f"ran on cpu (--device auto), bfloat16 autocast, {torch.get_num_threads()} torch threads" in text
+
+
+def test_correlation_analysis_titles_the_matched_scores_auc_not_their_means():
+    """The left panel compared the matched scores' mean with the mismatched ones', which for
+    scores z-scored over the candidates is -1/(K-1) of the matched mean by construction: it said
+    nothing. It now gives the AUC, checked by brute force over every (matched, mismatched) pair,
+    ties counting one half; the ranks' bars start at rank 1's floor, not at 0."""
+    rng = np.random.default_rng(0)
+    sim = rng.integers(0, 4, (6, 9)).astype(float)         # many ties
+    ids = rng.integers(0, 9, 6)
+    match = np.zeros(sim.shape, bool)
+    match[np.arange(6), ids] = True
+    m, u = sim[match], sim[~match]
+    brute = np.mean((m[:, None] > u[None]) + 0.5 * (m[:, None] == u[None]))
+    assert E.matched_auc(sim, ids) == pytest.approx(brute)
+    assert E.matched_auc(np.eye(6, 9), np.arange(6)) == 1.0
+    fig = E.plot_correlation_analysis(sim, ids)
+    left, right = fig.axes[:2]
+    assert left.get_title() == f"Matched vs mismatched pairs: AUC {brute:.2f} (chance 0.50)"
+    assert right.get_ylim()[0] == 0.5 and min(b.get_y() for b in right.patches) == 0.5
+
+
+def test_similarity_matrix_names_the_condition_codes_under_its_columns():
+    """Its columns showed the raw condition codes 2-5 where every other figure names them."""
+    rng = np.random.default_rng(0)
+    cands = rng.random((8, 1, 28, 28))
+    fig = E.plot_similarity_matrix(rng.random((3, 8)), np.arange(3), cands, np.repeat([2, 3, 4, 5], 2))
+    names = ", ".join(f"{c} {L.condition_name(c, [2, 3, 4, 5])}" for c in (2, 3, 4, 5))
+    assert f"condition ({names})" in fig.axes[0].get_xlabel()
+    fig = E.plot_similarity_matrix(rng.random((3, 8)), np.arange(3), cands, np.arange(8))
+    assert "(" not in fig.axes[0].get_xlabel().split("\n")[0]     # a file's own labels: no key
