@@ -48,6 +48,7 @@ N_PIXELS = IMAGE_SIDE * IMAGE_SIDE
 GRID = 10  # the stimuli are 10 x 10 binary grids, upsampled 3x and cropped to 28 x 28
 CONDITION_NAMES = {1: "random", 2: "shapes", 3: "letters (thin)", 4: "letters (long)",
                    5: "letters (regular)"}
+DECODER_NAMES = {"diffusion": "diffusion decoder", "gan": "GAN decoder"}   # in tables and figures
 SIM_RANDOM_IMAGES = 440  # Miyawaki's random-image session: 440 trials
 REQUIRED_KEYS = ("fmriTrn", "stimTrn", "labelTrn", "fmriTest", "stimTest", "labelTest")
 # 2: one layout, a model's {config, state} beside the script_config; 3: the data fingerprint
@@ -1332,17 +1333,22 @@ def write_summary(out: Path) -> Path:
                      f"{fmt(c['uniform_chance'])} (majority {fmt(c['majority_rate'])}) | "
                      f"{fmt(ridge.get('condition'))} (its top-1 image's) |")
     if gen:
-        for name, title in (("diffusion", "diffusion decoder"), ("gan", "GAN decoder")):
+        for name, title in DECODER_NAMES.items():
             g = gen[name]
             lines.append(f"| {title} reconstruction PixCorr / top-1 | {fmt(g['pixcorr'])} / "
                          f"{fmt(g['top1'])} | floor {fmt(gen['mean_image_floor']['pixcorr'])} / "
                          f"{fmt(gen['chance']['top1'])} | {fmt(ridge.get('pixcorr'))} / "
                          f"{fmt(ridge.get('top1'))} |")
     if gen and gen.get("novelty_gate"):
-        gate = np.asarray(gen["novelty_gate"]["per_trial"])
-        lines += ["", f"The decoders' novelty gate read {int((gate > 0.5).sum())} of {len(gate)} test "
+        gate = np.asarray(gen["novelty_gate"]["per_trial"]) > 0.5
+        lines += ["", f"The decoders' novelty gate read {int(gate.sum())} of {len(gate)} test "
                   "trials as new images (g > 0.5: their output leans on the linear anchor; g per trial "
                   "under `novelty_gate` in `miyawaki_generation.json` and in the decoders' figures)."]
+        if "new_image" in gen["novelty_gate"]:    # what the gate estimates (absent before format 3)
+            new = np.asarray(gen["novelty_gate"]["new_image"], dtype=bool)
+            lines[-1] += (f" {int((gate & ~new).sum())} of those show an image seen in training (false "
+                          f"alarms); of the {int(new.sum())} trials whose image no training trial "
+                          f"shows, it read {int((gate & new).sum())} as new.")
     if stale:
         lines += ["", f"Left out: {', '.join(f'`{n}`' for n in stale)} and their figures, from another "
                   f"data set or dual-encoder checkpoint than `{reference}`; rerun the scripts in order "

@@ -38,7 +38,7 @@ from sklearn.manifold import TSNE
 from sklearn.neighbors import KNeighborsClassifier
 from tqdm.auto import tqdm
 
-from miyawaki_dataset_loader import (GRID, IMAGE_SIDE, MAX_SEED, METRICS, RIDGE_ALPHAS, Fold,
+from miyawaki_dataset_loader import (DECODER_NAMES, GRID, IMAGE_SIDE, MAX_SEED, METRICS, RIDGE_ALPHAS, Fold,
                                      MeanImageBaseline, MiyawakiData, OptionError, RidgeBaseline,
                                      ScriptOptions, Trials, add_config_args, chance_levels, check_options,
                                      condition_accuracy, condition_name, config_dict, cosine_scores, evaluating,
@@ -81,8 +81,7 @@ METHOD_TITLES = {
     "dual_encoder_permuted": "dual encoder, permutation control",
     "dual_encoder_permuted_nested": "dual encoder, permutation control, the fold's nested setting",
     "anchor": "ablation: the decoders' anchor alone (linear read-out)",
-    "diffusion": "diffusion decoder",
-    "gan": "GAN decoder",
+    **DECODER_NAMES,
 }
 # the same fitted networks scored with other settings (rows of the benchmark)
 ABLATIONS = {"dual_encoder_embedding_only": {"readout_weight": 0.0, "encoding_weight": 0.0},

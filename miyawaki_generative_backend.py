@@ -65,7 +65,8 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
-from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, CheckpointError, Fold,
+from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, DECODER_NAMES, IMAGE_SIDE, N_PIXELS,
+                                     CheckpointError, Fold,
                                      check_unused, chance_text, value_text,
                                      FromCheckpointHint, MeanImageBaseline, RidgeBaseline, condition_name,
                                      identification_scores, ScriptOptions, bf16_autocast, uses_bf16,
@@ -1228,7 +1229,7 @@ def plot_generation(true: np.ndarray, recon: np.ndarray, title: str, image_ids: 
     rows = [("true", true, None), ("recon", recon, pearson_rows(flat(recon), flat(true)))]
     if np.isin(true, (0, 1)).all():           # figures: the binarised reconstruction too
         binary = (recon > 0.5).astype(np.float32)
-        rows.append(("binarised", binary, pearson_rows(flat(binary), flat(true))))
+        rows.append(("binarised at 0.5", binary, pearson_rows(flat(binary), flat(true))))
     fig = Figure(figsize=(1.25 * n, 1.6 * len(rows) + 0.6))
     axes = fig.subplots(len(rows), n, squeeze=False, gridspec_kw={"hspace": 0.7})
     for r, (name, imgs, corr) in enumerate(rows):
@@ -1297,6 +1298,9 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
                                                exclude=test.images[fold.unseen_test])
     scoring = dict(true=test.images, image_ids=test.image_ids, candidates=fold.unique_images)
     gate = novelty(diffusion, test.fmri)              # the GAN's is the same (one read-out)
+    n_new = int(fold.unseen_test.sum())
+    seen_text = ("every image also shown in training" if n_new == 0 else
+                 f"{n_new} of {len(test)} showing an image no training trial shows")
     results, oracle = {}, {}
     for name, decoder in (("diffusion", diffusion), ("gan", gan)):
         t1 = time.perf_counter()
@@ -1313,7 +1317,8 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
                 encoder, decoder, test.images, torch.Generator().manual_seed(cfg.seed)), **scoring)
         m = results[name]
         save_figure(plot_generation(test.images, recon, (
-            f"{name} decoder, S1 test trials, from fMRI only: PixCorr {m['pixcorr']:.3f}, "
+            f"{DECODER_NAMES[name]}, S1 test trials ({seen_text}), from fMRI only: PixCorr "
+            f"{m['pixcorr']:.3f}, "
             f"MSE {m['mse']:.4f}, {len(fold.unique_images)}-way top-1 {m['top1']:.2f} (misidentified in red"
             + ("; g: novelty gate, P(new image)" if gate is not None else "") + ")"),
             test.image_ids, fold.unique_images, fold.unique_labels, gate), out / FIGURE.format(name))
@@ -1347,7 +1352,8 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
         "novelty_gate": None if gate is None else {
             "note": "both decoders' P(new image) per test trial, from its fMRI (near 1: the output "
                     "leans on the anchor; near 0: the decoder's sample)",
-            "per_trial": gate.tolist(), "mean": float(gate.mean())},
+            "per_trial": gate.tolist(), "mean": float(gate.mean()),
+            "new_image": fold.unseen_test.tolist()},   # per trial: what the gate estimates
         "sampler": {"diffusion": {"sampler": cfg.sampler, "num_inference_steps": cfg.num_inference_steps,
                                   "guidance_scale": cfg.guidance_scale},
                     "gan": {"noise_dim": cfg.noise_dim}, "generator_seed": cfg.seed},

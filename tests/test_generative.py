@@ -423,8 +423,14 @@ def test_script_reports_the_zero_shot_check_where_the_test_images_are_new(tmp_pa
         monkeypatch.setattr(module, "resolve_data", lambda arg: data)
     args = ["--data", "simulated-random", "--out-dir", str(tmp_path), "--device", "cpu"]
     D.main([*args, "--epochs", "2", "--mixup", "8"])
+    titles, plot = [], G.plot_generation
+    monkeypatch.setattr(G, "plot_generation", lambda true, recon, title, *a: titles.append(title)
+                        or plot(true, recon, title, *a))
     G.main([*args, "--diffusion-steps", "3", "--gan-steps", "2", "--num-inference-steps", "2",
             "--n-sample-grids", "0"])
+    assert [t.split(", from")[0] for t in titles] == [
+        f"{n}, S1 test trials (20 of 20 showing an image no training trial shows)"
+        for n in ("diffusion decoder", "GAN decoder")]
     saved = json.loads((tmp_path / "miyawaki_generation.json").read_text())
     for name in ("diffusion", "gan"):
         assert 0 <= saved[name]["closer_than_train"] <= 1
@@ -436,9 +442,13 @@ def test_script_end_to_end_on_simulated_data(tmp_path, capsys, monkeypatch):
             "--device", "cpu"])
     args = ["--data", "simulated", "--out-dir", str(tmp_path), "--device", "cpu", "--seed", "3",
             "--diffusion-steps", "20", "--gan-steps", "10", "--num-inference-steps", "5", "--oracle"]
-    grids, plot = [], G.plot_sample_grid
+    grids, plot, titles, plot_gen = [], G.plot_sample_grid, [], G.plot_generation
     monkeypatch.setattr(G, "plot_sample_grid", lambda *a: grids.append(a) or plot(*a))
+    monkeypatch.setattr(G, "plot_generation", lambda true, recon, title, *a: titles.append(title)
+                        or plot_gen(true, recon, title, *a))
     metrics = G.main(args)
+    assert [t.split(", from")[0] for t in titles] == [      # the reader learns the images were seen
+        f"{n}, S1 test trials (every image also shown in training)" for n in ("diffusion decoder", "GAN decoder")]
     # the training-progress grids: one training trial per image, each named by its image
     assert [a[2] for a in grids] == [[f"#{i}" for i in range(20)]] * 4
     assert all(len(a[0]) == 20 and "not the test reconstructions" in a[1] for a in grids)
@@ -454,6 +464,7 @@ def test_script_end_to_end_on_simulated_data(tmp_path, capsys, monkeypatch):
     assert saved["seed"] == 3 and saved["config"]["diffusion_steps"] == 20
     gate = np.asarray(saved["novelty_gate"]["per_trial"])          # the decoders' P(new image)
     assert gate.shape == (12,) and np.all((gate >= 0) & (gate <= 1))
+    assert saved["novelty_gate"]["new_image"] == [False] * 12      # what it estimates, per trial
     summary = (tmp_path / "summary.md").read_text()
     assert f"read {int((gate > 0.5).sum())} of 12 test trials as new" in summary and "Left out" not in summary
     # results of another dual-encoder checkpoint than the folder's (a run stopped after writing its

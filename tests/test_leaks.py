@@ -72,7 +72,7 @@ def run_scripts(out, data):
     shown, plot = {}, G.plot_generation
 
     def spy(true, recon, title, *labelling):
-        shown[title.split()[0]] = recon
+        shown[title.split()[0].lower()] = recon   # "diffusion", "gan"
         return plot(true, recon, title, *labelling)
 
     args = [*SIM, "--out-dir", str(out)]
