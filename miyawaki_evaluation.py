@@ -939,8 +939,9 @@ def batched_seed_fits(cfg: "EvaluationConfig", device: torch.device) -> bool:
 
 def fold_gallery(fold: Fold, recons: dict, gate: np.ndarray | None = None) -> dict:
     """The first test trial of ``fold``: {"true" | "ridge" | decoder | "nearest training image":
-    (image ``1 x 28 x 28``, PixCorr with the true image, memorised, novelty gate)}; memorised
-    (reconstructions only, else None) is True where the nearest-training-image check fails; the
+    (image ``1 x 28 x 28``, PixCorr with the true image, like, novelty gate)}; like (reconstructions
+    only, else None) is the id of the training image a reconstruction is closer to than to the true
+    one, where the nearest-training-image check fails (None where it passes); the
     novelty gate (the decoders' ``gate`` of that trial, else None) is what their output leaned on;
     the nearest training image is the training image most correlated with the true one (what a
     look-up could give)."""
@@ -952,9 +953,29 @@ def fold_gallery(fold: Fold, recons: dict, gate: np.ndarray | None = None) -> di
     out = {"true": (true[0], 1.0, None, None)}
     for name, recon in {"ridge": ridge.reshape(true.shape), **{g: r[:1] for g, r in recons.items()}}.items():
         g = float(gate[0]) if gate is not None and name in DECODERS else None
-        out[name] = (recon[0].clip(0, 1), corr(recon), not nearest_training_check(recon, one)[0][0], g)
+        closer, like = nearest_training_check(recon, one)
+        out[name] = (recon[0].clip(0, 1), corr(recon), None if closer[0] else int(like[0]), g)
     out["nearest training image"] = (nearest, corr(nearest), None, None)
     return out
+
+
+def gallery_row_name(data: MiyawakiData, fold: tuple) -> str:
+    """A gallery row's label: an S3 fold by its held-out image ("#3 shapes"), others by name."""
+    name, _, test_idx = fold
+    if not name.startswith("s3"):
+        return name
+    k = data.trials.image_ids[test_idx[0]]
+    return f"#{k} {condition_name(data.unique_labels[k], data.unique_labels)}"
+
+
+def gallery_title(protocol: str, seed: int, n_folds: int, n_available: int) -> str:
+    """The gallery's title: what it shows (saying when --max-folds left folds out) and its marks."""
+    partial = f", the first {n_folds} of {n_available} folds" if n_folds < n_available else ""
+    return (f"{protocol.upper()}: first test trial of each fold{partial}, from fMRI only (decoders: "
+            f"seed {seed}; output = (1 - bg) sample + bg anchor, g the novelty gate, b the anchor "
+            f"blend)\nred, memorised? like #j: closer (PixCorr) to training image j than to the true "
+            f"one\nlast column: the training image closest to the true one (a look-up with the true "
+            f"image, not a decoder's output)")
 
 
 GALLERY_TITLES = {"ridge": "ridge", "anchor": "anchor alone",
@@ -964,7 +985,8 @@ GALLERY_TITLES = {"ridge": "ridge", "anchor": "anchor alone",
 def plot_gallery(galleries: list[dict], names: list[str], title: str) -> Figure:
     """One row per fold (``galleries`` from ``fold_gallery``, ``names`` their folds), one column
     per panel, PixCorr with the true image in each title (and the decoders' novelty gate g); a
-    reconstruction that fails the nearest-training-image check is marked "memorised?" in red."""
+    reconstruction that fails the nearest-training-image check is marked "memorised? like #j" in
+    red, j the training image it is closer to."""
     cols = list(galleries[0])
     lines = title.count("\n") + 1
     height = 1.55 * len(galleries) + 0.6 + 0.2 * lines
@@ -973,7 +995,7 @@ def plot_gallery(galleries: list[dict], names: list[str], title: str) -> Figure:
     fig.subplots_adjust(top=1 - (0.8 + 0.2 * lines) / height, bottom=0.1 / height, hspace=0.45)
     for r, (g, name) in enumerate(zip(galleries, names)):
         for c, col in enumerate(cols):
-            img, corr, memorised, gate = g[col]
+            img, corr, like, gate = g[col]
             ax = axes[r, c]
             ax.imshow(img[0], cmap="gray", interpolation="nearest", vmin=0, vmax=1)
             ax.set_xticks([])
@@ -981,8 +1003,8 @@ def plot_gallery(galleries: list[dict], names: list[str], title: str) -> Figure:
             panel_title(ax, (f"{GALLERY_TITLES.get(col, METHOD_TITLES.get(col, col))}\n" if r == 0 else "")
                         + f"r={corr:.2f}"
                         + (f" g={gate:.2f}" if gate is not None else "")
-                        + ("\nmemorised?" if memorised else ""), fontsize=7,
-                        color="tab:red" if memorised else "k")
+                        + (f"\nmemorised? like #{like}" if like is not None else ""), fontsize=7,
+                        color="tab:red" if like is not None else "k")
         axes[r, 0].set_ylabel(name, fontsize=7)
     fig.suptitle(title, fontsize=9, y=1 - 0.1 / height, va="top")
     return fig
@@ -1084,11 +1106,9 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
     save_text(benchmark_markdown(result), out / f"benchmark_{cfg.protocol}.md")
     gallery = out / f"benchmark_{cfg.protocol}_reconstructions.png"
     if galleries:
-        save_figure(plot_gallery(galleries, [f[0] for f in folds], (
-            f"{cfg.protocol.upper()}: first test trial of each fold, from fMRI only (decoders: seed "
-            f"{cfg.seeds[0]})\nred, memorised?: closer (PixCorr) to some training image than to the "
-            f"true one\nlast column: the training image closest to the true one (a look-up with the "
-            f"true image, not a decoder's output)")), gallery)
+        save_figure(plot_gallery(galleries, [gallery_row_name(data, f) for f in folds],
+                                 gallery_title(cfg.protocol, cfg.seeds[0], len(folds), n_available)),
+                    gallery)
     else:                                   # no decoders this run: an older gallery is not its own
         gallery.unlink(missing_ok=True)
     print(spread_text(result) + ":")

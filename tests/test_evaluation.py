@@ -456,14 +456,15 @@ def test_s3_gallery_marks_a_memorised_reconstruction_and_shows_the_gate(sim):
     recons = {"anchor": true, "diffusion": true, "gan": nearest}
     gallery = E.fold_gallery(fold, recons, np.full(len(true), 0.75))
     assert list(gallery) == ["true", "ridge", "anchor", "diffusion", "gan", "nearest training image"]
-    img, corr, memorised, gate = gallery["diffusion"]
-    assert img.shape == (1, 28, 28) and corr == pytest.approx(1.0) and not memorised and gate == 0.75
-    assert gallery["gan"][2] and gallery["gan"][3] == 0.75
+    img, corr, like, gate = gallery["diffusion"]
+    assert img.shape == (1, 28, 28) and corr == pytest.approx(1.0) and like is None and gate == 0.75
+    like = L.nearest_training_check(true, fold)[1][0]       # the training image the GAN copied
+    assert gallery["gan"][2] == like and gallery["gan"][3] == 0.75
     assert gallery["anchor"][3] is None and gallery["ridge"][3] is None
     np.testing.assert_array_equal(gallery["nearest training image"][0], nearest[0])
     fig = E.plot_gallery([gallery, gallery], ["a", "b"], "title")
     assert len(fig.axes) == 2 * len(gallery)
-    assert "memorised?" in fig.axes[4].get_title() and "g=0.75" in fig.axes[3].get_title()
+    assert f"memorised? like #{like}" in fig.axes[4].get_title() and "g=0.75" in fig.axes[3].get_title()
 
 
 def test_generative_benchmark_fold_scores_both_decoders_and_records_their_gate(sim, monkeypatch):

@@ -232,21 +232,21 @@ def test_gallery_ridge_panel_is_ridges_reconstruction_of_the_first_test_trial(s1
     fold = s1_fold
     ridge = L.RidgeBaseline().fit(fold.train.fmri, fold.train.images).predict(fold.test.fmri)
     assert ridge.min() < 0 or ridge.max() > 1      # clipping matters for this check
-    img, corr, memorised, gate = E.fold_gallery(fold, {})["ridge"]
+    img, corr, like, gate = E.fold_gallery(fold, {})["ridge"]
     np.testing.assert_allclose(img, ridge[0].reshape(1, 28, 28).clip(0, 1), atol=1e-6)
     assert corr == pytest.approx(L.score_reconstructions(ridge, fold)["pixcorr"][0], abs=1e-6)
-    assert gate is None and memorised in (True, False)
+    assert gate is None and (like is None or like in fold.train.image_ids)
 
 
 def test_gallery_figure_marks_only_memorised_reconstructions_in_red():
     """Red titles with "memorised?" for a reconstruction that fails the nearest-training-image check
     and for nothing else: not a reconstruction that passes it, not the true or nearest image."""
     img = np.full((1, 28, 28), 0.5)
-    gallery = {"true": (img, 1.0, None, None), "ridge": (img, 0.31, False, None),
-               "diffusion": (img, 0.52, False, 0.2), "gan": (img, 0.77, True, 0.2),
+    gallery = {"true": (img, 1.0, None, None), "ridge": (img, 0.31, None, None),
+               "diffusion": (img, 0.52, None, 0.2), "gan": (img, 0.77, 0, 0.2),   # like image #0
                "nearest training image": (img, 0.8, None, None)}
-    fig = E.plot_gallery([gallery], ["s3-image0"], "title")
-    marked = {col: (title_color_is_red(ax), "memorised?" in ax.get_title())
+    fig = E.plot_gallery([gallery], ["#0 shapes"], "title")
+    marked = {col: (title_color_is_red(ax), "memorised? like #0" in ax.get_title())
               for col, ax in zip(gallery, fig.axes)}
     assert marked == {"true": (False, False), "ridge": (False, False), "diffusion": (False, False),
                       "gan": (True, True), "nearest training image": (False, False)}
@@ -387,3 +387,17 @@ def test_summary_counts_the_novelty_gates_false_alarms(tmp_path):
     (tmp_path / "miyawaki_generation.json").write_text(json.dumps(gen))
     text = " ".join(L.write_summary(tmp_path).read_text().split())
     assert "read 3 of 4 test trials as new images" in text and "false alarms" not in text
+
+
+def test_gallery_rows_name_the_held_out_image_and_the_title_a_partial_run():
+    """The S3 gallery labelled its rows 's3-image0' (other figures say '#0 shapes') and did not say
+    when --max-folds had left folds out."""
+    data = L.make_simulated_dataset()
+    name, tr, te = L.splits("s3", data)[7]
+    k = data.trials.image_ids[te[0]]
+    condition = L.condition_name(data.unique_labels[k], data.unique_labels)
+    assert E.gallery_row_name(data, (name, tr, te)) == f"#{k} {condition}"
+    s2 = L.splits("s2", data)[0]
+    assert E.gallery_row_name(data, s2) == s2[0]
+    assert "fold, the first 4 of 20 folds, from fMRI only" in E.gallery_title("s3", 0, 4, 20)
+    assert "fold, from fMRI only" in E.gallery_title("s3", 0, 20, 20)
