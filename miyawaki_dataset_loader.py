@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 import torch
+import matplotlib
 from matplotlib.figure import Figure
 from skimage.metrics import structural_similarity
 
@@ -1419,14 +1420,21 @@ def plot_fmri_correlation(fmri: np.ndarray, image_ids: np.ndarray, labels: np.nd
     """Pearson correlation between the mean fMRI patterns of the K images, which are ordered by
     condition (``labels`` ``K``; the last ``max_images`` of them when there are more, as in
     ``plot_unique_images``), from fMRI ``N x V`` z-scored per voxel over its N trials (raw voxel
-    baselines would make every pair of patterns correlate)."""
+    baselines would make every pair of patterns correlate). The diagonal, 1 by construction, shows
+    each image's split-half reliability instead: the correlation of the mean patterns of its odd
+    and even trials (grey for an image shown once)."""
     fmri = standardize(fmri, *voxel_stats(fmri))
     shown = np.arange(max(0, len(labels) - max_images), len(labels))
     means = np.stack([fmri[image_ids == k].mean(0) for k in shown])
     corr = pearson_matrix(means, means)
+    for i, k in enumerate(shown):
+        odd, even = fmri[image_ids == k][::2], fmri[image_ids == k][1::2]
+        corr[i, i] = pearson_rows(odd.mean(0, keepdims=True), even.mean(0, keepdims=True))[0] \
+            if len(even) else np.nan
     fig = Figure(figsize=(6.5, 5.5))
     ax = fig.add_subplot()
-    im = ax.imshow(corr, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="lightgrey")
+    im = ax.imshow(corr, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
     ticks = [f"#{k} {condition_name(labels[k], labels)}" for k in shown]
     ax.set_xticks(range(len(shown)), ticks, rotation=90, fontsize=7)
     ax.set_yticks(range(len(shown)), ticks, fontsize=7)
@@ -1436,7 +1444,9 @@ def plot_fmri_correlation(fmri: np.ndarray, image_ids: np.ndarray, labels: np.nd
     fig.colorbar(im, ax=ax, label="Pearson r")
     fig.suptitle("Mean fMRI pattern correlation between images"
                  + (f", the last {len(shown)} of {len(labels)} images" if shown[0] else "")
-                 + "\n(lines separate the conditions)", fontsize=10)
+                 + f"\n(all {len(fmri)} trials, training and test, each voxel z-scored over them;"
+                 "\ndiagonal: split-half reliability, odd vs even trials; lines separate the conditions)",
+                 fontsize=10)
     return fig
 
 

@@ -113,6 +113,24 @@ def test_fmri_correlation_figure_z_scores_each_voxel(sim):
     assert np.abs(corr[0][~np.eye(len(corr[0]), dtype=bool)]).mean() < 0.5
 
 
+def test_fmri_correlation_figure_shows_split_half_reliability_on_its_diagonal(sim):
+    """The diagonal was 1 by construction; it shows each image's split-half reliability (its odd
+    against its even trials, by brute force here), grey (NaN) for an image shown once, and the
+    title says so and that all trials are used."""
+    ids = sim.trials.image_ids.copy()
+    once = np.where(ids == 19)[0]
+    ids[once[1:]] = 18                     # image 19 shown once now
+    fig = L.plot_fmri_correlation(sim.trials.fmri, ids, sim.unique_labels)
+    corr = fig.axes[0].images[0].get_array()
+    z = L.standardize(sim.trials.fmri, *L.voxel_stats(sim.trials.fmri))
+    rows = z[ids == 3]
+    half = np.corrcoef(rows[::2].mean(0), rows[1::2].mean(0))[0, 1]
+    assert corr[3, 3] == pytest.approx(half, abs=1e-5) and 0 < corr[3, 3] < 0.999
+    assert np.ma.is_masked(corr[19, 19]) or np.isnan(corr[19, 19])
+    title = " ".join(fig.get_suptitle().split())
+    assert f"all {len(ids)} trials, training and test" in title and "split-half reliability" in title
+
+
 # --------------------------------------------------------------------------- bad input
 def _mutated(edit):
     """A bad-file maker that edits the simulated arrays before writing them."""
