@@ -1102,9 +1102,8 @@ def plot_training_curves(history: dict, chance: float) -> Figure:
         axes[1].legend()
     fig.suptitle(f"Validation: {history.get('n_validation', '?')} training trials held out, one each "
                  f"of images shown at least 3 times (so seen in training); never test trials"
-                 if validation else f"Fitted on all {history.get('n_train', '?')} training trials "
-                 f"(--val-fraction holds some out for validation curves, of images shown at least "
-                 f"3 times)", fontsize=9)
+                 if validation else f"Fitted on all {history.get('n_train', '?')} training trials, none "
+                 f"held out\n(--val-fraction holds some out for validation curves)", fontsize=9)
     fig.subplots_adjust(top=0.82)
     axes[0].legend()
     return fig

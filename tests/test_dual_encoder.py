@@ -638,3 +638,16 @@ def test_encoding_model_fits_a_file_of_one_voxel(sim):
     enc = EncodingReadout(1)
     assert enc.fit(fold.train.fmri[:, :1], fold.train.images, fold.train.image_ids, 30.0, 0.4) == 1
     assert enc(torch.as_tensor(fold.test.images)).shape == (12, 1)
+
+
+def test_training_curves_title_fits_the_figure_without_validation():
+    """Without validation trials the figure is one panel wide, and its one-line caption was wider
+    than the figure: the tight save then widened it and left the plot beside a blank strip."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    hist = {"train_loss": [3.0, 2.5], "val_loss": [], "val_top1": [], "n_train": 107,
+            "train_chance_loss": 3.5}
+    fig = D.plot_training_curves(hist, 0.05)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    title = fig._suptitle.get_window_extent(renderer)
+    assert title.x0 >= 0 and title.x1 <= fig.bbox.width
+    assert "Fitted on all 107 training trials" in fig.get_suptitle()
