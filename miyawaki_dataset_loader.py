@@ -1347,7 +1347,9 @@ def write_summary(out: Path) -> Path:
                   "under `novelty_gate` in `miyawaki_generation.json` and in the decoders' figures)."]
         if "new_image" in gen["novelty_gate"]:    # what the gate estimates (absent before format 3)
             new = np.asarray(gen["novelty_gate"]["new_image"], dtype=bool)
-            lines[-1] += (f" {int((gate & ~new).sum())} of those show an image seen in training (false "
+            lines[-1] += (f" Every test image is also shown in training, so all {int(gate.sum())} are "
+                          "false alarms." if not new.any() else
+                          f" {int((gate & ~new).sum())} of those show an image seen in training (false "
                           f"alarms); of the {int(new.sum())} trials whose image no training trial "
                           f"shows, it read {int((gate & new).sum())} as new.")
     if stale:

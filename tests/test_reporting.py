@@ -383,6 +383,10 @@ def test_summary_counts_the_novelty_gates_false_alarms(tmp_path):
     assert ("read 3 of 4 test trials as new images" in text and "2 of those show an image seen in "
             "training (false alarms); of the 2 trials whose image no training trial shows, it read "
             "1 as new." in text)
+    gen["novelty_gate"]["new_image"] = [False] * 4
+    (tmp_path / "miyawaki_generation.json").write_text(json.dumps(gen))
+    text = " ".join(L.write_summary(tmp_path).read_text().split())
+    assert "Every test image is also shown in training, so all 3 are false alarms." in text
     del gen["novelty_gate"]["new_image"]
     (tmp_path / "miyawaki_generation.json").write_text(json.dumps(gen))
     text = " ".join(L.write_summary(tmp_path).read_text().split())
