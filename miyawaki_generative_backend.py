@@ -606,7 +606,8 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
     def sample(self, condition: torch.Tensor, generator: torch.Generator | None = None,
                anchor: torch.Tensor | None = None, sampler: str | None = None,
                num_inference_steps: int | None = None, guidance_scale: float | None = None,
-               init_strength: float | None = None, likelihood: Callable | None = None) -> torch.Tensor:
+               init_strength: float | None = None, likelihood: Callable | None = None,
+               finish: bool = True) -> torch.Tensor:
         """Images ``N x 1 x 28 x 28`` in [0, 1] for conditions ``N x D`` (anchored models: and
         read-outs ``N x 1 x 28 x 28``). ``ddim``: deterministic DDIM over ``num_inference_steps``
         evenly spaced timesteps from T - 1 to 0 (the same generator gives the same images) or, with
@@ -615,7 +616,8 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
         ``num_inference_steps``). With a ``likelihood`` (``EncodingReadout.consistency_step`` of
         the test fMRI) every step but the last moves its x_0 estimate by a data-consistency step,
         and the denoiser then pulls the moved estimate back to the image prior. Then blended with
-        the anchor (``anchor_blend``) and contrast-stretched (``output_stretch``)."""
+        the anchor (``anchor_blend``) and contrast-stretched (``output_stretch``), unless
+        ``finish`` is False (the sampler's own images: the training-progress grids)."""
         self._check_anchor(anchor)
         sampler = sampler or self.config["sampler"]
         steps = num_inference_steps or self.config["num_inference_steps"]
@@ -646,8 +648,8 @@ class MiyawakiDiffusionDecoder(CheckpointMixin, AnchorMixin, nn.Module):
             if weight is not None and prev >= 0:
                 eps = self._consistent_noise(x, eps, t, likelihood, weight)
             x = self.step(eps, t, x, prev, eta, generator)
-        return self._finish(((x + 1) / 2).clamp(0, 1).reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE), anchor,
-                            novelty)
+        images = ((x + 1) / 2).clamp(0, 1).reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
+        return self._finish(images, anchor, novelty) if finish else images
 
 
 class ProjectionDiscriminator(nn.Module):
@@ -949,8 +951,8 @@ def train_diffusion(data: DecoderTrainingSet, config: GenerativeConfig,
     trials with replacement (``DecoderTrainingSet.draw``).
 
     Returns (model in eval mode, history): ``loss`` (mean per ``log_every`` steps) and
-    ``samples`` {step: DDIM samples ``G x 1 x 28 x 28`` for ``grid_condition`` ``G x D`` (and
-    ``grid_anchor``)}."""
+    ``samples`` {step: the sampler's own DDIM images ``G x 1 x 28 x 28``, unblended, for
+    ``grid_condition`` ``G x D`` (and ``grid_anchor``)}."""
     device = data.images.device
     gen = torch.Generator(device).manual_seed(config.seed)
     model = build_decoder(MiyawakiDiffusionDecoder, data.cond_fmri.shape[1], config, config.seed,
@@ -979,8 +981,11 @@ def train_diffusion(data: DecoderTrainingSet, config: GenerativeConfig,
                 tqdm.write(f"diffusion step {step} | loss {history['loss'][-1]:.4f}")
         if grid_condition is not None and step in grid_at:
             with evaluating(model):
+                # the sampler's own images: the gate and stretch are not fitted yet (an unfitted
+                # gate, 0.5, would blend half the anchor in)
                 history["samples"][step] = model.sample(
-                    grid_condition, torch.Generator().manual_seed(config.seed), grid_anchor).cpu().numpy()
+                    grid_condition, torch.Generator().manual_seed(config.seed), grid_anchor,
+                    finish=False).cpu().numpy()
     return model.eval(), history
 
 
@@ -1252,16 +1257,19 @@ def plot_generation(true: np.ndarray, recon: np.ndarray, title: str, image_ids: 
 
 def plot_sample_grid(samples: np.ndarray, title: str, names: list[str] | None = None,
                      cols: int = 10) -> Figure:
-    """Samples ``G x 1 x 28 x 28`` in [0, 1] on a grid, each titled by its ``names`` entry."""
-    rows = math.ceil(len(samples) / cols)
-    fig = Figure(figsize=(1.0 * cols, 1.2 * rows + 0.6))
+    """Samples ``G x 1 x 28 x 28`` in [0, 1] on a grid, each titled by its ``names`` entry, under
+    a ``title`` of any number of lines."""
+    rows, lines = math.ceil(len(samples) / cols), title.count("\n") + 1
+    height = 1.3 * rows + 0.2 + 0.17 * lines
+    fig = Figure(figsize=(1.0 * cols, height))
     axes = fig.subplots(rows, cols, squeeze=False)
+    fig.subplots_adjust(top=1 - (0.25 + 0.17 * lines) / height, bottom=0.1 / height, hspace=0.5)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, img, name in zip(axes.ravel(), samples, names or [""] * len(samples)):
         ax.imshow(img[0], cmap="gray", interpolation="nearest", vmin=0, vmax=1)
-        panel_title(ax, name, fontsize=8)
-    fig.suptitle(title, fontsize=9)
+        panel_title(ax, name, fontsize=6)
+    fig.suptitle(title, fontsize=9, y=1 - 0.1 / height, va="top")
     return fig
 
 
@@ -1331,11 +1339,13 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
     for step, samples in history["diffusion"]["samples"].items():
         save_figure(plot_sample_grid(samples, (
             f"diffusion samples during training, after {step} of {cfg.diffusion_steps} steps: one "
-            f"training trial per image (#id), from its fMRI embedding"
-            + (" and out-of-fold anchor" if diffusion.readout is not None else "")
-            + ";\nthe sampler before the fitted gate and stretch are attached, without the "
-              "likelihood step: not the test reconstructions"),
-            [f"#{i}" for i in history["diffusion"]["sample_image_ids"]]),
+            f"training trial per image,\nfrom its fMRI embedding"
+            + (f" and out-of-fold anchor (DDIM from it at {cfg.init_strength:g} of the schedule)"
+               if diffusion.readout is not None else "")
+            + ";\nthe decoder's own samples, before the blend with the anchor, the stretch and the "
+              "likelihood step:\nnot the test reconstructions"),
+            [f"#{i}\n{condition_name(fold.unique_labels[i], fold.unique_labels)}"
+             for i in history["diffusion"]["sample_image_ids"]]),
             grid_dir / f"step_{step:05d}.png")
     floor = reconstruction_metrics(MeanImageBaseline().fit(train.fmri, train.images).predict(test.fmri)
                                    .reshape(test.images.shape), **scoring)

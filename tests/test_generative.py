@@ -450,7 +450,8 @@ def test_script_end_to_end_on_simulated_data(tmp_path, capsys, monkeypatch):
     assert [t.split(", from")[0] for t in titles] == [      # the reader learns the images were seen
         f"{n}, S1 test trials (every image also shown in training)" for n in ("diffusion decoder", "GAN decoder")]
     # the training-progress grids: one training trial per image, each named by its image
-    assert [a[2] for a in grids] == [[f"#{i}" for i in range(20)]] * 4
+    labels = L.make_simulated_dataset().unique_labels
+    assert [a[2] for a in grids] == [[f"#{i}\n{L.condition_name(labels[i], labels)}" for i in range(20)]] * 4
     assert all(len(a[0]) == 20 and "not the test reconstructions" in a[1] for a in grids)
     fmri_only, oracle = capsys.readouterr().out.split("ORACLE")  # the oracle on a line of its own
     assert "S1 from fMRI only" in fmri_only and "from fMRI only" not in oracle
@@ -787,3 +788,21 @@ def test_a_decoder_setting_out_of_range_stops_before_any_work(sim):
     """In a notebook as on the command line (check_options): 0 diffusion steps trained nothing."""
     with pytest.raises(L.OptionError, match="--diffusion-steps must be >= 1, got 0"):
         G.train_generative(None, sim.s1().train, replace(TINY, diffusion_steps=0), "cpu", progress=False)
+
+
+def test_training_grids_show_the_samplers_own_images(sim):
+    """The training-progress grids showed the sampler's output blended half and half with the
+    anchor (the gate, not fitted during training, reads 0.5): they now show the sampler's own
+    images, as sample(..., finish=False) gives them for the same trials after the last step."""
+    fold = sim.s1()
+    encoder, _ = D.train_dual_encoder(fold.train, replace(FAST_ENCODER, epochs=2), "cpu", progress=False)
+    cfg = replace(TINY, diffusion_steps=4, gan_steps=1, prior_size=64, num_inference_steps=4)
+    data = G.training_set(encoder, fold.train, cfg, torch.device("cpu"))
+    _, first = np.unique(fold.train.image_ids, return_index=True)
+    cond, anchor = data.cond_fmri[first], data.anchor[first]
+    diffusion, history = G.train_diffusion(data, cfg, cond, anchor, progress=False)
+    grid = history["samples"][cfg.diffusion_steps]
+    own = diffusion.sample(cond, torch.Generator().manual_seed(cfg.seed), anchor, finish=False)
+    np.testing.assert_array_equal(grid, own.numpy())
+    blended = diffusion.sample(cond, torch.Generator().manual_seed(cfg.seed), anchor)
+    assert not np.allclose(grid, blended.numpy())
