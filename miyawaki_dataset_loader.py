@@ -71,11 +71,17 @@ class OptionError(ValueError):
     """A setting out of its range, or a device this machine lacks; the message names the option."""
 
 
+def miyawaki_labels(labels) -> bool:
+    """Whether every label of a data set (``labels``, e.g. its unique labels) is one of Miyawaki's
+    conditions (1 random, 2 shapes, 3-5 letters), so that they are named by ``condition_name``."""
+    return all(int(c) in CONDITION_NAMES for c in np.asarray(labels).ravel())
+
+
 def condition_name(label, labels=()) -> str:
-    """The name of a condition ``label``: Miyawaki's (1 random, 2 shapes, 3-5 letters) when every
-    label of the data set (``labels``, e.g. its unique labels) is one of his, else "label <label>"
-    (a file with its own labels keeps them)."""
-    theirs = all(int(c) in CONDITION_NAMES for c in np.asarray(labels).ravel()) and int(label) in CONDITION_NAMES
+    """The name of a condition ``label``: Miyawaki's (``miyawaki_labels``) when every label of the
+    data set (``labels``) is one of his, else "label <label>" (a file with its own labels keeps
+    them)."""
+    theirs = miyawaki_labels(labels) and int(label) in CONDITION_NAMES
     return CONDITION_NAMES[int(label)] if theirs else f"label {label}"
 
 
@@ -1345,13 +1351,14 @@ def write_summary(out: Path) -> Path:
         lines += ["", f"The decoders' novelty gate read {int(gate.sum())} of {len(gate)} test "
                   "trials as new images (g > 0.5: their output leans on the linear anchor; g per trial "
                   "under `novelty_gate` in `miyawaki_generation.json` and in the decoders' figures)."]
-        if "new_image" in gen["novelty_gate"]:    # what the gate estimates (absent before format 3)
-            new = np.asarray(gen["novelty_gate"]["new_image"], dtype=bool)
-            lines[-1] += (f" Every test image is also shown in training, so all {int(gate.sum())} are "
-                          "false alarms." if not new.any() else
-                          f" {int((gate & ~new).sum())} of those show an image seen in training (false "
-                          f"alarms); of the {int(new.sum())} trials whose image no training trial "
-                          f"shows, it read {int((gate & new).sum())} as new.")
+        new = np.asarray(gen["novelty_gate"].get("new_image", []), dtype=bool)  # what g estimates
+        if len(new) == len(gate) and not new.any():     # (JSONs written before it lack it)
+            lines[-1] += " Every test image is also shown in training, so " + (
+                f"all {int(gate.sum())} are false alarms." if gate.any() else "none is a false alarm.")
+        elif len(new) == len(gate):
+            lines[-1] += (f" {int((gate & ~new).sum())} of those show an image seen in training (false "
+                          f"alarms); of the {int(new.sum())} trial{'s' * int(new.sum() != 1)} whose "
+                          f"image no training trial shows, it read {int((gate & new).sum())} as new.")
     if stale:
         lines += ["", f"Left out: {', '.join(f'`{n}`' for n in stale)} and their figures, from another "
                   f"data set or dual-encoder checkpoint than `{reference}`; rerun the scripts in order "
@@ -1418,13 +1425,13 @@ def plot_unique_images(images: np.ndarray, labels: np.ndarray, counts: np.ndarra
 
 
 def plot_fmri_correlation(fmri: np.ndarray, image_ids: np.ndarray, labels: np.ndarray,
-                          max_images: int = 40) -> Figure:
+                          max_images: int = 40, which: str = "trials") -> Figure:
     """Pearson correlation between the mean fMRI patterns of the K images, which are ordered by
     condition (``labels`` ``K``; the last ``max_images`` of them when there are more, as in
     ``plot_unique_images``), from fMRI ``N x V`` z-scored per voxel over its N trials (raw voxel
     baselines would make every pair of patterns correlate). The diagonal, 1 by construction, shows
     each image's split-half reliability instead: the correlation of the mean patterns of its odd
-    and even trials (grey for an image shown once)."""
+    and even trials (grey for an image shown once). ``which`` names the trials in the title."""
     fmri = standardize(fmri, *voxel_stats(fmri))
     shown = np.arange(max(0, len(labels) - max_images), len(labels))
     means = np.stack([fmri[image_ids == k].mean(0) for k in shown])
@@ -1446,7 +1453,7 @@ def plot_fmri_correlation(fmri: np.ndarray, image_ids: np.ndarray, labels: np.nd
     fig.colorbar(im, ax=ax, label="Pearson r")
     fig.suptitle("Mean fMRI pattern correlation between images"
                  + (f", the last {len(shown)} of {len(labels)} images" if shown[0] else "")
-                 + f"\n(all {len(fmri)} trials, training and test, each voxel z-scored over them;"
+                 + f"\n({len(fmri)} {which}, each voxel z-scored over them;"
                  "\ndiagonal: split-half reliability, odd vs even trials; lines separate the conditions)",
                  fontsize=10)
     return fig
@@ -1492,7 +1499,8 @@ def main(argv: list[str] | LoaderConfig | None = None) -> dict:
     counts = np.bincount(t.image_ids, minlength=len(data.unique_images))
     figures = ["miyawaki_samples_analysis.png", "miyawaki_fmri_correlation.png"]
     save_figure(plot_unique_images(data.unique_images, data.unique_labels, counts), out / figures[0])
-    save_figure(plot_fmri_correlation(t.fmri, t.image_ids, data.unique_labels), out / figures[1])
+    save_figure(plot_fmri_correlation(t.fmri, t.image_ids, data.unique_labels,
+                                      which="trials, all of them: training and test"), out / figures[1])
     result = {"data_source": data.source, "data_fingerprint": data.fingerprint, "n_trials": len(t),
               "n_file_train": data.n_file_train, "n_voxels": data.n_voxels,
               "n_unique": len(data.unique_images), "figures": figures, "config": config_dict(cfg)}

@@ -45,7 +45,7 @@ from miyawaki_dataset_loader import (DECODER_NAMES, GRID, IMAGE_SIDE, MAX_SEED, 
                                      file_sha256, check_unused, chance_text, value_text, fmri_batch,
                                      fold_means, identification_ranks, identification_scores,
                                      identification_summary, identified_labels, image_batch,
-                                     image_to_fmri_summary, majority_rate, mean_rank,
+                                     image_to_fmri_summary, majority_rate, mean_rank, miyawaki_labels,
                                      nearest_training_check, panel_title, parse_config, pearson_matrix,
                                      pearson_rows, prepare_out_dir, resolve_data, resolve_device,
                                      retrieval_ranks, run_cli, save_figure, save_json, save_text,
@@ -428,9 +428,8 @@ def plot_similarity_matrix(sim, true_ids, candidates, candidate_labels, title=""
     if n <= 60:
         ax.set_yticks(range(n), [f"trial {i} (img {int(t)})" for i, t in enumerate(true_ids)],
                       fontsize=7)
-    names = {c: condition_name(c, candidate_labels) for c in np.unique(candidate_labels).astype(int)}
-    named = any(name != f"label {c}" for c, name in names.items())   # a file's own labels: no key
-    key = f" ({', '.join(f'{c} {name}' for c, name in names.items())})" if named else ""
+    key = "" if not miyawaki_labels(candidate_labels) else " (" + ", ".join(   # a file's own: no key
+        f"{c} {condition_name(c, candidate_labels)}" for c in np.unique(candidate_labels).astype(int)) + ")"
     ax.set_xlabel(f"candidate image id / condition{key}\n(red box: true image, white dot: top-1 pick)")
     fig.colorbar(im, cax=cax, label=score_label)
     return fig
@@ -749,8 +748,7 @@ def benchmark_markdown(result: dict) -> str:
     """The benchmark JSON as a markdown table with chance levels and paired differences."""
     p, ch = result["protocol"].upper(), result["chance"]
     n, available = result["n_folds"], result.get("n_folds_available", result["n_folds"])
-    folds = (f"{n} fold{'s' * (n != 1)}" if n == available
-             else f"the first {n} of its {available} folds (--max-folds)")
+    folds = f"{n} fold{'s' * (n != 1)}" if n == available else folds_left_out(n, available)[2:]
     lines = [f"# Benchmark {p}: {PROTOCOL_TITLES[result['protocol']]}", "",
              f"{folds}; data: {result['data_source']}; fMRI only at test time; higher is better but "
              f"for MSE.", "",
@@ -940,8 +938,9 @@ def batched_seed_fits(cfg: "EvaluationConfig", device: torch.device) -> bool:
 def fold_gallery(fold: Fold, recons: dict, gate: np.ndarray | None = None) -> dict:
     """The first test trial of ``fold``: {"true" | "ridge" | decoder | "nearest training image":
     (image ``1 x 28 x 28``, PixCorr with the true image, like, novelty gate)}; like (reconstructions
-    only, else None) is the id of the training image a reconstruction is closer to than to the true
-    one, where the nearest-training-image check fails (None where it passes); the
+    of a never-seen image only, else None) is the id of the training image a reconstruction is
+    closer to than to the true one, where the nearest-training-image check fails (None where it
+    passes, and for a seen image, which is itself a training image); the
     novelty gate (the decoders' ``gate`` of that trial, else None) is what their output leaned on;
     the nearest training image is the training image most correlated with the true one (what a
     look-up could give)."""
@@ -954,7 +953,8 @@ def fold_gallery(fold: Fold, recons: dict, gate: np.ndarray | None = None) -> di
     for name, recon in {"ridge": ridge.reshape(true.shape), **{g: r[:1] for g, r in recons.items()}}.items():
         g = float(gate[0]) if gate is not None and name in DECODERS else None
         closer, like = nearest_training_check(recon, one)
-        out[name] = (recon[0].clip(0, 1), corr(recon), None if closer[0] else int(like[0]), g)
+        memorised = one.unseen_test[0] and not closer[0]
+        out[name] = (recon[0].clip(0, 1), corr(recon), int(like[0]) if memorised else None, g)
     out["nearest training image"] = (nearest, corr(nearest), None, None)
     return out
 
@@ -970,12 +970,16 @@ def gallery_row_name(data: MiyawakiData, fold: tuple) -> str:
 
 def gallery_title(protocol: str, seed: int, n_folds: int, n_available: int) -> str:
     """The gallery's title: what it shows (saying when --max-folds left folds out) and its marks."""
-    partial = f", the first {n_folds} of {n_available} folds" if n_folds < n_available else ""
-    return (f"{protocol.upper()}: first test trial of each fold{partial}, from fMRI only (decoders: "
-            f"seed {seed}; output = (1 - bg) sample + bg anchor, g the novelty gate, b the anchor "
-            f"blend)\nred, memorised? like #j: closer (PixCorr) to training image j than to the true "
-            f"one\nlast column: the training image closest to the true one (a look-up with the true "
-            f"image, not a decoder's output)")
+    return (f"{protocol.upper()}: first test trial of each fold{folds_left_out(n_folds, n_available)}, "
+            f"from fMRI only (decoders: seed {seed}; g, their novelty gate: near 1 their output is "
+            f"mostly the anchor)\nred, memorised? like #j: a never-seen image's reconstruction closer "
+            f"(PixCorr) to training image j than to the true one\nlast column: the training image "
+            f"closest to the true one (a look-up with the true image, not a decoder's output)")
+
+
+def folds_left_out(n_folds: int, n_available: int) -> str:
+    """", the first N of M folds (--max-folds)" when a run left folds out, else ""."""
+    return f", the first {n_folds} of {n_available} folds (--max-folds)" if n_folds < n_available else ""
 
 
 GALLERY_TITLES = {"ridge": "ridge", "anchor": "anchor alone",

@@ -83,11 +83,14 @@ def main(argv=None) -> dict:
     extra["diffusion_sampling_s_per_image"] = gen["diffusion"]["sample_seconds_per_image"]
     host = machine()
     import torch   # the stages inherit this process's environment, so its thread count
-    ran = {"device": gen["device"], "bf16_autocast": bool(gen["bf16_autocast"] or de["bf16_autocast"]),
-           "torch_threads": torch.get_num_threads()}
-    lines = [f"Machine: {host}; ran on {ran['device']} (--device {args.device}), "
-             f"{'bfloat16 autocast' if ran['bf16_autocast'] else 'float32'}, {ran['torch_threads']} "
-             f"torch threads; median of {args.repeats} runs; data {data or 'default'}.", "",
+    ran = {"device": gen["device"], "torch_threads": torch.get_num_threads(),
+           "bf16_autocast": {"dual_encoder": bool(de["bf16_autocast"]),
+                             "generative": bool(gen["bf16_autocast"])}}
+    precision = "; ".join(f"{stage.replace('_', ' ')} {'bfloat16 autocast' if on else 'float32'}"
+                          for stage, on in ran["bf16_autocast"].items())
+    lines = [f"Machine: {host}; ran on {ran['device']} (--device {args.device}; {precision}), "
+             f"{ran['torch_threads']} torch threads; median of {args.repeats} runs; data "
+             f"{data or 'default'}.", "",
              "| stage | wall s | CPU s | peak MiB |", "|---|---|---|---|"]
     lines += [f"| {s} | {v['wall_s']:.1f} | {v['cpu_s']:.1f} | {v['peak_mib']:.0f} |" for s, v in med.items()]
     lines += [f"| **total** | **{total['wall_s']:.1f}** | {total['cpu_s']:.1f} | {total['peak_mib']:.0f} (max) |", "",

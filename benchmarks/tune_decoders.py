@@ -38,7 +38,7 @@ from miyawaki_dataset_loader import (DEFAULT_OUT, RidgeBaseline, check_options, 
 from miyawaki_dual_encoder import DualEncoderConfig, inner_folds, train_dual_encoder  # noqa: E402
 from miyawaki_generative_backend import (ANCHOR_OPTIONS, GenerativeConfig, reconstruct,  # noqa: E402
                                          train_generative)
-from tune_dual_encoder import best_by_mean, candidates, option_help, tuning_parser  # noqa: E402
+from tune_dual_encoder import SCHEMES_HELP, best_by_mean, candidates, option_help, tuning_parser  # noqa: E402
 
 METRICS = ("pixcorr", "ssim", "mse", "two_way", "top1")
 
@@ -110,7 +110,7 @@ def main(argv=None) -> dict:
                         "decoder setting, a check of the gate's calibration")
     p.add_argument("--seed", type=int, default=0, help="seed of the dual encoders and decoders")
     p.add_argument("--schemes", nargs="+", default=["unseen", "seen"], choices=["unseen", "seen"],
-                   help="inner folds: unseen = 4 images held out per fold, seen = stratified by image")
+                   help=SCHEMES_HELP)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=option_help("device"))
     p.add_argument("--out", type=Path, default=DEFAULT_OUT / "tune_decoders.json", help="the result JSON")
     args = p.parse_args(argv)
@@ -125,8 +125,8 @@ def main(argv=None) -> dict:
     # error names the config's flag, which this script takes as well (--anchor-blend for --blend)
     for kw in sampling:
         check_options(replace(GenerativeConfig(), **{k: v for k, v in kw.items() if k != "gate_shift"}))
-    data = resolve_data(args.data)
     device = resolve_device(args.device)
+    data = resolve_data(args.data)
     t0 = time.perf_counter()
     results = run(data, configs, sampling, args.schemes, args.seed, device)
     for scheme, per_spec in results.items():

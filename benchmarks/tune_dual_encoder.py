@@ -129,6 +129,10 @@ def best_by_mean(per_scheme: dict[str, dict[str, float]]) -> dict:
             "best": best, "score": means[best], "means": means}
 
 
+SCHEMES_HELP = ("inner folds (inner_folds, 5 per scheme): seen = stratified by image, unseen = a "
+                "fifth of the images held out per fold")
+
+
 def option_help(name: str) -> str:
     """The scripts' --help text of a shared option (``ScriptOptions``: data, device)."""
     return ScriptOptions.__dataclass_fields__[name].metadata["help"]
@@ -149,9 +153,10 @@ def tuning_parser(doc: str, what: str | None = None) -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     """Score each ``--set`` candidate by inner CV; print a line each and save the JSON; returns it."""
     p = tuning_parser(__doc__, "DualEncoderConfig")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="the networks' seeds (each fits every inner fold)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="the networks' seeds (each fits every inner fold)")
     p.add_argument("--schemes", nargs="+", default=["seen", "unseen"], choices=["seen", "unseen"],
-                   help="inner folds: seen = stratified by image, unseen = 4 images held out per fold")
+                   help=SCHEMES_HELP)
     p.add_argument("--ensemble", action="store_true",
                    help="score the seeds' fits of every inner fold as one model (their embeddings' "
                         "cosine averaged) instead of averaging the seeds' scores")
@@ -160,8 +165,8 @@ def main(argv=None) -> dict:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT / "tune_dual_encoder.json", help="the result JSON")
     args = p.parse_args(argv)
     configs = candidates(args.set, DualEncoderConfig(), tuple(SCORE_GRID))   # before the data load
-    data = resolve_data(args.data)
     device = resolve_device(args.device)
+    data = resolve_data(args.data)
     results = {}
     settings = score_settings()
     for key, cfg in configs.items():

@@ -386,7 +386,7 @@ def test_benchmark_s3_two_folds_writes_the_schema(tmp_path, capsys):
     # a --max-folds run says that it is one, and what S3 is, in its title lines
     assert saved["n_folds_available"] == 20
     assert md.startswith("# Benchmark S3: leave-one-stimulus-out (the test image never in training)"
-                         "\n\nthe first 2 of its 20 folds (--max-folds)")
+                         "\n\nthe first 2 of 20 folds (--max-folds)")
     # on S3 every other candidate is a training image: the nearest-training-image check is the
     # PixCorr top-1 again, fold for fold, as the markdown says
     for name in ("ridge", "mean_image", "multiscale_local"):
@@ -453,18 +453,24 @@ def test_s3_gallery_marks_a_memorised_reconstruction_and_shows_the_gate(sim):
     fold = sim.fold(train_idx, test_idx, name)
     true = fold.test.images
     nearest = fold.unique_images[L.nearest_training_check(true, fold)[1]]
-    recons = {"anchor": true, "diffusion": true, "gan": nearest}
+    copied = next(k for k in np.unique(fold.train.image_ids)              # another training image
+                  if k != L.nearest_training_check(true, fold)[1][0])
+    recons = {"anchor": true, "diffusion": true,
+              "gan": np.repeat(fold.unique_images[copied:copied + 1], len(true), 0)}
     gallery = E.fold_gallery(fold, recons, np.full(len(true), 0.75))
     assert list(gallery) == ["true", "ridge", "anchor", "diffusion", "gan", "nearest training image"]
     img, corr, like, gate = gallery["diffusion"]
     assert img.shape == (1, 28, 28) and corr == pytest.approx(1.0) and like is None and gate == 0.75
-    like = L.nearest_training_check(true, fold)[1][0]       # the training image the GAN copied
-    assert gallery["gan"][2] == like and gallery["gan"][3] == 0.75
+    assert gallery["gan"][2] == copied and gallery["gan"][3] == 0.75    # the image the GAN copied
     assert gallery["anchor"][3] is None and gallery["ridge"][3] is None
     np.testing.assert_array_equal(gallery["nearest training image"][0], nearest[0])
     fig = E.plot_gallery([gallery, gallery], ["a", "b"], "title")
     assert len(fig.axes) == 2 * len(gallery)
-    assert f"memorised? like #{like}" in fig.axes[4].get_title() and "g=0.75" in fig.axes[3].get_title()
+    assert f"memorised? like #{copied}" in fig.axes[4].get_title() and "g=0.75" in fig.axes[3].get_title()
+    # a seen image (S2) is a training image itself: its perfect reconstruction ties with it and
+    # is no memorisation
+    s2 = sim.fold(*L.splits("s2", sim)[0][1:])
+    assert E.fold_gallery(s2, {"diffusion": s2.test.images})["diffusion"][2] is None
 
 
 def test_generative_benchmark_fold_scores_both_decoders_and_records_their_gate(sim, monkeypatch):

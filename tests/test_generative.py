@@ -806,3 +806,21 @@ def test_training_grids_show_the_samplers_own_images(sim):
     np.testing.assert_array_equal(grid, own.numpy())
     blended = diffusion.sample(cond, torch.Generator().manual_seed(cfg.seed), anchor)
     assert not np.allclose(grid, blended.numpy())
+
+
+def test_script_records_per_test_trial_whether_its_image_is_new(tmp_path, mat_arrays, write_mat):
+    """novelty_gate.new_image, what the gate estimates: on a file whose last test trial shows an
+    image no training trial shows (and the others seen ones), True for that trial only, and
+    summary.md counts the gate's openings against it."""
+    arrays = dict(mat_arrays)
+    stim = arrays["stimTest"].copy()
+    stim[-1] = np.random.default_rng(0).integers(0, 2, stim.shape[1])       # a new random pattern
+    arrays["stimTest"] = stim
+    path = write_mat(tmp_path / "one_new.mat", arrays)
+    args = ["--data", str(path), "--out-dir", str(tmp_path), "--device", "cpu"]
+    D.main([*args, "--epochs", "2", "--mixup", "8"])
+    G.main([*args, "--diffusion-steps", "3", "--gan-steps", "2", "--num-inference-steps", "2",
+            "--n-sample-grids", "0", "--prior-size", "64"])
+    saved = json.loads((tmp_path / "miyawaki_generation.json").read_text())
+    assert saved["novelty_gate"]["new_image"] == [False] * 11 + [True]
+    assert "of the 1 trial whose image no training trial shows" in (tmp_path / "summary.md").read_text()

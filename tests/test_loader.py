@@ -13,6 +13,7 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pytest
 import scipy.io
@@ -120,15 +121,17 @@ def test_fmri_correlation_figure_shows_split_half_reliability_on_its_diagonal(si
     ids = sim.trials.image_ids.copy()
     once = np.where(ids == 19)[0]
     ids[once[1:]] = 18                     # image 19 shown once now
-    fig = L.plot_fmri_correlation(sim.trials.fmri, ids, sim.unique_labels)
+    fig = L.plot_fmri_correlation(sim.trials.fmri, ids, sim.unique_labels, which="trials, all")
     corr = fig.axes[0].images[0].get_array()
     z = L.standardize(sim.trials.fmri, *L.voxel_stats(sim.trials.fmri))
     rows = z[ids == 3]
     half = np.corrcoef(rows[::2].mean(0), rows[1::2].mean(0))[0, 1]
     assert corr[3, 3] == pytest.approx(half, abs=1e-5) and 0 < corr[3, 3] < 0.999
     assert np.ma.is_masked(corr[19, 19]) or np.isnan(corr[19, 19])
+    bad = fig.axes[0].images[0].cmap.get_bad()                  # grey, not the map's white middle
+    assert tuple(bad) == matplotlib.colors.to_rgba("lightgrey")
     title = " ".join(fig.get_suptitle().split())
-    assert f"all {len(ids)} trials, training and test" in title and "split-half reliability" in title
+    assert f"({len(ids)} trials, all, each voxel" in title and "split-half reliability" in title
 
 
 # --------------------------------------------------------------------------- bad input

@@ -331,11 +331,17 @@ def test_pipeline_speed_reports_the_device_precision_and_threads_the_stages_ran_
             {"device": "cpu", "bf16_autocast": True, "diffusion": {"sample_seconds_per_image": 0.01}}))
         return {"wall_s": 1.0, "cpu_s": 1.5, "peak_mib": 100.0}
     monkeypatch.setattr(pipeline_speed, "run_stage", stage)
-    result = pipeline_speed.main(["--repeats", "1", "--out-dir", str(tmp_path)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)                      # not the tests' 1 nor the machine's core count
+    try:
+        result = pipeline_speed.main(["--repeats", "1", "--out-dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
     text = (tmp_path / "pipeline_speed.md").read_text()
-    assert (result["device"], result["device_option"], result["bf16_autocast"]) == ("cpu", "auto", True)
-    assert result["torch_threads"] == torch.get_num_threads()
-    assert f"ran on cpu (--device auto), bfloat16 autocast, {torch.get_num_threads()} torch threads" in text
+    assert (result["device"], result["device_option"], result["torch_threads"]) == ("cpu", "auto", 3)
+    assert result["bf16_autocast"] == {"dual_encoder": False, "generative": True}
+    assert ("ran on cpu (--device auto; dual encoder float32; generative bfloat16 autocast), 3 torch "
+            "threads") in text
 
 
 def test_correlation_analysis_titles_the_matched_scores_auc_not_their_means():
@@ -377,7 +383,7 @@ def test_summary_counts_the_novelty_gates_false_alarms(tmp_path):
     gen = {"data_source": "simulated", "encoder_sha256": "ab" * 32, "n_test": 4,
            "diffusion": metrics, "gan": metrics, "mean_image_floor": {"pixcorr": 0.6},
            "chance": {"top1": 0.05},
-           "novelty_gate": {"per_trial": [0.9, 0.2, 0.7, 0.55], "new_image": [False, True, True, False]}}
+           "novelty_gate": {"per_trial": [0.9, 0.5, 0.7, 0.55], "new_image": [False, True, True, False]}}
     (tmp_path / "miyawaki_generation.json").write_text(json.dumps(gen))
     text = " ".join(L.write_summary(tmp_path).read_text().split())
     assert ("read 3 of 4 test trials as new images" in text and "2 of those show an image seen in "
@@ -387,6 +393,11 @@ def test_summary_counts_the_novelty_gates_false_alarms(tmp_path):
     (tmp_path / "miyawaki_generation.json").write_text(json.dumps(gen))
     text = " ".join(L.write_summary(tmp_path).read_text().split())
     assert "Every test image is also shown in training, so all 3 are false alarms." in text
+    gen["novelty_gate"]["per_trial"] = [0.1] * 4
+    (tmp_path / "miyawaki_generation.json").write_text(json.dumps(gen))
+    text = " ".join(L.write_summary(tmp_path).read_text().split())
+    assert "read 0 of 4 test trials as new images" in text and "so none is a false alarm." in text
+    gen["novelty_gate"]["per_trial"] = [0.9, 0.5, 0.7, 0.55]
     del gen["novelty_gate"]["new_image"]
     (tmp_path / "miyawaki_generation.json").write_text(json.dumps(gen))
     text = " ".join(L.write_summary(tmp_path).read_text().split())
@@ -403,5 +414,5 @@ def test_gallery_rows_name_the_held_out_image_and_the_title_a_partial_run():
     assert E.gallery_row_name(data, (name, tr, te)) == f"#{k} {condition}"
     s2 = L.splits("s2", data)[0]
     assert E.gallery_row_name(data, s2) == s2[0]
-    assert "fold, the first 4 of 20 folds, from fMRI only" in E.gallery_title("s3", 0, 4, 20)
+    assert "fold, the first 4 of 20 folds (--max-folds), from fMRI only" in E.gallery_title("s3", 0, 4, 20)
     assert "fold, from fMRI only" in E.gallery_title("s3", 0, 20, 20)
