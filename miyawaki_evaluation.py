@@ -748,7 +748,7 @@ def benchmark_markdown(result: dict) -> str:
     """The benchmark JSON as a markdown table with chance levels and paired differences."""
     p, ch = result["protocol"].upper(), result["chance"]
     n, available = result["n_folds"], result.get("n_folds_available", result["n_folds"])
-    folds = f"{n} fold{'s' * (n != 1)}" if n == available else folds_left_out(n, available)[2:]
+    folds = folds_text(n, available)
     lines = [f"# Benchmark {p}: {PROTOCOL_TITLES[result['protocol']]}", "",
              f"{folds}; data: {result['data_source']}; fMRI only at test time; higher is better but "
              f"for MSE.", "",
@@ -970,16 +970,19 @@ def gallery_row_name(data: MiyawakiData, fold: tuple) -> str:
 
 def gallery_title(protocol: str, seed: int, n_folds: int, n_available: int) -> str:
     """The gallery's title: what it shows (saying when --max-folds left folds out) and its marks."""
-    return (f"{protocol.upper()}: first test trial of each fold{folds_left_out(n_folds, n_available)}, "
+    partial = f", {folds_text(n_folds, n_available)}" if n_folds < n_available else ""
+    return (f"{protocol.upper()}: first test trial of each fold{partial}, "
             f"from fMRI only (decoders: seed {seed}; g, their novelty gate: near 1 their output is "
             f"mostly the anchor)\nred, memorised? like #j: a never-seen image's reconstruction closer "
             f"(PixCorr) to training image j than to the true one\nlast column: the training image "
             f"closest to the true one (a look-up with the true image, not a decoder's output)")
 
 
-def folds_left_out(n_folds: int, n_available: int) -> str:
-    """", the first N of M folds (--max-folds)" when a run left folds out, else ""."""
-    return f", the first {n_folds} of {n_available} folds (--max-folds)" if n_folds < n_available else ""
+def folds_text(n_folds: int, n_available: int) -> str:
+    """"20 folds", or "the first 4 of 20 folds (--max-folds)" when a run left folds out."""
+    if n_folds < n_available:
+        return f"the first {n_folds} of {n_available} folds (--max-folds)"
+    return f"{n_folds} fold{'s' * (n_folds != 1)}"
 
 
 GALLERY_TITLES = {"ridge": "ridge", "anchor": "anchor alone",
