@@ -88,23 +88,25 @@ def run(data, configs: dict, sampling: list[dict], schemes: list[str], seed: int
 def main(argv=None) -> dict:
     """Score each candidate by inner CV; print a line each and save the JSON; returns it."""
     p = tuning_parser(__doc__, "GenerativeConfig (training)")
-    p.add_argument("--guidance", "--guidance-scale", type=float, nargs="+", default=[GenerativeConfig.guidance_scale],
-                   help="classifier-free guidance scales")
-    p.add_argument("--init-strength", type=float, nargs="+", default=[GenerativeConfig.init_strength],
-                   help="DDIM starts from the anchor noised to this fraction of the schedule (1 = from noise)")
-    p.add_argument("--blend", "--anchor-blend", type=float, nargs="+", default=[GenerativeConfig.anchor_blend],
-                   help="weights b of the anchor in the output blend")
-    p.add_argument("--gate", "--novelty-gate", type=int, nargs="+", default=[int(GenerativeConfig.novelty_gate)],
-                   choices=[0, 1], help="novelty gate of the blend off / on")
-    p.add_argument("--likelihood", "--likelihood-weight", type=float, nargs="+", default=[GenerativeConfig.likelihood_weight],
-                   help="weights of the encoding-model data-consistency step (0 = off)")
-    p.add_argument("--likelihood-reg", type=float, nargs="+", default=[GenerativeConfig.likelihood_reg],
-                   help="the likelihood step's regularisation mu, in units of mean diag(W W^T)")
-    p.add_argument("--likelihood-gate-power", type=float, nargs="+",
-                   default=[GenerativeConfig.likelihood_gate_power],
-                   help="the likelihood step is scaled by the novelty gate to this power")
-    p.add_argument("--stretch", "--output-stretch", type=int, nargs="+", default=[int(GenerativeConfig.output_stretch)],
-                   choices=[0, 1], help="the per-fit output contrast stretch off / on")
+    def grid(*flags, default, **kw):      # an option of the sampling grid: one or more values
+        p.add_argument(*flags, nargs="+", default=[default], **kw)
+
+    grid("--guidance", "--guidance-scale", type=float, default=GenerativeConfig.guidance_scale,
+         help="classifier-free guidance scales")
+    grid("--init-strength", type=float, default=GenerativeConfig.init_strength,
+         help="DDIM starts from the anchor noised to this fraction of the schedule (1 = from noise)")
+    grid("--blend", "--anchor-blend", type=float, default=GenerativeConfig.anchor_blend,
+         help="weights b of the anchor in the output blend")
+    grid("--gate", "--novelty-gate", type=int, default=int(GenerativeConfig.novelty_gate), choices=[0, 1],
+         help="novelty gate of the blend off / on")
+    grid("--likelihood", "--likelihood-weight", type=float, default=GenerativeConfig.likelihood_weight,
+         help="weights of the encoding-model data-consistency step (0 = off)")
+    grid("--likelihood-reg", type=float, default=GenerativeConfig.likelihood_reg,
+         help="the likelihood step's regularisation mu, in units of mean diag(W W^T)")
+    grid("--likelihood-gate-power", type=float, default=GenerativeConfig.likelihood_gate_power,
+         help="the likelihood step is scaled by the novelty gate to this power")
+    grid("--stretch", "--output-stretch", type=int, default=int(GenerativeConfig.output_stretch),
+         choices=[0, 1], help="the per-fit output contrast stretch off / on")
     p.add_argument("--gate-shift", type=float, nargs="+", default=[0.0],
                    help="added to the fitted novelty gate's logit (< 0: it opens less); not a "
                         "decoder setting, a check of the gate's calibration")
