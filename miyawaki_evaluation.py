@@ -972,7 +972,7 @@ def gallery_title(protocol: str, seed: int, n_folds: int, n_available: int) -> s
     """The gallery's title: what it shows (saying when --max-folds left folds out) and its marks."""
     partial = f", {folds_text(n_folds, n_available)}" if n_folds < n_available else ""
     return (f"{protocol.upper()}: first test trial of each fold{partial}, "
-            f"from fMRI only (decoders: seed {seed}; g, their novelty gate: near 1 their output is "
+            f"from fMRI only\n(decoders: seed {seed}; g, their novelty gate: near 1 their output is "
             f"mostly the anchor)\nred, memorised? like #j: a never-seen image's reconstruction closer "
             f"(PixCorr) to training image j than to the true one\nlast column: the training image "
             f"closest to the true one (a look-up with the true image, not a decoder's output)")

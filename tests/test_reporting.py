@@ -414,5 +414,5 @@ def test_gallery_rows_name_the_held_out_image_and_the_title_a_partial_run():
     assert E.gallery_row_name(data, (name, tr, te)) == f"#{k} {condition}"
     s2 = L.splits("s2", data)[0]
     assert E.gallery_row_name(data, s2) == s2[0]
-    assert "fold, the first 4 of 20 folds (--max-folds), from fMRI only" in E.gallery_title("s3", 0, 4, 20)
+    assert "fold, the first 4 of 20 folds (--max-folds), from fMRI only\n" in E.gallery_title("s3", 0, 4, 20)
     assert "fold, from fMRI only" in E.gallery_title("s3", 0, 20, 20)
