@@ -782,10 +782,11 @@ def benchmark_markdown(result: dict) -> str:
               "condition of the top-1 identified image (kNN rows: neighbour vote); the dual encoder "
               "uses a kNN vote on the fMRI-only correlation "
               f"embeddings of the training trials (k={result['config']['knn_k']})"
-              + "".join(f"; {METHOD_TITLES[n]}, condition of the top-1 image: "
-                        f"{mean_sd(result['methods'][n]['condition_top1'])}"
-                        for n in ("dual_encoder", "dual_encoder_permuted") if n in result["methods"])
-              + ".",
+              + "".join(f"; {METHOD_TITLES[name]}, condition of the top-1 image: "
+                        f"{mean_sd(result['methods'][name]['condition_top1'])}"
+                        for name in ("dual_encoder", "dual_encoder_permuted") if name in result["methods"])
+              + "." + (" The majority rate is that of the scored folds' test trials, which --max-folds "
+                       "may limit to a few conditions." if n < available else ""),
               "Two-way pool: " + ("all trials (S3)." if result["protocol"] == "s3" else
                                  "the fold's test trials."), "",
               f"## Paired per-fold differences against ridge ({result['n_candidates']}-way top-1)", "",
