@@ -1336,7 +1336,7 @@ def write_summary(out: Path) -> Path:
                      f"{fmt(m['chance_top1'])} | {fmt(ridge.get('top1'))} |")
     if ev:
         c = ev["condition_accuracy"]
-        lines.append(f"| condition from the fMRI embedding (kNN) | {fmt(c['correlation'])} | "
+        lines.append(f"| condition from the fMRI-only embedding (kNN) | {fmt(c['correlation'])} | "
                      f"{fmt(c['uniform_chance'])} (majority {fmt(c['majority_rate'])}) | "
                      f"{fmt(ridge.get('condition'))} (its top-1 image's) |")
     if gen:

@@ -58,7 +58,7 @@ from miyawaki_dual_encoder import (CHECKPOINT_NAME, MAX_LINEAR_WEIGHT, SCORE_GRI
                                    train_dual_encoders, with_setting)
 
 BASELINES = ("mean_image", "ridge", "ridge_snap", "multiscale_local", "knn1", "knn5")
-DECODERS = ("diffusion", "gan")               # the two networks, which share a novelty gate
+DECODERS = tuple(DECODER_NAMES)              # the two networks, which share a novelty gate
 GENERATIVE = ("anchor", *DECODERS)           # with --generative: their anchor alone beside them
 PROTOCOL_TITLES = {
     "s1": "the file's own split",

@@ -1149,7 +1149,7 @@ def decode_fold(encoder: nn.Module, fold: Fold, config: GenerativeConfig,
             t_stretch = readout.stretch if config.output_stretch else 0.0
             recons["anchor"] = contrast_stretch(readout(x), t_stretch).cpu().numpy()
         seconds["anchor"] = time.perf_counter() - t       # its fit is in the diffusion's seconds
-    for name, decoder in zip(("diffusion", "gan"), decoders):
+    for name, decoder in zip(DECODER_NAMES, decoders):
         t = time.perf_counter()
         recons[name] = reconstruct(encoder, decoder, fold.test.fmri, torch.Generator().manual_seed(config.seed))
         seconds[name] = history[name]["seconds"] + time.perf_counter() - t
@@ -1370,7 +1370,7 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
         "image_prior": history["prior"],
         "generative_stage_seconds": stage_seconds, "bf16_autocast": uses_bf16(device, cfg.bf16),
         "encoder_checkpoint": str(enc_path),
-        "encoder_sha256": enc_sha256, "figures": [FIGURE.format(n) for n in ("diffusion", "gan")],
+        "encoder_sha256": enc_sha256, "figures": [FIGURE.format(n) for n in DECODER_NAMES],
         "config": config}
     save_checkpoint({"kind": CHECKPOINT_KIND, "format_version": CHECKPOINT_FORMAT,
                      "diffusion": diffusion.checkpoint_entry(), "gan": gan.checkpoint_entry(),
@@ -1381,10 +1381,10 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
                      "data_source": data.source, "data_fingerprint": data.fingerprint,
                      "n_voxels": data.n_voxels, "metrics": metrics,
                      "history": {n: {key: v for key, v in history[n].items() if key != "samples"}
-                                 for n in ("diffusion", "gan")}}, out / CHECKPOINT_NAME)
+                                 for n in DECODER_NAMES}}, out / CHECKPOINT_NAME)
     save_json(metrics, out / "miyawaki_generation.json")
     write_summary(out)
-    for name in ("diffusion", "gan"):
+    for name in DECODER_NAMES:
         m = results[name]
         print(f"{name:9s} S1 from fMRI only: MSE {m['mse']:.4f} | PixCorr {m['pixcorr']:.3f} | "
               f"SSIM {m['ssim']:.3f} | 2-way {value_text(m['two_way'])} (chance 0.5) | "

@@ -72,7 +72,7 @@ def run_scripts(out, data):
     shown, plot = {}, G.plot_generation
 
     def spy(true, recon, title, *labelling):
-        shown[title.split()[0].lower()] = recon   # "diffusion", "gan"
+        shown[next(k for k, name in L.DECODER_NAMES.items() if title.startswith(name))] = recon
         return plot(true, recon, title, *labelling)
 
     args = [*SIM, "--out-dir", str(out)]

@@ -163,7 +163,7 @@ def test_summary_shows_each_results_chance_not_its_value(tmp_path):
     table = {r[0]: dict(zip(rows[0], r)) for r in rows[2:]}
     ident = table["dual encoder identification top-1 (20-way)"]
     assert (ident["value"], ident["chance"], ident["ridge"]) == ("0.600", "0.050", "0.333")
-    cond = table["condition from the fMRI embedding (kNN)"]
+    cond = table["condition from the fMRI-only embedding (kNN)"]
     assert cond["value"] == "0.583"
     m = re.fullmatch(r"([\d.]+) \(majority ([\d.]+)\)", cond["chance"])
     assert m, cond["chance"]
