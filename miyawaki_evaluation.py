@@ -371,19 +371,24 @@ def plot_latent_space(test_xy, test_labels, test_ids, image_xy, image_labels, tr
     fig = Figure(figsize=(8, 7))
     ax = fig.add_subplot()
     if train_xy is not None:
-        ax.scatter(train_xy[:, 0], train_xy[:, 1], s=10, alpha=0.3,
-                   c=[colour[int(c)] for c in train_labels], label="fMRI, training trials")
+        ax.scatter(train_xy[:, 0], train_xy[:, 1], s=10, alpha=0.3, c=[colour[int(c)] for c in train_labels])
     for (x, y), k in zip(test_xy, test_ids):
         ax.plot([x, image_xy[k, 0]], [y, image_xy[k, 1]], color="0.5", lw=0.8, zorder=1)
     ax.scatter(test_xy[:, 0], test_xy[:, 1], s=60, c=[colour[int(c)] for c in test_labels],
-               edgecolors="k", zorder=3, label="fMRI, test trials (line to true image)")
+               edgecolors="k", zorder=3)
     ax.scatter(image_xy[:, 0], image_xy[:, 1], s=150, marker="s", zorder=2, edgecolors="k",
-               c=[colour[int(c)] for c in image_labels], alpha=0.8,
-               label="image embeddings (number = image id)")
+               c=[colour[int(c)] for c in image_labels], alpha=0.8)
     for k, (x, y) in enumerate(image_xy):
         ax.annotate(str(k), (x, y), ha="center", va="center", fontsize=7, color="w", zorder=4,
                     fontweight="bold")
-    handles, labels = ax.get_legend_handles_labels()
+    # the markers' legend entries in grey (an empty scatter each): their colours are the conditions'
+    kinds = [({"s": 60, "edgecolors": "k"}, "fMRI, test trials (line to true image)"),
+             ({"s": 150, "marker": "s", "edgecolors": "k", "alpha": 0.8},
+              "image embeddings (number = image id)")]
+    if train_xy is not None:
+        kinds.insert(0, ({"s": 10, "alpha": 0.3}, "fMRI, training trials"))
+    handles = [ax.scatter([], [], color="0.6", **style) for style, _ in kinds]
+    labels = [label for _, label in kinds]
     for c in sorted(set(np.asarray(image_labels).tolist())):
         handles.append(ax.scatter([], [], color=colour[c], marker="o"))
         labels.append(condition_name(c, image_labels))

@@ -416,3 +416,21 @@ def test_gallery_rows_name_the_held_out_image_and_the_title_a_partial_run():
     assert E.gallery_row_name(data, s2) == s2[0]
     assert "fold, the first 4 of 20 folds (--max-folds), from fMRI only\n" in E.gallery_title("s3", 0, 4, 20)
     assert "fold, from fMRI only" in E.gallery_title("s3", 0, 20, 20)
+
+
+def test_latent_space_legend_shows_the_markers_in_grey_and_the_points_in_their_conditions():
+    """The markers' legend entries took the colour of their first point (a blue 'training
+    trials' dot, whatever the conditions); they are grey, and the points keep their colours."""
+    rng = np.random.default_rng(0)
+    fig = E.plot_latent_space(rng.random((4, 2)), np.array([2, 3, 4, 5]), np.arange(4),
+                              rng.random((8, 2)), np.repeat([2, 3, 4, 5], 2),
+                              rng.random((10, 2)), np.repeat([2, 3, 4, 5, 5], 2))
+    ax = fig.axes[0]
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()][:3] == [
+        "fMRI, training trials", "fMRI, test trials (line to true image)",
+        "image embeddings (number = image id)"]
+    for handle in legend.legend_handles[:3]:
+        assert same_color(handle.get_facecolor()[0][:3], "0.6")
+    data = [c for c in ax.collections if len(c.get_offsets())]
+    assert len(data) == 3 and all(len({tuple(f) for f in c.get_facecolors()}) == 4 for c in data)
