@@ -1430,16 +1430,19 @@ def plot_fmri_correlation(fmri: np.ndarray, image_ids: np.ndarray, labels: np.nd
     condition (``labels`` ``K``; the last ``max_images`` of them when there are more, as in
     ``plot_unique_images``), from fMRI ``N x V`` z-scored per voxel over its N trials (raw voxel
     baselines would make every pair of patterns correlate). The diagonal, 1 by construction, shows
-    each image's split-half reliability instead: the correlation of the mean patterns of its odd
-    and even trials (grey for an image shown once). ``which`` names the trials in the title."""
+    each image's split-half reliability instead: the correlation r of the mean patterns of its odd
+    and even trials, Spearman-Brown corrected (2r / (1 + r)) to the mean of all its trials, which
+    the other cells correlate (grey for an image shown once). ``which`` names the trials in the
+    title."""
     fmri = standardize(fmri, *voxel_stats(fmri))
     shown = np.arange(max(0, len(labels) - max_images), len(labels))
     means = np.stack([fmri[image_ids == k].mean(0) for k in shown])
     corr = pearson_matrix(means, means)
     for i, k in enumerate(shown):
         odd, even = fmri[image_ids == k][::2], fmri[image_ids == k][1::2]
-        corr[i, i] = pearson_rows(odd.mean(0, keepdims=True), even.mean(0, keepdims=True))[0] \
-            if len(even) else np.nan
+        r = (pearson_rows(odd.mean(0, keepdims=True), even.mean(0, keepdims=True))[0] if len(even)
+             else np.nan)
+        corr[i, i] = 2 * r / (1 + r)
     fig = Figure(figsize=(6.5, 5.5))
     ax = fig.add_subplot()
     cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="lightgrey")
@@ -1454,7 +1457,8 @@ def plot_fmri_correlation(fmri: np.ndarray, image_ids: np.ndarray, labels: np.nd
     fig.suptitle("Mean fMRI pattern correlation between images"
                  + (f", the last {len(shown)} of {len(labels)} images" if shown[0] else "")
                  + f"\n({len(fmri)} {which}, each voxel z-scored over them;"
-                 "\ndiagonal: split-half reliability, odd vs even trials; lines separate the conditions)",
+                 "\ndiagonal: split-half reliability, odd vs even trials, Spearman-Brown corrected;"
+                 " lines separate the conditions)",
                  fontsize=10)
     return fig
 

@@ -126,7 +126,7 @@ def test_fmri_correlation_figure_shows_split_half_reliability_on_its_diagonal(si
     z = L.standardize(sim.trials.fmri, *L.voxel_stats(sim.trials.fmri))
     rows = z[ids == 3]
     half = np.corrcoef(rows[::2].mean(0), rows[1::2].mean(0))[0, 1]
-    assert corr[3, 3] == pytest.approx(half, abs=1e-5) and 0 < corr[3, 3] < 0.999
+    assert corr[3, 3] == pytest.approx(2 * half / (1 + half), abs=1e-5) and 0 < corr[3, 3] < 0.999
     assert np.ma.is_masked(corr[19, 19]) or np.isnan(corr[19, 19])
     bad = fig.axes[0].images[0].cmap.get_bad()                  # grey, not the map's white middle
     assert tuple(bad) == matplotlib.colors.to_rgba("lightgrey")
