@@ -1431,8 +1431,8 @@ def plot_fmri_correlation(fmri: np.ndarray, image_ids: np.ndarray, labels: np.nd
     ``plot_unique_images``), from fMRI ``N x V`` z-scored per voxel over its N trials (raw voxel
     baselines would make every pair of patterns correlate). The diagonal, 1 by construction, shows
     each image's split-half reliability instead: the correlation r of the mean patterns of its odd
-    and even trials, Spearman-Brown corrected (2r / (1 + r)) to the mean of all its trials, which
-    the other cells correlate (grey for an image shown once). ``which`` names the trials in the
+    and even trials, Spearman-Brown corrected (2r / (1 + r), for r > 0) to the mean of all its
+    trials, which the other cells correlate (grey for an image shown once). ``which`` names the trials in the
     title."""
     fmri = standardize(fmri, *voxel_stats(fmri))
     shown = np.arange(max(0, len(labels) - max_images), len(labels))
@@ -1442,7 +1442,7 @@ def plot_fmri_correlation(fmri: np.ndarray, image_ids: np.ndarray, labels: np.nd
         odd, even = fmri[image_ids == k][::2], fmri[image_ids == k][1::2]
         r = (pearson_rows(odd.mean(0, keepdims=True), even.mean(0, keepdims=True))[0] if len(even)
              else np.nan)
-        corr[i, i] = 2 * r / (1 + r)
+        corr[i, i] = 2 * r / (1 + r) if r > 0 else r    # the correction is for r > 0 only
     fig = Figure(figsize=(6.5, 5.5))
     ax = fig.add_subplot()
     cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="lightgrey")
@@ -1453,12 +1453,12 @@ def plot_fmri_correlation(fmri: np.ndarray, image_ids: np.ndarray, labels: np.nd
     for b in np.where(np.diff(labels[shown]) != 0)[0]:
         ax.axhline(b + 0.5, color="k", lw=0.8)
         ax.axvline(b + 0.5, color="k", lw=0.8)
-    fig.colorbar(im, ax=ax, label="Pearson r")
+    fig.colorbar(im, ax=ax, label="Pearson r (diagonal: split-half reliability)")
     fig.suptitle("Mean fMRI pattern correlation between images"
                  + (f", the last {len(shown)} of {len(labels)} images" if shown[0] else "")
                  + f"\n({len(fmri)} {which}, each voxel z-scored over them;"
                  "\ndiagonal: split-half reliability, odd vs even trials, Spearman-Brown corrected;"
-                 " lines separate the conditions)",
+                 "\nlines separate the conditions)",
                  fontsize=10)
     return fig
 

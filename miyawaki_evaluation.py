@@ -792,10 +792,10 @@ def benchmark_markdown(result: dict) -> str:
                         for name in ("dual_encoder", "dual_encoder_permuted") if name in result["methods"])
               + "." + (" The majority rate is that of the scored folds' test trials, which --max-folds "
                        "may limit to a few conditions." if n < available else ""),
-              "Two-way pool: " + ("all trials (S3)." if result["protocol"] == "s3" else
-                                 "the fold's test trials.")
-              + " The mean image, one reconstruction for every trial, can score below its 0.5: "
-                "it correlates less with a test image unlike the average than with a typical rival.", "",
+              "Two-way pool: " + ("all trials (S3). The mean image scores below 0.5 here: it is the "
+                                  "mean of the training images, which are the rivals, and the held-out "
+                                  "image is not among them." if result["protocol"] == "s3" else
+                                  "the fold's test trials."), "",
               f"## Paired per-fold differences against ridge ({result['n_candidates']}-way top-1)", "",
               "| method | mean diff | wins | ties | losses |", "|---|---|---|---|---|"]
     for name, d in result["paired_vs_ridge_top1"].items():

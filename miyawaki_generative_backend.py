@@ -1138,10 +1138,10 @@ def decode_fold(encoder: nn.Module, fold: Fold, config: GenerativeConfig,
     decoders' novelty gate per test trial ``N`` or None, ``novelty``); an anchored pair adds
     "anchor", their linear anchor alone, clipped and with ``output_stretch`` stretched like their
     outputs (both decoders' ablation)."""
-    *decoders, history = train_generative(encoder, fold.train, config, device, progress=False,
-                                          exclude=fold.test.images[fold.unseen_test])
+    diffusion, gan, history = train_generative(encoder, fold.train, config, device, progress=False,
+                                               exclude=fold.test.images[fold.unseen_test])
     recons, seconds = {}, {}
-    readout = decoders[0].readout
+    readout = diffusion.readout
     if readout is not None:
         t = time.perf_counter()
         with torch.no_grad():
@@ -1149,11 +1149,11 @@ def decode_fold(encoder: nn.Module, fold: Fold, config: GenerativeConfig,
             t_stretch = readout.stretch if config.output_stretch else 0.0
             recons["anchor"] = contrast_stretch(readout(x), t_stretch).cpu().numpy()
         seconds["anchor"] = time.perf_counter() - t       # its fit is in the diffusion's seconds
-    for name, decoder in zip(DECODER_NAMES, decoders):
+    for name, decoder in (("diffusion", diffusion), ("gan", gan)):   # the keys of DECODER_NAMES
         t = time.perf_counter()
         recons[name] = reconstruct(encoder, decoder, fold.test.fmri, torch.Generator().manual_seed(config.seed))
         seconds[name] = history[name]["seconds"] + time.perf_counter() - t
-    return recons, seconds, novelty(decoders[0], fold.test.fmri)
+    return recons, seconds, novelty(diffusion, fold.test.fmri)
 
 
 def _decode(encoder: nn.Module, encode, decoder: nn.Module, x: torch.Tensor, anchor,

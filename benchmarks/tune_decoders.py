@@ -107,9 +107,9 @@ def main(argv=None) -> dict:
          help="the likelihood step is scaled by the novelty gate to this power")
     grid("--stretch", "--output-stretch", type=int, default=int(GenerativeConfig.output_stretch),
          choices=[0, 1], help="the per-fit output contrast stretch off / on")
-    p.add_argument("--gate-shift", type=float, nargs="+", default=[0.0],
-                   help="added to the fitted novelty gate's logit (< 0: it opens less); not a "
-                        "decoder setting, a check of the gate's calibration")
+    grid("--gate-shift", type=float, default=0.0,
+         help="added to the fitted novelty gate's logit (< 0: it opens less); not a decoder "
+              "setting, a check of the gate's calibration")
     p.add_argument("--seed", type=int, default=0, help="seed of the dual encoders and decoders")
     p.add_argument("--schemes", nargs="+", default=["unseen", "seen"], choices=["unseen", "seen"],
                    help=SCHEMES_HELP)

@@ -131,7 +131,19 @@ def test_fmri_correlation_figure_shows_split_half_reliability_on_its_diagonal(si
     bad = fig.axes[0].images[0].cmap.get_bad()                  # grey, not the map's white middle
     assert tuple(bad) == matplotlib.colors.to_rgba("lightgrey")
     title = " ".join(fig.get_suptitle().split())
-    assert f"({len(ids)} trials, all, each voxel" in title and "split-half reliability" in title
+    assert f"({len(ids)} trials, all, each voxel" in title and "Spearman-Brown corrected" in title
+    from matplotlib.backends.backend_agg import FigureCanvasAgg     # the title fits the figure
+    extent = fig._suptitle.get_window_extent(FigureCanvasAgg(fig).get_renderer())
+    assert extent.x0 >= 0 and extent.x1 <= fig.bbox.width
+    # halves that anti-correlate: r stays r (2r / (1 + r) would leave [-1, 1])
+    rng = np.random.default_rng(1)
+    p = rng.standard_normal(30)
+    fmri = np.stack([p, -p, p, -p, *rng.standard_normal((4, 30))]) + 0.1 * rng.standard_normal((8, 30))
+    ids2 = np.repeat([0, 1], 4)
+    z = L.standardize(fmri, *L.voxel_stats(fmri))[:4]
+    r = np.corrcoef(z[::2].mean(0), z[1::2].mean(0))[0, 1]
+    diagonal = L.plot_fmri_correlation(fmri, ids2, np.array([2, 3])).axes[0].images[0].get_array()[0, 0]
+    assert r < -0.5 and diagonal == pytest.approx(r, abs=1e-5)
 
 
 # --------------------------------------------------------------------------- bad input

@@ -434,3 +434,14 @@ def test_latent_space_legend_shows_the_markers_in_grey_and_the_points_in_their_c
         assert same_color(handle.get_facecolor()[0][:3], "0.6")
     data = [c for c in ax.collections if len(c.get_offsets())]
     assert len(data) == 3 and all(len({tuple(f) for f in c.get_facecolors()}) == 4 for c in data)
+    proxies = [c for c in ax.collections if not len(c.get_offsets())][:3]   # each marker's own size
+    assert [float(c.get_sizes()[0]) for c in proxies] == [float(d.get_sizes()[0]) for d in data]
+
+
+def test_a_full_run_markdown_says_its_fold_count_and_no_max_folds_notes():
+    """A run of every fold: "6 folds;" (one fold: "1 fold"), and neither the --max-folds caveat
+    on the majority rate nor the phrase of a partial run."""
+    md = E.benchmark_markdown(hand_made_benchmark())
+    n = hand_made_benchmark()["n_folds"]
+    assert f"\n\n{n} folds; data:" in md and "--max-folds" not in md and "majority rate is that" not in md
+    assert E.folds_text(1, 1) == "1 fold" and E.folds_text(20, 20) == "20 folds"
