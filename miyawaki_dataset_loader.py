@@ -1460,6 +1460,7 @@ def plot_fmri_correlation(fmri: np.ndarray, image_ids: np.ndarray, labels: np.nd
                  "\ndiagonal: split-half reliability, odd vs even trials, Spearman-Brown corrected;"
                  "\nlines separate the conditions)",
                  fontsize=10)
+    fig.subplots_adjust(top=0.83)     # room for the four title lines above the matrix
     return fig
 
 
