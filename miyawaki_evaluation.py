@@ -282,10 +282,16 @@ def loader_representations(model: MiyawakiDualEncoder, loader) -> dict:
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
+def knn_voters(k: int, n_train: int) -> int:
+    """The k that votes: at most the ``n_train`` training rows."""
+    return min(k, n_train)
+
+
 def knn_condition(train_emb, train_labels, test_emb, k: int = 5) -> np.ndarray:
     """Condition of each test row ``N x D`` by k-nearest-neighbour vote (cosine) among the
-    training rows ``T x D`` (sklearn; a vote tie goes to the smallest label)."""
-    clf = KNeighborsClassifier(n_neighbors=min(k, len(train_emb)), metric="cosine")
+    training rows ``T x D`` (sklearn; ``knn_voters`` of them vote, a tie going to the smallest
+    label)."""
+    clf = KNeighborsClassifier(n_neighbors=knn_voters(k, len(train_emb)), metric="cosine")
     return clf.fit(train_emb, train_labels).predict(test_emb)
 
 
@@ -577,7 +583,7 @@ def score_checkpoint(model: MiyawakiDualEncoder, fold: Fold, knn_k: int = 5, ora
     r12 = retrieval_ranks(cosine_scores(te["fmri"], te_img["image"]), test.image_ids, test.image_ids)
     same = test.image_ids[:, None] == test.image_ids[None, :]
     cond = {
-        "k": min(knn_k, len(fold.train)),       # knn_condition's: at most the training trials
+        "k": knn_voters(knn_k, len(fold.train)),   # the k that voted in knn_condition
         "fmri_latent": condition_accuracy(
             knn_condition(tr["fmri_latent"], fold.train.labels, te["fmri_latent"], knn_k), test.labels),
         "correlation": condition_accuracy(
