@@ -1384,9 +1384,9 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
                                  for n in DECODER_NAMES}}, out / CHECKPOINT_NAME)
     save_json(metrics, out / "miyawaki_generation.json")
     write_summary(out)
-    for name in DECODER_NAMES:
+    for name, title in DECODER_NAMES.items():
         m = results[name]
-        print(f"{name:9s} S1 from fMRI only: MSE {m['mse']:.4f} | PixCorr {m['pixcorr']:.3f} | "
+        print(f"{title:17s} S1 from fMRI only: MSE {m['mse']:.4f} | PixCorr {m['pixcorr']:.3f} | "
               f"SSIM {m['ssim']:.3f} | 2-way {value_text(m['two_way'])} (chance 0.5) | "
               f"top-1 {m['top1']:.2f} (chance {chance_text(1 / k)}) | top-5 {m['top5']:.2f} | "
               + (f"closer to the true image than to any training image {m['closer_than_train']:.2f} | "
@@ -1394,7 +1394,8 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
               + f"train {m['train_seconds']:.1f} s, {1000 * m['sample_seconds_per_image']:.1f} ms/image")
     if cfg.oracle:
         print(f"{ORACLE_NOTE}: " + " | ".join(
-            f"{name} PixCorr {o['pixcorr']:.3f}, MSE {o['mse']:.4f}" for name, o in oracle.items()))
+            f"{DECODER_NAMES[name]} PixCorr {o['pixcorr']:.3f}, MSE {o['mse']:.4f}"
+            for name, o in oracle.items()))
     print(f"mean-image floor: MSE {floor['mse']:.4f} | PixCorr {floor['pixcorr']:.3f}; generative "
           f"stage {stage_seconds:.1f} s on {device}, "
           f"{'bfloat16' if metrics['bf16_autocast'] else 'float32'}; saved {out / CHECKPOINT_NAME}, "

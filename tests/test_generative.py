@@ -455,6 +455,8 @@ def test_script_end_to_end_on_simulated_data(tmp_path, capsys, monkeypatch):
     assert all(len(a[0]) == 20 and "not the test reconstructions" in a[1] for a in grids)
     fmri_only, oracle = capsys.readouterr().out.split("ORACLE")  # the oracle on a line of its own
     assert "S1 from fMRI only" in fmri_only and "from fMRI only" not in oracle
+    for title in L.DECODER_NAMES.values():       # the console names the decoders as the tables do
+        assert f"\n{title:17s} S1 from fMRI only" in fmri_only and f" {title} PixCorr" in oracle
     saved = json.loads((tmp_path / "miyawaki_generation.json").read_text())
     for name in ("diffusion", "gan"):
         assert {"mse", "pixcorr", "ssim", "two_way", "top1", "top5"} <= set(saved[name])
