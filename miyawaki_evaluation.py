@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
+from collections import Counter
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -690,13 +691,30 @@ def permuted_trials(train: Trials, rng: np.random.Generator) -> Trials:
     return replace(train, fmri=train.fmri[rng.permutation(len(train))])
 
 
+def untrained_condition_trials(labels: np.ndarray, folds: list) -> int:
+    """How many test trials of ``folds`` (``splits``: (name, train, test)) show a condition, of the
+    trials' ``labels`` ``N``, that no training trial of their fold shows (a random-image session):
+    a vote among training trials cannot name it."""
+    return sum(int((~np.isin(labels[test], labels[train])).sum()) for _, train, test in folds)
+
+
+def fold_majority_rate(fold_labels: list[np.ndarray]) -> float:
+    """The majority-class rate of a benchmark table: the score of the best constant condition
+    averaged as the table averages (the mean over folds of each fold's share of it), for the
+    folds' test labels (``F`` arrays); one fold: ``majority_rate``."""
+    conditions = np.unique(np.concatenate(fold_labels))
+    return float(max(np.mean([np.mean(labels == c) for labels in fold_labels]) for c in conditions))
+
+
 def spread_text(result: dict) -> str:
-    """What the benchmark's ± is (``aggregate``'s ``std_over`` of every row), for its table and its
-    console lines."""
-    std_over = sorted({v["std_over"] for m in result["methods"].values() for v in m.values()})
-    return (f"Mean over folds; ± = SD over {' / '.join(std_over)}"
-            + (" (one split: baselines over its test trials, dual encoder over seeds)"
-               if result["n_folds"] == 1 and len(result["seeds"]) > 1 else ""))
+    """What the benchmark's ± is (``aggregate``'s ``std_over`` of the table's columns, ``METRICS``),
+    for its table and its console lines: the most common kind, and the rows of any other."""
+    rows = {name: " / ".join(sorted({m[metric]["std_over"] for metric in METRICS if metric in m}))
+            for name, m in result["methods"].items()}
+    kinds = Counter(rows.values()).most_common()
+    return (f"Mean over folds; ± = SD over {kinds[0][0]}"
+            + "".join(f"; over {kind} for " + ", ".join(METHOD_TITLES.get(n, n) for n, k in rows.items()
+                                                        if k == kind) for kind, _ in kinds[1:]))
 
 
 def mean_sd(stats: dict, digits: int = 3) -> str:
@@ -750,7 +768,8 @@ def unseen_s2_note(n_unseen: int, n_test: int) -> str:
     """The line an S2 run prints (and its markdown holds) when some test trials show an image
     their fold's training trials do not."""
     return (f"S2 note: {n_unseen} of the folds' {n_test} test trials show an image that no training "
-            f"trial of their fold shows (an image shown fewer times than S2 has folds): on those "
+            f"trial of their fold shows (an image the file shows once: stratified folds keep some trials "
+            f"of any other image in training): on those "
             f"S2 tests never-seen images, as S3 does (their nearest-training-image check is "
             f"closer_than_train)")
 
@@ -796,8 +815,13 @@ def benchmark_markdown(result: dict) -> str:
               + "".join(f"; {METHOD_TITLES[name]}, condition of the top-1 image: "
                         f"{mean_sd(result['methods'][name]['condition_top1'])}"
                         for name in ("dual_encoder", "dual_encoder_permuted") if name in result["methods"])
-              + "." + (" The majority rate is that of the scored folds' test trials, which --max-folds "
-                       "may limit to a few conditions." if n < available else ""),
+              + ". The majority rate is the best constant condition's score, averaged over the "
+                "folds as the table is" + (" (of the scored folds' test trials, which --max-folds may "
+                                          "limit to a few conditions)" if n < available else "") + "."
+              + (f" {result['n_test_trials_condition_untrained']} of the {result['n_test_trials']} "
+                 "test trials show a condition that no training trial of their fold shows: a vote "
+                 "among training trials (kNN rows, the dual encoder's) cannot name it, so scores 0 on "
+                 "them by construction." if result.get("n_test_trials_condition_untrained") else ""),
               "Two-way pool: " + ("all trials (S3). The mean image scores below 0.5 here: it is the "
                                   "mean of the training images, which are the rivals, and the held-out "
                                   "image is not among them." if result["protocol"] == "s3" else
@@ -823,8 +847,8 @@ def benchmark_markdown(result: dict) -> str:
                      if "nested" in result else "") + "."]
     if "dual_encoder_permuted" in result["methods"]:
         lines += ["", "Permutation control: training fMRI rows shuffled against the images within "
-                  "every fold (one shuffle per fold and seed), networks and linear parts alike; it "
-                  "must sit at chance, with the default score and (with --nested) with the fold's "
+                  "every fold (one shuffle per fold, first seed only), networks and linear parts "
+                  "alike; it must sit at chance, with the default score and (with --nested) with the fold's "
                   "nested setting."]
     if "paired_vs_ridge_pixcorr" in result:
         lines += ["", "## Reconstruction: paired per-fold PixCorr against ridge", "",
@@ -838,13 +862,16 @@ def benchmark_markdown(result: dict) -> str:
                   "the output leans on the linear anchor, near 0 it is the decoder's sample), mean "
                   f"over folds of each fold's mean ± SD over {next(iter(gates.values()))['std_over']}: "
                   + ", ".join(f"{METHOD_TITLES.get(n, n)} {mean_sd(g)}" for n, g in gates.items()) + "."]
-    novel = {n: m["closer_than_train"]["mean"] for n, m in result["methods"].items()
-             if "closer_than_train" in m}
+    novel = {n: m["closer_than_train"] for n, m in result["methods"].items() if "closer_than_train" in m}
     if novel:
+        # folds with a never-seen test trial; recorded only when not every fold has one (S2)
+        some = next(iter(novel.values())).get("folds")
         lines += ["", "Nearest-training-image check (docs/PROTOCOL.md, Shirakawa et al. 2024): mean over "
                   "folds of each fold's share of never-seen test trials whose reconstruction is "
                   "closer (PixCorr) to the true image than to every training image: "
-                  + ", ".join(f"{METHOD_TITLES.get(n, n)} {v:.3f}" for n, v in novel.items()) + "."
+                  + ", ".join(f"{METHOD_TITLES.get(n, n)} {v['mean']:.3f}" for n, v in novel.items()) + "."
+                  + (f" Only {len(some)} of the {result['n_folds']} folds have a never-seen test "
+                     f"trial ({', '.join(some)}), so these rest on them alone." if some else "")
                   + (" On S3 every candidate but the true image is a training image, so this is the "
                      "reconstructions' top-1 by PixCorr again (ties aside); it adds information "
                      "where the candidates are not the training images (a random-image session)."
@@ -1050,7 +1077,7 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
     if cfg.max_folds:
         folds = folds[:cfg.max_folds]
     # test trials whose image no training trial of their fold shows (all of S3's; in S2 those of
-    # images shown fewer times than it has folds): scored as never-seen images
+    # images shown once): scored as never-seen images
     n_unseen = sum(int(data.fold(train, test).unseen_test.sum()) for _, train, test in folds)
     n_test = sum(len(test) for _, _, test in folds)
     if cfg.protocol == "s2" and n_unseen:
@@ -1100,11 +1127,13 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
         "n_folds_available": n_available,
         "seeds": list(cfg.seeds), "data_source": data.source, "n_trials": len(data.trials),
         "n_candidates": k, "n_test_trials": n_test, "n_unseen_test_trials": n_unseen,
+        "n_test_trials_condition_untrained": untrained_condition_trials(data.trials.labels, folds),
         "chance": {**chance_levels(k),
                    "condition_uniform": uniform_condition_chance(data.trials.labels),
-                   # of the test trials the folds score (S1: its 12; S2 / S3: every trial)
-                   "condition_majority": majority_rate(
-                       data.trials.labels[np.concatenate([test for _, _, test in folds])])},
+                   # the best constant condition, averaged over the folds' test trials as the
+                   # table is (S1: its 12; S3: one image per fold, so one fold in four)
+                   "condition_majority": fold_majority_rate([data.trials.labels[test]
+                                                             for _, _, test in folds])},
         "methods": methods,
         "paired_vs_ridge_top1": paired_vs_reference(methods),
         **({"paired_vs_ridge_pixcorr": {g: v for g, v in paired_vs_reference(methods, metric="pixcorr")

@@ -147,6 +147,61 @@ def test_chance_row_shows_uniform_condition_chance_beside_the_majority_rate():
     assert float(m[1]) == pytest.approx(0.25) and float(m[2]) == pytest.approx(0.336)
 
 
+def test_majority_rate_is_averaged_over_folds_as_the_table_is():
+    """The chance row's majority rate is the best constant condition scored as the table scores:
+    the mean over folds of each fold's share. S3-like folds of one image each, 5 images per
+    condition and more trials of condition 2: one fold in four (0.25), not the trials' majority."""
+    trials = {2: 8, 3: 5, 4: 5, 5: 5}        # trials per image of each condition
+    folds = [np.full(trials[c], c) for c in trials for _ in range(5)]
+    assert L.majority_rate(np.concatenate(folds)) == pytest.approx(40 / 115)
+    assert E.fold_majority_rate(folds) == pytest.approx(0.25)
+    one = [np.array([2, 2, 3, 4, 5, 5, 5])]
+    assert E.fold_majority_rate(one) == L.majority_rate(one[0]) == pytest.approx(3 / 7)
+
+
+def test_spread_line_names_the_rows_whose_sd_is_over_something_else():
+    """One split with 2 seeds: most rows' ± is over test trials, the dual encoder's over seeds,
+    and the line says so by row; metrics outside the table (the gate's) do not count."""
+    result = hand_made_benchmark()
+    trial_values = np.linspace(0, 1, 12)
+    for name, m in result["methods"].items():
+        seeds = 2 if name == "dual_encoder" else 1
+        for metric in m:
+            m[metric] = E.aggregate(np.full((1, seeds), 0.5) + np.arange(seeds) / 10, trial_values)
+    result["methods"]["dual_encoder"]["novelty_gate"] = E.aggregate(np.ones((1, 1)), trial_values)
+    assert E.spread_text(result) == ("Mean over folds; ± = SD over trials; over seeds for "
+                                     f"{E.METHOD_TITLES['dual_encoder']}")
+    assert E.spread_text(hand_made_benchmark()) == "Mean over folds; ± = SD over folds"
+
+
+def test_markdown_notes_test_conditions_no_training_trial_shows():
+    """A random-image session's S1: the test trials' conditions are absent from training, so a
+    vote among training trials scores 0 by construction, and the markdown says so."""
+    random_session = L.make_simulated_dataset(random_images=L.SIM_RANDOM_IMAGES)
+    for data, protocol, expected in ((random_session, "s1", 20), (random_session, "s3", 0),
+                                     (L.make_simulated_dataset(), "s1", 0)):
+        folds = L.splits(protocol, data)
+        assert E.untrained_condition_trials(data.trials.labels, folds) == expected, protocol
+    result = hand_made_benchmark()
+    assert "by construction" not in E.benchmark_markdown(result)
+    result["n_test_trials_condition_untrained"] = 12
+    assert ("12 of the 119 test trials show a condition that no training trial of their fold shows"
+            in E.benchmark_markdown(result))
+
+
+def test_nearest_training_image_check_says_how_few_folds_it_rests_on():
+    """S2 with an image shown once: the check has values in that image's folds only (aggregate
+    under "folds"), and the line names them; where every fold has one (S3) it says nothing."""
+    result = hand_made_benchmark()
+    result["methods"]["diffusion"]["closer_than_train"] = {**E.aggregate(np.ones((1, 1)), np.ones(1)),
+                                                           "folds": ["s2-fold4"]}
+    assert ("diffusion decoder 1.000. Only 1 of the 6 folds have a never-seen test trial (s2-fold4)"
+            in E.benchmark_markdown(result))
+    result["methods"]["diffusion"]["closer_than_train"] = E.aggregate(np.ones((N_FOLDS, 1)))
+    assert "diffusion decoder 1.000." in E.benchmark_markdown(result)
+    assert "Only" not in E.benchmark_markdown(result)
+
+
 # --------------------------------------------------------------------------- summary.md
 def test_summary_shows_each_results_chance_not_its_value(tmp_path):
     """summary.md's chance column: the K-way chance beside the dual encoder's top-1 and the uniform
@@ -443,5 +498,5 @@ def test_a_full_run_markdown_says_its_fold_count_and_no_max_folds_notes():
     on the majority rate nor the phrase of a partial run."""
     md = E.benchmark_markdown(hand_made_benchmark())
     n = hand_made_benchmark()["n_folds"]
-    assert f"\n\n{n} folds; data:" in md and "--max-folds" not in md and "majority rate is that" not in md
+    assert f"\n\n{n} folds; data:" in md and "--max-folds" not in md and "scored folds'" not in md
     assert E.folds_text(1, 1) == "1 fold" and E.folds_text(20, 20) == "20 folds"
