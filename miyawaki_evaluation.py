@@ -746,7 +746,9 @@ def aggregate(values: np.ndarray, trial_values: np.ndarray | None = None) -> dic
     if values.shape[1] > 1:
         out["std_seeds"] = float(values.mean(axis=0).std(ddof=1))
     out["per_fold"] = per_fold.tolist()
-    out["per_fold_seed"] = values.tolist()       # F x S, so that runs over other seeds can be merged
+    # F x S, so that runs over other seeds can be merged (the rows fitted per seed; not the
+    # ensemble's, F x 1, nor the rows of a run's first seed alone: nested, permutation control)
+    out["per_fold_seed"] = values.tolist()
     return out
 
 
