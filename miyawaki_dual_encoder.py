@@ -895,11 +895,12 @@ def train_dual_encoders(train: Trials, configs: list[DualEncoderConfig], device:
     (``torch.func.stack_module_state``) and every step runs all of them at once under ``vmap``,
     what keeps a GPU busy with models this small.
 
-    Each fit draws what ``train_dual_encoder`` draws for its seed, in the same order: the same
-    initial weights, epoch order, fMRI noise and mixup pairs; so with ``dropout`` 0 the fits equal
-    separate ``train_dual_encoder`` fits within float rounding (tests/test_dual_encoder.py). Dropout
-    masks come from vmap (``randomness="different"``): with dropout > 0 the fits are separate fits
-    in distribution, not number for number. ``candidates``: as in ``train_dual_encoder``. Returns
+    Each fit draws the initial weights, epoch order, fMRI noise and mixup pairs that
+    ``train_dual_encoder`` draws for its seed, in the same order, so with ``dropout`` 0 the fits
+    equal separate ``train_dual_encoder`` fits within float rounding (tests/test_dual_encoder.py).
+    Dropout masks come from vmap (``randomness="different"``), while a separate fit draws them from
+    its seed's stream, between the draws above: with dropout > 0 the noise and mixup draws differ
+    from the second epoch on, and the fits are separate fits in distribution, not number for number. ``candidates``: as in ``train_dual_encoder``. Returns
     (models in eval mode, histories with ``train_loss`` per epoch, ``n_train``, ``n_validation``)."""
     from torch.func import functional_call, stack_module_state, vmap
     base = check_options(configs[0])
@@ -966,7 +967,7 @@ def train_dual_encoders(train: Trials, configs: list[DualEncoderConfig], device:
 # CV's best: the embeddings break the read-out's near ties between letters of one font), with
 # either pixel read-out (the receptive-field one reads out new images; ridge was 0.005 better on
 # the S1 training trials' seen inner CV); a weight of 0 takes the first read-out only, as the
-# read-out is then unused.
+# read-out is then unused, and an encoding weight of 0 the first alpha (27 settings).
 SCORE_GRID = {"readout_weight": (0.0, 0.25, 0.5, 0.75, 0.9),
               "encoding_weight": (0.0, 0.25, 0.5, 0.75), "encoding_alpha": (30.0, 100.0),
               "readout_model": READOUT_MODELS}
@@ -978,9 +979,11 @@ def score_settings(grid: dict = SCORE_GRID) -> list[dict]:
     varies fastest)."""
     combos = (dict(zip(grid, values)) for values in itertools.product(*grid.values()))
     first_readout = grid.get("readout_model", (None,))[0]
+    first_alpha = grid.get("encoding_alpha", (None,))[0]
     return [c for c in combos
             if c.get("readout_weight", 0) + c.get("encoding_weight", 0) <= MAX_LINEAR_WEIGHT + 1e-9
-            and (c.get("readout_weight") != 0 or c.get("readout_model", first_readout) == first_readout)]
+            and (c.get("readout_weight") != 0 or c.get("readout_model", first_readout) == first_readout)
+            and (c.get("encoding_weight") != 0 or c.get("encoding_alpha", first_alpha) == first_alpha)]
 
 
 def setting_name(setting: dict) -> str:
@@ -1068,8 +1071,9 @@ def inner_cv_scores(data: MiyawakiData, train_idx: np.ndarray, config: DualEncod
 
 def select_setting(inner: dict, settings: list[dict]) -> dict:
     """The setting with the best inner-CV score (``inner_cv_scores``' "top1" for nested
-    selection); a tie goes to the first in grid order (less weight on the linear parts first, then
-    the receptive-field read-out)."""
+    selection); a tie goes to the first in grid order (``score_settings``: the lower read-out
+    weight first, then the lower encoding weight, alpha, and the receptive-field read-out before
+    ridge)."""
     best = max(inner.values())
     return next(c for c in settings if inner[setting_name(c)] >= best - 1e-12)
 

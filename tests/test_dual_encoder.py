@@ -360,9 +360,11 @@ def test_nested_grid_and_its_tie_rule():
     default = {"readout_weight": 0.9, "encoding_weight": 0.0, "encoding_alpha": 30.0,
                "readout_model": "receptive-field"}
     assert default in settings and {**default, "readout_model": "ridge"} in settings
-    # 22 weight settings, each with both read-outs but the 8 whose read-out weight is 0 (unused)
-    assert len(settings) == 36 == len({setting_name(c) for c in settings})
+    # 11 weight pairs; both read-outs for the 7 with a read-out weight, both alphas for the 7 with
+    # an encoding weight: 1 + 3 * 2 + 4 * 2 + 3 * 4 (an unused part's alternatives are duplicates)
+    assert len(settings) == 27 == len({setting_name(c) for c in settings})
     assert all(c["readout_model"] == "receptive-field" for c in settings if c["readout_weight"] == 0)
+    assert all(c["encoding_alpha"] == 30.0 for c in settings if c["encoding_weight"] == 0)
     assert settings[0] == {"readout_weight": 0.0, "encoding_weight": 0.0, "encoding_alpha": 30.0,
                            "readout_model": "receptive-field"}
     inner = {setting_name(c): 0.5 for c in settings}
