@@ -900,8 +900,8 @@ def train_dual_encoders(train: Trials, configs: list[DualEncoderConfig], device:
     equal separate ``train_dual_encoder`` fits within float rounding (tests/test_dual_encoder.py).
     Dropout masks come from vmap (``randomness="different"``), while a separate fit draws them from
     its seed's stream, between the draws above: with dropout > 0 the noise and mixup draws differ
-    from the second epoch on, and the fits are separate fits in distribution, not number for number. ``candidates``: as in ``train_dual_encoder``. Returns
-    (models in eval mode, histories with ``train_loss`` per epoch, ``n_train``, ``n_validation``)."""
+    from the second epoch on, and the fits are separate fits in distribution, not number for
+    number. ``candidates``: as in ``train_dual_encoder``. Returns (models in eval mode, histories with ``train_loss`` per epoch, ``n_train``, ``n_validation``)."""
     from torch.func import functional_call, stack_module_state, vmap
     base = check_options(configs[0])
     if any(replace(c, seed=base.seed) != base for c in configs):

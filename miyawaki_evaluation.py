@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from collections import Counter
 import warnings
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -770,10 +770,9 @@ def unseen_s2_note(n_unseen: int, n_test: int) -> str:
     """The line an S2 run prints (and its markdown holds) when some test trials show an image
     their fold's training trials do not."""
     return (f"S2 note: {n_unseen} of the folds' {n_test} test trials show an image that no training "
-            f"trial of their fold shows (an image the file shows once: stratified folds keep some trials "
-            f"of any other image in training): on those "
-            f"S2 tests never-seen images, as S3 does (their nearest-training-image check is "
-            f"closer_than_train)")
+            f"trial of their fold shows (an image the file shows once: stratified folds keep some "
+            f"trials of any other image in training): on those S2 tests never-seen images, as S3 "
+            f"does (their nearest-training-image check is closer_than_train)")
 
 
 def benchmark_markdown(result: dict) -> str:
@@ -850,8 +849,8 @@ def benchmark_markdown(result: dict) -> str:
     if "dual_encoder_permuted" in result["methods"]:
         lines += ["", "Permutation control: training fMRI rows shuffled against the images within "
                   "every fold (one shuffle per fold, first seed only), networks and linear parts "
-                  "alike; it must sit at chance, with the default score and (with --nested) with the fold's "
-                  "nested setting."]
+                  "alike; it must sit at chance, with the default score and (with --nested) with "
+                  "the fold's nested setting."]
     if "paired_vs_ridge_pixcorr" in result:
         lines += ["", "## Reconstruction: paired per-fold PixCorr against ridge", "",
                   "| method | mean diff | wins | ties | losses |", "|---|---|---|---|---|"]
@@ -872,8 +871,8 @@ def benchmark_markdown(result: dict) -> str:
                   "folds of each fold's share of never-seen test trials whose reconstruction is "
                   "closer (PixCorr) to the true image than to every training image: "
                   + ", ".join(f"{METHOD_TITLES.get(n, n)} {v['mean']:.3f}" for n, v in novel.items()) + "."
-                  + (f" Only {len(some)} of the {result['n_folds']} folds have a never-seen test "
-                     f"trial ({', '.join(some)}), so these rest on them alone." if some else "")
+                  + (f" Never-seen test trials are in {len(some)} of the {result['n_folds']} folds "
+                     f"only ({', '.join(some)}), so these rest on them alone." if some else "")
                   + (" On S3 every candidate but the true image is a training image, so this is the "
                      "reconstructions' top-1 by PixCorr again (ties aside); it adds information "
                      "where the candidates are not the training images (a random-image session)."

@@ -195,11 +195,11 @@ def test_nearest_training_image_check_says_how_few_folds_it_rests_on():
     result = hand_made_benchmark()
     result["methods"]["diffusion"]["closer_than_train"] = {**E.aggregate(np.ones((1, 1)), np.ones(1)),
                                                            "folds": ["s2-fold4"]}
-    assert ("diffusion decoder 1.000. Only 1 of the 6 folds have a never-seen test trial (s2-fold4)"
+    assert ("diffusion decoder 1.000. Never-seen test trials are in 1 of the 6 folds only (s2-fold4)"
             in E.benchmark_markdown(result))
     result["methods"]["diffusion"]["closer_than_train"] = E.aggregate(np.ones((N_FOLDS, 1)))
     assert "diffusion decoder 1.000." in E.benchmark_markdown(result)
-    assert "Only" not in E.benchmark_markdown(result)
+    assert "Never-seen test trials are in" not in E.benchmark_markdown(result)
 
 
 # --------------------------------------------------------------------------- summary.md
