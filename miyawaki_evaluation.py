@@ -837,7 +837,9 @@ def benchmark_markdown(result: dict) -> str:
         chosen = [setting_name(c["setting"]) for c in n["per_fold"]]
         counts = "; ".join(f"{name} ({chosen.count(name)})" for name in dict.fromkeys(chosen))
         lines += ["", f"Nested selection: every fold chose the dual encoder's score setting from the "
-                  f"grid {n['grid']} (linear weights summing to at most {n['max_linear_weight']:g}) "
+                  f"grid {n['grid']} (linear weights summing to at most {n['max_linear_weight']:g}; "
+                  f"the alpha only where the encoding weight is > 0, the read-out model only where "
+                  f"its weight is > 0: {len(n['per_fold'][0]['inner_top1'])} settings) "
                   f"by inner CV on its own training trials ({n['inner_scheme']} inner folds, "
                   f"{n['inner_repeats']} repeat(s), seed {n['inner_seed']}; {n['rule']}). Chosen "
                   f"(folds): {counts}. The per-fold choices and inner scores are in the JSON."]
@@ -1132,7 +1134,8 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
         "chance": {**chance_levels(k),
                    "condition_uniform": uniform_condition_chance(data.trials.labels),
                    # the best constant condition, averaged over the folds' test trials as the
-                   # table is (S1: its 12; S3: one image per fold, so one fold in four)
+                   # table is (S1: its 12; S3 of Miyawaki's file, one image per fold and 5 per
+                   # condition: one fold in four)
                    "condition_majority": fold_majority_rate([data.trials.labels[test]
                                                              for _, _, test in folds])},
         "methods": methods,

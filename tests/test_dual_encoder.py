@@ -360,7 +360,7 @@ def test_nested_grid_and_its_tie_rule():
     default = {"readout_weight": 0.9, "encoding_weight": 0.0, "encoding_alpha": 30.0,
                "readout_model": "receptive-field"}
     assert default in settings and {**default, "readout_model": "ridge"} in settings
-    # 11 weight pairs; both read-outs for the 7 with a read-out weight, both alphas for the 7 with
+    # 11 weight pairs: both read-outs for the 7 with a read-out weight, both alphas for the 6 with
     # an encoding weight: 1 + 3 * 2 + 4 * 2 + 3 * 4 (an unused part's alternatives are duplicates)
     assert len(settings) == 27 == len({setting_name(c) for c in settings})
     assert all(c["readout_model"] == "receptive-field" for c in settings if c["readout_weight"] == 0)

@@ -388,6 +388,7 @@ def test_benchmark_s3_two_folds_writes_the_schema(tmp_path, capsys):
     assert md.startswith("# Benchmark S3: leave-one-stimulus-out (the test image never in training)"
                          "\n\nthe first 2 of 20 folds (--max-folds)")
     assert "(of the scored folds' test trials, which --max-folds may limit" in md   # one condition here
+    assert f"model only where its weight is > 0: {len(D.score_settings())} settings)" in md
     assert "The mean image scores below 0.5 here: it is the mean of the training images" in md
     # on S3 every other candidate is a training image: the nearest-training-image check is the
     # PixCorr top-1 again, fold for fold, as the markdown says

@@ -182,6 +182,8 @@ def test_markdown_notes_test_conditions_no_training_trial_shows():
                                      (L.make_simulated_dataset(), "s1", 0)):
         folds = L.splits(protocol, data)
         assert E.untrained_condition_trials(data.trials.labels, folds) == expected, protocol
+    labels = np.array([1, 2, 2, 3, 3])     # a fold of three conditions, one of them untrained
+    assert E.untrained_condition_trials(labels, [("f", np.array([1, 3]), np.array([0, 2, 4]))]) == 1
     result = hand_made_benchmark()
     assert "by construction" not in E.benchmark_markdown(result)
     result["n_test_trials_condition_untrained"] = 12
