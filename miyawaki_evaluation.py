@@ -594,7 +594,7 @@ def score_checkpoint(model: MiyawakiDualEncoder, fold: Fold, knn_k: int = 5, ora
     }
     if cond["uniform_chance"] == 1:
         cond["note"] = "one condition in the data: 1 by construction, not a measurement"
-    elif not np.isin(test.labels, fold.train.labels).any():      # e.g. a random-image session
+    elif untrained_conditions(fold.train.labels, test.labels).all():   # e.g. a random-image session
         cond["note"] = ("no test trial's condition occurs among the training trials, so a kNN vote "
                         "over them cannot name it: 0 by construction, not a measurement")
     base, _ = evaluate_baselines(fold)
@@ -691,11 +691,16 @@ def permuted_trials(train: Trials, rng: np.random.Generator) -> Trials:
     return replace(train, fmri=train.fmri[rng.permutation(len(train))])
 
 
+def untrained_conditions(train_labels: np.ndarray, test_labels: np.ndarray) -> np.ndarray:
+    """``N`` bool: the test trials (``test_labels`` ``N``) whose condition no training trial shows
+    (a random-image session): a vote among training trials cannot name it."""
+    return ~np.isin(test_labels, train_labels)
+
+
 def untrained_condition_trials(labels: np.ndarray, folds: list) -> int:
-    """How many test trials of ``folds`` (``splits``: (name, train, test)) show a condition, of the
-    trials' ``labels`` ``N``, that no training trial of their fold shows (a random-image session):
-    a vote among training trials cannot name it."""
-    return sum(int((~np.isin(labels[test], labels[train])).sum()) for _, train, test in folds)
+    """How many test trials of ``folds`` (``splits``: (name, train, test)) over the trials'
+    ``labels`` ``N`` have a condition their fold's training trials lack (``untrained_conditions``)."""
+    return sum(int(untrained_conditions(labels[train], labels[test]).sum()) for _, train, test in folds)
 
 
 def fold_majority_rate(fold_labels: list[np.ndarray]) -> float:
