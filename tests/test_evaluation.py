@@ -346,7 +346,7 @@ def test_s2_with_an_image_shown_once_averages_its_unseen_metric_over_its_folds(t
 def test_benchmark_s3_two_folds_writes_the_schema(tmp_path, capsys):
     (tmp_path / "benchmark_s3_reconstructions.png").write_bytes(b"an earlier --generative run's")
     result = E.main([*FAST, "--protocol", "s3", "--max-folds", "2", "--seeds", "0", "1",
-                     "--epochs", "4", "--permutation-control", "--nested", "--out-dir", str(tmp_path)])
+                     "--epochs", "2", "--permutation-control", "--nested", "--out-dir", str(tmp_path)])
     # the console's rows say what their ± is, as the markdown does
     assert "Mean over folds; ± = SD over folds:\nmean image" in capsys.readouterr().out
     saved = json.loads((tmp_path / "benchmark_s3.json").read_text())
