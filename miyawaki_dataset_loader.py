@@ -847,13 +847,18 @@ def uniform_condition_chance(labels) -> float:
 
 # --------------------------------------------------------------------------- plumbing (seeding, device, options, files)
 def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch (CPU and CUDA) and ask torch for deterministic kernels."""
+    """Seed Python, numpy and torch (CPU and CUDA) and, where CUDA is there, ask torch for
+    deterministic kernels."""
     # cuBLAS is deterministic only with a fixed workspace; it reads this when CUDA first starts
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    # Only with CUDA: on a CPU-only host the request changes no number of these scripts (their
+    # outputs on the real file are the same bit for bit without it) and imports torch's compiler,
+    # about 1 s in every process (docs/SPEED.md)
+    if torch.cuda.is_available():
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def one_cycle(optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int,

@@ -528,3 +528,19 @@ def test_metrics_refuse_reconstructions_of_another_count_or_scale(sim):
         score(255 * true)
     with pytest.raises(ValueError, match=r"true images with values in \[0, 255\]"):
         L.reconstruction_metrics(true, 255 * true, ids, cand)
+
+
+def test_seed_everything_asks_for_deterministic_kernels_where_cuda_is(monkeypatch):
+    """With CUDA, torch is asked for deterministic kernels (warn-only); on a CPU-only host the
+    request is skipped, as it changes no number there and costs about 1 s of imports."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        for cuda in (False, True):
+            torch.use_deterministic_algorithms(False)
+            monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+            L.seed_everything(0)
+            assert torch.are_deterministic_algorithms_enabled() == cuda
+            assert torch.is_deterministic_algorithms_warn_only_enabled() == cuda
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
