@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import http.client
 import json
+import math
 import operator
 import os
 import random
@@ -971,6 +972,15 @@ MAX_SEED = 2**32 - 1   # numpy's legacy seeding and scikit-learn's random_state 
 SEED_METADATA = {"min": 0, "max": MAX_SEED, "help": "random seed"}   # every config's seed field
 
 
+def out_dir_path(text: str) -> Path:
+    """``--out-dir`` as a Path; an empty one (which would write into the current folder) is an
+    argparse type error: one line, exit code 2."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty folder would put the outputs in the current "
+                                         "one; give a folder ('.' for the current one)")
+    return Path(text)
+
+
 @dataclass
 class ScriptOptions:
     """The settings every script shares (``add_common_args``); each script's config extends it."""
@@ -979,7 +989,8 @@ class ScriptOptions:
         "help": f"a .mat file, 'simulated' or 'simulated-random'; default "
                 f"{DEFAULT_DATA.relative_to(REPO_DIR)}, falling back to the simulated set when that "
                 f"file is absent"})
-    out_dir: Path = field(default=DEFAULT_OUT, metadata={"help": "where outputs go"})
+    out_dir: Path = field(default=DEFAULT_OUT, metadata={"type": out_dir_path,
+                                                         "help": "where outputs go"})
     seed: int = field(default=0, metadata=SEED_METADATA)
     device: str = field(default="auto", metadata={
         "choices": ("auto", "cpu", "cuda"), "help": "auto = CUDA when available, else the CPU"})
@@ -999,7 +1010,8 @@ def number_text(x) -> str:
 def check_options(cfg):
     """Return the config dataclass ``cfg`` after checking every field against its metadata:
     ``min`` / ``max`` (inclusive), ``above`` / ``below`` (exclusive), each item of a tuple, a
-    tuple's ``max_items``, and ``choices``. Raises OptionError naming the first option out of range."""
+    tuple's ``max_items``, and ``choices``; every float must be finite (NaN and inf are refused
+    where no bound would catch them). Raises OptionError naming the first option out of range."""
     for f in fields(cfg):
         value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
         if "choices" in f.metadata and value is not None and value not in f.metadata["choices"]:
@@ -1007,6 +1019,8 @@ def check_options(cfg):
         if isinstance(value, tuple) and len(value) > f.metadata.get("max_items", len(value)):
             raise OptionError(f"{flag} takes at most {f.metadata['max_items']} values, got {len(value)}")
         for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, float) and not math.isfinite(item):
+                raise OptionError(f"{flag} must be a finite number, got {item:g}")
             for key, (ok, sign) in BOUNDS.items():
                 if key in f.metadata and not ok(item, f.metadata[key]):
                     raise OptionError(f"{flag} must be {sign} {number_text(f.metadata[key])}, "
@@ -1152,15 +1166,16 @@ def check_finite(loss: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def prepare_out_dir(out_dir: Path) -> Path:
-    """Create ``out_dir`` and check it is writable before any work is done."""
+    """Create ``out_dir`` and check it is writable before any work is done (OptionError, exit
+    code 2 in ``run_cli``, if not)."""
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir):
             pass
     except OSError as e:
-        raise SystemExit(f"error: cannot write to --out-dir {out_dir} ({e.strerror}); "
-                         "choose a writable folder") from None
+        raise OptionError(f"cannot write to --out-dir {out_dir} ({e.strerror}); "
+                          "choose a writable folder") from None
     return out_dir
 
 
@@ -1185,12 +1200,12 @@ def _exit_on_sigterm(signum, frame):
 
 
 def run_cli(main) -> None:
-    """Run a script's ``main()``; a data or checkpoint problem or a diverged training (a
-    non-finite loss, ``check_finite``; exit code 1) or a bad option (exit code 2) ends it with its
-    one-line message on stderr, before anything is written. SIGTERM (``kill``) ends it as an
-    exception, exit code 143, so that what it started is cleaned up as on an error: the
-    benchmark's worker processes are terminated with it (by default they would outlive it and
-    run their folds to the end)."""
+    """Run a script's ``main()``; a data or checkpoint problem, a diverged training (a
+    non-finite loss, ``check_finite``) or memory running out (exit code 1) or a bad option (exit
+    code 2) ends it with its one-line message on stderr, before anything is written. SIGTERM
+    (``kill``) ends it as an exception, exit code 143, so that what it started is cleaned up as
+    on an error: the benchmark's worker processes are terminated with it (by default they would
+    outlive it and run their folds to the end)."""
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         main()
@@ -1199,6 +1214,12 @@ def run_cli(main) -> None:
         sys.exit(2 if isinstance(e, OptionError) else 1)
     except FloatingPointError as e:
         print(f"error: training diverged: {one_line(e)}", file=sys.stderr)
+        sys.exit(1)
+    except (MemoryError, RuntimeError) as e:     # torch's CPU allocator raises a RuntimeError
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(e):
+            raise
+        print("error: out of memory: the settings need more memory than this machine has; "
+              "choose smaller sizes (outputs left as they were)", file=sys.stderr)
         sys.exit(1)
 
 

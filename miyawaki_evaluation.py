@@ -19,6 +19,7 @@ only under the ``oracle`` key (``--oracle``) and are labelled "oracle" wherever 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 import warnings
 from collections import Counter
@@ -1099,14 +1100,15 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
     t_start = time.perf_counter()
     run_fold = partial(benchmark_fold, cfg, data, pool, device)
     jobs = [(i, *f) for i, f in enumerate(folds)]
-    # worker processes share this process's threads (1 each for 2 workers on this 2-core machine,
-    # which runs S3 in ~20 % less time than one process with 2 threads); leaving the block on an
-    # error or Ctrl-C terminates the workers at once
+    # worker processes (no more than there are folds) share this process's threads (1 each for 2
+    # workers on this 2-core machine, which runs S3 in ~20 % less time than one process with 2
+    # threads); leaving the block on an error or Ctrl-C terminates the workers at once
+    n_workers = min(cfg.workers, len(jobs))
     workers = (multiprocessing.get_context("spawn").Pool(
-        cfg.workers, worker_threads, (max(1, torch.get_num_threads() // cfg.workers),))
-        if cfg.workers > 1 else nullcontext())
+        n_workers, worker_threads, (max(1, torch.get_num_threads() // n_workers),))
+        if n_workers > 1 else nullcontext())
     with workers:
-        results = workers.imap(run_fold, jobs) if cfg.workers > 1 else map(run_fold, jobs)
+        results = workers.imap(run_fold, jobs) if n_workers > 1 else map(run_fold, jobs)
         bar = tqdm(results, total=len(folds), desc=f"{cfg.protocol} folds", disable=None)
         galleries, nested = [], []
         for i, (rows, gallery, choice) in enumerate(bar):  # in fold order, whichever process ran it
@@ -1234,7 +1236,7 @@ BENCHMARK_OPTIONS = ("seeds", "epochs", "max_folds", "permutation_control", "nes
 def check_mode_options(cfg: EvaluationConfig) -> None:
     """OptionError for an option of the other mode than ``cfg.protocol`` picks (``CHECKPOINT_OPTIONS``
     without a protocol, ``BENCHMARK_OPTIONS`` with one), for repeated ``--seeds``, and for
-    ``--inner-repeats`` without ``--nested``."""
+    ``--inner-repeats`` without ``--nested``, and for more ``--workers`` than CPUs."""
     if cfg.protocol:
         check_unused(cfg, CHECKPOINT_OPTIONS, "without --protocol (the checkpoint's evaluation); the "
                      "benchmark trains its own models")
@@ -1245,6 +1247,9 @@ def check_mode_options(cfg: EvaluationConfig) -> None:
     if cfg.inner_repeats > 1 and not cfg.nested:
         raise OptionError(f"--inner-repeats {cfg.inner_repeats} needs --nested (it repeats the "
                           "nested selection's inner CV)")
+    cpus = os.cpu_count() or 1
+    if cfg.workers > cpus:      # each worker is a process with its own models: more only fill memory
+        raise OptionError(f"--workers {cfg.workers} is more than the {cpus} CPUs here; give at most {cpus}")
 
 
 def main(argv: list[str] | EvaluationConfig | None = None) -> dict:

@@ -1,6 +1,7 @@
 """Bad settings and unusable data are refused before any work: one line on stderr (exit code 2
 for an option, 1 for data), no traceback, and the earlier outputs left byte-identical."""
 
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -77,6 +78,12 @@ BAD_OPTIONS = {  # name -> (script, options, words of the message)
     "max folds -19": (E, ["--protocol", "s3", "--max-folds", "-19"], "--max-folds must be >= 0"),
     "benchmark epochs -1": (E, ["--protocol", "s3", "--epochs", "-1"], "--epochs must be >= 1"),
     "workers 0": (E, ["--protocol", "s3", "--workers", "0"], "--workers must be >= 1"),
+    "more workers than CPUs": (E, ["--protocol", "s3", "--workers", str((os.cpu_count() or 1) + 1)],
+                               f"is more than the {os.cpu_count() or 1} CPUs here"),
+    "logit scale inf": (D, ["--logit-scale-init", "inf"], "--logit-scale-init must be a finite number, got inf"),
+    "encoding alpha inf": (D, ["--encoding-alpha", "inf"], "--encoding-alpha must be a finite number"),
+    "guidance nan": (G, ["--guidance-scale", "nan"], "--guidance-scale must be a finite number, got nan"),
+    "likelihood weight -inf": (G, ["--likelihood-weight=-inf"], "--likelihood-weight must be a finite number"),
     "inner repeats 0": (E, ["--protocol", "s2", "--nested", "--inner-repeats", "0"],
                         "--inner-repeats must be >= 1"),
     "inner repeats without nested": (E, ["--protocol", "s2", "--inner-repeats", "2"],
@@ -102,6 +109,23 @@ def test_bad_option_is_refused_before_any_work(case, out, capsys):
     script, options, words = BAD_OPTIONS[case]
     code, line = refused(script.main, [*SIM, *options, "--out-dir", str(out)], out, capsys)
     assert code == 2 and words in line
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError(
+    "[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: you tried "
+    "to allocate 400000000000 bytes.")], ids=["numpy", "torch"])
+def test_running_out_of_memory_is_one_line(error, capsys):
+    """Sizes too large for the machine's memory (--mixup 100000000, --prior-size 100000000) end
+    with one line, exit code 1; any other RuntimeError stays a traceback (a bug to see)."""
+    def main():
+        raise error
+
+    with pytest.raises(SystemExit) as exc:
+        L.run_cli(main)
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and err.count("\n") == 1 and err.startswith("error: out of memory")
+    with pytest.raises(RuntimeError, match="a bug"):
+        L.run_cli(lambda: (_ for _ in ()).throw(RuntimeError("a bug")))
 
 
 def test_the_bounds_are_the_code_s_limits():

@@ -426,6 +426,31 @@ def test_benchmark_workers_give_the_same_numbers_as_one_process(tmp_path, monkey
         E.parse_args(["--protocol", "s3", "--workers", "0"])
 
 
+def test_benchmark_starts_no_more_worker_processes_than_folds(tmp_path, monkeypatch):
+    """--workers 2 with one fold runs it in this process; with two folds, in a pool of 2."""
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    pools = []
+
+    class Context:  # notes the pool's size and stops the run there
+        def Pool(self, processes, *args):
+            pools.append(processes)
+            raise Stop
+
+    monkeypatch.setattr(E.multiprocessing, "get_context", lambda method: Context())
+    monkeypatch.setattr(E, "benchmark_fold", stop)
+    for folds, pool in (("1", []), ("2", [2])):
+        pools.clear()
+        with pytest.raises(Stop):
+            E.main([*FAST, "--protocol", "s3", "--max-folds", folds, "--seeds", "0", "--workers", "2",
+                    "--out-dir", str(tmp_path)])
+        assert pools == pool
+
+
 def test_benchmark_workers_run_blas_on_their_share_of_threads():
     """A worker's numpy / scipy BLAS runs on the worker's threads, not on one per core (the tests
     set 1 thread by environment, so 2 shows the limit at work)."""

@@ -299,11 +299,19 @@ def test_cli_download_real_file(server, real_path, tmp_path):
 
 
 # --------------------------------------------------------------------------- outputs
-def test_out_dir_not_writable(tmp_path):
+def test_out_dir_not_writable_or_empty_is_a_bad_option(tmp_path, capsys):
+    """An --out-dir that cannot be written ends the run as a bad option does (one line, exit code
+    2), and so does an empty one, which would put the outputs in the current folder."""
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    with pytest.raises(SystemExit, match="cannot write to --out-dir .*a_file/out"):
+    with pytest.raises(L.OptionError, match="cannot write to --out-dir .*a_file/out"):
         L.prepare_out_dir(blocker / "out")
+    with pytest.raises(SystemExit) as exc:
+        L.run_cli(lambda: L.prepare_out_dir(blocker / "out"))
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        L.main(["--data", "simulated", "--out-dir", ""])
+    assert exc.value.code == 2 and "an empty folder would put the outputs" in capsys.readouterr().err
 
 
 def test_torch_dataset_items(sim):
