@@ -1280,6 +1280,7 @@ def plot_sample_grid(samples: np.ndarray, title: str, names: list[str] | None = 
 # synthetic fMRI still use anchor_model, rf_voxels and anchor_folds without it)
 ANCHOR_OPTIONS = ("anchor_blend", "init_strength", "novelty_gate", "likelihood_gate_power",
                   "output_stretch", "rf_ridge_weight", "rf_noise_shrink", "rf_prior_scale")
+POSTERIOR_OPTIONS = ("rf_ridge_weight", "rf_noise_shrink", "rf_prior_scale")   # the anchor's posterior half
 
 
 def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
@@ -1288,6 +1289,10 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
     cfg = check_options(argv) if isinstance(argv, GenerativeConfig) else parse_args(argv)
     if not cfg.anchor:
         check_unused(cfg, ANCHOR_OPTIONS, "with the decoders' anchor, which --no-anchor turns off")
+    if cfg.anchor_model == "ridge":
+        check_unused(cfg, POSTERIOR_OPTIONS, "with --anchor-model receptive-field (ridge has no posterior half)")
+    if not cfg.novelty_gate:
+        check_unused(cfg, ("likelihood_gate_power",), "with the novelty gate, which --no-novelty-gate turns off")
     if cfg.sampler == "ddpm":
         check_unused(cfg, ("num_inference_steps",),
                      "with --sampler ddim (ddpm steps through every timestep)")
