@@ -53,6 +53,9 @@ CONDITION_NAMES = {1: "random", 2: "shapes", 3: "letters (thin)", 4: "letters (l
 DECODER_NAMES = {"diffusion": "diffusion decoder", "gan": "GAN decoder"}   # in tables and figures
 SIM_RANDOM_IMAGES = 440  # Miyawaki's random-image session: 440 trials
 REQUIRED_KEYS = ("fmriTrn", "stimTrn", "labelTrn", "fmriTest", "stimTest", "labelTest")
+# the largest value a key may hold: its squares and sums stay finite in float32, and a label stays
+# a whole number in float64 (above 2**53 a float has no unit digit)
+LARGEST_VALUE = 1e15
 # 2: one layout, a model's {config, state} beside the script_config; 3: the data fingerprint
 # covers the images and labels too (a format-2 checkpoint of other images passed as this data's)
 CHECKPOINT_FORMAT = 3
@@ -291,6 +294,10 @@ def load_miyawaki(path: str | os.PathLike) -> MiyawakiData:
             if not np.all(np.isfinite(values)):
                 raise DataError(f"{path}: {key} contains NaN or Inf values; impute or drop those "
                                 "voxels/trials before loading")
+            if len(values) and np.abs(values).max() > LARGEST_VALUE:
+                raise DataError(f"{path}: {key} holds values up to {np.abs(values).max():g} in size; "
+                                f"expected at most {LARGEST_VALUE:g} (float32 arithmetic and "
+                                "whole-number labels): rescale or renumber them")
         stim = stim.astype(np.float64)
         if len(stim) and (stim.min() < 0 or stim.max() > 255):
             raise DataError(f"{path}: stim{part} values span [{stim.min():g}, {stim.max():g}]; "
@@ -310,7 +317,7 @@ def load_miyawaki(path: str | os.PathLike) -> MiyawakiData:
     if len(np.unique(stim, axis=0)) < 2:
         raise DataError(f"{path} shows one distinct image in all its trials; identification and "
                         f"decoding need at least two")
-    if not np.ptp(fmri, axis=0).any():
+    if not np.ptp(fmri.astype(np.float32), axis=0).any():     # as the models see it (float32)
         raise DataError(f"{path}: no voxel's fMRI varies across the trials; there is nothing to decode")
     labels = np.concatenate([parts["Trn"][2], parts["Test"][2]])
     fractional = labels[labels != np.round(labels)]
