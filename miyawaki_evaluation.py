@@ -1085,6 +1085,11 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
     out = prepare_out_dir(cfg.out_dir)
     if cfg.max_folds:
         folds = folds[:cfg.max_folds]
+    if cfg.generative:
+        from miyawaki_generative_backend import check_training_images
+        for name, train, _ in folds:
+            check_training_images(data.trials.image_ids[train], f"{data.source}: the training trials "
+                                  f"of {cfg.protocol.upper()} fold {name}")
     # test trials whose image no training trial of their fold shows (all of S3's; in S2 those of
     # images shown once): scored as never-seen images
     n_unseen = sum(int(data.fold(train, test).unseen_test.sum()) for _, train, test in folds)

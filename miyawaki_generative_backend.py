@@ -66,7 +66,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, DECODER_NAMES, IMAGE_SIDE, N_PIXELS,
-                                     CheckpointError, Fold,
+                                     CheckpointError, DataError, Fold,
                                      check_unused, chance_text, value_text,
                                      FromCheckpointHint, MeanImageBaseline, RidgeBaseline, condition_name,
                                      identification_scores, ScriptOptions, bf16_autocast, uses_bf16,
@@ -854,6 +854,15 @@ class GenerativeConfig(ScriptOptions):
                 "embedding as the condition, the image as the anchor): not a decoding result"})
 
 
+def check_training_images(image_ids: np.ndarray, where: str) -> None:
+    """DataError (``where``: whose training trials, for the message) where training trials of image
+    ids ``image_ids`` show fewer than 2 distinct images: the decoders' anchor, gate and synthetic
+    prior are fitted out of fold, grouped by image."""
+    if len(np.unique(image_ids)) < 2:
+        raise DataError(f"{where} show one distinct image; the decoders need at least 2 (their "
+                        "anchor's read-outs are fitted out of fold, grouped by image)")
+
+
 def build_decoder(cls: type, correlation_dim: int, config: GenerativeConfig, seed: int,
                   anchor_voxels: int = 0, gate_images: int = 0) -> nn.Module:
     """A decoder with the config fields that name its constructor arguments (and a low-level
@@ -1299,6 +1308,7 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     data = resolve_data(cfg.data)
+    check_training_images(data.s1().train.image_ids, f"{data.source}: the S1 training trials")
     enc_path = Path(cfg.encoder_checkpoint or Path(cfg.out_dir) / ENCODER_CHECKPOINT_NAME).resolve()
     encoder, enc_ckpt, fold = load_for_s1(enc_path, data, device)  # z-scored as the encoder saw it
     enc_sha256 = file_sha256(enc_path)

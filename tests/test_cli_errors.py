@@ -201,12 +201,27 @@ def every_image_once(arrays):
         arrays[key] = arrays[key][np.sort(first)]
 
 
+def one_training_image(arrays):
+    arrays["stimTrn"][:] = arrays["stimTrn"][0]
+
+
+def two_images(arrays):
+    """Every trial shows one of two images: an S3 fold trains on one."""
+    first, second = np.unique(arrays["stimTrn"], axis=0)[:2]
+    for key in ("stimTrn", "stimTest"):
+        arrays[key][:] = np.where(np.arange(len(arrays[key]))[:, None] % 2, second, first)
+
+
 BAD_DATA = {  # name -> (edit of the file's arrays, script, options, words of the message)
     **{f"no test trials, {run}": (no_test_trials, *RUNS[run], "no test trials")
        for run in ("dual encoder", "evaluation", "benchmark s1", "generative")},
     "non-integer labels": (fractional_label, D, [], "non-integer values (e.g. 2.5)"),
     "every image shown once, benchmark s2": (every_image_once, E, ["--protocol", "s2"],
                                              "use `--protocol s3`"),
+    "one training image, generative": (one_training_image, G, [], "S1 training trials show one distinct image"),
+    "two images, benchmark s3 --generative": (two_images, E, ["--protocol", "s3", "--generative", "--seeds",
+                                                              "0", "--epochs", "1", "--max-folds", "1"],
+                                              "training trials of S3 fold"),
 }
 
 
