@@ -26,6 +26,7 @@ import random
 import signal
 import sys
 import tempfile
+import urllib.parse
 import urllib.request
 import warnings
 from contextlib import contextmanager
@@ -1524,7 +1525,11 @@ def main(argv: list[str] | LoaderConfig | None = None) -> dict:
     """Print the data summary and save the two data figures, and beside them ``DATASET_JSON``
     (which data they show, the summary numbers and this run's settings); returns that record."""
     cfg = check_options(argv) if isinstance(argv, LoaderConfig) else parse_args(argv)
+    if not cfg.download:
+        check_unused(cfg, ("url",), "with --download")
     if cfg.download:
+        if urllib.parse.urlsplit(cfg.url).scheme not in ("http", "https"):
+            raise OptionError(f"--url {cfg.url!r} is not an http(s) address")
         if str(cfg.data) in SIMULATED:
             raise OptionError(f"--download fetches the real file, and --data {cfg.data} names a "
                               "built-in simulated set; give --data the file's path, or leave it out")

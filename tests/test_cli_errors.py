@@ -51,6 +51,8 @@ def refused(main, argv, out, capsys) -> tuple[int, str]:
 
 BAD_OPTIONS = {  # name -> (script, options, words of the message)
     "download into the simulated set": (L, ["--download"], "--download fetches the real file"),
+    "download from no address": (L, ["--download", "--url", "notaurl"], "--url 'notaurl' is not an http(s) address"),
+    "url without download": (L, ["--url", "https://example.org/x.mat"], "--url applies only with --download"),
     "epochs 0": (D, ["--epochs", "0"], "--epochs must be >= 1, got 0"),
     "epochs -3": (D, ["--epochs", "-3"], "--epochs must be >= 1, got -3"),
     "validation fraction 1": (D, ["--val-fraction", "1"], "--val-fraction must be < 1"),
