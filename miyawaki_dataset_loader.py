@@ -507,6 +507,10 @@ def splits(protocol: str, data: MiyawakiData, seeds=(0, 1, 2)) -> list[tuple[str
             raise DataError(f"{data.source} has no {part} trials in its own split, so S1 cannot be "
                             "run on it; use the cross-validated benchmark (`python miyawaki_evaluation.py "
                             "--protocol s2` or `s3`), which splits all trials itself")
+        if data.n_file_train < 2:     # z-scoring and every fit need two; one trial ended in NaN scores
+            raise DataError(f"{data.source} has one training trial in its own split; S1's models need "
+                            "at least 2 (the cross-validated benchmark, `--protocol s3`, splits all "
+                            "trials itself)")
         return [("s1", np.arange(data.n_file_train), np.arange(data.n_file_train, n))]
     if protocol == "s2":
         if np.bincount(ids).max() < S2_FOLDS:

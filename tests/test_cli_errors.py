@@ -203,6 +203,11 @@ def every_image_once(arrays):
         arrays[key] = arrays[key][np.sort(first)]
 
 
+def one_training_trial(arrays):
+    for key in ("fmriTrn", "stimTrn", "labelTrn"):
+        arrays[key] = arrays[key][:1]
+
+
 def one_training_image(arrays):
     arrays["stimTrn"][:] = arrays["stimTrn"][0]
 
@@ -220,6 +225,7 @@ BAD_DATA = {  # name -> (edit of the file's arrays, script, options, words of th
     "non-integer labels": (fractional_label, D, [], "non-integer values (e.g. 2.5)"),
     "every image shown once, benchmark s2": (every_image_once, E, ["--protocol", "s2"],
                                              "use `--protocol s3`"),
+    "one training trial, dual encoder": (one_training_trial, D, [], "one training trial in its own split"),
     "one training image, generative": (one_training_image, G, [], "S1 training trials show one distinct image"),
     "two images, benchmark s3 --generative": (two_images, E, ["--protocol", "s3", "--generative", "--seeds",
                                                               "0", "--epochs", "1", "--max-folds", "1"],
