@@ -869,7 +869,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     # Only with CUDA: on a CPU-only host the request changes no number of these scripts (their
     # outputs on the real file are the same bit for bit without it) and imports torch's compiler,
-    # about 1 s in every process (docs/SPEED.md)
+    # about 1 s in every process that seeds (docs/SPEED.md)
     if torch.cuda.is_available():
         torch.use_deterministic_algorithms(True, warn_only=True)
 
