@@ -1214,9 +1214,9 @@ def _exit_on_sigterm(signum, frame):
 def run_cli(main) -> None:
     """Run a script's ``main()``; a data or checkpoint problem, a diverged training (a
     non-finite loss, ``check_finite``) or memory running out (exit code 1) or a bad option (exit
-    code 2) ends it with its one-line message on stderr, before anything is written. SIGTERM
-    (``kill``) ends it as an exception, exit code 143, so that what it started is cleaned up as
-    on an error: the benchmark's worker processes are terminated with it (by default they would
+    code 2) ends it with its one-line message on stderr, before anything is written; so does
+    Ctrl-C (exit code 130). SIGTERM (``kill``) ends it as an exception, exit code 143, so that what
+    it started is cleaned up as on an error: the benchmark's worker processes are terminated with it (by default they would
     outlive it and run their folds to the end)."""
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
@@ -1227,6 +1227,9 @@ def run_cli(main) -> None:
     except FloatingPointError as e:
         print(f"error: training diverged: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)                                # 128 + SIGINT, as a shell reports it
     except (MemoryError, RuntimeError) as e:     # torch's CPU allocator raises a RuntimeError
         if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(e):
             raise

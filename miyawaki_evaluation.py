@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import time
 import warnings
 from collections import Counter
@@ -1070,9 +1071,11 @@ def plot_gallery(galleries: list[dict], names: list[str], title: str) -> Figure:
 def worker_threads(n: int) -> None:
     """A benchmark worker's initializer: torch and numpy / scipy's BLAS (and OpenMP) on ``n``
     threads. BLAS left at its default, one thread per core, made two workers' pools busy-wait on
-    each other's cores: the S3 benchmark's work outside the networks ran 2.5x slower."""
+    each other's cores: the S3 benchmark's work outside the networks ran 2.5x slower. Ctrl-C is
+    left to the parent, which terminates the workers (each printed its own traceback)."""
     torch.set_num_threads(n)
     threadpoolctl.threadpool_limits(n)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_benchmark(cfg: "EvaluationConfig") -> dict:

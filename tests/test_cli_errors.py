@@ -2,6 +2,7 @@
 for an option, 1 for data), no traceback, and the earlier outputs left byte-identical."""
 
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -132,6 +133,23 @@ def test_running_out_of_memory_is_one_line(error, capsys):
     assert exc.value.code == 1 and err.count("\n") == 1 and err.startswith("error: out of memory")
     with pytest.raises(RuntimeError, match="a bug"):
         L.run_cli(lambda: (_ for _ in ()).throw(RuntimeError("a bug")))
+
+
+def test_ctrl_c_is_one_line_and_left_to_the_benchmark_s_parent(capsys):
+    """Ctrl-C ends a script with one line (exit code 130); a benchmark worker ignores it, so that
+    the parent alone stops and terminates the workers (each printed its own traceback)."""
+    def main():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exc:
+        L.run_cli(main)
+    assert exc.value.code == 130 and capsys.readouterr().err == "error: interrupted (Ctrl-C)\n"
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        E.worker_threads(torch.get_num_threads())
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 def test_the_bounds_are_the_code_s_limits():
