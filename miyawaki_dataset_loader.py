@@ -1214,10 +1214,10 @@ def _exit_on_sigterm(signum, frame):
 def run_cli(main) -> None:
     """Run a script's ``main()``; a data or checkpoint problem, a diverged training (a
     non-finite loss, ``check_finite``) or memory running out (exit code 1) or a bad option (exit
-    code 2) ends it with its one-line message on stderr, before anything is written; so does
-    Ctrl-C (exit code 130). SIGTERM (``kill``) ends it as an exception, exit code 143, so that what
-    it started is cleaned up as on an error: the benchmark's worker processes are terminated with it (by default they would
-    outlive it and run their folds to the end)."""
+    code 2) ends it with its one-line message on stderr, before anything is written, and Ctrl-C
+    with one line too (exit code 130). SIGTERM (``kill``) ends it as an exception, exit code 143,
+    so that what it started is cleaned up as on an error: the benchmark's worker processes are
+    terminated with it (by default they would outlive it and run their folds to the end)."""
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         main()
