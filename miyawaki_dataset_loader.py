@@ -1191,8 +1191,43 @@ def prepare_out_dir(out_dir: Path) -> Path:
     return out_dir
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via ``write(file_object)`` to a temp file beside ``path``, then rename over it."""
+_staged: list[tuple[str | None, Path]] | None = None   # inside staged_outputs: (temp file, path)
+
+
+@contextmanager
+def staged_outputs():
+    """A script's saves as one step: inside the block every output is written to its temp file
+    (``_atomic_write``), and the renames over the earlier outputs (and the removals of
+    ``remove_output``) wait for the block's end, so that a run stopped during its saves (kill,
+    Ctrl-C, an error) leaves the earlier outputs as they were, not new figures beside an old
+    result. The temp files of a stopped block are removed."""
+    global _staged
+    _staged = []
+    try:
+        yield
+        for tmp, path in _staged:
+            if tmp is None:
+                path.unlink(missing_ok=True)
+            else:
+                os.replace(tmp, path)
+    finally:
+        for tmp, _ in _staged:
+            if tmp is not None and os.path.exists(tmp):
+                os.remove(tmp)
+        _staged = None
+
+
+def remove_output(path: Path) -> None:
+    """Remove an earlier output that this run does not replace (at the end of ``staged_outputs``)."""
+    if _staged is None:
+        Path(path).unlink(missing_ok=True)
+    else:
+        _staged.append((None, Path(path)))
+
+
+def _atomic_write(path: Path, write, digest: bool = False) -> str | None:
+    """Write via ``write(file_object)`` to a temp file beside ``path``, then rename over it (inside
+    ``staged_outputs``: at the block's end); with ``digest``, returns the written bytes' sha256."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
@@ -1201,9 +1236,15 @@ def _atomic_write(path: Path, write) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
-        os.replace(tmp, path)
+        sha256 = file_sha256(Path(tmp)) if digest else None
+        if _staged is None:
+            os.replace(tmp, path)
+        else:
+            _staged.append((tmp, path))
+            tmp = None
+        return sha256
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 
@@ -1247,9 +1288,10 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(obj: dict, path: Path) -> None:
-    """Atomically save a dict of tensors and plain Python values (loadable with weights_only)."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
+def save_checkpoint(obj: dict, path: Path) -> str:
+    """Atomically save a dict of tensors and plain Python values (loadable with weights_only);
+    returns the file's sha256 (hex)."""
+    return _atomic_write(path, lambda f: torch.save(obj, f), digest=True)
 
 
 def one_line(err: Exception, limit: int = 160) -> str:
@@ -1548,13 +1590,14 @@ def main(argv: list[str] | LoaderConfig | None = None) -> dict:
     t = data.trials
     counts = np.bincount(t.image_ids, minlength=len(data.unique_images))
     figures = ["miyawaki_samples_analysis.png", "miyawaki_fmri_correlation.png"]
-    save_figure(plot_unique_images(data.unique_images, data.unique_labels, counts), out / figures[0])
-    save_figure(plot_fmri_correlation(t.fmri, t.image_ids, data.unique_labels,
-                                      which="trials, all of them: training and test"), out / figures[1])
     result = {"data_source": data.source, "data_fingerprint": data.fingerprint, "n_trials": len(t),
               "n_file_train": data.n_file_train, "n_voxels": data.n_voxels,
               "n_unique": len(data.unique_images), "figures": figures, "config": config_dict(cfg)}
-    save_json(result, out / DATASET_JSON)
+    with staged_outputs():
+        save_figure(plot_unique_images(data.unique_images, data.unique_labels, counts), out / figures[0])
+        save_figure(plot_fmri_correlation(t.fmri, t.image_ids, data.unique_labels,
+                                          which="trials, all of them: training and test"), out / figures[1])
+        save_json(result, out / DATASET_JSON)
     print(f"figures: {', '.join(str(out / f) for f in figures)}; saved {out / DATASET_JSON}")
     write_summary(out)
     return result

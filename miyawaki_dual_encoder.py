@@ -43,9 +43,10 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, Ch
                                      check_same_data, config_dict, identification_ranks, load_checkpoint,
                                      one_cycle, one_line, parse_config, prepare_out_dir, rank_summary,
                                      resolve_data, resolve_device, run_cli, save_checkpoint, save_figure,
-                                     file_sha256, ENCODER_CHECKPOINT_NAME as CHECKPOINT_NAME,
+                                     ENCODER_CHECKPOINT_NAME as CHECKPOINT_NAME,
                                      fmri_batch, image_batch,
-                                     save_json, script_parser, seed_everything, evaluating, write_summary,
+                                     save_json, script_parser, seed_everything, staged_outputs, evaluating,
+                                     write_summary,
                                      chance_levels, identification_scores, pearson_matrix,
                                      pearson_rows, topk_accuracy)
 
@@ -1161,21 +1162,23 @@ def main(argv: list[str] | ScriptConfig | None = None) -> dict:
           f"{', bfloat16' if metrics['bf16_autocast'] else ', float32'}")
     config = config_dict(cfg)
     state = model.state_dict()
-    save_checkpoint({"kind": "dual_encoder", "format_version": CHECKPOINT_FORMAT,
-                     "state": state, "model_state_dict": state,  # the seed's key, same tensors
-                     "config": asdict(model_cfg),
-                     "script_config": config, "seed": cfg.seed,
-                     "fmri_mean": torch.as_tensor(fold.fmri_mean),
-                     "fmri_std": torch.as_tensor(fold.fmri_std), "n_voxels": data.n_voxels,
-                     "data_source": data.source, "data_fingerprint": data.fingerprint,
-                     "history": history, "metrics": metrics}, out / CHECKPOINT_NAME)
+    checkpoint = {"kind": "dual_encoder", "format_version": CHECKPOINT_FORMAT,
+                  "state": state, "model_state_dict": state,  # the seed's key, same tensors
+                  "config": asdict(model_cfg),
+                  "script_config": config, "seed": cfg.seed,
+                  "fmri_mean": torch.as_tensor(fold.fmri_mean),
+                  "fmri_std": torch.as_tensor(fold.fmri_std), "n_voxels": data.n_voxels,
+                  "data_source": data.source, "data_fingerprint": data.fingerprint,
+                  "history": history, "metrics": metrics}
     figure = "miyawaki_training_curves.png"
-    save_figure(plot_training_curves(history, 1 / k), out / figure)
-    # the result file's top level reads like the evaluation's and the decoders'
-    save_json({**metrics, "data_source": data.source, "data_fingerprint": data.fingerprint,
-               "checkpoint_sha256": file_sha256(out / CHECKPOINT_NAME),
-               "n_candidates": k, "chance": chance_levels(k), "figures": [figure], "config": config},
-              out / "miyawaki_dual_encoder.json")
+    with staged_outputs():      # written together: a run stopped here leaves the earlier outputs
+        checkpoint_sha256 = save_checkpoint(checkpoint, out / CHECKPOINT_NAME)
+        save_figure(plot_training_curves(history, 1 / k), out / figure)
+        # the result file's top level reads like the evaluation's and the decoders'
+        save_json({**metrics, "data_source": data.source, "data_fingerprint": data.fingerprint,
+                   "checkpoint_sha256": checkpoint_sha256,
+                   "n_candidates": k, "chance": chance_levels(k), "figures": [figure], "config": config},
+                  out / "miyawaki_dual_encoder.json")
     write_summary(out)
     print(f"saved {out / CHECKPOINT_NAME}, {out / figure}")
     return metrics

@@ -51,9 +51,9 @@ from miyawaki_dataset_loader import (DECODER_NAMES, GRID, IMAGE_SIDE, MAX_SEED, 
                                      image_to_fmri_summary, majority_rate, mean_rank, miyawaki_labels,
                                      nearest_training_check, panel_title, parse_config, pearson_matrix,
                                      pearson_rows, prepare_out_dir, resolve_data, resolve_device,
-                                     retrieval_ranks, run_cli, save_figure, save_json, save_text,
+                                     retrieval_ranks, remove_output, run_cli, save_figure, save_json, save_text,
                                      score_reconstructions, script_parser, splits, topk_accuracy,
-                                     uniform_condition_chance, upsample_grid, write_summary)
+                                     staged_outputs, uniform_condition_chance, upsample_grid, write_summary)
 from miyawaki_dual_encoder import (CHECKPOINT_NAME, MAX_LINEAR_WEIGHT, SCORE_GRID, DualEncoderConfig,
                                    EncodingReadout, MiyawakiDualEncoder, OracleWarning, ensemble_parts,
                                    fused_scores, inner_cv_scores, load_for_s1, score_settings,
@@ -679,9 +679,10 @@ def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
                   f"chance {chance_text(1 / k)})", score_label=label),
         "miyawaki_correlation_analysis.png": plot_correlation_analysis(
             sim, test.image_ids, "S1 test trials, from fMRI only", label)}
-    for name, fig in figures.items():
-        save_figure(fig, out / name)
-    save_json({**result, "figures": list(figures)}, out / "miyawaki_evaluation.json")
+    with staged_outputs():      # written together: a run stopped here leaves the earlier outputs
+        for name, fig in figures.items():
+            save_figure(fig, out / name)
+        save_json({**result, "figures": list(figures)}, out / "miyawaki_evaluation.json")
     write_summary(out)
     print(f"saved {out / 'miyawaki_evaluation.json'} and 3 figures in {out}")
     return result
@@ -1171,15 +1172,16 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
         "seed_fits": "batched" if batched_seed_fits(cfg, device) else "separate",
         "config": config_dict(cfg),
     }
-    save_json(result, out / f"benchmark_{cfg.protocol}.json")
-    save_text(benchmark_markdown(result), out / f"benchmark_{cfg.protocol}.md")
     gallery = out / f"benchmark_{cfg.protocol}_reconstructions.png"
-    if galleries:
-        save_figure(plot_gallery(galleries, [gallery_row_name(data, f) for f in folds],
-                                 gallery_title(cfg.protocol, cfg.seeds[0], len(folds), n_available)),
-                    gallery)
-    else:                                   # no decoders this run: an older gallery is not its own
-        gallery.unlink(missing_ok=True)
+    with staged_outputs():      # written together: a run stopped here leaves the earlier outputs
+        save_json(result, out / f"benchmark_{cfg.protocol}.json")
+        save_text(benchmark_markdown(result), out / f"benchmark_{cfg.protocol}.md")
+        if galleries:
+            save_figure(plot_gallery(galleries, [gallery_row_name(data, f) for f in folds],
+                                     gallery_title(cfg.protocol, cfg.seeds[0], len(folds), n_available)),
+                        gallery)
+        else:                               # no decoders this run: an older gallery is not its own
+            remove_output(gallery)
     print(spread_text(result) + ":")
     for name in methods:
         m = methods[name]

@@ -74,8 +74,8 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, DECODER_NAMES, IMAGE_SID
                                      config_dict, file_sha256, load_checkpoint, one_cycle, one_line,
                                      nearest_training_check, panel_title, parse_config, pearson_rows, prepare_out_dir,
                                      reconstruction_metrics, resolve_data, resolve_device, run_cli,
-                                     save_checkpoint, save_figure, save_json, script_parser,
-                                     seed_everything, evaluating, write_summary, generator_device,
+                                     remove_output, save_checkpoint, save_figure, save_json, script_parser,
+                                     seed_everything, evaluating, staged_outputs, write_summary, generator_device,
                                      rand_on, randn_on, fmri_batch, image_batch)
 from miyawaki_dual_encoder import (CHECKPOINT_NAME as ENCODER_CHECKPOINT_NAME, SCRIPT as ENCODER_SCRIPT,
                                    POSTERIOR_DEFAULTS, EncodingReadout, PixelReadout, grouped_folds,
@@ -1324,7 +1324,7 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
     n_new = int(fold.unseen_test.sum())
     seen_text = ("every image also shown in training" if n_new == 0 else
                  f"{n_new} of {len(test)} showing an image no training trial shows")
-    results, oracle = {}, {}
+    results, oracle, figures = {}, {}, {}
     for name, decoder in (("diffusion", diffusion), ("gan", gan)):
         t1 = time.perf_counter()
         recon = reconstruct(encoder, decoder, test.fmri, torch.Generator().manual_seed(cfg.seed))
@@ -1339,29 +1339,14 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
             oracle[name] = reconstruction_metrics(oracle_reconstruct(
                 encoder, decoder, test.images, torch.Generator().manual_seed(cfg.seed)), **scoring)
         m = results[name]
-        save_figure(plot_generation(test.images, recon, (
+        figures[FIGURE.format(name)] = plot_generation(test.images, recon, (
             f"{DECODER_NAMES[name]}, S1 test trials ({seen_text}), from fMRI only: PixCorr "
             f"{m['pixcorr']:.3f}, "
             f"MSE {m['mse']:.4f}, {len(fold.unique_images)}-way top-1 {m['top1']:.2f} (misidentified in red"
             + ("; g: novelty gate, P(new image)" if gate is not None else "") + ")"),
-            test.image_ids, fold.unique_images, fold.unique_labels, gate), out / FIGURE.format(name))
+            test.image_ids, fold.unique_images, fold.unique_labels, gate)
     stage_seconds = time.perf_counter() - t0
 
-    grid_dir = out / "diffusion_samples"
-    grid_dir.mkdir(exist_ok=True)
-    for stale in grid_dir.glob("step_*.png"):
-        stale.unlink()
-    for step, samples in history["diffusion"]["samples"].items():
-        save_figure(plot_sample_grid(samples, (
-            f"diffusion samples during training, after {step} of {cfg.diffusion_steps} steps: one "
-            f"training trial per image,\nfrom its fMRI embedding"
-            + (f" and out-of-fold anchor (DDIM from it at {cfg.init_strength:g} of the schedule)"
-               if diffusion.readout is not None else "")
-            + ";\nthe decoder's own samples, before the blend with the anchor, the stretch and the "
-              "likelihood step:\nnot the test reconstructions"),
-            [f"#{i}\n{condition_name(fold.unique_labels[i], fold.unique_labels)}"
-             for i in history["diffusion"]["sample_image_ids"]]),
-            grid_dir / f"step_{step:05d}.png")
     floor = reconstruction_metrics(MeanImageBaseline().fit(train.fmri, train.images).predict(test.fmri)
                                    .reshape(test.images.shape), **scoring)
     config = config_dict(cfg)
@@ -1387,17 +1372,35 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
         "encoder_checkpoint": str(enc_path),
         "encoder_sha256": enc_sha256, "figures": [FIGURE.format(n) for n in DECODER_NAMES],
         "config": config}
-    save_checkpoint({"kind": CHECKPOINT_KIND, "format_version": CHECKPOINT_FORMAT,
-                     "diffusion": diffusion.checkpoint_entry(), "gan": gan.checkpoint_entry(),
-                     # the seed project's keys, the same tensors (load with from_checkpoint)
-                     "diffusion_state_dict": diffusion.state_dict(), "gan_state_dict": gan.state_dict(),
-                     "script_config": config, "seed": cfg.seed, "encoder_checkpoint": str(enc_path),
-                     "encoder_sha256": enc_sha256,
-                     "data_source": data.source, "data_fingerprint": data.fingerprint,
-                     "n_voxels": data.n_voxels, "metrics": metrics,
-                     "history": {n: {key: v for key, v in history[n].items() if key != "samples"}
-                                 for n in DECODER_NAMES}}, out / CHECKPOINT_NAME)
-    save_json(metrics, out / "miyawaki_generation.json")
+    with staged_outputs():      # written together: a run stopped here leaves the earlier outputs
+        for name, fig in figures.items():
+            save_figure(fig, out / name)
+        grid_dir = out / "diffusion_samples"
+        grid_dir.mkdir(exist_ok=True)
+        for stale in grid_dir.glob("step_*.png"):
+            remove_output(stale)
+        for step, samples in history["diffusion"]["samples"].items():
+            save_figure(plot_sample_grid(samples, (
+                f"diffusion samples during training, after {step} of {cfg.diffusion_steps} steps: one "
+                f"training trial per image,\nfrom its fMRI embedding"
+                + (f" and out-of-fold anchor (DDIM from it at {cfg.init_strength:g} of the schedule)"
+                   if diffusion.readout is not None else "")
+                + ";\nthe decoder's own samples, before the blend with the anchor, the stretch and the "
+                  "likelihood step:\nnot the test reconstructions"),
+                [f"#{i}\n{condition_name(fold.unique_labels[i], fold.unique_labels)}"
+                 for i in history["diffusion"]["sample_image_ids"]]),
+                grid_dir / f"step_{step:05d}.png")
+        save_checkpoint({"kind": CHECKPOINT_KIND, "format_version": CHECKPOINT_FORMAT,
+                         "diffusion": diffusion.checkpoint_entry(), "gan": gan.checkpoint_entry(),
+                         # the seed project's keys, the same tensors (load with from_checkpoint)
+                         "diffusion_state_dict": diffusion.state_dict(), "gan_state_dict": gan.state_dict(),
+                         "script_config": config, "seed": cfg.seed, "encoder_checkpoint": str(enc_path),
+                         "encoder_sha256": enc_sha256,
+                         "data_source": data.source, "data_fingerprint": data.fingerprint,
+                         "n_voxels": data.n_voxels, "metrics": metrics,
+                         "history": {n: {key: v for key, v in history[n].items() if key != "samples"}
+                                     for n in DECODER_NAMES}}, out / CHECKPOINT_NAME)
+        save_json(metrics, out / "miyawaki_generation.json")
     write_summary(out)
     for name, title in DECODER_NAMES.items():
         m = results[name]

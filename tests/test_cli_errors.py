@@ -299,6 +299,22 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_run_stopped_during_its_saves_leaves_the_earlier_outputs(out, monkeypatch):
+    """A script's outputs are renamed into place together once all are written (staged_outputs):
+    a kill after the dual encoder's checkpoint and figure were written, before its JSON, leaves
+    the earlier outputs byte-identical and no temp file behind (it left a new checkpoint and
+    figure beside the old JSON)."""
+    before = listing(out)
+
+    def killed(*args, **kwargs):
+        raise SystemExit(143)
+
+    monkeypatch.setattr(D, "save_json", killed)
+    with pytest.raises(SystemExit):
+        D.main([*SIM, "--epochs", "1", "--mixup", "8", "--out-dir", str(out)])
+    assert listing(out) == before
+
+
 def test_kill_ends_the_benchmark_with_its_workers_and_writes_nothing(out):
     """SIGTERM to a running ``--workers 2`` benchmark terminates its worker processes with it
     (they would otherwise outlive it and run their folds to the end), exits non-zero and leaves
