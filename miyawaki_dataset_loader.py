@@ -295,8 +295,9 @@ def load_miyawaki(path: str | os.PathLike) -> MiyawakiData:
             if not np.all(np.isfinite(values)):
                 raise DataError(f"{path}: {key} contains NaN or Inf values; impute or drop those "
                                 "voxels/trials before loading")
-            if len(values) and np.abs(values).max() > LARGEST_VALUE:
-                raise DataError(f"{path}: {key} holds values up to {np.abs(values).max():g} in size; "
+            largest = np.abs(values).max(initial=0)
+            if largest > LARGEST_VALUE:
+                raise DataError(f"{path}: {key} holds values up to {largest:g} in size; "
                                 f"expected at most {LARGEST_VALUE:g} (float32 arithmetic and "
                                 "whole-number labels): rescale or renumber them")
         stim = stim.astype(np.float64)
@@ -1218,11 +1219,9 @@ def staged_outputs():
 
 
 def remove_output(path: Path) -> None:
-    """Remove an earlier output that this run does not replace (at the end of ``staged_outputs``)."""
-    if _staged is None:
-        Path(path).unlink(missing_ok=True)
-    else:
-        _staged.append((None, Path(path)))
+    """Inside ``staged_outputs``: remove an earlier output that this run does not replace, at the
+    block's end."""
+    _staged.append((None, Path(path)))
 
 
 def _atomic_write(path: Path, write, digest: bool = False) -> str | None:
