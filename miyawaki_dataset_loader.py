@@ -1320,12 +1320,15 @@ class FromCheckpointHint:
                                f"use {name}.from_checkpoint(path)") from None
 
 
-def load_checkpoint(path: Path, kind: str, script: str, map_location="cpu") -> dict:
+def load_checkpoint(path: Path, kind: str, script: str, map_location="cpu",
+                    fields: dict | None = None) -> dict:
     """Load a checkpoint of this project with ``weights_only=True``.
 
     Raises CheckpointError naming ``script`` (the one that writes it) when the file is missing,
-    corrupt, holds pickled objects, or is of another kind or format version; a ValueError for a
-    CUDA ``map_location`` where there is no CUDA device (rather than "rerun the script")."""
+    corrupt, holds pickled objects, is of another kind or format version, or lacks one of
+    ``fields`` ({key: type or tuple of types}, the entries its readers use) or holds it as
+    another type (a damaged file); a ValueError for a CUDA ``map_location`` where there is no CUDA
+    device (rather than "rerun the script")."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; run `python {script}` first")
@@ -1343,15 +1346,23 @@ def load_checkpoint(path: Path, kind: str, script: str, map_location="cpu") -> d
     if ckpt.get("format_version") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} has format version {ckpt.get('format_version')}, this code "
                               f"reads {CHECKPOINT_FORMAT}; rerun `python {script}`")
+    for key, types in (fields or {}).items():
+        if not isinstance(ckpt.get(key), types):
+            found = "lacks" if key not in ckpt else f"holds a {type(ckpt[key]).__name__} as"
+            raise CheckpointError(f"{path} is damaged: it {found} its {key!r} entry; "
+                                  f"rerun `python {script}`")
     return ckpt
 
 
 def check_same_data(ckpt: dict, data: MiyawakiData, path: Path, script: str) -> None:
-    """Refuse a checkpoint fitted on other data (other voxel count or other fMRI values)."""
+    """Refuse a checkpoint fitted on other data (other voxel count, or other fMRI, images or
+    labels: ``MiyawakiData.fingerprint``)."""
     if ckpt["n_voxels"] != data.n_voxels or ckpt["data_fingerprint"] != data.fingerprint:
-        raise CheckpointError(
-            f"{path} was trained on {ckpt['data_source']} ({ckpt['n_voxels']} voxels), not on "
-            f"{data.source} ({data.n_voxels} voxels); rerun `python {script} --data {data.source}`")
+        other = (f"({ckpt['n_voxels']} voxels), not on {data.source} ({data.n_voxels} voxels)"
+                 if ckpt["n_voxels"] != data.n_voxels else
+                 f"whose fMRI, images or labels differ from those of {data.source}")
+        raise CheckpointError(f"{path} was trained on {ckpt['data_source']} {other}; "
+                              f"rerun `python {script} --data {data.source}`")
 
 
 def json_ready(obj):

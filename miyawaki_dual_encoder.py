@@ -53,6 +53,10 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, Ch
 SCRIPT = "miyawaki_dual_encoder.py"
 MAX_LOGIT_SCALE = math.log(100.0)
 READOUT_MODELS = ("receptive-field", "ridge")   # the pixel read-out (PixelReadout.fit)
+# the checkpoint's entries its readers use, and their types (load_checkpoint refuses a damaged file)
+CHECKPOINT_FIELDS = {"state": dict, "config": dict, "seed": int, "n_voxels": int,
+                     "fmri_mean": torch.Tensor, "fmri_std": torch.Tensor,
+                     "data_source": str, "data_fingerprint": str}
 
 
 @dataclass
@@ -635,12 +639,13 @@ class MiyawakiDualEncoder(FromCheckpointHint, nn.Module):
     @classmethod
     def from_checkpoint(cls, path: Path, map_location="cpu") -> tuple["MiyawakiDualEncoder", dict]:
         """Rebuild the model from ``miyawaki_dual_encoder.pth``; returns (model in eval mode, ckpt)."""
-        ckpt = load_checkpoint(path, "dual_encoder", SCRIPT, map_location)
-        cfg = config_from_dict(ckpt["config"])
-        model = cls(ckpt["n_voxels"], config=cfg)
+        ckpt = load_checkpoint(path, "dual_encoder", SCRIPT, map_location, CHECKPOINT_FIELDS)
         try:
+            model = cls(ckpt["n_voxels"], config=config_from_dict(ckpt["config"]))
             model.load_state_dict(ckpt["state"])
-        except RuntimeError as e:
+        except CheckpointError:
+            raise
+        except (TypeError, ValueError, RuntimeError) as e:   # a damaged config or state
             raise_config_mismatch(path, e)
         return model.to(map_location).eval(), ckpt
 
@@ -655,22 +660,25 @@ def load_for_s1(path: Path, data: MiyawakiData, device: torch.device | str = "cp
     model, ckpt = MiyawakiDualEncoder.from_checkpoint(path, map_location=device)
     check_same_data(ckpt, data, path, SCRIPT)
     for name in ("fmri_mean", "fmri_std"):
-        if not np.allclose(ckpt[name].cpu().numpy(), getattr(fold, name), rtol=1e-5, atol=1e-6):
+        saved, used = ckpt[name].cpu().numpy(), getattr(fold, name)
+        if saved.shape != used.shape or not np.allclose(saved, used, rtol=1e-5, atol=1e-6):
             raise CheckpointError(f"{path} was z-scored with other statistics than the S1 training "
                                   f"trials; rerun `python {SCRIPT}`")
     return model, ckpt, fold
 
 
 def config_from_dict(d: dict) -> DualEncoderConfig:
-    """Inverse of ``asdict`` (lists back to tuples); unknown keys are an error. A config without
-    ``readout_model`` comes from a checkpoint of the releases whose read-out was ridge."""
+    """Inverse of ``asdict`` (lists back to tuples), checked as a command line's (check_options);
+    unknown keys are an error. A config without ``readout_model`` comes from a checkpoint of the
+    releases whose read-out was ridge."""
     d = {"readout_model": "ridge", **d}
     names = {f.name for f in fields(DualEncoderConfig)}
     unknown = set(d) - names
     if unknown:
         raise CheckpointError(f"checkpoint config has unknown fields {sorted(unknown)}; "
                               f"rerun `python {SCRIPT}`")
-    return DualEncoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    return check_options(DualEncoderConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                              for k, v in d.items()}))
 
 
 def raise_config_mismatch(path: Path, err: Exception):

@@ -367,8 +367,9 @@ def check_encoder(ckpt: dict, encoder_checkpoint=None, where="the checkpoint") -
     """Refuse (CheckpointError naming the script to rerun) decoders whose dual encoder changed
     since they were trained: the file ``encoder_checkpoint`` (default: the path recorded in the
     generative checkpoint ``ckpt``) must have the sha256 recorded in ``ckpt``."""
-    path = Path(encoder_checkpoint or ckpt.get("encoder_checkpoint", ""))
-    if "encoder_sha256" not in ckpt:
+    recorded = ckpt.get("encoder_checkpoint")
+    path = Path(encoder_checkpoint or (recorded if isinstance(recorded, str) else ""))
+    if not isinstance(ckpt.get("encoder_sha256"), str):
         raise CheckpointError(f"{where} does not record which dual encoder it was trained on; "
                               f"rerun `python {SCRIPT}`")
     if not path.is_file():

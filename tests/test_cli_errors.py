@@ -1,6 +1,7 @@
 """Bad settings and unusable data are refused before any work: one line on stderr (exit code 2
 for an option, 1 for data), no traceback, and the earlier outputs left byte-identical."""
 
+import copy
 import os
 import signal
 import subprocess
@@ -313,6 +314,40 @@ def test_a_run_stopped_during_its_saves_leaves_the_earlier_outputs(out, monkeypa
     with pytest.raises(SystemExit):
         D.main([*SIM, "--epochs", "1", "--mixup", "8", "--out-dir", str(out)])
     assert listing(out) == before
+
+
+DAMAGED_ENCODERS = {  # name -> (damage(checkpoint dict), words of the message)
+    "entry missing": (lambda c: c.pop("fmri_mean"), "is damaged: it lacks its 'fmri_mean' entry"),
+    "entry retyped": (lambda c: c.update(n_voxels="967"), "is damaged: it holds a str as its 'n_voxels' entry"),
+    "config out of range": (lambda c: c["config"].update(latent_dim=-3), "--latent-dim must be >= 1, got -3"),
+    "config retyped": (lambda c: c["config"].update(fmri_hidden=None), "does not match this code's model"),
+    "weights missing": (lambda c: c["state"].pop("logit_scale"), "Missing key(s) in state_dict"),
+    "statistics of another shape": (lambda c: c.update(fmri_std=torch.ones(5)), "z-scored with other statistics"),
+}
+
+
+@pytest.fixture(scope="module")
+def small_encoder(tmp_path_factory):
+    """A small dual-encoder checkpoint of the simulated set, as the script writes it."""
+    folder = tmp_path_factory.mktemp("encoder")
+    D.main([*SIM, "--epochs", "1", "--mixup", "0", "--latent-dim", "8", "--fmri-hidden", "8",
+            "--cnn-channels", "4", "--head-hidden", "8", "--out-dir", str(folder)])
+    return torch.load(folder / D.CHECKPOINT_NAME, weights_only=True)
+
+
+@pytest.mark.xdist_group("cli_small_encoder")   # shares a module fixture: one test process (make test)
+@pytest.mark.parametrize("script", [E, G], ids=["evaluation", "decoders"])
+@pytest.mark.parametrize("case", DAMAGED_ENCODERS)
+def test_a_damaged_encoder_checkpoint_is_one_line(case, script, small_encoder, out, capsys):
+    """A checkpoint edited by hand or damaged (an entry removed or of another type, a config out
+    of range, missing weights) is refused in one line naming the script that rewrites it, as a
+    truncated file is, where it gave a KeyError, TypeError or AttributeError traceback."""
+    damage, words = DAMAGED_ENCODERS[case]
+    ckpt = copy.deepcopy(small_encoder)
+    damage(ckpt)
+    torch.save(ckpt, out / D.CHECKPOINT_NAME)
+    code, err = refused(script.main, [*SIM, "--out-dir", str(out)], out, capsys)
+    assert code == 1 and words in err and "rerun `python miyawaki_dual_encoder.py`" in err, err
 
 
 def test_kill_ends_the_benchmark_with_its_workers_and_writes_nothing(out):

@@ -344,10 +344,11 @@ def test_decoder_checkpoint_of_another_config_names_the_script(tmp_path):
         assert "\n" not in msg
 
 
-@pytest.mark.parametrize("case", ["retrained", "moved", "not recorded"])
+@pytest.mark.parametrize("case", ["retrained", "moved", "not recorded", "path damaged"])
 def test_decoders_of_a_changed_encoder_are_refused(case, tmp_path):
     """Decoders are conditioned on one dual encoder's embeddings: a retrained (other bytes),
-    missing or unrecorded encoder checkpoint is refused with one line naming the script to rerun."""
+    missing or unrecorded encoder checkpoint, or a damaged record of its path (a number: it was a
+    TypeError traceback), is refused with one line naming the script to rerun."""
     ckpt = {"kind": G.CHECKPOINT_KIND, "format_version": L.CHECKPOINT_FORMAT,
             "gan": G.MiyawakiGANDecoder(correlation_dim=16).checkpoint_entry(), **encoder_record(tmp_path)}
     G.MiyawakiGANDecoder.from_checkpoint(ckpt)
@@ -357,8 +358,10 @@ def test_decoders_of_a_changed_encoder_are_refused(case, tmp_path):
     elif case == "moved":
         encoder.rename(tmp_path / "elsewhere.pth")
         G.MiyawakiGANDecoder.from_checkpoint(ckpt, encoder_checkpoint=tmp_path / "elsewhere.pth")
-    else:
+    elif case == "not recorded":
         del ckpt["encoder_sha256"]
+    else:
+        ckpt["encoder_checkpoint"] = 5
     with pytest.raises(L.CheckpointError) as err:
         G.MiyawakiGANDecoder.from_checkpoint(ckpt)
     assert "python miyawaki_generative_backend.py" in str(err.value) and "\n" not in str(err.value)
@@ -505,10 +508,12 @@ def test_script_end_to_end_on_simulated_data(tmp_path, capsys, monkeypatch):
         with pytest.raises(ValueError, match="trained on the embeddings of another dual encoder"):
             G.reconstruct(other, decoder, fold.test.fmri)
     assert saved["encoder_sha256"] == L.file_sha256(tmp_path / "miyawaki_dual_encoder.pth")
-    # an encoder checkpoint fitted on other data is refused with the script to rerun
+    # an encoder checkpoint fitted on other data of the same size is refused with the script to
+    # rerun (its message named the voxel counts: "on simulated (967 voxels), not on simulated (967 ...")
     enc_ckpt["data_fingerprint"] = "0" * 16
     L.save_checkpoint(enc_ckpt, tmp_path / "miyawaki_dual_encoder.pth")
-    with pytest.raises(L.CheckpointError, match="miyawaki_dual_encoder.py"):
+    with pytest.raises(L.CheckpointError, match="trained on simulated whose fMRI, images or labels "
+                       "differ from those of simulated; rerun `python miyawaki_dual_encoder.py"):
         G.main(args)
     # and the decoders, trained on the encoder as it was, no longer load beside the changed one
     with pytest.raises(L.CheckpointError, match="another dual encoder.*miyawaki_generative_backend.py"):
