@@ -302,8 +302,9 @@ def load_miyawaki(path: str | os.PathLike) -> MiyawakiData:
                                 "whole-number labels): rescale or renumber them")
         stim = stim.astype(np.float64)
         if len(stim) and (stim.min() < 0 or stim.max() > 255):
-            raise DataError(f"{path}: stim{part} values span [{stim.min():g}, {stim.max():g}]; "
-                            "expected 0/1 (or grey levels in [0, 1]) or 0..255")
+            raise DataError(f"{path}: stim{part} values span [{number_text(stim.min())}, "
+                            f"{number_text(stim.max())}]; expected 0/1 (or grey levels in [0, 1]) "
+                            "or 0..255")
         scaled[part] = stim.max(initial=0) > 1    # 0..255 images, per key: the two may differ
         parts[part] = (fmri.astype(np.float64), stim / 255.0 if scaled[part] else stim, labels)
     if parts["Trn"][0].shape[1] != parts["Test"][0].shape[1]:
@@ -920,7 +921,8 @@ def check_unit_range(low: float, high: float, what: str = "images") -> None:
     """ValueError unless [low, high], the range of some images' values, lies in [0, 1] (to 1e-4;
     NaN fails too): 0..255 images would be used, and scored, without an error."""
     if not (low >= -1e-4 and high <= 1 + 1e-4):
-        raise ValueError(f"{what} with values in [{low:g}, {high:g}]; expected [0, 1] (0..255 images: "
+        raise ValueError(f"{what} with values in [{number_text(low)}, {number_text(high)}]; expected "
+                         f"[0, 1] (0..255 images: "
                          f"divide by 255, as load_miyawaki does)")
 
 
@@ -1016,8 +1018,9 @@ BOUNDS = {"min": (operator.ge, ">="), "max": (operator.le, "<="), "above": (oper
 
 
 def number_text(x) -> str:
-    """A bound or an option's value in messages: integers in full, floats as %g."""
-    return str(x) if isinstance(x, int) else f"{x:g}"
+    """A bound or a value in messages: integers in full, floats as %g unless that rounds them
+    (255.00002 read "255" beside the bound 255), then in full."""
+    return str(x) if isinstance(x, int) or float(f"{x:g}") != x else f"{x:g}"
 
 
 def check_options(cfg):

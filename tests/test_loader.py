@@ -199,6 +199,9 @@ BAD_FILES = {  # name -> (maker(path, arrays, write_mat), words the message must
     "negative image": (_mutated(_set("stimTrn", -1.0)), ["stimTrn values span [-1, 1]"]),
     "image over 255": (_mutated(lambda a: a.update(stimTest=a["stimTest"] * 256.0)),
                        ["stimTest values span [0, 256]"]),
+    # just over: the range in full, not rounded by %g to the bound it is over ("[0, 255]")
+    "image just over 255": (_mutated(lambda a: a.update(stimTest=a["stimTest"] * 255.00002)),
+                            ["stimTest values span [0, 255.00002]"]),
     "two label columns": (_mutated(lambda a: a.update(labelTrn=np.hstack([a["labelTrn"]] * 2))),
                           ["labelTrn has shape (107, 2)", "one label per trial"]),
     "nan image": (_mutated(_set("stimTrn", np.nan)), ["stimTrn", "NaN or Inf"]),
