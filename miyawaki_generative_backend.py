@@ -1285,12 +1285,14 @@ def plot_sample_grid(samples: np.ndarray, title: str, names: list[str] | None = 
 
 # --------------------------------------------------------------------------- script
 # what only the anchor uses (its blend, the sampler's start from it, its gate and the gate's power
-# on the likelihood step, the stretch of its read-out, its posterior half): refused with --no-anchor
-# rather than ignored and recorded as used (the likelihood's encoding model and the prior's
-# synthetic fMRI still use anchor_model, rf_voxels and anchor_folds without it)
+# on the likelihood step, the stretch of its read-out, its posterior half, the voxels its receptive
+# fields keep): refused with --no-anchor rather than ignored and recorded as used (the prior's
+# synthetic fMRI still uses anchor_model and anchor_folds without it; it predicts every voxel, and
+# the likelihood step of an unanchored decoder is the frozen encoder's, so rf_voxels changed no number)
 ANCHOR_OPTIONS = ("anchor_blend", "init_strength", "novelty_gate", "likelihood_gate_power",
-                  "output_stretch", "rf_ridge_weight", "rf_noise_shrink", "rf_prior_scale")
-POSTERIOR_OPTIONS = ("rf_ridge_weight", "rf_noise_shrink", "rf_prior_scale")   # the anchor's posterior half
+                  "output_stretch", "rf_voxels", "rf_ridge_weight", "rf_noise_shrink", "rf_prior_scale")
+# what only receptive fields use (the voxels they keep, the posterior half): refused with "ridge"
+RECEPTIVE_FIELD_OPTIONS = ("rf_voxels", "rf_ridge_weight", "rf_noise_shrink", "rf_prior_scale")
 
 
 def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
@@ -1300,7 +1302,8 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
     if not cfg.anchor:
         check_unused(cfg, ANCHOR_OPTIONS, "with the decoders' anchor, which --no-anchor turns off")
     if cfg.anchor_model == "ridge":
-        check_unused(cfg, POSTERIOR_OPTIONS, "with --anchor-model receptive-field (ridge has no posterior half)")
+        check_unused(cfg, RECEPTIVE_FIELD_OPTIONS, "with --anchor-model receptive-field (ridge fits no "
+                     "receptive fields)")
     if not cfg.novelty_gate:
         check_unused(cfg, ("likelihood_gate_power",), "with the novelty gate, which --no-novelty-gate turns off")
     if cfg.sampler == "ddpm":

@@ -77,6 +77,11 @@ BAD_OPTIONS = {  # name -> (script, options, words of the message)
                                         "--anchor-blend applies only with the decoders' anchor"),
     "posterior settings with the ridge anchor": (G, ["--anchor-model", "ridge", "--rf-prior-scale", "10"],
                                                  "--rf-prior-scale applies only with --anchor-model receptive-field"),
+    # the voxels the receptive fields keep changed no number without them (the audit's runs)
+    "receptive-field voxels without the anchor": (G, ["--no-anchor", "--rf-voxels", "0.9"],
+                                                  "--rf-voxels applies only with the decoders' anchor"),
+    "receptive-field voxels with the ridge anchor": (G, ["--anchor-model", "ridge", "--rf-voxels", "0.9"],
+                                                     "--rf-voxels applies only with --anchor-model receptive-field"),
     "gate power without the gate": (G, ["--no-novelty-gate", "--likelihood-gate-power", "2"],
                                     "--likelihood-gate-power applies only with the novelty gate"),
     "ddim steps with ddpm": (G, ["--sampler", "ddpm", "--num-inference-steps", "20"],
