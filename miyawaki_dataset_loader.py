@@ -922,8 +922,7 @@ def check_unit_range(low: float, high: float, what: str = "images") -> None:
     NaN fails too): 0..255 images would be used, and scored, without an error."""
     if not (low >= -1e-4 and high <= 1 + 1e-4):
         raise ValueError(f"{what} with values in [{number_text(low)}, {number_text(high)}]; expected "
-                         f"[0, 1] (0..255 images: "
-                         f"divide by 255, as load_miyawaki does)")
+                         "[0, 1] (0..255 images: divide by 255, as load_miyawaki does)")
 
 
 def generator_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
