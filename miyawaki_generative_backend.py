@@ -66,7 +66,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, DECODER_NAMES, IMAGE_SIDE, N_PIXELS,
-                                     CheckpointError, DataError, Fold,
+                                     CheckpointError, DataError, Fold, OptionError,
                                      check_unused, chance_text, value_text,
                                      FromCheckpointHint, MeanImageBaseline, RidgeBaseline, condition_name,
                                      identification_scores, ScriptOptions, bf16_autocast, uses_bf16,
@@ -1286,29 +1286,50 @@ def plot_sample_grid(samples: np.ndarray, title: str, names: list[str] | None = 
 # --------------------------------------------------------------------------- script
 # what only the anchor uses (its blend, the sampler's start from it, its gate and the gate's power
 # on the likelihood step, the stretch of its read-out, its posterior half, the voxels its receptive
-# fields keep): refused with --no-anchor rather than ignored and recorded as used (the prior's
-# synthetic fMRI still uses anchor_model and anchor_folds without it; it predicts every voxel, and
-# the likelihood step of an unanchored decoder is the frozen encoder's, so rf_voxels changed no number)
+# fields keep): refused with --no-anchor rather than ignored and recorded as used (the likelihood
+# step of an unanchored decoder is the frozen encoder's)
 ANCHOR_OPTIONS = ("anchor_blend", "init_strength", "novelty_gate", "likelihood_gate_power",
                   "output_stretch", "rf_voxels", "rf_ridge_weight", "rf_noise_shrink", "rf_prior_scale")
 # what only receptive fields use (the voxels they keep, the posterior half): refused with "ridge"
 RECEPTIVE_FIELD_OPTIONS = ("rf_voxels", "rf_ridge_weight", "rf_noise_shrink", "rf_prior_scale")
+# the image prior's draw: the decoders' prior samples and the receptive-field posterior's prior
+PRIOR_OPTIONS = ("prior_size", "augment_shift", "augment_mix")
+
+
+def check_settings(cfg: GenerativeConfig) -> None:
+    """OptionError for a setting that would change nothing in this run and still be recorded as
+    used (``check_unused``; a sweep of every option on the simulated set found each of these
+    leaving every number as it was), and for the gate turned off at blend 1, whose output is the
+    anchor alone (both decoders' samples blended away: they scored the same to the last digit)."""
+    synthetic = cfg.augment_prob > 0 and cfg.prior_condition == "synthetic"
+    if not cfg.anchor:
+        check_unused(cfg, ANCHOR_OPTIONS, "with the decoders' anchor, which --no-anchor turns off")
+        if not synthetic:   # the anchor's model and folds also make the synthetic prior's fMRI
+            check_unused(cfg, ("anchor_model", "anchor_folds"), "with the decoders' anchor or a "
+                         "synthetic-fMRI prior (--prior-condition synthetic, --augment-prob above 0)")
+    if cfg.anchor_model == "ridge":
+        check_unused(cfg, RECEPTIVE_FIELD_OPTIONS, "with --anchor-model receptive-field (ridge fits no "
+                     "receptive fields)")
+    if cfg.augment_prob == 0:
+        check_unused(cfg, ("prior_condition",), "with the image prior's samples (--augment-prob above 0)")
+        if not (cfg.anchor and cfg.anchor_model == "receptive-field"):
+            check_unused(cfg, PRIOR_OPTIONS, "with the image prior's samples (--augment-prob above 0) "
+                         "or the receptive-field anchor's posterior")
+    if not cfg.novelty_gate:
+        check_unused(cfg, ("likelihood_gate_power",), "with the novelty gate, which --no-novelty-gate turns off")
+        if cfg.anchor and cfg.anchor_blend == 1:
+            raise OptionError("--no-novelty-gate at --anchor-blend 1 outputs the anchor alone (the "
+                              "decoders' samples are blended away); give --anchor-blend below 1")
+    if cfg.sampler == "ddpm":
+        check_unused(cfg, ("num_inference_steps",),
+                     "with --sampler ddim (ddpm steps through every timestep)")
 
 
 def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
     """Train both decoders on the S1 training trials' frozen embeddings, decode the S1 test
     trials from fMRI only, save checkpoint, figures and metrics; returns the metrics."""
     cfg = check_options(argv) if isinstance(argv, GenerativeConfig) else parse_args(argv)
-    if not cfg.anchor:
-        check_unused(cfg, ANCHOR_OPTIONS, "with the decoders' anchor, which --no-anchor turns off")
-    if cfg.anchor_model == "ridge":
-        check_unused(cfg, RECEPTIVE_FIELD_OPTIONS, "with --anchor-model receptive-field (ridge fits no "
-                     "receptive fields)")
-    if not cfg.novelty_gate:
-        check_unused(cfg, ("likelihood_gate_power",), "with the novelty gate, which --no-novelty-gate turns off")
-    if cfg.sampler == "ddpm":
-        check_unused(cfg, ("num_inference_steps",),
-                     "with --sampler ddim (ddpm steps through every timestep)")
+    check_settings(cfg)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     data = resolve_data(cfg.data)
