@@ -1254,6 +1254,9 @@ def check_mode_options(cfg: EvaluationConfig) -> None:
         check_unused(cfg, BENCHMARK_OPTIONS, "with --protocol s1|s2|s3 (the benchmark)")
     if len(set(cfg.seeds)) < len(cfg.seeds):
         raise OptionError(f"--seeds {' '.join(map(str, cfg.seeds))} repeats a seed; give each once")
+    if cfg.protocol and len(cfg.seeds) == 1:
+        check_unused(cfg, ("seed_fits",), "with more than one --seeds value (one seed's fit has nothing "
+                     "to batch)")
     if cfg.inner_repeats > 1 and not cfg.nested:
         raise OptionError(f"--inner-repeats {cfg.inner_repeats} needs --nested (it repeats the "
                           "nested selection's inner CV)")

@@ -119,6 +119,8 @@ BAD_OPTIONS = {  # name -> (script, options, words of the message)
                                 "--oracle applies only without --protocol"),
     "generative without a protocol": (E, ["--generative"], "--generative applies only with --protocol"),
     "seeds 2**32": (E, ["--protocol", "s3", "--seeds", "0", "4294967296"], "--seeds must be <= 4294967295"),
+    "batched fits of one seed": (E, ["--protocol", "s3", "--seeds", "0", "--seed-fits", "batched"],
+                                 "--seed-fits applies only with more than one --seeds value"),
     "evaluation seed 2**32": (E, ["--seed", "4294967296"], "--seed must be <= 4294967295"),
     "knn k 0": (E, ["--knn-k", "0"], "--knn-k must be >= 1"),
     "perplexity 0": (E, ["--tsne-perplexity", "0"], "--tsne-perplexity must be > 0"),
