@@ -1017,9 +1017,21 @@ BOUNDS = {"min": (operator.ge, ">="), "max": (operator.le, "<="), "above": (oper
 
 
 def number_text(x) -> str:
-    """A bound or a value in messages: integers in full, floats as %g unless that rounds them
-    (255.00002 read "255" beside the bound 255), then in full."""
-    return str(x) if isinstance(x, int) or float(f"{x:g}") != x else f"{x:g}"
+    """A bound or a value in messages: integers in full, floats in the fewest significant digits
+    (6 at least, as %g) that read back as the value, in float32 where it is a float32 value (%g
+    read 255.00002 as "255" beside the bound 255; float32's 1.001 reads 1.001, not
+    1.0010000467300415)."""
+    if isinstance(x, (int, np.integer)):
+        return str(x)
+    x = float(x)
+    if not math.isfinite(x):
+        return f"{x:g}"
+    single = abs(x) <= float(np.finfo(np.float32).max) and float(np.float32(x)) == x
+    for digits in range(6, 17):
+        text = f"{x:.{digits}g}"
+        if float(text) == x or (single and np.float32(text) == np.float32(x)):
+            return text
+    return repr(x)
 
 
 def check_options(cfg):

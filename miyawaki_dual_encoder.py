@@ -642,9 +642,12 @@ class MiyawakiDualEncoder(FromCheckpointHint, nn.Module):
         ckpt = load_checkpoint(path, "dual_encoder", SCRIPT, map_location, CHECKPOINT_FIELDS)
         try:
             model = cls(ckpt["n_voxels"], config=config_from_dict(ckpt["config"]))
-            model.load_state_dict(ckpt["state"])
+            nn.Module.load_state_dict(model, ckpt["state"])   # without the hint to call this method
         except CheckpointError:
             raise
+        except OptionError as e:
+            raise CheckpointError(f"{path} holds a config this code refuses ({e}); "
+                                  f"rerun `python {SCRIPT}`") from None
         except (TypeError, ValueError, RuntimeError) as e:   # a damaged config or state
             raise_config_mismatch(path, e)
         return model.to(map_location).eval(), ckpt

@@ -1245,8 +1245,9 @@ BENCHMARK_OPTIONS = ("seeds", "epochs", "max_folds", "permutation_control", "nes
 
 def check_mode_options(cfg: EvaluationConfig) -> None:
     """OptionError for an option of the other mode than ``cfg.protocol`` picks (``CHECKPOINT_OPTIONS``
-    without a protocol, ``BENCHMARK_OPTIONS`` with one), for repeated ``--seeds``, and for
-    ``--inner-repeats`` without ``--nested``, and for more ``--workers`` than CPUs."""
+    without a protocol, ``BENCHMARK_OPTIONS`` with one), for repeated ``--seeds``, for
+    ``--seed-fits`` with one seed, for ``--inner-repeats`` without ``--nested``, and for more
+    ``--workers`` than CPUs."""
     if cfg.protocol:
         check_unused(cfg, CHECKPOINT_OPTIONS, "without --protocol (the checkpoint's evaluation); the "
                      "benchmark trains its own models")

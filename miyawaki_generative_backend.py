@@ -368,10 +368,13 @@ def check_encoder(ckpt: dict, encoder_checkpoint=None, where="the checkpoint") -
     since they were trained: the file ``encoder_checkpoint`` (default: the path recorded in the
     generative checkpoint ``ckpt``) must have the sha256 recorded in ``ckpt``."""
     recorded = ckpt.get("encoder_checkpoint")
-    path = Path(encoder_checkpoint or (recorded if isinstance(recorded, str) else ""))
     if not isinstance(ckpt.get("encoder_sha256"), str):
         raise CheckpointError(f"{where} does not record which dual encoder it was trained on; "
                               f"rerun `python {SCRIPT}`")
+    if not encoder_checkpoint and not (isinstance(recorded, str) and recorded):
+        raise CheckpointError(f"{where} does not record the path of its dual encoder; pass "
+                              f"encoder_checkpoint=..., or rerun `python {SCRIPT}`")
+    path = Path(encoder_checkpoint or recorded)
     if not path.is_file():
         raise CheckpointError(f"{where} was trained on top of the dual encoder {path}, which is not "
                               f"there; pass its new path, or rerun `python {ENCODER_SCRIPT}` and "
@@ -1302,6 +1305,7 @@ def check_settings(cfg: GenerativeConfig) -> None:
     leaving every number as it was), and for the gate turned off at blend 1, whose output is the
     anchor alone (both decoders' samples blended away: they scored the same to the last digit)."""
     synthetic = cfg.augment_prob > 0 and cfg.prior_condition == "synthetic"
+    posterior = cfg.anchor and cfg.anchor_model == "receptive-field" and cfg.rf_ridge_weight < 1
     if not cfg.anchor:
         check_unused(cfg, ANCHOR_OPTIONS, "with the decoders' anchor, which --no-anchor turns off")
         if not synthetic:   # the anchor's model and folds also make the synthetic prior's fMRI
@@ -1310,9 +1314,12 @@ def check_settings(cfg: GenerativeConfig) -> None:
     if cfg.anchor_model == "ridge":
         check_unused(cfg, RECEPTIVE_FIELD_OPTIONS, "with --anchor-model receptive-field (ridge fits no "
                      "receptive fields)")
+    elif cfg.rf_ridge_weight == 1:   # the anchor is the ridge read-out: the posterior weighs 0
+        check_unused(cfg, ("rf_noise_shrink", "rf_prior_scale"), "with --rf-ridge-weight below 1 "
+                     "(the posterior's share of the anchor)")
     if cfg.augment_prob == 0:
         check_unused(cfg, ("prior_condition",), "with the image prior's samples (--augment-prob above 0)")
-        if not (cfg.anchor and cfg.anchor_model == "receptive-field"):
+        if not posterior:
             check_unused(cfg, PRIOR_OPTIONS, "with the image prior's samples (--augment-prob above 0) "
                          "or the receptive-field anchor's posterior")
     if not cfg.novelty_gate:

@@ -93,6 +93,11 @@ BAD_OPTIONS = {  # name -> (script, options, words of the message)
                                              "--anchor-folds applies only with the decoders' anchor or a synthetic"),
     "prior size without prior or posterior": (G, ["--anchor-model", "ridge", "--augment-prob", "0", "--prior-size", "512"],
                                               "--prior-size applies only with the image prior's samples"),
+    "posterior settings at ridge weight 1": (G, ["--rf-ridge-weight", "1", "--rf-prior-scale", "10"],
+                                             "--rf-prior-scale applies only with --rf-ridge-weight below 1"),
+    "prior shift where only a zero-weight posterior would draw it": (
+        G, ["--rf-ridge-weight", "1", "--augment-prob", "0", "--augment-shift", "6"],
+        "--augment-shift applies only with the image prior's samples"),
     "gate power without the gate": (G, ["--no-novelty-gate", "--likelihood-gate-power", "2"],
                                     "--likelihood-gate-power applies only with the novelty gate"),
     "ddim steps with ddpm": (G, ["--sampler", "ddpm", "--num-inference-steps", "20"],
@@ -337,9 +342,12 @@ def test_a_run_stopped_during_its_saves_leaves_the_earlier_outputs(out, monkeypa
 DAMAGED_ENCODERS = {  # name -> (damage(checkpoint dict), words of the message)
     "entry missing": (lambda c: c.pop("fmri_mean"), "is damaged: it lacks its 'fmri_mean' entry"),
     "entry retyped": (lambda c: c.update(n_voxels="967"), "is damaged: it holds a str as its 'n_voxels' entry"),
-    "config out of range": (lambda c: c["config"].update(latent_dim=-3), "--latent-dim must be >= 1, got -3"),
+    "config out of range": (lambda c: c["config"].update(latent_dim=-3),
+                            "holds a config this code refuses (--latent-dim must be >= 1, got -3)"),
     "config retyped": (lambda c: c["config"].update(fmri_hidden=None), "does not match this code's model"),
-    "weights missing": (lambda c: c["state"].pop("logit_scale"), "Missing key(s) in state_dict"),
+    # without the mixin's hint to call from_checkpoint, which is the caller
+    "weights missing": (lambda c: c["state"].pop("logit_scale"),
+                        'match this code\'s model (Missing key(s) in state_dict: "logit_scale".); rerun'),
     "statistics of another shape": (lambda c: c.update(fmri_std=torch.ones(5)), "z-scored with other statistics"),
 }
 

@@ -365,6 +365,8 @@ def test_decoders_of_a_changed_encoder_are_refused(case, tmp_path):
     with pytest.raises(L.CheckpointError) as err:
         G.MiyawakiGANDecoder.from_checkpoint(ckpt)
     assert "python miyawaki_generative_backend.py" in str(err.value) and "\n" not in str(err.value)
+    if case == "path damaged":      # it read "trained on top of the dual encoder ., which is not there"
+        assert "does not record the path of its dual encoder; pass encoder_checkpoint=" in str(err.value)
 
 
 def test_missing_encoder_checkpoint_names_the_script(tmp_path):

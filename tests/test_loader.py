@@ -218,6 +218,17 @@ BAD_FILES = {  # name -> (maker(path, arrays, write_mat), words the message must
 }
 
 
+def test_messages_give_values_neither_rounded_to_a_bound_nor_with_float32_noise():
+    """A value in a message reads as the value: %g gave 255.00002 as "255" (the bound it breaks),
+    and a float64 repr gives a float32 1.001 as 1.0010000467300415."""
+    assert L.number_text(255.00002) == "255.00002" and L.number_text(0.5) == "0.5"
+    assert L.number_text(float(np.float32(1.001))) == "1.001"
+    assert L.number_text(1.0000000001) == "1.0000000001"        # beyond float32: in full
+    assert L.number_text(np.int64(1234567)) == "1234567" and L.number_text(float("inf")) == "inf"
+    with pytest.raises(ValueError, match=r"values in \[-0.1, 1.001\]; expected \[0, 1\]"):
+        L.check_unit_range(float(np.float32(-0.1)), float(np.float32(1.001)))
+
+
 @pytest.mark.parametrize("case", BAD_FILES)
 def test_bad_file_raises_one_line_data_error(case, tmp_path, mat_arrays, write_mat):
     make, words = BAD_FILES[case]
