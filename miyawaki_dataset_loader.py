@@ -364,7 +364,8 @@ def download(url: str = DATA_URL, dest: Path = DEFAULT_DATA, sha256: str = DATA_
     A failed or corrupted download leaves nothing behind."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
+    finish_stopped_saves(dest.parent)
+    fd, tmp = _temp_file(dest)
     try:
         digest = hashlib.sha256()
         with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
@@ -1203,7 +1204,51 @@ def prepare_out_dir(out_dir: Path) -> Path:
     except OSError as e:
         raise OptionError(f"cannot write to --out-dir {out_dir} ({e.strerror}); "
                           "choose a writable folder") from None
+    finish_stopped_saves(out_dir)
     return out_dir
+
+
+def _temp_file(path: Path) -> tuple[int, str]:
+    """A new temp file beside ``path`` (``tempfile.mkstemp``'s descriptor and name), hidden and
+    named after its process, ``.<name>.<pid>.<random>.tmp``, so that a later run can tell one
+    that a killed process left (``finish_stopped_saves``)."""
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+
+
+_JOURNAL = ".staged-outputs.{pid}.json"   # staged_outputs' list of renames, while it makes them
+
+
+def _ended(pid: str) -> bool:
+    """Whether no process ``pid`` (digits from a temp file's or journal's name) is running."""
+    if os.name != "posix" or not pid.isdigit():
+        return False                      # os.kill would end a process on Windows
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:                       # another user's process, or a pid out of range
+        return False
+    return False
+
+
+def finish_stopped_saves(folder: Path) -> None:
+    """Tidy ``folder`` after a run killed during its saves (SIGKILL: nothing of it ran to clean
+    up): renames it had started (its journal, ``staged_outputs``) are completed, since
+    all its outputs were written by then, and its other temp files removed, so that the folder
+    holds either its outputs or the earlier ones, never a mix. Files of running processes are left
+    alone. One line says what was done."""
+    finished = removed = 0
+    for journal in sorted(Path(folder).glob(_JOURNAL.format(pid="*"))):
+        if _ended(journal.name.split(".")[-2]):
+            finished += _apply_journal(journal)
+    for tmp in sorted(Path(folder).glob(".*.*.????????.tmp")):     # _temp_file's names
+        if _ended(tmp.name.rsplit(".", 3)[-3]):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    done = ([f"renamed the {finished} output(s) it had written into place"] if finished else []) + (
+        [f"removed {removed} unfinished file(s); the earlier outputs stay"] if removed else [])
+    if done:
+        print(f"{folder}: a run was killed during its saves; " + "; ".join(done))
 
 
 _staged: list[tuple[str | None, Path]] | None = None   # inside staged_outputs: (temp file, path)
@@ -1215,21 +1260,44 @@ def staged_outputs():
     (``_atomic_write``), and the renames over the earlier outputs (and the removals of
     ``remove_output``) wait for the block's end, so that a run stopped during its saves (kill,
     Ctrl-C, an error) leaves the earlier outputs as they were, not new figures beside an old
-    result. The temp files of a stopped block are removed."""
+    result. The temp files of a stopped block are removed. At the end the renames are listed in a
+    journal before they are made: a run killed among them (SIGKILL, where nothing cleans up) has
+    them finished by the next run in that folder (``finish_stopped_saves``)."""
     global _staged
-    _staged = []
+    _staged, journals, committed = [], [], False
     try:
         yield
+        renames: dict[Path, list] = {}
         for tmp, path in _staged:
-            if tmp is None:
-                path.unlink(missing_ok=True)
-            else:
-                os.replace(tmp, path)
+            renames.setdefault(path.parent, []).append([tmp and Path(tmp).name, path.name])
+        for folder, entries in renames.items():
+            journals.append(folder / _JOURNAL.format(pid=os.getpid()))
+            _atomic_write(journals[-1], lambda f: f.write(json.dumps(entries).encode()), staged=False)
+        committed = True        # from here on the outputs are this run's, whatever stops it
+        for journal in journals:
+            _apply_journal(journal)
     finally:
-        for tmp, _ in _staged:
-            if tmp is not None and os.path.exists(tmp):
-                os.remove(tmp)
+        if not committed:
+            for tmp, _ in _staged:
+                if tmp is not None and os.path.exists(tmp):
+                    os.remove(tmp)
+            for journal in journals:
+                journal.unlink(missing_ok=True)
         _staged = None
+
+
+def _apply_journal(journal: Path) -> int:
+    """Make the renames and removals a ``staged_outputs`` journal lists (those not yet made), then
+    remove it; returns how many outputs it renamed into place."""
+    folder, renamed = journal.parent, 0
+    for tmp, name in json.loads(journal.read_text()):
+        if tmp is None:
+            (folder / name).unlink(missing_ok=True)
+        elif (folder / tmp).exists():
+            os.replace(folder / tmp, folder / name)
+            renamed += 1
+    journal.unlink()
+    return renamed
 
 
 def remove_output(path: Path) -> None:
@@ -1238,11 +1306,12 @@ def remove_output(path: Path) -> None:
     _staged.append((None, Path(path)))
 
 
-def _atomic_write(path: Path, write, digest: bool = False) -> str | None:
+def _atomic_write(path: Path, write, digest: bool = False, staged: bool = True) -> str | None:
     """Write via ``write(file_object)`` to a temp file beside ``path``, then rename over it (inside
-    ``staged_outputs``: at the block's end); with ``digest``, returns the written bytes' sha256."""
+    ``staged_outputs``, unless not ``staged``: at the block's end); with ``digest``, returns the
+    written bytes' sha256."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    fd, tmp = _temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -1250,7 +1319,7 @@ def _atomic_write(path: Path, write, digest: bool = False) -> str | None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
         sha256 = file_sha256(Path(tmp)) if digest else None
-        if _staged is None:
+        if _staged is None or not staged:
             os.replace(tmp, path)
         else:
             _staged.append((tmp, path))

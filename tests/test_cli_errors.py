@@ -2,6 +2,7 @@
 for an option, 1 for data), no traceback, and the earlier outputs left byte-identical."""
 
 import copy
+import json
 import os
 import signal
 import subprocess
@@ -339,6 +340,69 @@ def test_a_run_stopped_during_its_saves_leaves_the_earlier_outputs(out, monkeypa
         D.main([*SIM, "--epochs", "1", "--mixup", "8", "--out-dir", str(out)])
     assert listing(out) == before
 
+
+
+def _killed_dual_encoder(out, when: str) -> None:
+    """Run the dual encoder's script in a process that SIGKILLs itself (nothing of it can clean
+    up) ``when`` = "writing" (its checkpoint and figure written, its JSON not) or "renaming" (after
+    the first of its outputs' renames)."""
+    code = f"""if True:
+        import os, signal, sys
+        sys.path.insert(0, {str(L.REPO_DIR)!r})
+        import miyawaki_dual_encoder as D
+        kill = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+        if {when!r} == "writing":
+            D.save_json = kill
+        else:
+            replace = os.replace
+            def renamed_once(src, dst):
+                replace(src, dst)
+                if not os.path.basename(dst).startswith(".staged-outputs"):   # an output, not the journal
+                    kill()
+            os.replace = renamed_once
+        D.main({[*SIM, "--epochs", "1", "--mixup", "0", "--out-dir", str(out)]!r})"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+def test_outputs_of_a_run_killed_while_writing_them_are_removed_by_the_next_run(out, capsys):
+    """SIGKILL while the outputs are written leaves their hidden temp files (nothing runs to remove
+    them); the next run in the folder removes them before its work (``prepare_out_dir``), and the
+    earlier outputs are as they were. A live process's temp file is left alone."""
+    before = listing(out)
+    _killed_dual_encoder(out, "writing")
+    left = set(listing(out)) - set(before)
+    assert left and all(p.name.startswith(".") and p.name.endswith(".tmp") for p in left), left
+    live = out / f".figure.png.{os.getpid()}.abcdefgh.tmp"      # this process is running
+    live.write_bytes(b"being written")
+    L.prepare_out_dir(out)
+    assert "a run was killed during its saves; removed 2 unfinished file(s)" in capsys.readouterr().out
+    assert live.exists()
+    live.unlink()
+    assert listing(out) == before
+
+
+def test_renames_of_a_run_killed_among_them_are_finished_by_the_next_run(out, capsys):
+    """A run whose outputs are all written commits them: SIGKILL after the first rename leaves a
+    mix of new and earlier outputs, and the next run in the folder finishes the renames from the
+    run's journal, so that the checkpoint and the JSON beside it are of one run."""
+    before = listing(out)
+    _killed_dual_encoder(out, "renaming")
+    [journal] = out.glob(".staged-outputs.*.json")
+    names = [name for tmp, name in json.loads(journal.read_text()) if tmp is not None]
+    def unchanged(name):     # the earlier output, or none where there was none
+        return (out / name).exists() == (out / name in before) and (
+            not (out / name).exists() or (out / name).read_bytes() == before[out / name][0])
+
+    earlier = [name for name in names if unchanged(name)]
+    assert 0 < len(earlier) < len(names), "the kill did not fall among the renames"
+    L.prepare_out_dir(out)
+    assert (f"killed during its saves; renamed the {len(earlier)} output(s) it had written into place"
+            in capsys.readouterr().out)
+    assert not [p for p in listing(out) if p.name.startswith(".")]
+    assert not [name for name in names if unchanged(name)]
+    result = json.loads((out / "miyawaki_dual_encoder.json").read_text())
+    assert result["checkpoint_sha256"] == L.file_sha256(out / D.CHECKPOINT_NAME)
 
 DAMAGED_ENCODERS = {  # name -> (damage(checkpoint dict), words of the message)
     "entry missing": (lambda c: c.pop("fmri_mean"), "is damaged: it lacks its 'fmri_mean' entry"),
