@@ -246,16 +246,21 @@ def evaluate_baselines(fold: Fold, pool=None) -> tuple[dict, dict]:
 
 
 # --------------------------------------------------------------------------- embedding metrics
+EMBEDDING_NAMES = {"fmri": "correlation", "image": "image_correlation"}  # model.latents' names -> the seed's
+
+
 def extract_latent_representations(model: MiyawakiDualEncoder, fmri=None, images=None) -> dict:
     """Embeddings of a dual encoder as numpy arrays (unit rows).
 
     fmri: ``N x V`` z-scored fMRI, or a ``Trials`` (then only its fMRI is used: the trials' images
     are never fed to the model, so the result is fMRI-only); images: ``M x 1 x 28 x 28`` in [0, 1]
     (both checked and converted as by the model's public methods: ``fmri_batch``, ``image_batch``).
-    Returns ``model.latents`` as numpy for whichever inputs are given: ``fmri_latent``, ``fmri``
-    (correlation embedding, ``N x D``), ``image_latent``, ``image`` (``M x D``), and any other
-    key the model adds. Given a DataLoader instead (the seed project's call), it returns
-    ``loader_representations``: tensors, with the fMRI-only embedding under ``correlation``."""
+    Returns for whichever inputs are given the encoder latents ``fmri_latent`` ``N x D`` and
+    ``image_latent`` ``M x D``, and the correlation embeddings ``correlation`` (fMRI-only, ``N x
+    D``: ``encode_fmri``) and ``image_correlation`` (``M x D``: ``encode_image``). Given a
+    DataLoader instead (the seed project's call), it returns ``loader_representations``: tensors
+    under the same names, the latents as the seed named them (``fmri``, ``image``), so that a
+    key read from both forms means one thing."""
     if isinstance(fmri, torch.utils.data.DataLoader):
         return loader_representations(model, fmri)
     if isinstance(fmri, Trials):
@@ -264,7 +269,7 @@ def extract_latent_representations(model: MiyawakiDualEncoder, fmri=None, images
     with evaluating(model):
         out = model.latents(x=None if fmri is None else fmri_batch(fmri, model.fmri_dim, device),
                             y=None if images is None else image_batch(images, device))
-    return {k: v.cpu().numpy() for k, v in out.items()}
+    return {EMBEDDING_NAMES.get(k, k): v.cpu().numpy() for k, v in out.items()}
 
 
 def loader_representations(model: MiyawakiDualEncoder, loader) -> dict:
@@ -279,7 +284,7 @@ def loader_representations(model: MiyawakiDualEncoder, loader) -> dict:
         for fmri, images, labels, image_ids in loader:
             out = model.latents(x=fmri.to(device), y=images.to(device))
             for key, value in (("fmri", out["fmri_latent"]), ("image", out["image_latent"]),
-                               ("correlation", out["fmri"]), ("image_correlation", out["image"]),
+                               *((EMBEDDING_NAMES[k], out[k]) for k in EMBEDDING_NAMES),
                                ("labels", labels), ("image_ids", image_ids)):
                 parts.setdefault(key, []).append(value.cpu())
     return {k: torch.cat(v) for k, v in parts.items()}
@@ -323,7 +328,7 @@ def ensemble_fold_metrics(models: list[MiyawakiDualEncoder], train: Trials, fold
     mean of the fits' cosines)."""
     device = next(models[0].parameters()).device
     x, cand = (torch.as_tensor(a, device=device) for a in (fold.test.fmri, fold.unique_images))
-    emb = lambda trials: np.concatenate([extract_latent_representations(m, trials)["fmri"]  # noqa: E731
+    emb = lambda trials: np.concatenate([extract_latent_representations(m, trials)["correlation"]  # noqa: E731
                                          for m in models], axis=1)
     condition = (knn_condition(emb(train), train.labels, emb(fold.test), k) == fold.test.labels)
     out = {}
@@ -580,17 +585,19 @@ def score_checkpoint(model: MiyawakiDualEncoder, fold: Fold, knn_k: int = 5, ora
     cand, tr, te, te_img = (emb[k] for k in ("candidates", "train", "test", "test_images"))
     test, k = fold.test, len(fold.unique_images)
     ident = identification_summary(emb["scores"], test.image_ids)
-    embedding_only = identification_summary(cosine_scores(te["fmri"], cand["image"]), test.image_ids)
-    reverse = image_to_fmri_summary(cand["image"], np.arange(k), te["fmri"], test.image_ids)
+    fmri_emb, cand_emb = te["correlation"], cand["image_correlation"]
+    embedding_only = identification_summary(cosine_scores(fmri_emb, cand_emb), test.image_ids)
+    reverse = image_to_fmri_summary(cand_emb, np.arange(k), fmri_emb, test.image_ids)
     n = len(test)
-    r12 = retrieval_ranks(cosine_scores(te["fmri"], te_img["image"]), test.image_ids, test.image_ids)
+    r12 = retrieval_ranks(cosine_scores(fmri_emb, te_img["image_correlation"]), test.image_ids,
+                          test.image_ids)
     same = test.image_ids[:, None] == test.image_ids[None, :]
     cond = {
         "k": knn_voters(knn_k, len(fold.train)),   # the k that voted in knn_condition
         "fmri_latent": condition_accuracy(
             knn_condition(tr["fmri_latent"], fold.train.labels, te["fmri_latent"], knn_k), test.labels),
         "correlation": condition_accuracy(
-            knn_condition(tr["fmri"], fold.train.labels, te["fmri"], knn_k), test.labels),
+            knn_condition(tr["correlation"], fold.train.labels, fmri_emb, knn_k), test.labels),
         "majority_rate": majority_rate(test.labels),
         "uniform_chance": uniform_condition_chance(np.concatenate([fold.train.labels, test.labels])),
     }
@@ -631,7 +638,7 @@ def score_checkpoint(model: MiyawakiDualEncoder, fold: Fold, knn_k: int = 5, ora
         "baselines_s1": {name: fold_means(m) for name, m in base.items()},
     }
     if oracle:
-        result["oracle"] = oracle_metrics(model, fold, cand["image"], knn_k)
+        result["oracle"] = oracle_metrics(model, fold, cand_emb, knn_k)
     return result
 
 
@@ -662,7 +669,8 @@ def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
               f"condition {o['joint_embedding_condition']:.3f}; condition from the image latent "
               f"{o['image_latent_condition']:.3f}")
 
-    xy = tsne_map(np.concatenate([te["fmri"], cand["image"], tr["fmri"]]), cfg.seed, cfg.tsne_perplexity)
+    xy = tsne_map(np.concatenate([te["correlation"], cand["image_correlation"], tr["correlation"]]),
+                  cfg.seed, cfg.tsne_perplexity)
     label = (f"identification score ({model.config.readout_model} read-out weight "
              f"{model.config.readout_weight:g}, encoding weight {model.config.encoding_weight:g};\n"
              f"a sum of parts z-scored over the {k} candidates)")

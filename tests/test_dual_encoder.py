@@ -568,7 +568,7 @@ def test_an_ensemble_is_scored_as_one_model_from_its_fits(sim, monkeypatch):
                           ("embeddings", (0.0, 0.0))):
         ranks = L.identification_ranks(D.fused_scores(both, *weights), fold.test.image_ids)
         np.testing.assert_array_equal(rows[name]["rank"], ranks)
-    emb = [E.extract_latent_representations(m, t)["fmri"] for t in (fold.train, fold.test) for m in models]
+    emb = [E.extract_latent_representations(m, t)["correlation"] for t in (fold.train, fold.test) for m in models]
     (train_emb, _, test_emb, *_), = votes         # one vote, among the concatenated embeddings
     np.testing.assert_array_equal(train_emb, np.hstack(emb[:2]))
     np.testing.assert_array_equal(test_emb, np.hstack(emb[2:]))
@@ -620,8 +620,8 @@ def test_public_methods_take_what_a_notebook_holds(sim):
     from miyawaki_evaluation import extract_latent_representations
     flat = extract_latent_representations(model, x, cand[:, 0])           # N x 28 x 28 images
     with torch.no_grad():
-        np.testing.assert_allclose(flat["image"], model.encode_image(cand).numpy(), atol=1e-6)
-        np.testing.assert_allclose(flat["fmri"], model.encode_fmri(x).numpy(), atol=1e-6)
+        np.testing.assert_allclose(flat["image_correlation"], model.encode_image(cand).numpy(), atol=1e-6)
+        np.testing.assert_allclose(flat["correlation"], model.encode_fmri(x).numpy(), atol=1e-6)
     with pytest.raises(ValueError, match=r"values in \[0, 255\]"):
         extract_latent_representations(model, images=255 * cand)
     with pytest.raises(ValueError, match=f"expected N x {sim.n_voxels}"):

@@ -227,12 +227,19 @@ def test_extract_latents_from_trials_uses_fmri_only(trained, sim):
     model, _ = D.MiyawakiDualEncoder.from_checkpoint(trained[0] / D.CHECKPOINT_NAME)
     test = sim.s1().test
     reps = E.extract_latent_representations(model, test)
-    assert {"fmri_latent", "fmri"} <= set(reps) and reps["fmri"].shape == (12, 512)
-    assert not any(key.startswith("image") for key in reps)
-    np.testing.assert_allclose(np.linalg.norm(reps["fmri"], axis=1), 1, atol=1e-5)
+    assert set(reps) == {"fmri_latent", "correlation"} and reps["correlation"].shape == (12, 512)
+    np.testing.assert_allclose(np.linalg.norm(reps["correlation"], axis=1), 1, atol=1e-5)
     both = E.extract_latent_representations(model, test.fmri, images=test.images)
-    assert {"fmri_latent", "fmri", "image_latent", "image"} <= set(both)
-    np.testing.assert_allclose(both["fmri"], reps["fmri"], atol=1e-6)
+    assert set(both) == {"fmri_latent", "correlation", "image_latent", "image_correlation"}
+    np.testing.assert_allclose(both["correlation"], reps["correlation"], atol=1e-6)
+    # the seed's DataLoader form: a key both forms give means the same thing in each (its "fmri"
+    # was the encoder latent where the array form's was the embedding); the latents keep the seed's
+    # names there, and the array form has no key of that name
+    loader = E.extract_latent_representations(model, L.make_dataloaders(sim.s1())[1])
+    for key in set(loader) & set(both):
+        np.testing.assert_allclose(loader[key].numpy(), both[key], atol=1e-6, err_msg=key)
+    assert set(loader) & set(both) == {"correlation", "image_correlation"}
+    np.testing.assert_allclose(loader["fmri"].numpy(), both["fmri_latent"], atol=1e-6)
 
 
 def test_evaluation_before_training_names_the_script(tmp_path, capsys):
