@@ -1500,6 +1500,10 @@ def write_summary(out: Path) -> Path:
     kept, loader = next((r for r in (de, ev, gen) if r), None), read(DATASET_JSON)
     other_data = bool(kept and loader and not same_data(loader, kept))
     lines = ["# Results (S1: the file's split, fMRI only at test time)", ""]
+    if de and de.get("noise_control"):
+        lines += ["**Noise control**: this dual encoder was trained on Gaussian noise instead of fMRI "
+                  "(`--noise-control`), so every number of it and of the models built on it should sit "
+                  "at chance.", ""]
     if ev:
         lines.append(f"Data: {ev['data_source']}; {ev['n_test']} test trials.")
         lines.append("")
@@ -1508,7 +1512,8 @@ def write_summary(out: Path) -> Path:
     fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
     if de:
         m = de
-        lines.append(f"| dual encoder identification top-1 ({m['n_candidates']}-way) | {fmt(m['top1'])} | "
+        what = "dual encoder **noise control**" if m.get("noise_control") else "dual encoder"
+        lines.append(f"| {what} identification top-1 ({m['n_candidates']}-way) | {fmt(m['top1'])} | "
                      f"{fmt(m['chance_top1'])} | {fmt(ridge.get('top1'))} |")
     if ev:
         c = ev["condition_accuracy"]

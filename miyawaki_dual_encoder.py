@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -1091,37 +1092,46 @@ def select_setting(inner: dict, settings: list[dict]) -> dict:
 
 
 # --------------------------------------------------------------------------- figures
-def plot_training_curves(history: dict, chance: float) -> Figure:
+def plot_training_curves(history: dict, chance: float, noise_control: bool = False) -> Figure:
     """Training loss per epoch and, when trials were held out (``val_fraction`` > 0), validation
     loss and identification (among the candidates, ``chance`` = 1 / K); the titles say what the
-    validation set is."""
+    validation set is, and whether the model is the noise control (``--noise-control``)."""
     validation = bool(history["val_loss"])
-    fig = Figure(figsize=(10, 3.8) if validation else (5.5, 3.8))
+    fig = Figure(figsize=(10, 4.6) if validation else (5.5, 4.6))
     axes = fig.subplots(1, 2 if validation else 1, squeeze=False)[0]
     ep = np.arange(1, len(history["train_loss"]) + 1)
-    line, = axes[0].plot(ep, history["train_loss"], label="train (with mixup + noise)")
+    marker = "o" if len(ep) < 5 else None                  # a line of one epoch would not show
+    for ax in axes:                                        # whole epochs, however few
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.set_xlim(0.5, len(ep) + 0.5)
+    line, = axes[0].plot(ep, history["train_loss"], marker=marker, label="train (with mixup + noise)")
     axes[0].set(xlabel="epoch", ylabel="InfoNCE loss (two terms)",
                 title="Contrastive loss (dashed: each at uniform scores)")
     curves = [("train", line, "train_chance_loss")]
     if validation:
-        line, = axes[0].plot(ep, history["val_loss"], label="validation (no mixup, no noise)")
+        line, = axes[0].plot(ep, history["val_loss"], marker=marker, label="validation (no mixup, no noise)")
         curves.append(("validation", line, "val_chance_loss"))
     for name, line, key in curves:    # different batch sizes: each loss against its own chance
         if key in history:
             axes[0].axhline(history[key], color=line.get_color(), ls="--", lw=0.8,
                             label=f"{name} at chance ({history[key]:.2f})")
     if validation:
-        axes[1].plot(ep, history["val_top1"], label="validation top-1")
+        axes[1].plot(ep, history["val_top1"], marker=marker, label="validation top-1")
         axes[1].axhline(chance, color="gray", ls="--", label=f"chance {chance_text(chance)}")
         axes[1].set(xlabel="epoch", ylabel="top-1", ylim=(0, 1.02),
-                    title=f"Identification from fMRI only, {round(1 / chance)}-way (validation)")
-        axes[1].legend()
-    fig.suptitle(f"Validation: {history.get('n_validation', '?')} training trials held out, one each "
-                 f"of images shown at least 3 times (so seen in training); never test trials"
-                 if validation else f"Fitted on all {history.get('n_train', '?')} training trials, none "
-                 f"held out\n(--val-fraction holds some out for validation curves)", fontsize=9)
-    fig.subplots_adjust(top=0.82)
-    axes[0].legend()
+                    title=f"Validation top-1, {round(1 / chance)}-way, from fMRI only, by the model's\n"
+                          f"score (embeddings + linear parts fitted before epoch 1)")
+        axes[1].title.set_fontsize(9)
+        axes[1].legend(fontsize=8)
+    title = (f"Validation: {history.get('n_validation', '?')} training trials held out, one each "
+             f"of images shown at least 3 times (so seen in training); never test trials"
+             if validation else f"Fitted on all {history.get('n_train', '?')} training trials, none "
+             f"held out\n(--val-fraction holds some out for validation curves)")
+    if noise_control:
+        title = "NOISE CONTROL (--noise-control): trained on Gaussian noise instead of fMRI\n" + title
+    fig.suptitle(title, fontsize=9, color="firebrick" if noise_control else "black")
+    fig.subplots_adjust(top=0.78 if noise_control else 0.83, bottom=0.3)
+    axes[0].legend(fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.17))  # off the curves
     return fig
 
 
@@ -1184,7 +1194,7 @@ def main(argv: list[str] | ScriptConfig | None = None) -> dict:
     figure = "miyawaki_training_curves.png"
     with staged_outputs():      # written together: a run stopped here leaves the earlier outputs
         checkpoint_sha256 = save_checkpoint(checkpoint, out / CHECKPOINT_NAME)
-        save_figure(plot_training_curves(history, 1 / k), out / figure)
+        save_figure(plot_training_curves(history, 1 / k, cfg.noise_control), out / figure)
         # the result file's top level reads like the evaluation's and the decoders'
         save_json({**metrics, "data_source": data.source, "data_fingerprint": data.fingerprint,
                    "checkpoint_sha256": checkpoint_sha256,

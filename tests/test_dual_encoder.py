@@ -432,14 +432,22 @@ def test_same_seed_same_numbers(sim):
     assert torch.equal(a.encode_fmri(x), b.encode_fmri(x))
 
 
-def test_noise_control_sits_at_chance(tmp_path):
+def test_noise_control_sits_at_chance(tmp_path, monkeypatch):
     """The script's --noise-control trains on Gaussian noise instead of fMRI (its networks and its
-    linear parts): it cannot identify the real S1 test trials (12 of them, chance 0.05)."""
+    linear parts): it cannot identify the real S1 test trials (12 of them, chance 0.05). Its
+    training-curve figure and summary.md say it is the control (they read like a real run's)."""
+    figures, plot = [], D.plot_training_curves
+    monkeypatch.setattr(D, "plot_training_curves", lambda *a: figures.append(plot(*a)) or figures[-1])
     metrics = main(["--data", "simulated", "--noise-control", "--epochs", str(FAST.epochs), "--mixup",
                     str(FAST.mixup), "--out-dir", str(tmp_path), "--device", "cpu"])
     assert metrics["noise_control"] and metrics["n_test"] == 12
     assert metrics["top1"] <= 0.25               # at most 3 of 12 (0.6 expected by chance; 4+: p < 0.003)
     assert metrics["mean_rank"] > 6              # chance mean rank 10.5 of 20
+    [figure] = figures
+    assert figure._suptitle.get_text().startswith("NOISE CONTROL (--noise-control): trained on Gaussian noise")
+    summary = (tmp_path / "summary.md").read_text()
+    assert "**Noise control**: this dual encoder was trained on Gaussian noise" in summary
+    assert "| dual encoder **noise control** identification top-1 (20-way) |" in summary
 
 
 def test_script_checkpoint_round_trip(tmp_path):
