@@ -541,9 +541,15 @@ TIE_TOL = 1e-9  # correlations closer than this are ties (float rounding of exac
 
 
 def _flat_clip(x):
-    """N x ... -> N x P float64 clipped to [0, 1]."""
-    x = np.asarray(x, dtype=np.float64)
-    return np.clip(x.reshape(len(x), -1), 0.0, 1.0)
+    """N x ... (numpy or torch; N may be 0) -> N x P float64 clipped to [0, 1]."""
+    x = as_numpy(x).astype(np.float64)
+    return np.clip(x.reshape(len(x), math.prod(x.shape[1:])), 0.0, 1.0)
+
+
+def as_numpy(x) -> np.ndarray:
+    """A numpy array of ``x`` (a torch tensor on any device, with or without gradient, or any
+    array-like), so that the metrics take what a notebook holds."""
+    return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
 
 
 def _unit_rows(x):
@@ -707,6 +713,10 @@ def check_scored_images(recon, true, image_ids, candidates) -> None:
         raise ValueError(f"reconstructions {shapes[0]}, true images {shapes[1]}, image ids {shapes[2]} "
                          f"and candidates {shapes[3]}; expected N images, N images and N ids, the "
                          f"images of the candidates' size")
+    if not (np.issubdtype(np.asarray(image_ids).dtype, np.integer)
+            and np.all((0 <= np.asarray(image_ids)) & (np.asarray(image_ids) < len(candidates)))):
+        raise ValueError(f"image ids {np.unique(image_ids).tolist()[:10]}; expected whole numbers that "
+                         f"index the {len(candidates)} candidates (0 to {len(candidates) - 1})")
     true = np.asarray(true)
     check_unit_range(float(true.min()), float(true.max()), "true images")
     if np.max(recon) > RECON_SCALE_MAX:
@@ -724,6 +734,7 @@ def per_trial_metrics(recon, true, image_ids, candidates, pool_true=None, pool_i
     unless scores (N x K, higher = better) are given (e.g. kNN votes).
     pool_true/pool_ids: the 2-way rival pool (see two_way_identification).
     """
+    recon, true, image_ids, candidates = map(as_numpy, (recon, true, image_ids, candidates))
     check_finite_array(recon, "reconstructions")
     check_scored_images(recon, true, image_ids, candidates)
     if scores is None:
@@ -888,9 +899,12 @@ def one_cycle(optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int,
 
 
 def fmri_batch(fmri, n_voxels: int, device) -> torch.Tensor:
-    """z-scored fMRI, numpy or torch of any real dtype, ``N x V`` or one trial ``V`` -> float32
+    """z-scored fMRI, numpy or torch of any real dtype, ``N x V`` or one trial ``V``, or the fMRI
+    of a ``Trials`` -> float32
     ``N x V`` on ``device`` (the models' public methods take what a notebook holds); ValueError
     naming what is expected for another shape, complex or non-finite values."""
+    if isinstance(fmri, Trials):          # its fMRI only: the trials' images are never read
+        fmri = fmri.fmri
     x = torch.as_tensor(fmri, device=device)
     if x.is_complex():
         raise ValueError("complex fMRI; expected real z-scored voxels")

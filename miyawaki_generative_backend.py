@@ -1180,6 +1180,8 @@ def _decode(encoder: nn.Module, encode, decoder: nn.Module, x: torch.Tensor, anc
         raise ValueError(f"this decoder was trained on the embeddings of another dual encoder (weights "
                          f"{trained_on}, this one's {weights_fingerprint(encoder)}); load the encoder "
                          f"its checkpoint names (encoder_checkpoint), or retrain the decoders on this one")
+    if not len(x):                        # no trials: no images (the sampler's shapes need a row)
+        return np.zeros((0, 1, IMAGE_SIDE, IMAGE_SIDE), np.float32)
     with evaluating(encoder, decoder):
         a = None if decoder.readout is None else anchor(x)
         step = None if likelihood is None else likelihood(x)

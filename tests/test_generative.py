@@ -757,6 +757,25 @@ def test_the_reported_novelty_gate_is_the_one_the_output_blends_with():
         assert G.novelty(model, fmri.numpy()) is None
 
 
+
+def test_decoding_reads_the_fmri_of_a_trials_and_gives_no_images_for_no_trials(sim):
+    """``reconstruct``, ``novelty`` and ``encode_fmri`` take a ``Trials`` as a notebook holds it and
+    read its fMRI only (they stopped at "Could not infer dtype of Trials"); zero trials give zero
+    images and gates (a reshape error in the sampler)."""
+    encoder = D.MiyawakiDualEncoder(sim.n_voxels, config=D.DualEncoderConfig(
+        latent_dim=8, fmri_hidden=(8,), cnn_channels=(4,), head_hidden=(8,))).eval()
+    decoder = G.MiyawakiDiffusionDecoder(num_inference_steps=2, init_strength=0.5, anchor_voxels=sim.n_voxels,
+                                         gate_images=3, novelty_gate=True, anchor_blend=0.5,
+                                         **{**SMALL, "correlation_dim": 8}).eval()
+    decoder.readout = decoder.readout.with_gate(sim.unique_images[:3], np.array([4.0, -1.0]))
+    test = sim.s1().test
+    draw = lambda x: G.reconstruct(encoder, decoder, x, torch.Generator().manual_seed(0))  # noqa: E731
+    np.testing.assert_array_equal(draw(test), draw(test.fmri))
+    np.testing.assert_array_equal(G.novelty(decoder, test), G.novelty(decoder, test.fmri))
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.encode_fmri(test), encoder.encode_fmri(test.fmri))
+    assert draw(test.fmri[:0]).shape == (0, 1, 28, 28) and G.novelty(decoder, test.fmri[:0]).shape == (0,)
+
 def test_novelty_gate_opens_for_a_never_seen_image_and_closes_for_seen_ones(sim):
     """The gate, calibrated on an S3 fold's training trials only, judges the held-out image's
     read-outs new (P > 0.5) and, on S1, the read-outs of test trials whose images were seen old."""

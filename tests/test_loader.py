@@ -558,6 +558,12 @@ def test_metrics_refuse_reconstructions_of_another_count_or_scale(sim):
         score(255 * true)
     with pytest.raises(ValueError, match=r"true images with values in \[0, 255\]"):
         L.reconstruction_metrics(true, 255 * true, ids, cand)
+    # a torch reconstruction (what the decoders' sample gives) scores as its numpy copy (it was a
+    # TypeError from np.size); image ids that index no candidate are named (a bare IndexError)
+    recon = 0.8 * true + 0.1
+    assert L.reconstruction_metrics(torch.as_tensor(recon), true, ids, cand) == score(recon)
+    with pytest.raises(ValueError, match="expected whole numbers that index the 20 candidates"):
+        L.reconstruction_metrics(recon, true, ids + 20, cand)
 
 
 def test_seed_everything_asks_for_deterministic_kernels_where_cuda_is(monkeypatch):
