@@ -1518,9 +1518,9 @@ def write_summary(out: Path) -> Path:
         lines += ["**Noise control**: this dual encoder was trained on Gaussian noise instead of fMRI "
                   "(`--noise-control`), so every number of it and of the models built on it should sit "
                   "at chance.", ""]
-    if ev:
-        lines.append(f"Data: {ev['data_source']}; {ev['n_test']} test trials.")
-        lines.append("")
+    if kept:                             # every result records its data (and, but older ones, test trials)
+        trials = f"; {kept['n_test']} test trials" if "n_test" in kept else ""
+        lines += [f"Data: {kept['data_source']}{trials}.", ""]
     lines += ["| what | value | chance | ridge |", "|---|---|---|---|"]
     ridge = (ev or {}).get("baselines_s1", {}).get("ridge", {})
     fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
@@ -1686,6 +1686,7 @@ def main(argv: list[str] | LoaderConfig | None = None) -> dict:
     """Print the data summary and save the two data figures, and beside them ``DATASET_JSON``
     (which data they show, the summary numbers and this run's settings); returns that record."""
     cfg = check_options(argv) if isinstance(argv, LoaderConfig) else parse_args(argv)
+    resolve_device(cfg.device)    # no model runs here, but --device is checked as by the other scripts
     if not cfg.download:
         check_unused(cfg, ("url",), "with --download")
     if cfg.download:

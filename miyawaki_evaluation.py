@@ -1208,7 +1208,8 @@ class EvaluationConfig(ScriptOptions):
     command-line option per field (add_config_args)."""
 
     checkpoint: Path | None = field(default=None, metadata={"type": Path,
-        "help": "dual-encoder checkpoint; default OUT_DIR/miyawaki_dual_encoder.pth"})
+        "help": "checkpoint evaluation: the dual-encoder checkpoint; default "
+                "OUT_DIR/miyawaki_dual_encoder.pth"})
     protocol: str | None = field(default=None, metadata={"choices": ("s1", "s2", "s3"),
         "help": "run the benchmark on this protocol instead of evaluating the checkpoint"})
     seeds: tuple[int, ...] = field(default=(0, 1, 2, 3, 4), metadata={"min": 0, "max": MAX_SEED,
@@ -1239,9 +1240,11 @@ class EvaluationConfig(ScriptOptions):
     knn_k: int = field(default=5, metadata={"min": 1,
         "help": "neighbours of the kNN condition classifier"})
     tsne_perplexity: float = field(default=30.0, metadata={"above": 0,
-        "help": "t-SNE perplexity (capped at (points - 1) / 3)"})
+        "help": "checkpoint evaluation: t-SNE perplexity (capped at (points - 1) / 3); --seed "
+                "seeds the t-SNE map"})
     oracle: bool = field(default=False, metadata={
-        "help": "also report ORACLE numbers that feed the true test image to the model"})
+        "help": "checkpoint evaluation: also report ORACLE numbers that feed the true test image "
+                "to the model"})
 
 
 # the options of one mode only: a value other than the default in the other mode is refused, not
@@ -1258,7 +1261,7 @@ def check_mode_options(cfg: EvaluationConfig) -> None:
     ``--workers`` than CPUs."""
     if cfg.protocol:
         check_unused(cfg, CHECKPOINT_OPTIONS, "without --protocol (the checkpoint's evaluation); the "
-                     "benchmark trains its own models")
+                     "benchmark trains its own models, seeded by --seeds")
     else:
         check_unused(cfg, BENCHMARK_OPTIONS, "with --protocol s1|s2|s3 (the benchmark)")
     if len(set(cfg.seeds)) < len(cfg.seeds):

@@ -774,8 +774,9 @@ class GenerativeConfig(ScriptOptions):
         "choices": SAMPLERS, "help": "ddim: deterministic; ddpm: ancestral, every timestep"})
     num_inference_steps: int = field(default=decoder_default("num_inference_steps"), metadata={
         "min": 1, "help": "DDIM steps (--sampler ddim only: ddpm steps through every timestep)"})
-    guidance_scale: float = field(default=decoder_default("guidance_scale"), metadata={
-        "help": "classifier-free guidance scale w (1 = the conditional model alone)"})
+    guidance_scale: float = field(default=decoder_default("guidance_scale"), metadata={"min": 0,
+        "help": "classifier-free guidance scale w (1 = the conditional model alone, 0 = the "
+                "unconditional one; below 0 it would steer away from the fMRI's embedding)"})
     # diffusion training
     diffusion_steps: int = field(default=400, metadata={"min": 1, "help": "diffusion optimiser steps"})
     diffusion_batch_size: int = field(default=256, metadata={"min": 1,
@@ -835,7 +836,8 @@ class GenerativeConfig(ScriptOptions):
     init_strength: float = field(default=0.15, metadata={"above": 0, "max": 1,
         "help": "DDIM starts from the anchor noised to this fraction of T (1 = from pure noise)"})
     anchor_blend: float = field(default=1.0, metadata={"min": 0, "max": 1,
-        "help": "final image = (1 - b) sample + b clipped anchor"})
+        "help": "final image = (1 - b g) sample + b g clipped anchor, g the novelty gate's P(new "
+                "image) (g = 1 with --no-novelty-gate)"})
     likelihood_weight: float = field(default=4.0, metadata={"min": 0,
         "help": "weight of the data-consistency step towards the test fMRI under the decoders' "
                 "encoding model (images -> voxels; see anchor_model), at every DDIM step but the last and "
@@ -1394,8 +1396,9 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
         "diffusion": results["diffusion"], "gan": results["gan"], "mean_image_floor": floor,
         **({"oracle": {"note": ORACLE_NOTE, **oracle}} if cfg.oracle else {}),
         "novelty_gate": None if gate is None else {
-            "note": "both decoders' P(new image) per test trial, from its fMRI (near 1: the output "
-                    "leans on the anchor; near 0: the decoder's sample)",
+            "note": "per_trial: both decoders' P(new image) per test trial, from its fMRI (near 1: "
+                    "the output leans on the anchor; near 0: the decoder's sample); new_image: the "
+                    "truth it estimates, per test trial (its image is shown by no training trial)",
             "per_trial": gate.tolist(), "mean": float(gate.mean()),
             "new_image": fold.unseen_test.tolist()},   # per trial: what the gate estimates
         "sampler": {"diffusion": {"sampler": cfg.sampler, "num_inference_steps": cfg.num_inference_steps,

@@ -113,6 +113,9 @@ BAD_OPTIONS = {  # name -> (script, options, words of the message)
     "logit scale inf": (D, ["--logit-scale-init", "inf"], "--logit-scale-init must be a finite number, got inf"),
     "encoding alpha inf": (D, ["--encoding-alpha", "inf"], "--encoding-alpha must be a finite number"),
     "guidance nan": (G, ["--guidance-scale", "nan"], "--guidance-scale must be a finite number, got nan"),
+    "guidance -3": (G, ["--guidance-scale=-3"], "--guidance-scale must be >= 0, got -3"),
+    "t-SNE perplexity in the benchmark": (E, ["--protocol", "s3", "--tsne-perplexity", "5"],
+                                          "the benchmark trains its own models, seeded by --seeds"),
     "likelihood weight -inf": (G, ["--likelihood-weight=-inf"], "--likelihood-weight must be a finite number"),
     "inner repeats 0": (E, ["--protocol", "s2", "--nested", "--inner-repeats", "0"],
                         "--inner-repeats must be >= 1"),
@@ -207,8 +210,10 @@ def test_config_object_is_checked_like_the_command_line(cfg, out, capsys):
     assert refused(script.main, cfg, out, capsys)[0] == 2
 
 
-RUNS = {"dual encoder": (D, []), "evaluation": (E, []), "benchmark s1": (E, ["--protocol", "s1"]),
-        "benchmark s3": (E, ["--protocol", "s3"]), "generative": (G, [])}
+# the loader runs no model, but checks --device as the others do (it exited 0 and recorded it)
+RUNS = {"loader": (L, []), "dual encoder": (D, []), "evaluation": (E, []),
+        "benchmark s1": (E, ["--protocol", "s1"]), "benchmark s3": (E, ["--protocol", "s3"]),
+        "generative": (G, [])}
 
 
 @pytest.mark.parametrize("run", RUNS)

@@ -448,6 +448,7 @@ def test_noise_control_sits_at_chance(tmp_path, monkeypatch):
     summary = (tmp_path / "summary.md").read_text()
     assert "**Noise control**: this dual encoder was trained on Gaussian noise" in summary
     assert "| dual encoder **noise control** identification top-1 (20-way) |" in summary
+    assert "; 12 test trials." in summary      # the data line, also without the evaluation's result
 
 
 def test_script_checkpoint_round_trip(tmp_path):
