@@ -1250,12 +1250,14 @@ def finish_stopped_saves(folder: Path) -> None:
     up): renames it had started (its journal, ``staged_outputs``) are completed, since
     all its outputs were written by then, and its other temp files removed, so that the folder
     holds either its outputs or the earlier ones, never a mix. Files of running processes are left
-    alone. One line says what was done."""
+    alone. One line says what was done. Looks in ``folder`` and its subfolders (the decoders'
+    sample grids), not deeper."""
     finished = removed = 0
-    for journal in sorted(Path(folder).glob(_JOURNAL.format(pid="*"))):
+    folders = [Path(folder), *sorted(p for p in Path(folder).iterdir() if p.is_dir())]
+    for journal in (j for f in folders for j in sorted(f.glob(_JOURNAL.format(pid="*")))):
         if _ended(journal.name.split(".")[-2]):
             finished += _apply_journal(journal)
-    for tmp in sorted(Path(folder).glob(".*.*.????????.tmp")):     # _temp_file's names
+    for tmp in (t for f in folders for t in sorted(f.glob(".*.*.????????.tmp"))):   # _temp_file's
         if _ended(tmp.name.rsplit(".", 3)[-3]):
             tmp.unlink(missing_ok=True)
             removed += 1

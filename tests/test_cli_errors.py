@@ -409,6 +409,21 @@ def test_renames_of_a_run_killed_among_them_are_finished_by_the_next_run(out, ca
     result = json.loads((out / "miyawaki_dual_encoder.json").read_text())
     assert result["checkpoint_sha256"] == L.file_sha256(out / D.CHECKPOINT_NAME)
 
+
+def test_what_a_killed_run_left_in_a_subfolder_is_tidied_too(out):
+    """The decoders write their sample grids into a subfolder, where a killed run leaves its temp
+    files and journal as well: the next run finishes that journal and removes those files."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()                                    # a process id that no process holds now
+    grids = out / "diffusion_samples"
+    (grids / f".step_00400.png.{dead.pid}.abcdefgh.tmp").write_bytes(b"new grid")
+    (grids / f".step_00100.png.{dead.pid}.ijklmnop.tmp").write_bytes(b"half written")
+    (grids / f".staged-outputs.{dead.pid}.json").write_text(json.dumps(
+        [[f".step_00400.png.{dead.pid}.abcdefgh.tmp", "step_00400.png"]]))
+    L.prepare_out_dir(out)
+    assert sorted(p.name for p in grids.iterdir()) == ["step_00400.png"]
+    assert (grids / "step_00400.png").read_bytes() == b"new grid"
+
 DAMAGED_ENCODERS = {  # name -> (damage(checkpoint dict), words of the message)
     "entry missing": (lambda c: c.pop("fmri_mean"), "is damaged: it lacks its 'fmri_mean' entry"),
     "entry retyped": (lambda c: c.update(n_voxels="967"), "is damaged: it holds a str as its 'n_voxels' entry"),
