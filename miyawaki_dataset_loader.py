@@ -1207,16 +1207,16 @@ def check_finite(loss: torch.Tensor, name: str) -> torch.Tensor:
     return loss
 
 
-def prepare_out_dir(out_dir: Path) -> Path:
-    """Create ``out_dir`` and check it is writable before any work is done (OptionError, exit
-    code 2 in ``run_cli``, if not)."""
+def prepare_out_dir(out_dir: Path, flag: str = "--out-dir") -> Path:
+    """Create ``out_dir`` and check it is writable before any work is done (OptionError naming
+    the option ``flag``, exit code 2 in ``run_cli``, if not)."""
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir):
             pass
     except OSError as e:
-        raise OptionError(f"cannot write to --out-dir {out_dir} ({e.strerror}); "
+        raise OptionError(f"cannot write to {flag} {out_dir} ({e.strerror}); "
                           "choose a writable folder") from None
     finish_stopped_saves(out_dir)
     return out_dir

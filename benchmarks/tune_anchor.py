@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from miyawaki_dataset_loader import (DEFAULT_OUT, check_options, reconstruction_metrics,  # noqa: E402
+from miyawaki_dataset_loader import (check_options, reconstruction_metrics,  # noqa: E402
                                      resolve_data, run_cli, save_json)
 from miyawaki_dual_encoder import inner_folds  # noqa: E402
 from miyawaki_generative_backend import GenerativeConfig, fit_anchor  # noqa: E402
-from tune_dual_encoder import tuning_parser  # noqa: E402
+from tune_dual_encoder import check_out, tuning_parser  # noqa: E402
 
 METRICS = ("pixcorr", "ssim", "mse", "two_way", "top1")
 
@@ -52,7 +52,7 @@ def run(data, candidates: list[GenerativeConfig], schemes: list[str]) -> dict:
 
 def main(argv=None) -> dict:
     """Score each anchor setting by inner CV; print a line each (best rule last) and save the JSON."""
-    p = tuning_parser(__doc__)
+    p = tuning_parser(__doc__, "tune_anchor.json")
     p.add_argument("--voxels", "--rf-voxels", type=float, nargs="+", default=[0.4, 1.0],
                    help="fractions of voxels the receptive-field model keeps")
     p.add_argument("--noise-shrink", "--rf-noise-shrink", type=float, nargs="+", default=[0.2, 0.5, 0.8],
@@ -62,7 +62,6 @@ def main(argv=None) -> dict:
     p.add_argument("--ridge-weight", "--rf-ridge-weight", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.7],
                    help="weight of ridge in the anchor (the rest: the receptive-field posterior)")
     p.add_argument("--seed", type=int, default=0, help="seed of the anchor's image prior")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT / "tune_anchor.json", help="the result JSON")
     args = p.parse_args(argv)
     base = GenerativeConfig(seed=args.seed)
     # each checked before the data load and any fit; an error names the config's flag, which this
@@ -72,6 +71,7 @@ def main(argv=None) -> dict:
                               rf_prior_scale=c, rf_ridge_weight=r))
         for v, s, c, r in itertools.product(args.voxels, args.noise_shrink, args.prior_scale,
                                             args.ridge_weight)]
+    check_out(args.out)
     data = resolve_data(args.data)
     t0 = time.perf_counter()
     results = run(data, candidates, ["unseen", "seen"])
@@ -85,7 +85,6 @@ def main(argv=None) -> dict:
               f"{u['ssim']:.3f} MSE {u['mse']:.4f} top-1 {u['top1']:.3f} | seen PixCorr "
               f"{s['pixcorr']:.3f} top-1 {s['top1']:.3f}")
     print(f"{time.perf_counter() - t0:.0f} s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     out = {"data": data.source, "seed": args.seed, "rule": "mean of unseen and seen PixCorr",
            "results": {n: {"unseen": u, "seen": s, "rule": r} for n, u, s, r in
                        zip(names, results["unseen"], results["seen"], rule)}}

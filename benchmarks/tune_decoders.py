@@ -32,13 +32,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from miyawaki_dataset_loader import (DEFAULT_OUT, RidgeBaseline, check_options,  # noqa: E402
+from miyawaki_dataset_loader import (OptionError, RidgeBaseline, check_options,  # noqa: E402
                                      reconstruction_metrics, resolve_data, resolve_device, run_cli,
                                      save_json)
 from miyawaki_dual_encoder import DualEncoderConfig, inner_folds, train_dual_encoder  # noqa: E402
 from miyawaki_generative_backend import (ANCHOR_OPTIONS, GenerativeConfig, reconstruct,  # noqa: E402
                                          train_generative)
-from tune_dual_encoder import SCHEMES_HELP, best_by_mean, candidates, option_help, tuning_parser  # noqa: E402
+from tune_dual_encoder import (SCHEMES_HELP, best_by_mean, candidates, check_out, option_help,  # noqa: E402
+                               tuning_parser)
 
 METRICS = ("pixcorr", "ssim", "mse", "two_way", "top1")
 
@@ -87,7 +88,7 @@ def run(data, configs: dict, sampling: list[dict], schemes: list[str], seed: int
 
 def main(argv=None) -> dict:
     """Score each candidate by inner CV; print a line each and save the JSON; returns it."""
-    p = tuning_parser(__doc__, "GenerativeConfig (training)")
+    p = tuning_parser(__doc__, "tune_decoders.json", "GenerativeConfig (training)")
     def grid(*flags, default, **kw):      # an option of the sampling grid: one or more values
         p.add_argument(*flags, nargs="+", default=[default], **kw)
 
@@ -114,7 +115,6 @@ def main(argv=None) -> dict:
     p.add_argument("--schemes", nargs="+", default=["unseen", "seen"], choices=["unseen", "seen"],
                    help=SCHEMES_HELP)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=option_help("device"))
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT / "tune_decoders.json", help="the result JSON")
     args = p.parse_args(argv)
     sampling = [dict(guidance_scale=w, init_strength=s, anchor_blend=b, novelty_gate=bool(g),
                      likelihood_weight=lw, likelihood_reg=lr, likelihood_gate_power=lp,
@@ -122,11 +122,19 @@ def main(argv=None) -> dict:
                 for w, s, b, g, lw, lr, lp, st, gs in itertools.product(
                     args.guidance, args.init_strength, args.blend, args.gate, args.likelihood,
                     args.likelihood_reg, args.likelihood_gate_power, args.stretch, args.gate_shift)]
-    configs = candidates(args.set, GenerativeConfig(seed=args.seed), tuple(sampling[0]))
+    unread = "is not read by the inner CV"
+    configs = candidates(args.set, GenerativeConfig(seed=args.seed), {
+        "seed": "is --seed here (it seeds the dual encoders too)",
+        "encoder_checkpoint": f"{unread}, which fits its own dual encoders",
+        **dict.fromkeys(("data", "out_dir", "device", "n_sample_grids", "log_every", "oracle"), unread),
+        **dict.fromkeys(sampling[0], "is varied by this script's own grid (--guidance, --blend, ...)")})
     # the sampling grid's values, checked like --set ones before the data load and any fit; an
     # error names the config's flag, which this script takes as well (--anchor-blend for --blend)
     for kw in sampling:
         check_options(replace(GenerativeConfig(), **{k: v for k, v in kw.items() if k != "gate_shift"}))
+    if not np.isfinite(args.gate_shift).all():
+        raise OptionError(f"--gate-shift must be finite numbers, got {args.gate_shift}")
+    check_out(args.out)
     device = resolve_device(args.device)
     data = resolve_data(args.data)
     t0 = time.perf_counter()
@@ -142,7 +150,6 @@ def main(argv=None) -> dict:
                               for s, per_spec in results.items()})
     print(f"best by the {selection['rule']}' diffusion PixCorr (the first of ties): "
           f"{selection['best']} ({selection['score']:.4f})")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     save_json({"data": data.source, "seed": args.seed, "device": str(device),
                "base": vars(GenerativeConfig(seed=args.seed)) | {"out_dir": None}, "results": results,
                "selection": {k: v for k, v in selection.items() if k != "means"}}, args.out)

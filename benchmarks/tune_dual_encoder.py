@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from miyawaki_dataset_loader import (DEFAULT_OUT, DefaultsHelpFormatter, OptionError,  # noqa: E402
-                                     ScriptOptions, check_options, resolve_data, resolve_device,
-                                     run_cli, save_json)
+from miyawaki_dataset_loader import (DEFAULT_OUT, MAX_SEED, DefaultsHelpFormatter, OptionError,  # noqa: E402
+                                     ScriptOptions, ScriptParser, check_options, prepare_out_dir,
+                                     resolve_data, resolve_device, run_cli, save_json)
 from miyawaki_dual_encoder import SCORE_GRID, DualEncoderConfig, inner_cv_scores, score_settings  # noqa: E402
 
 
@@ -75,11 +75,14 @@ def as_kind(value, default):
     return Path(value) if isinstance(default, Path) else value
 
 
-def candidates(specs: list[str], base, grid: tuple[str, ...] = ()) -> dict:
+GRID_REASON = "is varied by this script's own grid, which sets it at every point"
+
+
+def candidates(specs: list[str], base, ignored: dict[str, str] | None = None) -> dict:
     """``--set`` specs -> {spec or "default": ``base`` with the spec's fields}, each checked before
-    any fitting: an unknown field, a value of another type or out of its range, or a field of the
-    script's own ``grid`` (set at every grid point, so a ``--set`` would be ignored) is an
-    OptionError naming it."""
+    any fitting: an unknown field, a value of another type or out of its range, or a field the
+    script sets itself or never reads (``ignored``: {field: why}, e.g. its own grid's, set at every
+    grid point), so that a ``--set`` of it would be ignored, is an OptionError naming it."""
     names = {f.name for f in fields(base)}
     out = {}
     for spec in specs or [""]:
@@ -87,10 +90,10 @@ def candidates(specs: list[str], base, grid: tuple[str, ...] = ()) -> dict:
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise OptionError(f"--set {spec}: {type(base).__name__} has no field {', '.join(unknown)}")
-        gridded = sorted(set(overrides) & set(grid))
-        if gridded:
-            raise OptionError(f"--set {spec}: {', '.join(gridded)} is varied by this script's own grid, "
-                              f"which sets it at every point, so --set would be ignored (--help)")
+        unread = [k for k in overrides if k in (ignored or {})]
+        if unread:
+            raise OptionError(f"--set {spec}: {unread[0]} {ignored[unread[0]]}, so --set would be "
+                              f"ignored (--help)")
         for k, v in overrides.items():
             if not same_kind(v, getattr(base, k)):
                 raise OptionError(f"--set {spec}: {k} takes values like {getattr(base, k)!r}, got {v!r}")
@@ -138,21 +141,39 @@ def option_help(name: str) -> str:
     return ScriptOptions.__dataclass_fields__[name].metadata["help"]
 
 
-def tuning_parser(doc: str, what: str | None = None) -> argparse.ArgumentParser:
-    """The options the tuning scripts share: ``--data`` and, given ``what`` (a config class name),
-    repeatable ``--set`` candidates of it (``candidates``)."""
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
-                                formatter_class=DefaultsHelpFormatter)
+def tuning_parser(doc: str, out_name: str, what: str | None = None) -> argparse.ArgumentParser:
+    """The options the tuning scripts share, with the scripts' one-line errors: ``--data``,
+    ``--out`` (default ``outputs/<out_name>``; ``check_out``) and, given ``what`` (a config class
+    name), repeatable ``--set`` candidates of it (``candidates``)."""
+    p = ScriptParser(description=doc.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--data", default=None, help=option_help("data"))
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT / out_name, help="the result JSON")
     if what:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                        help=f"one candidate setting of {what} (repeat the flag for several)")
     return p
 
 
+def check_out(path: Path) -> None:
+    """OptionError before any work unless ``--out`` ``path`` can take the result JSON: not a
+    folder, and in a folder that can be written (created if need be)."""
+    if path.is_dir():
+        raise OptionError(f"--out {path} is a folder; give the result file's path")
+    prepare_out_dir(path.parent, "--out's folder")
+
+
+def check_seeds(seeds: list[int]) -> None:
+    """OptionError for a ``--seeds`` value out of range or given twice (one fit would count twice)."""
+    bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
+    if bad:
+        raise OptionError(f"--seeds must be >= 0 and <= {MAX_SEED}, got {bad[0]}")
+    if len(set(seeds)) < len(seeds):
+        raise OptionError(f"--seeds {' '.join(map(str, seeds))} repeats a seed; give each once")
+
+
 def main(argv=None) -> dict:
     """Score each ``--set`` candidate by inner CV; print a line each and save the JSON; returns it."""
-    p = tuning_parser(__doc__, "DualEncoderConfig")
+    p = tuning_parser(__doc__, "tune_dual_encoder.json", "DualEncoderConfig")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="the networks' seeds (each fits every inner fold)")
     p.add_argument("--schemes", nargs="+", default=["seen", "unseen"], choices=["seen", "unseen"],
@@ -162,9 +183,15 @@ def main(argv=None) -> dict:
                         "cosine averaged) instead of averaging the seeds' scores")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help=option_help("device"))
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT / "tune_dual_encoder.json", help="the result JSON")
     args = p.parse_args(argv)
-    configs = candidates(args.set, DualEncoderConfig(), tuple(SCORE_GRID))   # before the data load
+    check_seeds(args.seeds)                                         # all before the data load
+    if args.ensemble and len(args.seeds) < 2:
+        raise OptionError("--ensemble scores the --seeds' fits as one model; give two seeds or more")
+    configs = candidates(args.set, DualEncoderConfig(), {
+        "seed": "is set by --seeds", "log_every": "only spaces the fits' progress lines",
+        "val_fraction": "is 0 in the inner CV, which fits on every inner training trial",
+        **dict.fromkeys(SCORE_GRID, GRID_REASON)})
+    check_out(args.out)
     device = resolve_device(args.device)
     data = resolve_data(args.data)
     results = {}
@@ -185,7 +212,6 @@ def main(argv=None) -> dict:
                                   for name, v in r[s]["top1"].items()} for s in args.schemes})
     print(f"best by the {selection['rule']}' top-1 (the first of ties): {selection['best']} "
           f"({selection['score']:.3f})")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     save_json({"data": data.source, "seeds": args.seeds, "ensemble": args.ensemble,
                "device": str(device), "results": results,
                "selection": {k: v for k, v in selection.items() if k != "means"}}, args.out)

@@ -511,7 +511,8 @@ def test_tuning_candidates_are_checked_before_any_fit():
             candidates([spec], D.DualEncoderConfig())
     # a field the script's own grid sets at every point would be ignored silently
     with pytest.raises(L.OptionError, match="readout_weight is varied by this script's own grid"):
-        candidates(["readout_weight=0.25"], D.DualEncoderConfig(), tuple(D.SCORE_GRID))
+        candidates(["readout_weight=0.25"], D.DualEncoderConfig(), dict.fromkeys(D.SCORE_GRID, "is varied "
+                                                                               "by this script's own grid"))
 
 
 def test_tuning_grids_are_checked_before_any_fit_and_the_rule_names_its_choice(monkeypatch):
@@ -535,12 +536,24 @@ def test_tuning_grids_are_checked_before_any_fit_and_the_rule_names_its_choice(m
                               (tune_decoders.main, ["--likelihood", "-1"], "--likelihood-weight must be >= 0"),
                               (tune_decoders.main, ["--set", "guidance_scale=3"], "own grid"),
                               (tune_dual_encoder.main, ["--set", "epochs=0"], "--set epochs=0: --epochs must be >= 1"),
+                              # fields the inner CV sets itself or never reads: every candidate scored
+                              # the same (the "best" was the first)
+                              (tune_dual_encoder.main, ["--set", "seed=5"], "seed is set by --seeds"),
+                              (tune_dual_encoder.main, ["--set", "val_fraction=0.3"], "val_fraction is 0 in"),
+                              (tune_decoders.main, ["--set", "oracle=True"], "oracle is not read"),
+                              (tune_decoders.main, ["--gate-shift", "nan"], "--gate-shift must be finite"),
+                              (tune_dual_encoder.main, ["--seeds", "0", "0"], "repeats a seed"),
+                              (tune_dual_encoder.main, ["--seeds", "-1"], "--seeds must be >= 0"),
+                              (tune_dual_encoder.main, ["--ensemble"], "give two seeds or more"),
+                              # a folder as --out failed after all the work (IsADirectoryError)
+                              (tune_anchor.main, ["--out", str(L.REPO_DIR)], "is a folder"),
                               (tune_anchor.main, ["--voxels", "1.5"], "--rf-voxels must be <= 1"),
                               (tune_anchor.main, ["--ridge-weight", "2"], "--rf-ridge-weight must be <= 1")):
         with pytest.raises(L.OptionError, match=named):
             main(["--data", "simulated", *args])
         flag = named.split()[0]
-        if flag not in ("own", "--set"):   # the named flag, given the same value: the same error
+        if flag in ("--anchor-blend", "--likelihood-weight", "--rf-voxels", "--rf-ridge-weight"):
+            # the named flag, given the same value: the same error
             with pytest.raises(L.OptionError, match=named):
                 main(["--data", "simulated", flag, args[1]])
     chosen = best_by_mean({"unseen": {"a": 0.6, "b": 0.8, "c": 0.7}, "seen": {"a": 1.0, "b": 0.8, "c": 0.9}})
