@@ -85,6 +85,9 @@ METHOD_TITLES = {
     "dual_encoder_permuted_nested": "dual encoder, permutation control, the fold's nested setting",
     "anchor": "ablation: the decoders' anchor alone (linear read-out)",
     **DECODER_NAMES,
+    # with --generative --permutation-control: anchor and decoders fitted on the control's pairs
+    **{f"{g}_permuted": f"{title}, permutation control" for g, title in
+       (("anchor", "the decoders' anchor alone"), *DECODER_NAMES.items())},
 }
 # the same fitted networks scored with other settings (rows of the benchmark)
 ABLATIONS = {"dual_encoder_embedding_only": {"readout_weight": 0.0, "encoding_weight": 0.0},
@@ -828,7 +831,9 @@ def benchmark_markdown(result: dict) -> str:
               "Condition: baselines, the encoding model, the anchor and the decoders use the "
               "condition of the top-1 identified image (kNN rows: neighbour vote); the dual encoder "
               "uses a kNN vote on the fMRI-only correlation "
-              f"embeddings of the training trials (k={result['config']['knn_k']})"
+              f"embeddings of the training trials (k={result['config']['knn_k']}"
+              + (f", capped at each fold's training trials: {min(result['knn_voters'])} vote"
+                 if min(result.get("knn_voters", [np.inf])) < result["config"]["knn_k"] else "") + ")"
               + "".join(f"; {METHOD_TITLES[name]}, condition of the top-1 image: "
                         f"{mean_sd(result['methods'][name]['condition_top1'])}"
                         for name in ("dual_encoder", "dual_encoder_permuted") if name in result["methods"])
@@ -868,7 +873,11 @@ def benchmark_markdown(result: dict) -> str:
         lines += ["", "Permutation control: training fMRI rows shuffled against the images within "
                   "every fold (one shuffle per fold, first seed only), networks and linear parts "
                   "alike; it must sit at chance, with the default score and (with --nested) with "
-                  "the fold's nested setting."]
+                  "the fold's nested setting"
+                  + ("; with --generative the decoders and their anchor are fitted on the same "
+                     "shuffled pairs, on top of the control's dual encoder, and must sit at chance "
+                     "top-1 and near the mean image's reconstruction scores"
+                     if "diffusion_permuted" in result["methods"] else "") + "."]
     if "paired_vs_ridge_pixcorr" in result:
         lines += ["", "## Reconstruction: paired per-fold PixCorr against ridge", "",
                   "| method | mean diff | wins | ties | losses |", "|---|---|---|---|---|"]
@@ -960,15 +969,20 @@ def benchmark_fold(cfg: "EvaluationConfig", data: MiyawakiData, pool, device: to
                 rows.append((variant, {**metrics, **identification_metrics(scores, fold)},
                              time.perf_counter() - t + (nested["seconds"] if variant == "dual_encoder_nested"
                                                         and seed == cfg.seeds[0] else 0.0)))
-            if cfg.generative and method == "dual_encoder":
+            if cfg.generative:
                 # the decoders' module only for --generative: at the top, a script imports only
                 # the loader and the dual encoder
                 from miyawaki_generative_backend import GenerativeConfig, decode_fold
-                recons, secs, gate = decode_fold(model, fold, GenerativeConfig(seed=seed), device)
-                rows += [(g, {**score_reconstructions(recon, fold, pool),
-                              **({"novelty_gate": gate} if gate is not None and g in DECODERS else {})},
+                # the control's anchor and decoders learn from its shuffled pairs too, on top of
+                # its encoder: the reconstruction rows get their permutation control
+                control = "" if method == "dual_encoder" else "_permuted"
+                recons, secs, gate = decode_fold(model, replace(fold, train=train),
+                                                 GenerativeConfig(seed=seed), device)
+                rows += [(g + control, {**score_reconstructions(recon, fold, pool),
+                                        **({"novelty_gate": gate} if gate is not None and g in DECODERS
+                                           else {})},
                           secs[g]) for g, recon in recons.items()]
-                if not gallery:
+                if not gallery and not control:
                     gallery = fold_gallery(fold, recons, gate)
     if len(fits) > 1:               # the seeds' fits as one model: no fit of its own
         t = time.perf_counter()
@@ -1094,6 +1108,10 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
     data: MiyawakiData = resolve_data(cfg.data)
     folds = splits(cfg.protocol, data)
     n_available = len(folds)
+    if cfg.max_folds > n_available:     # it would change nothing and be recorded as a limit
+        raise OptionError(f"--max-folds {cfg.max_folds} is more than the {n_available} fold"
+                          f"{'s' * (n_available != 1)} of {cfg.protocol.upper()} on {data.source}; "
+                          f"leave it out to run them all")
     out = prepare_out_dir(cfg.out_dir)
     if cfg.max_folds:
         folds = folds[:cfg.max_folds]
@@ -1152,9 +1170,11 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
     result = {
         "protocol": cfg.protocol, "folds": [f[0] for f in folds], "n_folds": len(folds),
         "n_folds_available": n_available,
-        "seeds": list(cfg.seeds), "data_source": data.source, "n_trials": len(data.trials),
+        "seeds": list(cfg.seeds), "data_source": data.source, "data_fingerprint": data.fingerprint,
+        "n_trials": len(data.trials),
         "n_candidates": k, "n_test_trials": n_test, "n_unseen_test_trials": n_unseen,
         "n_test_trials_condition_untrained": untrained_condition_trials(data.trials.labels, folds),
+        "knn_voters": [knn_voters(cfg.knn_k, len(train)) for _, train, _ in folds],   # per fold
         "chance": {**chance_levels(k),
                    "condition_uniform": uniform_condition_chance(data.trials.labels),
                    # the best constant condition, averaged over the folds' test trials as the
@@ -1195,7 +1215,9 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
         m = methods[name]
         print(f"{METHOD_TITLES.get(name, name):40s} top-1 {mean_sd(m['top1'])}"
               f"  top-5 {m['top5']['mean']:.3f}  condition {m['condition']['mean']:.3f}")
-    print(f"chance: top-1 {result['chance']['top1']:.3f}, top-5 {result['chance']['top5']:.3f} | dual encoder "
+    print(f"chance: top-1 {result['chance']['top1']:.3f}, top-5 {result['chance']['top5']:.3f}, condition "
+          f"{result['chance']['condition_uniform']:.3f} (majority {result['chance']['condition_majority']:.3f})"
+          f" | dual encoder "
           f"{result['dual_encoder_seconds_per_fit']:.1f} s per fit | total {seconds['total']:.0f} s")
     print(f"saved {out / f'benchmark_{cfg.protocol}.json'} and .md")
     return result

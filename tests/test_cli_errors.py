@@ -106,6 +106,8 @@ BAD_OPTIONS = {  # name -> (script, options, words of the message)
     "condition probability 1.5": (G, ["--fmri-condition-prob", "1.5"],
                                   "--fmri-condition-prob must be <= 1, got 1.5"),
     "max folds -19": (E, ["--protocol", "s3", "--max-folds", "-19"], "--max-folds must be >= 0"),
+    "max folds 7 of S1's 1": (E, ["--protocol", "s1", "--max-folds", "7"],
+                              "--max-folds 7 is more than the 1 fold of S1 on simulated"),
     "benchmark epochs -1": (E, ["--protocol", "s3", "--epochs", "-1"], "--epochs must be >= 1"),
     "workers 0": (E, ["--protocol", "s3", "--workers", "0"], "--workers must be >= 1"),
     "more workers than CPUs": (E, ["--protocol", "s3", "--workers", str((os.cpu_count() or 1) + 1)],

@@ -87,6 +87,15 @@ def hand_made_benchmark() -> dict:
     }
 
 
+
+def test_benchmark_markdown_says_when_knn_k_is_capped():
+    """--knn-k above a fold's training trials: they all vote (the condition is then the majority);
+    the markdown said "k=1000" as if a thousand had voted."""
+    result = hand_made_benchmark()
+    assert "training trials (k=5)" in E.benchmark_markdown(result)   # results without the record too
+    result.update(config={**result["config"], "knn_k": 1000}, knn_voters=[95, 96, 95, 95, 96, 95])
+    assert "(k=1000, capped at each fold's training trials: 95 vote)" in E.benchmark_markdown(result)
+
 def test_every_row_of_every_benchmark_markdown_table_has_its_headers_cell_count():
     """A markdown table renders only when its separator row has as many cells as its header; a
     data row with fewer or more cells shifts its numbers under the wrong columns."""
