@@ -1001,6 +1001,16 @@ MAX_SEED = 2**32 - 1   # numpy's legacy seeding and scikit-learn's random_state 
 SEED_METADATA = {"min": 0, "max": MAX_SEED, "help": "random seed"}   # every config's seed field
 
 
+def check_seeds(seeds) -> None:
+    """OptionError for a ``--seeds`` list with a value out of range or one given twice (its fit
+    would count twice)."""
+    bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
+    if bad:
+        raise OptionError(f"--seeds must be >= 0 and <= {MAX_SEED}, got {bad[0]}")
+    if len(set(seeds)) < len(seeds):
+        raise OptionError(f"--seeds {' '.join(map(str, seeds))} repeats a seed; give each once")
+
+
 def out_dir_path(text: str) -> Path:
     """``--out-dir`` as a Path; an empty one (which would write into the current folder) is an
     argparse type error: one line, exit code 2."""

@@ -45,7 +45,8 @@ from miyawaki_dataset_loader import (DECODER_NAMES, GRID, IMAGE_SIDE, MAX_SEED, 
                                      MeanImageBaseline, MiyawakiData, OptionError, RidgeBaseline,
                                      ScriptOptions, Trials, add_config_args, chance_levels, check_options,
                                      condition_accuracy, condition_name, config_dict, cosine_scores, evaluating,
-                                     file_sha256, check_unused, chance_text, value_text, fmri_batch,
+                                     file_sha256, check_seeds, check_unused, chance_text, value_text,
+                                     fmri_batch,
                                      fold_means, identification_ranks, identification_scores,
                                      identification_summary, identified_labels, image_batch,
                                      image_to_fmri_summary, majority_rate, mean_rank, miyawaki_labels,
@@ -1286,8 +1287,7 @@ def check_mode_options(cfg: EvaluationConfig) -> None:
                      "benchmark trains its own models, seeded by --seeds")
     else:
         check_unused(cfg, BENCHMARK_OPTIONS, "with --protocol s1|s2|s3 (the benchmark)")
-    if len(set(cfg.seeds)) < len(cfg.seeds):
-        raise OptionError(f"--seeds {' '.join(map(str, cfg.seeds))} repeats a seed; give each once")
+    check_seeds(cfg.seeds)
     if cfg.protocol and len(cfg.seeds) == 1:
         check_unused(cfg, ("seed_fits",), "with more than one --seeds value (one seed's fit has nothing "
                      "to batch)")

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from miyawaki_dataset_loader import (DEFAULT_OUT, MAX_SEED, DefaultsHelpFormatter, OptionError,  # noqa: E402
-                                     ScriptOptions, ScriptParser, check_options, prepare_out_dir,
-                                     resolve_data, resolve_device, run_cli, save_json)
+from miyawaki_dataset_loader import (DEFAULT_OUT, DefaultsHelpFormatter, OptionError,  # noqa: E402
+                                     ScriptOptions, ScriptParser, check_options, check_seeds,
+                                     prepare_out_dir, resolve_data, resolve_device, run_cli, save_json)
 from miyawaki_dual_encoder import SCORE_GRID, DualEncoderConfig, inner_cv_scores, score_settings  # noqa: E402
 
 
@@ -160,15 +160,6 @@ def check_out(path: Path) -> None:
     if path.is_dir():
         raise OptionError(f"--out {path} is a folder; give the result file's path")
     prepare_out_dir(path.parent, "--out's folder")
-
-
-def check_seeds(seeds: list[int]) -> None:
-    """OptionError for a ``--seeds`` value out of range or given twice (one fit would count twice)."""
-    bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
-    if bad:
-        raise OptionError(f"--seeds must be >= 0 and <= {MAX_SEED}, got {bad[0]}")
-    if len(set(seeds)) < len(seeds):
-        raise OptionError(f"--seeds {' '.join(map(str, seeds))} repeats a seed; give each once")
 
 
 def main(argv=None) -> dict:
