@@ -258,7 +258,8 @@ def extract_latent_representations(model: MiyawakiDualEncoder, fmri=None, images
 
     fmri: ``N x V`` z-scored fMRI, or a ``Trials`` (then only its fMRI is used: the trials' images
     are never fed to the model, so the result is fMRI-only); images: ``M x 1 x 28 x 28`` in [0, 1]
-    (both checked and converted as by the model's public methods: ``fmri_batch``, ``image_batch``).
+    (both checked and converted as by the model's public methods: ``fmri_batch``, which reads a
+    ``Trials``' fMRI, and ``image_batch``).
     Returns for whichever inputs are given the encoder latents ``fmri_latent`` ``N x D`` and
     ``image_latent`` ``M x D``, and the correlation embeddings ``correlation`` (fMRI-only, ``N x
     D``: ``encode_fmri``) and ``image_correlation`` (``M x D``: ``encode_image``). Given a
@@ -267,8 +268,6 @@ def extract_latent_representations(model: MiyawakiDualEncoder, fmri=None, images
     key read from both forms means one thing."""
     if isinstance(fmri, torch.utils.data.DataLoader):
         return loader_representations(model, fmri)
-    if isinstance(fmri, Trials):
-        fmri = fmri.fmri
     device = next(model.parameters()).device
     with evaluating(model):
         out = model.latents(x=None if fmri is None else fmri_batch(fmri, model.fmri_dim, device),
