@@ -12,7 +12,6 @@ under ``--budget`` seconds (default 280); a step that runs out is recorded, not 
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import shutil
@@ -26,8 +25,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from miyawaki_dataset_loader import (DEFAULT_DATA, rank_summary,  # noqa: E402
-                                     resolve_data)
+from miyawaki_dataset_loader import (DEFAULT_DATA, DefaultsHelpFormatter, ScriptParser,  # noqa: E402
+                                     rank_summary, resolve_data)
 from miyawaki_dual_encoder import DualEncoderConfig, identify, train_dual_encoder, train_dual_encoders  # noqa: E402
 
 STAGES = ["miyawaki_dataset_loader.py", "miyawaki_dual_encoder.py", "miyawaki_evaluation.py",
@@ -98,9 +97,8 @@ def batched_vs_separate(device: str, data, seeds=(0, 1, 2)) -> dict:
 
 def main(argv=None) -> dict:
     """Run the check; print the markdown and write both files; returns the JSON dict."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default=argparse.SUPPRESS, help="a .mat file or 'simulated' (default: "
+    p = ScriptParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--data", default=None, help="a .mat file or 'simulated' (default: "
                    "the real file if present, else simulated)")
     p.add_argument("--out-dir", type=Path, default=REPO / "outputs" / "gpu_check",
                    help="where the check writes")
@@ -116,7 +114,7 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     left = lambda: args.budget - (time.perf_counter() - t_start)  # noqa: E731
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    data_arg = getattr(args, "data", None) or (str(DEFAULT_DATA) if DEFAULT_DATA.is_file() else "simulated")
+    data_arg = args.data or (str(DEFAULT_DATA) if DEFAULT_DATA.is_file() else "simulated")
     result = {"versions": versions(), "data": data_arg,
               "real_file_present": DEFAULT_DATA.is_file(), "steps": {}}
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -9,7 +9,6 @@ Medians over ``--repeats`` runs; the table is printed and saved to ``<out-dir>/p
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -20,6 +19,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from miyawaki_dataset_loader import DefaultsHelpFormatter, ScriptParser  # noqa: E402
+
 STAGES = ["miyawaki_dataset_loader.py", "miyawaki_dual_encoder.py", "miyawaki_evaluation.py",
           "miyawaki_generative_backend.py"]
 
@@ -52,16 +54,15 @@ def machine() -> str:
 
 def main(argv=None) -> dict:
     """Run every stage ``--repeats`` times; print and save the table; returns the JSON dict."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default=argparse.SUPPRESS, help="passed to every stage (default: the scripts' own)")
+    p = ScriptParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--data", default=None, help="passed to every stage (default: the scripts' own)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="passed to every stage")
     p.add_argument("--repeats", type=int, default=3, help="runs of every stage (the table shows medians)")
     p.add_argument("--out-dir", type=Path, default=REPO / "outputs" / "speed",
                    help="where the stages write (kept apart from the main outputs)")
     args = p.parse_args(argv)
-    data = getattr(args, "data", None)         # SUPPRESS: no "(default: None)" in --help
+    data = args.data
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
     common = ["--out-dir", str(args.out_dir), "--device", args.device]

@@ -574,3 +574,18 @@ def test_gpu_check_without_a_gpu_stops_in_one_line(capsys):
         gpu_check.main([])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "no CUDA device" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("script", ["tune_dual_encoder", "tune_decoders", "tune_anchor", "pipeline_speed",
+                                    "gpu_check"])
+def test_benchmark_scripts_refuse_a_bad_option_in_one_line(script, capsys):
+    """The benchmark scripts' parse errors are one line (exit code 2), as the scripts' are; the
+    speed scripts printed argparse's usage block. (profile_dual_encoder.py keeps argparse's: it
+    records the memory of importing torch, so it imports no module of the repository first.)"""
+    sys.path.insert(0, str(L.REPO_DIR / "benchmarks"))
+    main = __import__(script).main
+    with pytest.raises(SystemExit) as stop:
+        main(["--no-such-option"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: unrecognized arguments: --no-such-option"), err
