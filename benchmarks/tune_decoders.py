@@ -38,8 +38,8 @@ from miyawaki_dataset_loader import (OptionError, RidgeBaseline, check_options, 
 from miyawaki_dual_encoder import DualEncoderConfig, inner_folds, train_dual_encoder  # noqa: E402
 from miyawaki_generative_backend import (ANCHOR_OPTIONS, GenerativeConfig, reconstruct,  # noqa: E402
                                          train_generative)
-from tune_dual_encoder import (SCHEMES_HELP, best_by_mean, candidates, check_out, option_help,  # noqa: E402
-                               tuning_parser)
+from tune_dual_encoder import (GRID_REASON, SCHEMES_HELP, best_by_mean, candidates, check_out,  # noqa: E402
+                               option_help, tuning_parser)
 
 METRICS = ("pixcorr", "ssim", "mse", "two_way", "top1")
 
@@ -127,7 +127,7 @@ def main(argv=None) -> dict:
         "seed": "is --seed here (it seeds the dual encoders too)",
         "encoder_checkpoint": f"{unread}, which fits its own dual encoders",
         **dict.fromkeys(("data", "out_dir", "device", "n_sample_grids", "log_every", "oracle"), unread),
-        **dict.fromkeys(sampling[0], "is varied by this script's own grid (--guidance, --blend, ...)")})
+        **dict.fromkeys(sampling[0], f"{GRID_REASON} (--guidance, --blend, ...)")})
     # the sampling grid's values, checked like --set ones before the data load and any fit; an
     # error names the config's flag, which this script takes as well (--anchor-blend for --blend)
     for kw in sampling:
