@@ -17,7 +17,7 @@ import miyawaki_dataset_loader as L
 import miyawaki_dual_encoder as D
 import miyawaki_evaluation as E
 import miyawaki_generative_backend as G
-from helpers import file_arrays
+from helpers import SMALL_ANCHOR_ARGS, file_arrays
 
 FAST = ["--device", "cpu", "--data", "simulated"]
 
@@ -274,7 +274,7 @@ def test_a_file_with_one_test_trial_prints_undefined_numbers_as_undefined(tmp_pa
         warnings.simplefilter("error", RuntimeWarning)
         E.main(args)
         G.main([*args, "--diffusion-steps", "3", "--gan-steps", "2", "--num-inference-steps", "2",
-                "--n-sample-grids", "0"])
+                "--n-sample-grids", "0", *SMALL_ANCHOR_ARGS])
     out = capsys.readouterr().out
     assert "nan" not in out
     assert "S1 image->fMRI (1 image(s) rank 1 test trial(s)): top-1 undefined" in out

@@ -12,7 +12,7 @@ import torch
 import miyawaki_dataset_loader as L
 import miyawaki_dual_encoder as D
 import miyawaki_generative_backend as G
-from helpers import unit
+from helpers import SMALL_ANCHOR_ARGS, unit
 
 FAST_ENCODER = D.DualEncoderConfig(epochs=25, mixup=32, val_fraction=0.0)
 TINY = G.GenerativeConfig(diffusion_steps=150, gan_steps=100, log_every=50, n_sample_grids=1)
@@ -432,7 +432,7 @@ def test_script_reports_the_zero_shot_check_where_the_test_images_are_new(tmp_pa
     monkeypatch.setattr(G, "plot_generation", lambda true, recon, title, *a: titles.append(title)
                         or plot(true, recon, title, *a))
     G.main([*args, "--diffusion-steps", "3", "--gan-steps", "2", "--num-inference-steps", "2",
-            "--n-sample-grids", "0"])
+            "--n-sample-grids", "0", *SMALL_ANCHOR_ARGS])
     assert [t.split(", from")[0] for t in titles] == [
         f"{n}, S1 test trials (20 of 20 showing an image no training trial shows)"
         for n in ("diffusion decoder", "GAN decoder")]
@@ -446,7 +446,8 @@ def test_script_end_to_end_on_simulated_data(tmp_path, capsys, monkeypatch):
     D.main(["--data", "simulated", "--epochs", "4", "--mixup", "8", "--out-dir", str(tmp_path),
             "--device", "cpu"])
     args = ["--data", "simulated", "--out-dir", str(tmp_path), "--device", "cpu", "--seed", "3",
-            "--diffusion-steps", "20", "--gan-steps", "10", "--num-inference-steps", "5", "--oracle"]
+            "--diffusion-steps", "20", "--gan-steps", "10", "--num-inference-steps", "5", "--oracle",
+            *SMALL_ANCHOR_ARGS]
     grids, plot, titles, plot_gen = [], G.plot_sample_grid, [], G.plot_generation
     monkeypatch.setattr(G, "plot_sample_grid", lambda *a: grids.append(a) or plot(*a))
     monkeypatch.setattr(G, "plot_generation", lambda true, recon, title, *a: titles.append(title)

@@ -18,6 +18,7 @@ import miyawaki_dataset_loader as L
 import miyawaki_dual_encoder as D
 import miyawaki_evaluation as E
 import miyawaki_generative_backend as G
+from helpers import SMALL_ANCHOR_ARGS
 from miyawaki_dataset_loader import make_simulated_dataset, splits
 
 SIM = ["--data", "simulated", "--device", "cpu"]
@@ -26,7 +27,7 @@ SIM = ["--data", "simulated", "--device", "cpu"]
 TINY_DECODERS = G.GenerativeConfig(diffusion_steps=3, gan_steps=2, num_inference_steps=10,
                                    n_sample_grids=1, prior_size=256, anchor_folds=3)
 TINY_DECODER_ARGS = ["--diffusion-steps", "3", "--gan-steps", "2", "--num-inference-steps", "10",
-                     "--n-sample-grids", "1", "--prior-size", "256", "--anchor-folds", "3"]
+                     "--n-sample-grids", "1", *SMALL_ANCHOR_ARGS]
 # what may change with the test images without a leak: scores of a reconstruction against the
 # true image, the retrieval among the test trials' own images (labelled so), and timings
 AGAINST_TRUTH = {"mse", "pixcorr", "ssim", "two_way"}

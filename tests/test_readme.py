@@ -9,6 +9,7 @@ from pathlib import Path
 import miyawaki_dataset_loader as L
 import miyawaki_dual_encoder as D
 import miyawaki_generative_backend as G
+from helpers import SMALL_ANCHOR_ARGS
 
 README = Path(L.__file__).with_name("README.md")
 SIM = ["--data", "simulated", "--device", "cpu"]
@@ -22,7 +23,7 @@ def test_readme_python_blocks_run_on_the_simulated_set(tmp_path, monkeypatch):
     out = tmp_path / "outputs"
     D.main([*SIM, "--epochs", "2", "--out-dir", str(out)])
     G.main([*SIM, "--out-dir", str(out), "--diffusion-steps", "3", "--gan-steps", "2",
-            "--num-inference-steps", "2", "--n-sample-grids", "0"])
+            "--num-inference-steps", "2", "--n-sample-grids", "0", *SMALL_ANCHOR_ARGS])
     assert "oracle" not in json.loads((out / "miyawaki_generation.json").read_text())  # no --oracle
     summary = (out / "summary.md").read_text()                   # what make run ends with
     for row in ("dual encoder identification top-1 (20-way)", "diffusion decoder reconstruction",

@@ -8,6 +8,7 @@ import torch
 import miyawaki_dual_encoder as D
 import miyawaki_evaluation as E
 import miyawaki_generative_backend as G
+from helpers import SMALL_ANCHOR_ARGS
 from miyawaki_dataset_loader import make_dataloaders, make_simulated_dataset
 
 SIM = ["--data", "simulated", "--device", "cpu"]
@@ -19,7 +20,7 @@ def outputs(tmp_path_factory):
     out = tmp_path_factory.mktemp("seed_api")
     D.main([*SIM, "--epochs", "1", "--out-dir", str(out)])
     G.main([*SIM, "--out-dir", str(out), "--diffusion-steps", "3", "--gan-steps", "2",
-            "--num-inference-steps", "2", "--n-sample-grids", "0"])
+            "--num-inference-steps", "2", "--n-sample-grids", "0", *SMALL_ANCHOR_ARGS])
     return out
 
 
