@@ -276,7 +276,9 @@ def fit_novelty_gate(train: Trials, config: "GenerativeConfig", alpha: float, un
     """Calibrate the novelty gate on training trials only -> (training images ``K x 1 x 28 x 28``,
     logistic (slope, intercept) on the nearest-training-image similarity) or None when no image
     has two trials. "Unseen" examples: the out-of-fold anchors ``unseen`` (image-grouped,
-    ``out_of_fold_readouts``); "seen": anchors of trials by the read-out (``fit_anchor``, ridge
+    ``out_of_fold_readouts``), compared with every training image, their own included (without
+    it, as a never-seen test image is compared, the inner CV scored lower: docs/MODELS.md);
+    "seen": anchors of trials by the read-out (``fit_anchor``, ridge
     ``alpha``; its image prior never holds an image of ``exclude``) fitted without them but with
     other trials of their image (each image's trials dealt round-robin to ``n_folds`` folds;
     trials of images shown once are left out)."""
