@@ -634,7 +634,7 @@ def test_synthetic_prior_conditions_come_from_the_encoding_model(sim):
     train = sim.s1().train
     enc, _ = D.train_dual_encoder(train, D.DualEncoderConfig(epochs=2, val_fraction=0.0),
                                   torch.device("cpu"), progress=False)
-    cfg = replace(TINY, augment_prob=0.5, prior_size=32, prior_condition="synthetic")
+    cfg = replace(TINY, augment_prob=0.5, prior_size=32, prior_condition="synthetic", anchor_folds=3)
     data = G.training_set(enc, train, cfg, torch.device("cpu"))
     encoding = data.encoding
     residuals = torch.as_tensor(G.out_of_fold_residuals(train, cfg, enc.config.encoding_alpha))
@@ -849,7 +849,7 @@ def test_script_records_per_test_trial_whether_its_image_is_new(tmp_path, mat_ar
     args = ["--data", str(path), "--out-dir", str(tmp_path), "--device", "cpu"]
     D.main([*args, "--epochs", "2", "--mixup", "8"])
     G.main([*args, "--diffusion-steps", "3", "--gan-steps", "2", "--num-inference-steps", "2",
-            "--n-sample-grids", "0", "--prior-size", "64"])
+            "--n-sample-grids", "0", "--prior-size", "64", "--anchor-folds", "3"])
     saved = json.loads((tmp_path / "miyawaki_generation.json").read_text())
     assert saved["novelty_gate"]["new_image"] == [False] * 11 + [True]
     assert "of the 1 trial whose image no training trial shows" in (tmp_path / "summary.md").read_text()
