@@ -1543,7 +1543,8 @@ def write_summary(out: Path) -> Path:
                      f"{fmt(m['chance_top1'])} | {fmt(ridge.get('top1'))} |")
     if ev:
         c = ev["condition_accuracy"]
-        lines.append(f"| condition from the fMRI-only embedding (kNN) | {fmt(c['correlation'])} | "
+        flag = " (by construction: below)" if c.get("note") else ""
+        lines.append(f"| condition from the fMRI-only embedding (kNN) | {fmt(c['correlation'])}{flag} | "
                      f"{fmt(c['uniform_chance'])} (majority {fmt(c['majority_rate'])}) | "
                      f"{fmt(ridge.get('condition'))} (its top-1 image's) |")
     if gen:
@@ -1553,6 +1554,8 @@ def write_summary(out: Path) -> Path:
                          f"{fmt(g['top1'])} | floor {fmt(gen['mean_image_floor']['pixcorr'])} / "
                          f"{fmt(gen['chance']['top1'])} | {fmt(ridge.get('pixcorr'))} / "
                          f"{fmt(ridge.get('top1'))} |")
+    if ev and ev["condition_accuracy"].get("note"):
+        lines += ["", f"The condition from the embedding: {ev['condition_accuracy']['note']}."]
     if gen and gen.get("novelty_gate"):
         gate = np.asarray(gen["novelty_gate"]["per_trial"]) > 0.5
         lines += ["", f"The decoders' novelty gate read {int(gate.sum())} of {len(gate)} test "

@@ -296,6 +296,21 @@ def test_condition_of_a_random_image_session_is_flagged_as_zero_by_construction(
             assert cond["correlation"] == cond["fmri_latent"] == 0 and "0 by construction" in cond["note"]
 
 
+def test_summary_flags_a_condition_accuracy_that_is_zero_by_construction(tmp_path, monkeypatch):
+    """summary.md carries the evaluation's note beside a condition accuracy that is 0 by
+    construction (a random-image session: no test condition occurs in training); it showed the 0
+    as a measurement, where the console and the JSON said it was not."""
+    data = L.make_simulated_dataset(random_images=40)
+    for module in (D, E):
+        monkeypatch.setattr(module, "resolve_data", lambda arg: data)
+    args = ["--data", "simulated-random", "--out-dir", str(tmp_path), "--device", "cpu"]
+    D.main([*args, "--epochs", "1", "--mixup", "8"])
+    E.main(args)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| condition from the fMRI-only embedding (kNN) | 0.000 (by construction: below) |" in summary
+    assert "0 by construction, not a measurement" in summary
+
+
 def test_condition_chance_counts_the_trials_conditions():
     """The uniform condition chance counts the trials' conditions: a file that shows each image under
     two conditions has 2 (its images' labels, each the first trial's, gave one: chance 1.00), and a
