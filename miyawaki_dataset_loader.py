@@ -320,8 +320,15 @@ def load_miyawaki(path: str | os.PathLike) -> MiyawakiData:
     if len(np.unique(stim, axis=0)) < 2:
         raise DataError(f"{path} shows one distinct image in all its trials; identification and "
                         f"decoding need at least two")
+    blank = np.ptp(stim, axis=1) == 0
+    if blank.any():
+        print(f"note: {path}: {int(blank.sum())} trial(s) show an image of one grey level (e.g. "
+              "blank), with which every Pearson r is undefined: the protocol's scores count it as "
+              "r = 0, so such an image scores PixCorr 0 and is never identified")
     if not np.ptp(fmri.astype(np.float32), axis=0).any():     # as the models see it (float32)
-        raise DataError(f"{path}: no voxel's fMRI varies across the trials; there is nothing to decode")
+        raise DataError(f"{path}: no voxel's fMRI varies across the trials in float32, as the models "
+                        "read it; there is nothing to decode (rescale values that vary only far "
+                        "below their size)")
     labels = np.concatenate([parts["Trn"][2], parts["Test"][2]])
     fractional = labels[labels != np.round(labels)]
     if len(fractional):

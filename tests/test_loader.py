@@ -498,6 +498,17 @@ def test_keys_on_two_scales_load_with_a_note(tmp_path, mat_arrays, write_mat, ca
     assert capsys.readouterr().out == ""
 
 
+def test_a_blank_image_loads_with_a_note(tmp_path, mat_arrays, write_mat, capsys):
+    """A trial showing one grey level (a blank screen) is a valid trial, but every Pearson r with
+    its image is undefined, which the protocol's scores count as 0: loading says so in one line
+    (it was scored PixCorr 0 and ranked last without a word)."""
+    stim = mat_arrays["stimTest"].copy()
+    stim[0] = 0
+    L.load_miyawaki(write_mat(tmp_path / "blank.mat", {**mat_arrays, "stimTest": stim}))
+    note = capsys.readouterr().out
+    assert "1 trial(s) show an image of one grey level" in note and note.count("\n") == 1
+
+
 def test_the_data_fingerprint_covers_images_and_labels(sim):
     """A checkpoint names its data by this fingerprint: the same fMRI beside other images (or other
     labels) is other data, refused, not scored with the first file's encoder."""
