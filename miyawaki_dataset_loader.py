@@ -1675,7 +1675,8 @@ def plot_fmri_correlation(fmri: np.ndarray, image_ids: np.ndarray, labels: np.nd
                  + (f", the last {len(shown)} of {len(labels)} images" if shown[0] else "")
                  + f"\n({len(fmri)} {which}, each voxel z-scored over them;"
                  "\ndiagonal: split-half reliability, odd vs even trials, Spearman-Brown corrected;"
-                 "\nlines separate the conditions)",
+                 "\nlines separate the conditions"
+                 + ("; grey: an image shown once" if np.isnan(np.diag(corr)).any() else "") + ")",
                  fontsize=10)
     fig.subplots_adjust(top=0.83)     # room for the four title lines above the matrix
     return fig

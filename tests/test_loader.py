@@ -132,6 +132,9 @@ def test_fmri_correlation_figure_shows_split_half_reliability_on_its_diagonal(si
     assert tuple(bad) == matplotlib.colors.to_rgba("lightgrey")
     title = " ".join(fig.get_suptitle().split())
     assert f"({len(ids)} trials, all, each voxel" in title and "Spearman-Brown corrected" in title
+    assert "grey: an image shown once" in title      # only where there is one: its cell's legend
+    assert "grey" not in L.plot_fmri_correlation(sim.trials.fmri, sim.trials.image_ids,
+                                                 sim.unique_labels).get_suptitle()
     from matplotlib.backends.backend_agg import FigureCanvasAgg     # the title fits the figure
     extent = fig._suptitle.get_window_extent(FigureCanvasAgg(fig).get_renderer())
     assert extent.x0 >= 0 and extent.x1 <= fig.bbox.width
