@@ -1710,6 +1710,7 @@ def main(argv: list[str] | LoaderConfig | None = None) -> dict:
     (which data they show, the summary numbers and this run's settings); returns that record."""
     cfg = check_options(argv) if isinstance(argv, LoaderConfig) else parse_args(argv)
     resolve_device(cfg.device)    # no model runs here, but --device is checked as by the other scripts
+    check_unused(cfg, ("seed",), "to the scripts that train or sample (the loader draws nothing at random)")
     if not cfg.download:
         check_unused(cfg, ("url",), "with --download")
     if cfg.download:

@@ -56,6 +56,7 @@ BAD_OPTIONS = {  # name -> (script, options, words of the message)
     "download into the simulated set": (L, ["--download"], "--download fetches the real file"),
     "download from no address": (L, ["--download", "--url", "notaurl"], "--url 'notaurl' is not an http(s) address"),
     "url without download": (L, ["--url", "https://example.org/x.mat"], "--url applies only with --download"),
+    "loader seed": (L, ["--seed", "3"], "--seed applies only to the scripts that train or sample"),
     "epochs 0": (D, ["--epochs", "0"], "--epochs must be >= 1, got 0"),
     "epochs -3": (D, ["--epochs", "-3"], "--epochs must be >= 1, got -3"),
     "validation fraction 1": (D, ["--val-fraction", "1"], "--val-fraction must be < 1"),
