@@ -1533,10 +1533,11 @@ def write_summary(out: Path) -> Path:
     kept, loader = next((r for r in (de, ev, gen) if r), None), read(DATASET_JSON)
     other_data = bool(kept and loader and not same_data(loader, kept))
     lines = ["# Results (S1: the file's split, fMRI only at test time)", ""]
-    if de and de.get("noise_control"):
+    if any(r and r.get("noise_control") for r in (de, ev, gen)):
         lines += ["**Noise control**: this dual encoder was trained on Gaussian noise instead of fMRI "
-                  "(`--noise-control`), so every number of it and of the models built on it should sit "
-                  "at chance.", ""]
+                  "(`--noise-control`), and the evaluation's kNN and ridge and the decoders with their "
+                  "anchor were fitted on the same noise, so every number here should sit at chance "
+                  "(the decoders' at the mean-image floor).", ""]
     if kept:                             # every result records its data (and, but older ones, test trials)
         trials = f"; {kept['n_test']} test trials" if "n_test" in kept else ""
         lines += [f"Data: {kept['data_source']}{trials}.", ""]

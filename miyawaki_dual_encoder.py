@@ -654,12 +654,35 @@ class MiyawakiDualEncoder(FromCheckpointHint, nn.Module):
         return model.to(map_location).eval(), ckpt
 
 
+def noise_control_trials(train: Trials, seed: int) -> Trials:
+    """The noise control's training trials (``--noise-control``): ``train`` with every fMRI row
+    replaced by standard Gaussian noise ``N x V`` drawn from ``seed`` + 1000; images, labels and
+    image ids kept. A model fitted on them has no fMRI information, so from the real test fMRI
+    it must score at chance."""
+    rng = np.random.default_rng(seed + 1000)
+    return Trials(rng.standard_normal(train.fmri.shape).astype(np.float32), train.images,
+                  train.labels, train.image_ids)
+
+
+# the first title line of every figure of a noise control's models
+NOISE_CONTROL_TITLE = "NOISE CONTROL (--noise-control): trained on Gaussian noise instead of fMRI\n"
+
+
+def is_noise_control(ckpt: dict) -> bool:
+    """Whether a dual-encoder checkpoint is a ``--noise-control`` run's."""
+    return bool(ckpt.get("script_config", {}).get("noise_control", False))
+
+
 def load_for_s1(path: Path, data: MiyawakiData, device: torch.device | str = "cpu"):
     """Reload the dual encoder for the S1 split of ``data``; returns (model, ckpt, fold).
 
     Refuses (CheckpointError naming this script) a checkpoint fitted on other data or z-scored
     with statistics other than the S1 training trials', so the fold's fMRI is what it was fed.
-    A file without an S1 split is refused (DataError) before the checkpoint is read."""
+    A file without an S1 split is refused (DataError) before the checkpoint is read. For a noise
+    control's checkpoint the fold's training fMRI is that control's noise
+    (``noise_control_trials``), what the model was fitted on, so that whatever is fitted on the
+    fold beside it (the evaluation's kNN and ridge, the decoders and their anchor) is the control
+    too; the test trials keep their real fMRI."""
     fold = data.s1()
     model, ckpt = MiyawakiDualEncoder.from_checkpoint(path, map_location=device)
     check_same_data(ckpt, data, path, SCRIPT)
@@ -668,6 +691,8 @@ def load_for_s1(path: Path, data: MiyawakiData, device: torch.device | str = "cp
         if saved.shape != used.shape or not np.allclose(saved, used, rtol=1e-5, atol=1e-6):
             raise CheckpointError(f"{path} was z-scored with other statistics than the S1 training "
                                   f"trials; rerun `python {SCRIPT}`")
+    if is_noise_control(ckpt):
+        fold = replace(fold, train=noise_control_trials(fold.train, ckpt["seed"]))
     return model, ckpt, fold
 
 
@@ -1128,7 +1153,7 @@ def plot_training_curves(history: dict, chance: float, noise_control: bool = Fal
              if validation else f"Fitted on all {history.get('n_train', '?')} training trials, none "
              f"held out\n(--val-fraction holds some out for validation curves)")
     if noise_control:
-        title = "NOISE CONTROL (--noise-control): trained on Gaussian noise instead of fMRI\n" + title
+        title = NOISE_CONTROL_TITLE + title
     fig.suptitle(title, fontsize=9, color="firebrick" if noise_control else "black")
     fig.subplots_adjust(top=0.78 if noise_control else 0.83, bottom=0.3)
     axes[0].legend(fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.17))  # off the curves
@@ -1161,9 +1186,7 @@ def main(argv: list[str] | ScriptConfig | None = None) -> dict:
     out = prepare_out_dir(cfg.out_dir)
     train = fold.train
     if cfg.noise_control:  # every fMRI row replaced by Gaussian noise: identification must be chance
-        rng = np.random.default_rng(cfg.seed + 1000)
-        train = Trials(rng.standard_normal(train.fmri.shape).astype(np.float32), train.images,
-                       train.labels, train.image_ids)
+        train = noise_control_trials(train, cfg.seed)
     model_cfg = DualEncoderConfig(**{f.name: getattr(cfg, f.name) for f in fields(DualEncoderConfig)})
     t0 = time.perf_counter()
     model, history = train_dual_encoder(train, model_cfg, device, fold.unique_images)

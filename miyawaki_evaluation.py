@@ -56,8 +56,9 @@ from miyawaki_dataset_loader import (DECODER_NAMES, GRID, IMAGE_SIDE, MAX_SEED, 
                                      score_reconstructions, script_parser, splits, topk_accuracy,
                                      staged_outputs, uniform_condition_chance, upsample_grid, write_summary)
 from miyawaki_dual_encoder import (CHECKPOINT_NAME, MAX_LINEAR_WEIGHT, SCORE_GRID, DualEncoderConfig,
-                                   EncodingReadout, MiyawakiDualEncoder, OracleWarning, ensemble_parts,
-                                   fused_scores, inner_cv_scores, load_for_s1, score_settings,
+                                   NOISE_CONTROL_TITLE, EncodingReadout, MiyawakiDualEncoder, OracleWarning,
+                                   ensemble_parts, fused_scores, inner_cv_scores, is_noise_control,
+                                   load_for_s1, score_settings,
                                    select_setting, setting_name, train_dual_encoder,
                                    train_dual_encoders, with_setting)
 
@@ -508,6 +509,8 @@ def plot_correlation_analysis(sim, true_ids, title="", score_label="cosine simil
     ax2.legend(handles=handles, fontsize=8, loc="upper right")
     if title:
         fig.suptitle(title)
+        if "\n" in title:                # room above the panels' titles for every further line
+            fig.subplots_adjust(top=0.88 - 0.25 * title.count("\n") / fig.get_figheight())
     return fig
 
 
@@ -545,6 +548,9 @@ def print_checkpoint_summary(result: dict) -> None:
     ident, r12 = result["identification"], result["retrieval_test_trials"]
     cond, ridge = result["condition_accuracy"], result["baselines_s1"]["ridge"]
     k, n = ident["n_candidates"], result["n_test"]
+    if result.get("noise_control"):
+        print("NOISE CONTROL: the dual encoder, the kNN votes and ridge below were fitted on Gaussian "
+              "noise instead of the training trials' fMRI (--noise-control); every number must sit at chance")
     print(f"S1 fMRI->image identification (fMRI only, {k}-way): top-1 {ident['top1']:.3f} "
           f"(chance {ident['chance_top1']:.3f}), top-5 {ident['top5']:.3f} (chance "
           f"{chance_text(ident['chance_top5'])}), mean rank {ident['mean_rank']:.2f} (chance "
@@ -655,9 +661,10 @@ def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
     out = prepare_out_dir(cfg.out_dir)
     emb = checkpoint_embeddings(model, fold)             # for the scores and the figures
     scores = score_checkpoint(model, fold, cfg.knn_k, cfg.oracle, emb)
+    control = is_noise_control(ckpt)       # then the fold's training fMRI is the control's noise
     result = {"split": "s1", "seed": ckpt["seed"], "data_source": data.source,
               "data_fingerprint": data.fingerprint, "checkpoint": str(path),
-              "checkpoint_sha256": file_sha256(path),
+              "checkpoint_sha256": file_sha256(path), "noise_control": control,
               **{key: v for key, v in scores.items() if key not in ("split", "oracle")},
               "config": config_dict(cfg)}
     cand, tr, te = emb["candidates"], emb["train"], emb["test"]
@@ -674,22 +681,23 @@ def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
 
     xy = tsne_map(np.concatenate([te["correlation"], cand["image_correlation"], tr["correlation"]]),
                   cfg.seed, cfg.tsne_perplexity)
+    top = NOISE_CONTROL_TITLE if control else ""
     label = (f"identification score ({model.config.readout_model} read-out weight "
              f"{model.config.readout_weight:g}, encoding weight {model.config.encoding_weight:g};\n"
              f"a sum of parts z-scored over the {k} candidates)")
     figures = {
         "miyawaki_latent_space_tsne.png": plot_latent_space(
             xy[:n], test.labels, test.image_ids, xy[n:n + k], fold.unique_labels, xy[n + k:],
-            fold.train.labels, title=f"Joint t-SNE of fMRI-only and image embeddings\n(S1 test: the "
+            fold.train.labels, title=f"{top}Joint t-SNE of fMRI-only and image embeddings\n(S1 test: the "
                                      f"embeddings' top-1 {ident['embedding_only_top1']:.2f}, the "
                                      f"identification score's {ident['top1']:.2f}, chance "
                                      f"{chance_text(1 / k)})"),
         "miyawaki_similarity_matrix.png": plot_similarity_matrix(
             sim, test.image_ids, fold.unique_images, fold.unique_labels,
-            title=f"S1 test trials from fMRI only vs {k} candidate images (top-1 {ident['top1']:.2f}, "
+            title=f"{top}S1 test trials from fMRI only vs {k} candidate images (top-1 {ident['top1']:.2f}, "
                   f"chance {chance_text(1 / k)})", score_label=label),
         "miyawaki_correlation_analysis.png": plot_correlation_analysis(
-            sim, test.image_ids, "S1 test trials, from fMRI only", label)}
+            sim, test.image_ids, f"{top}S1 test trials, from fMRI only", label)}
     with staged_outputs():      # written together: a run stopped here leaves the earlier outputs
         for name, fig in figures.items():
             save_figure(fig, out / name)

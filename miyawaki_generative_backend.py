@@ -78,8 +78,9 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, DECODER_NAMES, IMAGE_SID
                                      seed_everything, evaluating, staged_outputs, write_summary, generator_device,
                                      rand_on, randn_on, fmri_batch, image_batch)
 from miyawaki_dual_encoder import (CHECKPOINT_NAME as ENCODER_CHECKPOINT_NAME, SCRIPT as ENCODER_SCRIPT,
-                                   POSTERIOR_DEFAULTS, EncodingReadout, PixelReadout, grouped_folds,
-                                   image_prior, load_for_s1, posterior_weights, receptive_fields)
+                                   NOISE_CONTROL_TITLE, POSTERIOR_DEFAULTS, EncodingReadout, PixelReadout,
+                                   grouped_folds, image_prior, is_noise_control, load_for_s1,
+                                   posterior_weights, receptive_fields)
 
 CHECKPOINT_KIND = "generative_backends"
 CHECKPOINT_NAME = "miyawaki_generative_backends.pth"
@@ -1351,7 +1352,9 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
     encoder, enc_ckpt, fold = load_for_s1(enc_path, data, device)  # z-scored as the encoder saw it
     enc_sha256 = file_sha256(enc_path)
     out = prepare_out_dir(cfg.out_dir)
-    train, test = fold.train, fold.test
+    train, test = fold.train, fold.test     # a noise control's training fMRI is its noise
+    control = is_noise_control(enc_ckpt)
+    top = NOISE_CONTROL_TITLE if control else ""
 
     t0 = time.perf_counter()
     # the image prior must not contain a test image that training never shows
@@ -1378,7 +1381,7 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
                 encoder, decoder, test.images, torch.Generator().manual_seed(cfg.seed)), **scoring)
         m = results[name]
         figures[FIGURE.format(name)] = plot_generation(test.images, recon, (
-            f"{DECODER_NAMES[name]}, S1 test trials ({seen_text}), from fMRI only: PixCorr "
+            f"{top}{DECODER_NAMES[name]}, S1 test trials ({seen_text}), from fMRI only: PixCorr "
             f"{m['pixcorr']:.3f}, "
             f"MSE {m['mse']:.4f}, {len(fold.unique_images)}-way top-1 {m['top1']:.2f} (misidentified in red"
             + ("; g: novelty gate, P(new image)" if gate is not None else "") + ")"),
@@ -1392,7 +1395,7 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
     metrics = {
         "split": "s1", "seed": cfg.seed, "data_source": data.source,
         "data_fingerprint": data.fingerprint, "device": str(device),
-        "test_input": "fMRI only: encode_fmri(z-scored test fMRI)",
+        "test_input": "fMRI only: encode_fmri(z-scored test fMRI)", "noise_control": control,
         "n_test": len(test), "n_candidates": k,
         "chance": {"two_way": 0.5, "top1": 1 / k, "top5": min(5, k) / k},
         "diffusion": results["diffusion"], "gan": results["gan"], "mean_image_floor": floor,
@@ -1420,7 +1423,7 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
             remove_output(stale)
         for step, samples in history["diffusion"]["samples"].items():
             save_figure(plot_sample_grid(samples, (
-                f"diffusion samples during training, after {step} of {cfg.diffusion_steps} steps: one "
+                f"{top}diffusion samples during training, after {step} of {cfg.diffusion_steps} steps: one "
                 f"training trial per image,\nfrom its fMRI embedding"
                 + (f" and out-of-fold anchor (DDIM from it at {cfg.init_strength:g} of the schedule)"
                    if diffusion.readout is not None else "")
@@ -1441,6 +1444,10 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
                                      for n in DECODER_NAMES}}, out / CHECKPOINT_NAME)
         save_json(metrics, out / "miyawaki_generation.json")
     write_summary(out)
+    if control:
+        print("NOISE CONTROL: the dual encoder, both decoders and their anchor were fitted on Gaussian "
+              "noise instead of the training trials' fMRI (--noise-control); every number must sit "
+              "at the mean-image floor")
     for name, title in DECODER_NAMES.items():
         m = results[name]
         print(f"{title:17s} S1 from fMRI only: MSE {m['mse']:.4f} | PixCorr {m['pixcorr']:.3f} | "

@@ -11,6 +11,7 @@ import torch
 
 import miyawaki_dataset_loader as L
 import miyawaki_dual_encoder as D
+import miyawaki_evaluation as E
 import miyawaki_generative_backend as G
 from helpers import SMALL_ANCHOR_ARGS, unit
 
@@ -417,6 +418,35 @@ def test_noise_control_is_no_better_than_the_mean_image(sim):
                 # (the gap below: +0.009 / +0.008 with it removed, +0.124 / +0.104 without)
                 assert m["pixcorr"] <= floor["pixcorr"] + 0.02 and m["mse"] >= floor["mse"] - 0.015, name
                 assert gap < 0.03, name
+
+
+def test_scripts_on_a_noise_control_checkpoint_fit_on_its_noise(tmp_path, monkeypatch, capsys):
+    """What the evaluation and the generative script fit on the training trials of a
+    --noise-control checkpoint (the evaluation's ridge and kNN, the decoders and their anchor) is
+    fitted on that control's noise, not on the real fMRI, and every output says it is the control.
+    Before, the decoders' anchor, a linear read-out fitted on the real fMRI, reconstructed the test
+    images from a noise-trained encoder (PixCorr 0.996), under a summary that said every number
+    should sit at chance."""
+    args = ["--data", "simulated", "--out-dir", str(tmp_path), "--device", "cpu"]
+    D.main([*args, "--noise-control", "--epochs", "2", "--mixup", "8"])
+    noise = D.noise_control_trials(L.make_simulated_dataset().s1().train, 0).fmri
+    evaluation = E.main([*args, "--tsne-perplexity", "5"])
+    assert evaluation["noise_control"]
+    assert evaluation["baselines_s1"]["ridge"]["top1"] <= 0.25     # ridge on the real fMRI: 1.0
+    fitted, train_generative = [], G.train_generative
+    monkeypatch.setattr(G, "train_generative", lambda encoder, train, *a, **k: fitted.append(train.fmri)
+                        or train_generative(encoder, train, *a, **k))
+    titles, plot = [], G.plot_generation
+    monkeypatch.setattr(G, "plot_generation", lambda true, recon, title, *a: titles.append(title)
+                        or plot(true, recon, title, *a))
+    metrics = G.main([*args, "--diffusion-steps", "3", "--gan-steps", "2", "--num-inference-steps", "2",
+                      "--n-sample-grids", "0", *SMALL_ANCHOR_ARGS])
+    [train_fmri] = fitted
+    np.testing.assert_array_equal(train_fmri, noise)
+    assert metrics["noise_control"] and all(t.startswith(D.NOISE_CONTROL_TITLE) for t in titles)
+    out = capsys.readouterr().out
+    assert out.count("NOISE CONTROL: ") == 2           # the evaluation's line and the decoders'
+    assert "the decoders with their anchor were fitted on the same noise" in (tmp_path / "summary.md").read_text()
 
 
 def test_script_reports_the_zero_shot_check_where_the_test_images_are_new(tmp_path, monkeypatch):
