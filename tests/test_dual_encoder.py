@@ -374,15 +374,34 @@ def test_nested_grid_and_its_tie_rule():
     assert select_setting(inner, settings) == default            # a tie: the default read-out
 
 
-def test_inner_cv_scores_each_setting_with_its_own_readout(sim):
+def test_inner_cv_scores_each_setting_with_its_own_readout(sim, monkeypatch):
     """The inner CV refits the pixel read-out for a setting that names the other read-out model:
     with the read-out weighted 0.9 the two settings' inner MRRs differ (sharing the default
     read-out's fit, as when refits were keyed on the encoding model's fields alone, makes them
-    equal)."""
+    equal). Every linear part, refits included, is fitted on its inner fold's training trials,
+    never on the validation trials it scores (refitting on them passed every other test), and the
+    scores are the means over the inner folds of top-1 and of the reciprocal ranks."""
+    fitted, ranked = [], []
+    for part in (D.PixelReadout, D.EncodingReadout):
+        fit = part.fit
+        monkeypatch.setattr(part, "fit", lambda self, fmri, *a, fit=fit, **k: fitted.append(fmri)
+                            or fit(self, fmri, *a, **k))
+    ranks = D.identification_ranks
+    monkeypatch.setattr(D, "identification_ranks", lambda *a: ranked.append(ranks(*a)) or ranked[-1])
     ridge, rf = ({"readout_weight": 0.9, "encoding_weight": 0.0, "readout_model": m}
                  for m in ("ridge", "receptive-field"))
     inner = D.inner_cv_scores(sim, np.arange(60), replace(FAST, epochs=2), "seen", [rf, ridge])
     assert inner["mrr"][setting_name(rf)] != inner["mrr"][setting_name(ridge)]
+    folds = [sim.fold(tr, va) for tr, va in D.inner_folds(sim.trials.image_ids[:60], "seen")]
+    # per inner fold: the default fit's two parts, then the ridge setting's read-out refit
+    assert len(fitted) == 3 * len(folds) and len(ranked) == 2 * len(folds)
+    for i, fold in enumerate(folds):
+        for fmri in fitted[3 * i:3 * i + 3]:
+            np.testing.assert_array_equal(fmri, fold.train.fmri)
+    for j, name in enumerate(map(setting_name, (rf, ridge))):
+        r = ranked[j::2]
+        assert inner["top1"][name] == pytest.approx(np.mean([np.mean(x == 1) for x in r]))
+        assert inner["mrr"][name] == pytest.approx(np.mean([np.mean(1 / x) for x in r]))
 
 
 def test_inner_cv_of_several_seeds_scores_their_fits_as_one_model(sim, monkeypatch):
