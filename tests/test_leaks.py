@@ -223,7 +223,18 @@ def test_nested_selection_reads_training_trials_only():
 def test_tuning_scripts_read_s1_training_trials_only(script, monkeypatch):
     """benchmarks/tune_*.py choose the released settings: every inner-CV score they report stays
     the same when the 12 S1 test trials get other fMRI and other images (tiny fits, on 2 of the 5
-    inner folds)."""
+    inner folds), and every image prior they build (the read-out's, the anchor's, the decoders')
+    excludes the inner fold's validation images that its training trials never show (passing no
+    exclusion in a tuning script changed none of the S1 test trials' numbers, so passed)."""
+    folds, new_images_kept, fold = [], [], L.MiyawakiData.fold
+    monkeypatch.setattr(L.MiyawakiData, "fold", lambda *a, **kw: folds.append(fold(*a, **kw)) or folds[-1])
+    for module in (D, G):
+        def spy(images, anchor, generator, size, shift, mix, exclude=None, prior=module.image_prior):
+            unseen = folds[-1].test.images[folds[-1].unseen_test]         # the fold being fitted
+            excluded = np.zeros((0, *unseen.shape[1:])) if exclude is None else np.asarray(exclude)
+            new_images_kept.append(sum(not (excluded == x).all((1, 2, 3)).any() for x in unseen))
+            return prior(images, anchor, generator, size, shift, mix, exclude)
+        monkeypatch.setattr(module, "image_prior", spy)
     monkeypatch.syspath_prepend(str(L.REPO_DIR / "benchmarks"))
     tune = __import__(script)
     data = make_simulated_dataset()
@@ -242,6 +253,7 @@ def test_tuning_scripts_read_s1_training_trials_only(script, monkeypatch):
                                                0, cpu)}[script]
     a, b = run(data), run(changed)
     assert list(numbers(a)) and changed_numbers(a, b) == []
+    assert len(new_images_kept) > 0 and sum(new_images_kept) == 0
 
 
 def test_tune_decoders_scores_a_candidate_without_an_anchor(monkeypatch):
