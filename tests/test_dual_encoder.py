@@ -205,13 +205,16 @@ def test_augmentation_ops_are_the_square_symmetries_and_shifts():
 
 def test_image_prior_never_produces_an_excluded_image():
     """An image the fold must not see (here the mirror image of a training figure, which the prior
-    would otherwise make) never comes out of the prior; the check can fail: it was hit."""
+    would otherwise make) never comes out of the prior, also when other images are excluded beside
+    it (a sample dropped only where it equals every excluded image passed with one); the check can
+    fail: it was hit."""
     grids, _ = L.figure_images()
     images = torch.as_tensor(L.upsample_grid(grids[5:10]))[:, None]     # n e u r o
     banned = torch.flip(images[3], dims=[-1])                           # a mirrored "r"
     assert not (banned == images).flatten(1).all(1).any()
+    other = torch.as_tensor(L.upsample_grid(grids[:1]))                 # a shape, also excluded
     prior, anchor, rejected = D.image_prior(images, images, torch.Generator().manual_seed(0), 3000,
-                                            3, 0.0, banned[None])
+                                            3, 0.0, torch.stack([banned, other]))
     assert not ((prior.flatten(1) > 0.5) == (banned.flatten() > 0.5)).all(1).any()
     assert rejected > 0 and len(prior) == len(anchor) == 3000 - rejected
     assert torch.equal(anchor, prior)                 # the anchors had the images' transformations
