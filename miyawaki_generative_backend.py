@@ -474,6 +474,12 @@ class AnchorMixin:
         if b > 0:
             b = b if novelty is None else b * novelty[:, None, None, None]
             images = (1 - b) * images + b * anchor.clamp(0, 1)
+        return self.stretch_output(images)
+
+    def stretch_output(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``N x 1 x 28 x 28`` in [0, 1] with the read-out's contrast stretch
+        (``contrast_stretch``, ``LinearReadout.stretch``) where ``output_stretch`` is on, else as
+        they are: the last step of every anchored output."""
         return contrast_stretch(images, self.readout.stretch) if self.config.get("output_stretch") else images
 
 
@@ -1164,8 +1170,7 @@ def decode_fold(encoder: nn.Module, fold: Fold, config: GenerativeConfig,
         t = time.perf_counter()
         with torch.no_grad():
             x = torch.as_tensor(fold.test.fmri, device=readout.weight.device)
-            t_stretch = readout.stretch if config.output_stretch else 0.0
-            recons["anchor"] = contrast_stretch(readout(x), t_stretch).cpu().numpy()
+            recons["anchor"] = diffusion.stretch_output(readout(x).clamp(0, 1)).cpu().numpy()
         seconds["anchor"] = time.perf_counter() - t       # its fit is in the diffusion's seconds
     for name, decoder in (("diffusion", diffusion), ("gan", gan)):   # the keys of DECODER_NAMES
         t = time.perf_counter()

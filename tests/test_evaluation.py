@@ -483,17 +483,25 @@ def test_benchmark_workers_run_blas_on_their_share_of_threads():
     assert blas and set(blas) == {2}, info
 
 
-def test_generative_decoders_are_scored_from_fmri_only(sim):
+@pytest.mark.parametrize("stretch", [True, False])
+def test_generative_decoders_are_scored_from_fmri_only(sim, stretch, monkeypatch):
+    """A fold's anchor row (the decoders' ablation) is what both decoders output with their novelty
+    gate wide open (at the default blend b = 1: the clipped anchor, stretched where
+    ``output_stretch`` is on; stretching it with the stretch off passed every other test)."""
     fold = sim.s1()
     encoder, _ = D.train_dual_encoder(fold.train, D.DualEncoderConfig(epochs=4, val_fraction=0),
                                       progress=False)
-    tiny = G.GenerativeConfig(seed=0, diffusion_steps=3, gan_steps=3, num_inference_steps=2)
+    tiny = G.GenerativeConfig(seed=0, diffusion_steps=3, gan_steps=3, num_inference_steps=2,
+                              prior_size=256, anchor_folds=3, output_stretch=stretch)
+    monkeypatch.setattr(G.LinearReadout, "novelty", lambda self, anchor: torch.ones(len(anchor)))
     recons, seconds, gate = G.decode_fold(encoder, fold, tiny, "cpu")
     assert set(recons) == set(seconds) == {"anchor", "diffusion", "gan"}
     assert gate.shape == (12,) and np.all((gate >= 0) & (gate <= 1))   # the decoders' novelty gate
     for recon in recons.values():
         assert recon.shape == (12, 1, 28, 28) and np.all((recon >= 0) & (recon <= 1))
         assert set(L.fold_means(L.score_reconstructions(recon, fold))) == set(L.METRICS)
+    for name in ("diffusion", "gan"):
+        np.testing.assert_array_equal(recons[name], recons["anchor"], err_msg=name)
 
 
 def test_s3_gallery_marks_a_memorised_reconstruction_and_shows_the_gate(sim):
