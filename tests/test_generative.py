@@ -738,6 +738,30 @@ def test_output_stretch_is_chosen_per_fit_from_the_out_of_fold_anchors():
     assert mse(t) <= mse(0.0) < mse(0.3) / 3
 
 
+def test_contrast_stretch_maps_t_and_1_minus_t_onto_0_and_1():
+    """[t, 1 - t] onto [0, 1] linearly, clipped outside (a divisor of 1 - t instead of 1 - 2t
+    passed every other test)."""
+    x = torch.tensor([0.1, 0.2, 0.35, 0.5, 0.8, 0.9])
+    np.testing.assert_allclose(G.contrast_stretch(x, 0.2).numpy(), [0, 0, 0.25, 0.5, 1, 1], atol=1e-6)
+    assert torch.equal(G.contrast_stretch(x, 0.0), x)
+
+
+def test_anchor_weighs_ridge_by_rf_ridge_weight(sim):
+    """The receptive-field anchor is rf_ridge_weight x ridge + (1 - rf_ridge_weight) x the
+    posterior read-out: at 1 exactly ridge's weights, at 0 exactly the posterior's (the two
+    weights swapped passed every other test: at the default 0.5 they are the same)."""
+    train = sim.s1().train
+    cfg = lambda r: G.GenerativeConfig(rf_ridge_weight=r, prior_size=256)  # noqa: E731
+    alpha = G.fit_anchor(train, replace(cfg(1.0), anchor_model="ridge"))[2]   # then both fit Ridge(alpha)
+    ridge, ridge_bias, _ = G.fit_anchor(train, replace(cfg(1.0), anchor_model="ridge"), alpha)
+    weight, bias, _ = G.fit_anchor(train, cfg(1.0), alpha)
+    np.testing.assert_array_equal(weight, ridge)
+    np.testing.assert_array_equal(bias, ridge_bias)
+    posterior = D.posterior_weights(train.fmri, train.images, cfg(0.0).seed + 3, prior_size=256)
+    for got, want in zip(G.fit_anchor(train, cfg(0.0), alpha), posterior):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_likelihood_step_moves_samples_only_where_the_novelty_gate_opens():
     """With the encoding model as likelihood, a closed gate (a seen image) leaves both decoders'
     samples as they are; an open one moves them, and the GAN's output then fits the fMRI better
