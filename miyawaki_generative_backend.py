@@ -67,7 +67,7 @@ from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, DECODER_NAMES, IMAGE_SIDE, N_PIXELS,
                                      CheckpointError, DataError, Fold, OptionError,
-                                     check_unused, chance_text, value_text,
+                                     check_unused, chance_levels, chance_text, value_text,
                                      FromCheckpointHint, MeanImageBaseline, RidgeBaseline, condition_name,
                                      identification_scores, ScriptOptions, bf16_autocast, uses_bf16,
                                      Trials, add_config_args, check_finite, check_options,
@@ -1402,7 +1402,7 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
         "data_fingerprint": data.fingerprint, "device": str(device),
         "test_input": "fMRI only: encode_fmri(z-scored test fMRI)", "noise_control": control,
         "n_test": len(test), "n_candidates": k,
-        "chance": {"two_way": 0.5, "top1": 1 / k, "top5": min(5, k) / k},
+        "chance": chance_levels(k),
         "diffusion": results["diffusion"], "gan": results["gan"], "mean_image_floor": floor,
         **({"oracle": {"note": ORACLE_NOTE, **oracle}} if cfg.oracle else {}),
         "novelty_gate": None if gate is None else {
