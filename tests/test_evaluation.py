@@ -327,6 +327,8 @@ def test_condition_chance_counts_the_trials_conditions():
         cond = E.score_checkpoint(model, fold)["condition_accuracy"]
         assert cond["uniform_chance"] == chance
         assert ("1 by construction" in cond.get("note", "")) == (chance == 1)
+        # the majority-class rate of the scored (test) trials (the training trials': 0.346 against 0.25)
+        assert cond["majority_rate"] == L.majority_rate(fold.test.labels)
     # a k above the training trials is capped by the vote, and the result says which k voted
     assert E.score_checkpoint(model, fold, 500)["condition_accuracy"]["k"] == len(fold.train)
 
@@ -338,6 +340,9 @@ def test_nested_inner_folds_mimic_the_fold():
     _, train_idx, test_idx = L.splits("s3", sim)[0]
     assert E.nested_scheme(sim.s1()) == E.nested_scheme(sim.fold(*L.splits("s2", sim)[0][1:])) == "seen"
     assert E.nested_scheme(sim.fold(train_idx, test_idx)) == E.nested_scheme(session.s1()) == "unseen"
+    # test trials of a never-seen image and of a seen one: seen (unseen only where every one is new)
+    seen_too = np.append(test_idx, train_idx[0])
+    assert E.nested_scheme(sim.fold(np.setdiff1d(train_idx, seen_too), seen_too)) == "seen"
 
 
 def test_s2_with_an_image_shown_once_averages_its_unseen_metric_over_its_folds(tmp_path, mat_arrays):
