@@ -274,17 +274,22 @@ def test_tune_decoders_scores_a_candidate_without_an_anchor(monkeypatch):
 
 def test_nested_selection_takes_the_best_inner_top1(monkeypatch):
     """The declared rule: the fold's setting is the one of highest inner top-1 (inner MRR is
-    recorded, not used); here the two point at different settings."""
+    recorded, not used); here the two point at different settings. The seeds' fits as one model
+    get a nested row at that setting too (at the models' own setting it passed every other test)."""
     data = make_simulated_dataset()
     names = [D.setting_name(c) for c in D.score_settings()]
     best_top1, best_mrr = names[3], names[5]
-    monkeypatch.setattr(E, "inner_cv_scores", lambda *args: {
+    monkeypatch.setattr(E, "inner_cv_scores", lambda *args, **kw: {
         "top1": {n: 0.9 if n == best_top1 else 0.5 for n in names},
         "mrr": {n: 0.9 if n == best_mrr else 0.5 for n in names}})
-    cfg = replace(BENCHMARK, seeds=(0,), epochs=1, nested=True, permutation_control=False)
+    rows, ensemble = {}, E.ensemble_fold_metrics
+    monkeypatch.setattr(E, "ensemble_fold_metrics", lambda fits, train, fold, settings, *a: rows.update(
+        settings) or ensemble(fits, train, fold, settings, *a))
+    cfg = replace(BENCHMARK, seeds=(0, 1), epochs=1, nested=True, permutation_control=False)
     _, _, nested = E.benchmark_fold(cfg, data, (data.trials.images, data.trials.image_ids),
                                     torch.device("cpu"), (3, *splits("s3", data)[3]))
     assert D.setting_name(nested["setting"]) == best_top1
+    assert rows["dual_encoder_ensemble_nested"] == nested["setting"]
 
 
 def test_s3_training_never_sees_the_held_out_image():
