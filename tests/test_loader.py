@@ -218,6 +218,10 @@ BAD_FILES = {  # name -> (maker(path, arrays, write_mat), words the message must
                            ["one distinct image", "at least two"]),
     "constant fmri": (_mutated(lambda a: a.update(fmriTrn=a["fmriTrn"] * 0 + 1, fmriTest=a["fmriTest"] * 0 + 1)),
                       ["no voxel's fMRI varies"]),
+    # every voxel constant over the trials, different voxels at different levels
+    "voxels each constant": (_mutated(lambda a: a.update(fmriTrn=a["fmriTrn"] * 0 + np.arange(967.0),
+                                                         fmriTest=a["fmriTest"] * 0 + np.arange(967.0))),
+                             ["no voxel's fMRI varies"]),
 }
 
 
@@ -506,10 +510,10 @@ def test_a_blank_image_loads_with_a_note(tmp_path, mat_arrays, write_mat, capsys
     its image is undefined, which the protocol's scores count as 0: loading says so in one line
     (it was scored PixCorr 0 and ranked last without a word)."""
     stim = mat_arrays["stimTest"].copy()
-    stim[0] = 0
+    stim[0], stim[1] = 0, 1                          # a black screen and a white one
     L.load_miyawaki(write_mat(tmp_path / "blank.mat", {**mat_arrays, "stimTest": stim}))
     note = capsys.readouterr().out
-    assert "1 trial(s) show an image of one grey level" in note and note.count("\n") == 1
+    assert "2 trial(s) show an image of one grey level" in note and note.count("\n") == 1
 
 
 def test_the_data_fingerprint_covers_images_and_labels(sim):
