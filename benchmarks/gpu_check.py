@@ -13,6 +13,7 @@ under ``--budget`` seconds (default 280); a step that runs out is recorded, not 
 from __future__ import annotations
 
 import json
+import math
 import platform
 import shutil
 import subprocess
@@ -106,6 +107,8 @@ def main(argv=None) -> dict:
     p.add_argument("--allow-cpu", action="store_true",
                    help="without CUDA, run the check on the CPU anyway (a dry run of this script)")
     args = p.parse_args(argv)
+    if not (math.isfinite(args.budget) and args.budget > 0):
+        p.error(f"--budget must be a finite number of seconds > 0, got {args.budget:g}")
     if not (torch.cuda.is_available() or args.allow_cpu):    # one line, as the scripts' errors
         print("error: torch sees no CUDA device, so there is no GPU to check (the CPU's timings are "
               "the README's Speed section); --allow-cpu runs the check on the CPU as a dry run",

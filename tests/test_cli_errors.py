@@ -577,6 +577,20 @@ def test_gpu_check_without_a_gpu_stops_in_one_line(capsys):
     assert stop.value.code == 2 and "no CUDA device" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("script, options, words", [
+    ("pipeline_speed", ["--repeats", "0"], "--repeats must be >= 1, got 0"),
+    ("gpu_check", ["--budget", "-1"], "--budget must be a finite number of seconds > 0, got -1"),
+    ("gpu_check", ["--budget", "nan"], "--budget must be a finite number of seconds > 0, got nan")])
+def test_speed_scripts_refuse_a_bad_value_in_one_line(script, options, words, capsys):
+    """The speed scripts' own checks, before any work: no repeats, or a budget below 0 or NaN (it
+    ran the check with negative or NaN time limits per step)."""
+    sys.path.insert(0, str(L.REPO_DIR / "benchmarks"))
+    with pytest.raises(SystemExit) as stop:
+        __import__(script).main(options)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and words in err, err
+
+
 @pytest.mark.parametrize("script", ["tune_dual_encoder", "tune_decoders", "tune_anchor", "pipeline_speed",
                                     "gpu_check"])
 def test_benchmark_scripts_refuse_a_bad_option_in_one_line(script, capsys):
