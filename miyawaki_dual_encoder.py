@@ -823,7 +823,8 @@ def fit_linear_parts(model: MiyawakiDualEncoder, trials: Trials,
 
 def split_validation(trials: Trials, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Carve a validation set from training trials: one trial of each of ``round(fraction * N)``
-    images that have at least 3 trials (so every validation image is still seen in training)."""
+    images that have at least 3 trials (so every validation image keeps at least 2 training
+    trials) -> (training positions, validation positions)."""
     rng = np.random.default_rng(seed)
     n_val = int(round(fraction * len(trials)))
     ids, counts = np.unique(trials.image_ids, return_counts=True)

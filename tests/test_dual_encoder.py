@@ -203,6 +203,19 @@ def test_augmentation_ops_are_the_square_symmetries_and_shifts():
     assert torch.equal(moved[3, 0, 3:], img[0, 0, :-3]) and moved[3, 0, :3].abs().sum() == 0
 
 
+def test_validation_takes_one_trial_of_images_shown_at_least_three_times():
+    """The validation curves' trials (``--val-fraction``): one trial each of images shown 3 times
+    or more, so every validation image keeps at least 2 training trials; an image of 1 or 2 trials
+    is never held out (any image passed every other test)."""
+    ids = np.repeat(np.arange(8), [1, 2, 3, 4, 1, 2, 3, 5])
+    trials = L.Trials(np.zeros((len(ids), 3), np.float32), np.zeros((len(ids), 1, 28, 28), np.float32),
+                      np.ones(len(ids), int), ids)
+    for seed in range(5):
+        fit, val = split_validation(trials, 1.0, seed)
+        assert sorted(ids[val]) == [2, 3, 6, 7] and sorted(np.concatenate([fit, val])) == list(range(len(ids)))
+        assert all((ids[fit] == k).sum() >= 2 for k in ids[val])
+
+
 def test_image_prior_never_produces_an_excluded_image():
     """An image the fold must not see (here the mirror image of a training figure, which the prior
     would otherwise make) never comes out of the prior, also when other images are excluded beside
