@@ -236,6 +236,24 @@ def test_summary_shows_each_results_chance_not_its_value(tmp_path):
     assert (float(m[1]), float(m[2])) == (0.25, 0.417)
 
 
+@pytest.mark.parametrize("value, note", [
+    (0.0, "no test trial's condition occurs among the training trials, so a kNN vote over them "
+          "cannot name it: 0 by construction, not a measurement"),
+    (1.0, "one condition in the data: 1 by construction, not a measurement")])
+def test_summary_flags_a_condition_accuracy_fixed_by_construction(tmp_path, value, note):
+    """Either note of the evaluation (a condition no training trial has; one condition in all the
+    data) flags the value in summary.md's row and follows the table (flagging the 0 alone passed
+    every other test)."""
+    (tmp_path / "miyawaki_evaluation.json").write_text(json.dumps(
+        {"data_source": "simulated", "checkpoint_sha256": "ab" * 32, "n_test": 12,
+         "condition_accuracy": {"correlation": value, "uniform_chance": 1.0 if value else 0.25,
+                                "majority_rate": 1.0, "note": note},
+         "baselines_s1": {"ridge": {"top1": 0.333, "condition": value, "pixcorr": 0.4}}}))
+    summary = L.write_summary(tmp_path).read_text()
+    assert f"| condition from the fMRI-only embedding (kNN) | {value:.3f} (by construction: below) |" in summary
+    assert f"The condition from the embedding: {note}." in summary
+
+
 def test_summary_leaves_out_data_figures_of_other_data(tmp_path):
     """The loader's data figures (listed in its miyawaki_dataset.json) go with the results when
     they show the same data, and are left out, and named, when the loader last ran on another file
