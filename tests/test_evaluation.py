@@ -331,6 +331,11 @@ def test_condition_chance_counts_the_trials_conditions():
         assert cond["majority_rate"] == L.majority_rate(fold.test.labels)
     # a k above the training trials is capped by the vote, and the result says which k voted
     assert E.score_checkpoint(model, fold, 500)["condition_accuracy"]["k"] == len(fold.train)
+    # one test trial of a condition no training trial has: the others are scored, with no note
+    labels = sim.trials.labels.copy()
+    labels[sim.s1().test_idx[0]] = 6
+    odd = replace(sim, trials=replace(sim.trials, labels=labels)).s1()
+    assert "note" not in E.score_checkpoint(model, odd)["condition_accuracy"]
 
 
 def test_nested_inner_folds_mimic_the_fold():
