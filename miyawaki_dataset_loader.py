@@ -1224,10 +1224,21 @@ def check_finite(loss: torch.Tensor, name: str) -> torch.Tensor:
     return loss
 
 
+def check_out_dir(out_dir: Path, flag: str = "--out-dir") -> None:
+    """OptionError (naming the option ``flag``) for an ``out_dir`` that is a file or lies under
+    one: each script checks it first, before it reads any data (``prepare_out_dir`` then creates
+    the folder and tries a write)."""
+    out_dir = Path(out_dir)
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise OptionError(f"{flag} {out_dir} cannot be a folder: {existing} is a file; choose a folder")
+
+
 def prepare_out_dir(out_dir: Path, flag: str = "--out-dir") -> Path:
     """Create ``out_dir`` and check it is writable before any work is done (OptionError naming
     the option ``flag``, exit code 2 in ``run_cli``, if not)."""
     out_dir = Path(out_dir)
+    check_out_dir(out_dir, flag)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir):
@@ -1711,6 +1722,7 @@ def main(argv: list[str] | LoaderConfig | None = None) -> dict:
     (which data they show, the summary numbers and this run's settings); returns that record."""
     cfg = check_options(argv) if isinstance(argv, LoaderConfig) else parse_args(argv)
     resolve_device(cfg.device)    # no model runs here, but --device is checked as by the other scripts
+    check_out_dir(cfg.out_dir)
     check_unused(cfg, ("seed",), "to the scripts that train or sample (the loader draws nothing at random)")
     if not cfg.download:
         check_unused(cfg, ("url",), "with --download")

@@ -42,7 +42,8 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, Ch
                                      ScriptOptions, bf16_autocast, uses_bf16, chance_text,
                                      Trials, add_config_args, check_finite, check_options,
                                      check_same_data, config_dict, identification_ranks, load_checkpoint,
-                                     one_cycle, one_line, parse_config, prepare_out_dir, rank_summary,
+                                     one_cycle, one_line, parse_config, check_out_dir, prepare_out_dir,
+                                     rank_summary,
                                      resolve_data, resolve_device, run_cli, save_checkpoint, save_figure,
                                      ENCODER_CHECKPOINT_NAME as CHECKPOINT_NAME,
                                      fmri_batch, image_batch,
@@ -1182,6 +1183,7 @@ def main(argv: list[str] | ScriptConfig | None = None) -> dict:
         raise OptionError("--batch-size 1 with --mixup 0 gives every step one (fMRI, image) pair, "
                           "whose InfoNCE loss is 0 (no negatives): nothing would be learned")
     device = resolve_device(cfg.device)
+    check_out_dir(cfg.out_dir)
     data = resolve_data(cfg.data)
     fold: Fold = data.s1()
     out = prepare_out_dir(cfg.out_dir)

@@ -51,7 +51,8 @@ from miyawaki_dataset_loader import (DECODER_NAMES, GRID, IMAGE_SIDE, MAX_SEED, 
                                      identification_summary, identified_labels, image_batch,
                                      image_to_fmri_summary, majority_rate, mean_rank, miyawaki_labels,
                                      nearest_training_check, panel_title, parse_config, pearson_matrix,
-                                     pearson_rows, prepare_out_dir, resolve_data, resolve_device,
+                                     pearson_rows, check_out_dir, prepare_out_dir, resolve_data,
+                                     resolve_device,
                                      retrieval_ranks, remove_output, run_cli, save_figure, save_json, save_text,
                                      score_reconstructions, script_parser, splits, topk_accuracy,
                                      staged_outputs, uniform_condition_chance, upsample_grid, write_summary)
@@ -655,6 +656,7 @@ def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
     """Reload the S1 dual encoder, score it from fMRI only (score_checkpoint), save the figures
     and the JSON."""
     device = resolve_device(cfg.device)
+    check_out_dir(cfg.out_dir)
     path = Path(cfg.checkpoint) if cfg.checkpoint else Path(cfg.out_dir) / CHECKPOINT_NAME
     data = resolve_data(cfg.data)
     model, ckpt, fold = load_for_s1(path, data, device)
@@ -1113,6 +1115,7 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
     """Run every fold (``cfg.workers`` processes at a time), aggregate as docs/BASELINES.md, write
     ``benchmark_<protocol>.json`` / ``.md``; returns the JSON dict."""
     device = resolve_device(cfg.device)
+    check_out_dir(cfg.out_dir)
     data: MiyawakiData = resolve_data(cfg.data)
     folds = splits(cfg.protocol, data)
     n_available = len(folds)

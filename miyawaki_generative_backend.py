@@ -72,7 +72,8 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, DECODER_NAMES, IMAGE_SID
                                      identification_scores, ScriptOptions, bf16_autocast, uses_bf16,
                                      Trials, add_config_args, check_finite, check_options,
                                      config_dict, file_sha256, load_checkpoint, one_cycle, one_line,
-                                     nearest_training_check, panel_title, parse_config, pearson_rows, prepare_out_dir,
+                                     nearest_training_check, panel_title, parse_config, pearson_rows,
+                                     check_out_dir, prepare_out_dir,
                                      reconstruction_metrics, resolve_data, resolve_device, run_cli,
                                      remove_output, save_checkpoint, save_figure, save_json, script_parser,
                                      seed_everything, evaluating, staged_outputs, write_summary, generator_device,
@@ -1351,6 +1352,7 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
     check_settings(cfg)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
+    check_out_dir(cfg.out_dir)
     data = resolve_data(cfg.data)
     check_training_images(data.s1().train.image_ids, f"{data.source}: the S1 training trials")
     enc_path = Path(cfg.encoder_checkpoint or Path(cfg.out_dir) / ENCODER_CHECKPOINT_NAME).resolve()

@@ -464,6 +464,23 @@ def test_a_damaged_encoder_checkpoint_is_one_line(case, script, small_encoder, o
     assert code == 1 and words in err and "rerun `python miyawaki_dual_encoder.py`" in err, err
 
 
+@pytest.mark.parametrize("script, options", [(L, []), (D, []), (E, []), (E, ["--protocol", "s3"]), (G, [])],
+                         ids=["loader", "dual encoder", "evaluation", "benchmark", "decoders"])
+def test_an_out_dir_that_is_a_file_is_refused_first(script, options, tmp_path, capsys):
+    """An --out-dir that is a file (or lies under one) is named as the problem before any work:
+    the loader printed the data summary first, and the evaluation and the decoders said their
+    checkpoint was missing from it."""
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    for out in (afile, afile / "sub"):
+        with pytest.raises(SystemExit) as exc:
+            L.run_cli(lambda: script.main([*SIM, *options, "--out-dir", str(out)]))
+        printed = capsys.readouterr()
+        assert exc.value.code == 2 and printed.out == "" and printed.err == (
+            f"error: --out-dir {out} cannot be a folder: {afile} is a file; choose a folder\n")
+    assert afile.read_text() == "keep"
+
+
 def test_kill_ends_the_benchmark_with_its_workers_and_writes_nothing(out):
     """SIGTERM to a running ``--workers 2`` benchmark terminates its worker processes with it
     (they would otherwise outlive it and run their folds to the end), exits non-zero and leaves
