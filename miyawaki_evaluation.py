@@ -668,7 +668,7 @@ def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
               "data_fingerprint": data.fingerprint, "checkpoint": str(path),
               "checkpoint_sha256": file_sha256(path), "noise_control": control,
               **{key: v for key, v in scores.items() if key not in ("split", "oracle")},
-              "config": config_dict(cfg)}
+              "config": mode_config(cfg)}
     cand, tr, te = emb["candidates"], emb["train"], emb["test"]
     test, k, n = fold.test, len(fold.unique_images), len(fold.test)
     sim = emb["scores"]
@@ -1209,7 +1209,7 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
         "dual_encoder_seconds_per_fit": seconds["dual_encoder"] / (len(folds) * len(cfg.seeds)),
         "workers": cfg.workers,
         "seed_fits": "batched" if batched_seed_fits(cfg, device) else "separate",
-        "config": config_dict(cfg),
+        "config": mode_config(cfg),
     }
     gallery = out / f"benchmark_{cfg.protocol}_reconstructions.png"
     with staged_outputs():      # written together: a run stopped here leaves the earlier outputs
@@ -1285,6 +1285,13 @@ class EvaluationConfig(ScriptOptions):
 CHECKPOINT_OPTIONS = ("checkpoint", "seed", "tsne_perplexity", "oracle")
 BENCHMARK_OPTIONS = ("seeds", "epochs", "max_folds", "permutation_control", "nested", "inner_repeats",
                      "generative", "workers", "seed_fits")
+
+
+def mode_config(cfg: EvaluationConfig) -> dict:
+    """The run's settings for its JSON: ``config_dict`` without the other mode's options (their
+    defaults applied to nothing; a checkpoint's evaluation recorded 5 --seeds)."""
+    other = CHECKPOINT_OPTIONS if cfg.protocol else BENCHMARK_OPTIONS
+    return {k: v for k, v in config_dict(cfg).items() if k not in other}
 
 
 def check_mode_options(cfg: EvaluationConfig) -> None:

@@ -173,6 +173,8 @@ def test_evaluation_end_to_end_from_fmri_only(trained):
     saved = json.loads((out / "miyawaki_evaluation.json").read_text())
     for key in ("split", "seed", "n_test", "identification", "condition_accuracy", "config"):
         assert key in saved
+    # the settings of this mode only: no benchmark --seeds beside the checkpoint's seed
+    assert not set(E.BENCHMARK_OPTIONS) & set(saved["config"]) and "tsne_perplexity" in saved["config"]
     ident = saved["identification"]
     for key in ("n_candidates", "chance_top1", "top1", "top5", "mean_rank", "image_to_fmri_top1"):
         assert key in ident
@@ -383,6 +385,7 @@ def test_benchmark_s3_two_folds_writes_the_schema(tmp_path, capsys):
     assert "Mean over folds; ± = SD over folds:\nmean image" in capsys.readouterr().out
     saved = json.loads((tmp_path / "benchmark_s3.json").read_text())
     assert saved["protocol"] == "s3" and saved["n_folds"] == 2 and saved["seeds"] == [0, 1]
+    assert not set(E.CHECKPOINT_OPTIONS) & set(saved["config"]) and saved["config"]["seeds"] == [0, 1]
     assert saved["data_fingerprint"] == L.make_simulated_dataset().fingerprint   # which data, not a path
     assert saved["seed_fits"] == "separate"                   # auto on a CPU: one fit per seed
     assert not (tmp_path / "benchmark_s3_reconstructions.png").exists()   # no decoders: no gallery
