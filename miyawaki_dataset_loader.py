@@ -1552,12 +1552,13 @@ def write_summary(out: Path) -> Path:
     if kept:                             # every result records its data (and, but older ones, test trials)
         trials = f"; {kept['n_test']} test trials" if "n_test" in kept else ""
         lines += [f"Data: {kept['data_source']}{trials}.", ""]
-    lines += ["| what | value | chance | ridge |", "|---|---|---|---|"]
+    header = ["| what | value | chance | ridge |", "|---|---|---|---|"]
+    lines += header
     ridge = (ev or {}).get("baselines_s1", {}).get("ridge", {})
     fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
-    if de:
-        m = de
-        what = "dual encoder **noise control**" if m.get("noise_control") else "dual encoder"
+    m = de or (ev or {}).get("identification")   # the same score; the evaluation's alone where it
+    if m:                                       # evaluated a checkpoint kept elsewhere
+        what = "dual encoder **noise control**" if (de or ev).get("noise_control") else "dual encoder"
         lines.append(f"| {what} identification top-1 ({m['n_candidates']}-way) | {fmt(m['top1'])} | "
                      f"{fmt(m['chance_top1'])} | {fmt(ridge.get('top1'))} |")
     if ev:
@@ -1573,6 +1574,9 @@ def write_summary(out: Path) -> Path:
                          f"{fmt(g['top1'])} | floor {fmt(gen['mean_image_floor']['pixcorr'])} / "
                          f"{fmt(gen['chance']['top1'])} | {fmt(ridge.get('pixcorr'))} / "
                          f"{fmt(ridge.get('top1'))} |")
+    if lines[-2:] == header:
+        lines[-2:] = ["No results yet: run `miyawaki_dual_encoder.py`, then `miyawaki_evaluation.py` "
+                      "and `miyawaki_generative_backend.py` (`make run` runs all four scripts)."]
     if ev and ev["condition_accuracy"].get("note"):
         lines += ["", f"The condition from the embedding: {ev['condition_accuracy']['note']}."]
     if gen and gen.get("novelty_gate"):

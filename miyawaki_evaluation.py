@@ -1221,6 +1221,7 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
                         gallery)
         else:                               # no decoders this run: an older gallery is not its own
             remove_output(gallery)
+    write_summary(out)                      # its figure list, as every script's last step
     print(spread_text(result) + ":")
     for name in methods:
         m = methods[name]

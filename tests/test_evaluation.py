@@ -386,6 +386,7 @@ def test_benchmark_s3_two_folds_writes_the_schema(tmp_path, capsys):
     saved = json.loads((tmp_path / "benchmark_s3.json").read_text())
     assert saved["protocol"] == "s3" and saved["n_folds"] == 2 and saved["seeds"] == [0, 1]
     assert not set(E.CHECKPOINT_OPTIONS) & set(saved["config"]) and saved["config"]["seeds"] == [0, 1]
+    assert "No results yet" in (tmp_path / "summary.md").read_text()   # rewritten, as by every script
     assert saved["data_fingerprint"] == L.make_simulated_dataset().fingerprint   # which data, not a path
     assert saved["seed_fits"] == "separate"                   # auto on a CPU: one fit per seed
     assert not (tmp_path / "benchmark_s3_reconstructions.png").exists()   # no decoders: no gallery

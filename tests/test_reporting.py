@@ -254,6 +254,21 @@ def test_summary_flags_a_condition_accuracy_fixed_by_construction(tmp_path, valu
     assert f"The condition from the embedding: {note}." in summary
 
 
+def test_summary_takes_the_identification_from_the_evaluation_alone(tmp_path):
+    """A folder with the evaluation of a checkpoint kept elsewhere (``--checkpoint``) still has the
+    identification row, from the evaluation's own JSON (it showed the condition row alone); a
+    folder with no result yet says what to run instead of an empty table."""
+    assert "No results yet: run `miyawaki_dual_encoder.py`" in L.write_summary(tmp_path).read_text()
+    (tmp_path / "miyawaki_evaluation.json").write_text(json.dumps(
+        {"data_source": "simulated", "checkpoint_sha256": "ab" * 32, "n_test": 12,
+         "identification": {"top1": 0.75, "chance_top1": 0.05, "n_candidates": 20},
+         "condition_accuracy": {"correlation": 0.5, "uniform_chance": 0.25, "majority_rate": 0.417},
+         "baselines_s1": {"ridge": {"top1": 0.333, "condition": 0.5, "pixcorr": 0.4}}}))
+    summary = L.write_summary(tmp_path).read_text()
+    assert "| dual encoder identification top-1 (20-way) | 0.750 | 0.050 | 0.333 |" in summary
+    assert "No results yet" not in summary
+
+
 def test_summary_leaves_out_data_figures_of_other_data(tmp_path):
     """The loader's data figures (listed in its miyawaki_dataset.json) go with the results when
     they show the same data, and are left out, and named, when the loader last ran on another file
