@@ -124,6 +124,11 @@ class Trials:
     def __len__(self) -> int:
         return len(self.fmri)
 
+    def __repr__(self) -> str:
+        """A notebook's one line (the default printed every array in full)."""
+        return (f"Trials({len(self)} trials, {self.fmri.shape[1]} voxels, "
+                f"{len(np.unique(self.image_ids))} distinct images)")
+
     def subset(self, idx: np.ndarray) -> "Trials":
         """The trials at indices ``idx`` (``M``), in that order."""
         return Trials(self.fmri[idx], self.images[idx], self.labels[idx], self.image_ids[idx])
@@ -146,6 +151,10 @@ class Fold:
     test_idx: np.ndarray
     meta: dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        return (f"Fold({self.meta.get('split') or 'unnamed'}: train {self.train!r}, test {self.test!r}, "
+                f"{len(self.unique_images)} candidate images)")
+
     @property
     def unseen_test(self) -> np.ndarray:
         """``N`` bool: the test trials whose image no training trial shows (S3's held-out image)."""
@@ -161,6 +170,10 @@ class MiyawakiData:
     unique_images: np.ndarray
     unique_labels: np.ndarray
     source: str
+
+    def __repr__(self) -> str:
+        return (f"MiyawakiData({self.source}: {len(self.trials)} trials ({self.n_file_train} in the "
+                f"file's training split), {self.n_voxels} voxels, {len(self.unique_images)} images)")
 
     @property
     def n_voxels(self) -> int:

@@ -598,3 +598,15 @@ def test_seed_everything_asks_for_deterministic_kernels_where_cuda_is(monkeypatc
             assert torch.is_deterministic_algorithms_warn_only_enabled() == cuda
     finally:
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def test_data_objects_show_as_one_line_in_a_notebook(sim):
+    """A notebook displaying the data, a fold or its trials sees their sizes on one line (the
+    dataclasses' default repr printed every array in full)."""
+    fold = sim.s1()
+    shown = [repr(sim), repr(fold), repr(fold.train)]
+    assert shown == ["MiyawakiData(simulated: 119 trials (107 in the file's training split), 967 voxels, "
+                     "20 images)",
+                     "Fold(s1: train Trials(107 trials, 967 voxels, 20 distinct images), test Trials(12 "
+                     "trials, 967 voxels, 12 distinct images), 20 candidate images)",
+                     "Trials(107 trials, 967 voxels, 20 distinct images)"]
