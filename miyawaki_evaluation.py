@@ -817,7 +817,7 @@ def benchmark_markdown(result: dict) -> str:
              f"(once per fold). Wall time {result['seconds']['total']:.0f} s.", "",
              *([unseen_s2_note(result["n_unseen_test_trials"], result["n_test_trials"]), ""]
                if p == "S2" and result["n_unseen_test_trials"] else []),
-             "| method | " + " | ".join(METRICS) + " | fit s (all folds and seeds) |",
+             "| method | " + " | ".join(METRICS) + " | s (all folds and seeds) |",
              "|---" * (len(METRICS) + 2) + "|"]
     for name, m in result["methods"].items():
         cells = []
@@ -838,6 +838,9 @@ def benchmark_markdown(result: dict) -> str:
     lines += ["", spread_text(result)
               + ("; for the dual encoder each fold's value is the mean over seeds and '(seeds ± x)' "
                  "is the SD over seeds of the protocol mean." if len(result["seeds"]) > 1 else "."),
+              "Seconds: each row's own fit and scoring; a row that reuses another's fits (the dual "
+              "encoder's ablations and ensembles, the anchor alone, whose fit the decoders' time "
+              "holds) counts only what it adds.",
               "Condition: baselines, the encoding model, the anchor and the decoders use the "
               "condition of the top-1 identified image (kNN rows: neighbour vote); the dual encoder "
               "uses a kNN vote on the fMRI-only correlation "
