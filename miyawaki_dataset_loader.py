@@ -1460,6 +1460,13 @@ class FromCheckpointHint:
                                f"use {name}.from_checkpoint(path)") from None
 
 
+def rerun_command(script: str, path: Path) -> str:
+    """The command that writes a checkpoint ``path`` again: ``python <script>``, with ``--out-dir``
+    where the checkpoint's folder is not the default one."""
+    folder = Path(path).parent
+    return f"python {script}" + ("" if folder.resolve() == DEFAULT_OUT.resolve() else f" --out-dir {folder}")
+
+
 def load_checkpoint(path: Path, kind: str, script: str, map_location="cpu",
                     fields: dict | None = None) -> dict:
     """Load a checkpoint of this project with ``weights_only=True``.
@@ -1470,8 +1477,9 @@ def load_checkpoint(path: Path, kind: str, script: str, map_location="cpu",
     another type (a damaged file); a ValueError for a CUDA ``map_location`` where there is no CUDA
     device (rather than "rerun the script")."""
     path = Path(path)
+    run = rerun_command(script, path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found; run `python {script}` first")
+        raise CheckpointError(f"checkpoint {path} not found; run `{run}` first")
     if (isinstance(map_location, (str, torch.device)) and torch.device(map_location).type == "cuda"
             and not torch.cuda.is_available()):
         raise ValueError(f"map_location {str(map_location)!r}, but torch sees no CUDA device here; "
@@ -1480,17 +1488,17 @@ def load_checkpoint(path: Path, kind: str, script: str, map_location="cpu",
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, pickled objects refused by weights_only, ...
         raise CheckpointError(f"checkpoint {path} cannot be loaded safely ({one_line(e)}); "
-                              f"rerun `python {script}`") from None
+                              f"rerun `{run}`") from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
-        raise CheckpointError(f"{path} is not a {kind} checkpoint; rerun `python {script}`")
+        raise CheckpointError(f"{path} is not a {kind} checkpoint; rerun `{run}`")
     if ckpt.get("format_version") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} has format version {ckpt.get('format_version')}, this code "
-                              f"reads {CHECKPOINT_FORMAT}; rerun `python {script}`")
+                              f"reads {CHECKPOINT_FORMAT}; rerun `{run}`")
     for key, types in (fields or {}).items():
         if not isinstance(ckpt.get(key), types):
             found = "lacks" if key not in ckpt else f"holds a {type(ckpt[key]).__name__} as"
             raise CheckpointError(f"{path} is damaged: it {found} its {key!r} entry; "
-                                  f"rerun `python {script}`")
+                                  f"rerun `{run}`")
     return ckpt
 
 
@@ -1502,7 +1510,7 @@ def check_same_data(ckpt: dict, data: MiyawakiData, path: Path, script: str) -> 
                  if ckpt["n_voxels"] != data.n_voxels else
                  f"whose fMRI, images or labels differ from those of {data.source}")
         raise CheckpointError(f"{path} was trained on {ckpt['data_source']} {other}; "
-                              f"rerun `python {script} --data {data.source}`")
+                              f"rerun `{rerun_command(script, path)} --data {data.source}`")
 
 
 def json_ready(obj):

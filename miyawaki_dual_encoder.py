@@ -41,7 +41,8 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, Ch
                                      FromCheckpointHint, MiyawakiData, OptionError, RidgeBaseline,
                                      ScriptOptions, bf16_autocast, uses_bf16, chance_text,
                                      Trials, add_config_args, check_finite, check_options,
-                                     check_same_data, config_dict, identification_ranks, load_checkpoint,
+                                     check_same_data, config_dict, rerun_command, identification_ranks,
+                                     load_checkpoint,
                                      one_cycle, one_line, parse_config, check_out_dir, prepare_out_dir,
                                      rank_summary,
                                      resolve_data, resolve_device, run_cli, save_checkpoint, save_figure,
@@ -649,7 +650,7 @@ class MiyawakiDualEncoder(FromCheckpointHint, nn.Module):
             raise
         except OptionError as e:
             raise CheckpointError(f"{path} holds a config this code refuses ({e}); "
-                                  f"rerun `python {SCRIPT}`") from None
+                                  f"rerun `{rerun_command(SCRIPT, path)}`") from None
         except (TypeError, ValueError, RuntimeError) as e:   # a damaged config or state
             raise_config_mismatch(path, e)
         return model.to(map_location).eval(), ckpt
@@ -691,7 +692,7 @@ def load_for_s1(path: Path, data: MiyawakiData, device: torch.device | str = "cp
         saved, used = ckpt[name].cpu().numpy(), getattr(fold, name)
         if saved.shape != used.shape or not np.allclose(saved, used, rtol=1e-5, atol=1e-6):
             raise CheckpointError(f"{path} was z-scored with other statistics than the S1 training "
-                                  f"trials; rerun `python {SCRIPT}`")
+                                  f"trials; rerun `{rerun_command(SCRIPT, path)}`")
     if is_noise_control(ckpt):
         fold = replace(fold, train=noise_control_trials(fold.train, ckpt["seed"]))
     return model, ckpt, fold
@@ -714,7 +715,7 @@ def config_from_dict(d: dict) -> DualEncoderConfig:
 def raise_config_mismatch(path: Path, err: Exception):
     """A state dict that does not fit the rebuilt model: say which script to rerun."""
     raise CheckpointError(f"{path} does not match this code's model ({one_line(err)}); "
-                          f"rerun `python {SCRIPT}`") from None
+                          f"rerun `{rerun_command(SCRIPT, path)}`") from None
 
 
 # --------------------------------------------------------------------------- loss

@@ -461,7 +461,8 @@ def test_a_damaged_encoder_checkpoint_is_one_line(case, script, small_encoder, o
     damage(ckpt)
     torch.save(ckpt, out / D.CHECKPOINT_NAME)
     code, err = refused(script.main, [*SIM, "--out-dir", str(out)], out, capsys)
-    assert code == 1 and words in err and "rerun `python miyawaki_dual_encoder.py`" in err, err
+    # the command to rerun writes where this checkpoint is (not in the default outputs/)
+    assert code == 1 and words in err and f"rerun `python miyawaki_dual_encoder.py --out-dir {out}`" in err, err
 
 
 @pytest.mark.parametrize("script, options", [(L, []), (D, []), (E, []), (E, ["--protocol", "s3"]), (G, [])],
