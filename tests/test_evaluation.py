@@ -352,10 +352,16 @@ def test_nested_inner_folds_mimic_the_fold():
     assert E.nested_scheme(sim.fold(np.setdiff1d(train_idx, seen_too), seen_too)) == "seen"
 
 
-def test_s2_with_an_image_shown_once_averages_its_unseen_metric_over_its_folds(tmp_path, mat_arrays):
+def test_s2_with_an_image_shown_once_averages_its_unseen_metric_over_its_folds(tmp_path, mat_arrays,
+                                                                              monkeypatch):
     """An S2 fold whose test trial shows an image that no training trial shows (here one trial
     given an image of its own, in the second fold) has the nearest-training-image check; the
-    others do not. The benchmark averages each metric over the folds that have it and names them."""
+    others do not. The benchmark averages each metric over the folds that have it and names them.
+    S2's 2-way rivals are the fold's test trials (docs/PROTOCOL.md; S3's, all trials: the pool
+    of all trials on S2 passed every test)."""
+    pools, fold_run = [], E.benchmark_fold
+    monkeypatch.setattr(E, "benchmark_fold", lambda cfg, data, pool, *a: pools.append(pool)
+                        or fold_run(cfg, data, pool, *a))
     for trial in range(len(mat_arrays["stimTrn"])):
         arrays = {k: v.copy() for k, v in mat_arrays.items()}
         arrays["stimTrn"][trial] = 1 - arrays["stimTrn"][trial]          # an image found nowhere else
@@ -366,6 +372,7 @@ def test_s2_with_an_image_shown_once_averages_its_unseen_metric_over_its_folds(t
             break
     result = E.main(["--device", "cpu", "--data", str(path), "--protocol", "s2", "--max-folds", "2",
                      "--seeds", "0", "--epochs", "1", "--out-dir", str(tmp_path / "out")])
+    assert pools == [None, None]
     ridge = result["methods"]["ridge"]
     assert len(ridge["top1"]["per_fold"]) == 2 and "folds" not in ridge["top1"]
     assert ridge["closer_than_train"]["folds"] == [folds[1][0]]
