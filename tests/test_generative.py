@@ -849,6 +849,25 @@ def test_novelty_gate_opens_for_a_never_seen_image_and_closes_for_seen_ones(sim)
     assert new.min() > 0.5 and seen.mean() < 0.5
 
 
+def test_novelty_gate_calibrates_seen_examples_on_images_shown_twice_or_more(sim, monkeypatch):
+    """The gate's "seen" examples are the trials of images shown at least twice, each read out by a
+    fit on other trials of its image; a trial of an image shown once would be read out by a fit
+    that never saw its image, a new-image example labelled seen (counting every trial passed
+    every other test: the files tested showed every image once or none)."""
+    import sklearn.linear_model
+    train = sim.s1().train
+    once = np.flatnonzero(train.image_ids == 0)[1:]                  # image 0 shown once, then
+    train = train.subset(np.setdiff1d(np.arange(len(train)), once))
+    cfg = replace(TINY, prior_size=256)
+    fits, fit = [], sklearn.linear_model.LogisticRegression.fit
+    monkeypatch.setattr(sklearn.linear_model.LogisticRegression, "fit",
+                        lambda self, x, y: fits.append(np.asarray(y)) or fit(self, x, y))
+    unseen = np.zeros((4, 1, 28, 28), np.float32)
+    G.fit_novelty_gate(train, cfg, 1.0, unseen)
+    [y] = fits
+    assert (y == 1).sum() == 4 and (y == 0).sum() == len(train) - 1
+
+
 def test_decoders_beat_ridge_on_the_never_seen_figures_of_a_random_image_session():
     """Miyawaki's protocol on the simulated set: trained on 440 random patterns, decoded from
     fMRI only on the 20 figures, none of which the decoders (or their image prior) ever saw. The
