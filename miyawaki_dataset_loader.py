@@ -1642,11 +1642,18 @@ def save_text(text: str, path: Path) -> None:
     _atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def save_figure(fig: Figure, path: Path) -> None:
-    """Atomically save a Figure (dpi 150, tight; format from the suffix). Figures are built with
-    ``matplotlib.figure.Figure``, not pyplot, so no GUI backend or global figure state is involved
-    and nothing needs closing."""
+def save_figure(fig: Figure, path: Path, data_source: str) -> None:
+    """Atomically save a Figure (dpi 150, tight; format from the suffix), stamped under its lower
+    right corner with the data it shows (``MiyawakiData.source``; a built-in simulated set in red),
+    so that a figure copied out of its folder still says which data it shows. Figures are built
+    with ``matplotlib.figure.Figure``, not pyplot, so no GUI backend or global figure state is
+    involved and nothing needs closing."""
     path = Path(path)
+    simulated = data_source in SIMULATED
+    drawn, (width, height) = fig.get_tightbbox(), fig.get_size_inches()   # inches
+    fig.text(drawn.x1 / width, drawn.y0 / height, f"data: {data_source}"
+             + (" (the built-in simulated set, not fMRI)" if simulated else ""),
+             ha="right", va="top", fontsize=6, color="firebrick" if simulated else "0.4")
     _atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=150,
                                               bbox_inches="tight"))
 
@@ -1769,9 +1776,11 @@ def main(argv: list[str] | LoaderConfig | None = None) -> dict:
               "n_file_train": data.n_file_train, "n_voxels": data.n_voxels,
               "n_unique": len(data.unique_images), "figures": figures, "config": config_dict(cfg)}
     with staged_outputs():
-        save_figure(plot_unique_images(data.unique_images, data.unique_labels, counts), out / figures[0])
+        save_figure(plot_unique_images(data.unique_images, data.unique_labels, counts), out / figures[0],
+                    data.source)
         save_figure(plot_fmri_correlation(t.fmri, t.image_ids, data.unique_labels,
-                                          which="trials, all of them: training and test"), out / figures[1])
+                                          which="trials, all of them: training and test"), out / figures[1],
+                    data.source)
         save_json(result, out / DATASET_JSON)
     print(f"figures: {', '.join(str(out / f) for f in figures)}; saved {out / DATASET_JSON}")
     write_summary(out)

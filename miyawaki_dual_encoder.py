@@ -1221,7 +1221,7 @@ def main(argv: list[str] | ScriptConfig | None = None) -> dict:
     figure = "miyawaki_training_curves.png"
     with staged_outputs():      # written together: a run stopped here leaves the earlier outputs
         checkpoint_sha256 = save_checkpoint(checkpoint, out / CHECKPOINT_NAME)
-        save_figure(plot_training_curves(history, 1 / k, cfg.noise_control), out / figure)
+        save_figure(plot_training_curves(history, 1 / k, cfg.noise_control), out / figure, data.source)
         # the result file's top level reads like the evaluation's and the decoders'
         save_json({**metrics, "data_source": data.source, "data_fingerprint": data.fingerprint,
                    "checkpoint_sha256": checkpoint_sha256,

@@ -702,7 +702,7 @@ def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
             sim, test.image_ids, f"{top}S1 test trials, from fMRI only", label)}
     with staged_outputs():      # written together: a run stopped here leaves the earlier outputs
         for name, fig in figures.items():
-            save_figure(fig, out / name)
+            save_figure(fig, out / name, data.source)
         save_json({**result, "figures": list(figures)}, out / "miyawaki_evaluation.json")
     write_summary(out)
     print(f"saved {out / 'miyawaki_evaluation.json'} and 3 figures in {out}")
@@ -1221,7 +1221,7 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
         if galleries:
             save_figure(plot_gallery(galleries, [gallery_row_name(data, f) for f in folds],
                                      gallery_title(cfg.protocol, cfg.seeds[0], len(folds), n_available)),
-                        gallery)
+                        gallery, data.source)
         else:                               # no decoders this run: an older gallery is not its own
             remove_output(gallery)
     write_summary(out)                      # its figure list, as every script's last step

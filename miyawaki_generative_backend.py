@@ -1423,7 +1423,7 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
         "config": config}
     with staged_outputs():      # written together: a run stopped here leaves the earlier outputs
         for name, fig in figures.items():
-            save_figure(fig, out / name)
+            save_figure(fig, out / name, data.source)
         grid_dir = out / "diffusion_samples"
         grid_dir.mkdir(exist_ok=True)
         for stale in grid_dir.glob("step_*.png"):
@@ -1438,7 +1438,7 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
                   "likelihood step:\nnot the test reconstructions"),
                 [f"#{i}\n{condition_name(fold.unique_labels[i], fold.unique_labels)}"
                  for i in history["diffusion"]["sample_image_ids"]]),
-                grid_dir / f"step_{step:05d}.png")
+                grid_dir / f"step_{step:05d}.png", data.source)
         save_checkpoint({"kind": CHECKPOINT_KIND, "format_version": CHECKPOINT_FORMAT,
                          "diffusion": diffusion.checkpoint_entry(), "gan": gan.checkpoint_entry(),
                          # the seed project's keys, the same tensors (load with from_checkpoint)

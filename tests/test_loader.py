@@ -443,7 +443,7 @@ def test_interrupted_figure_write_keeps_the_previous_file(tmp_path, monkeypatch)
     from matplotlib.figure import Figure
     fig = Figure()
     fig.subplots().plot([0, 1])
-    L.save_figure(fig, tmp_path / "f.png")
+    L.save_figure(fig, tmp_path / "f.png", "simulated")
     png = (tmp_path / "f.png").read_bytes()
     assert png.startswith(b"\x89PNG")
 
@@ -453,9 +453,27 @@ def test_interrupted_figure_write_keeps_the_previous_file(tmp_path, monkeypatch)
 
     monkeypatch.setattr(Figure, "savefig", broken)
     with pytest.raises(KeyboardInterrupt):
-        L.save_figure(fig, tmp_path / "f.png")
+        L.save_figure(fig, tmp_path / "f.png", "simulated")
     assert (tmp_path / "f.png").read_bytes() == png
     assert os.listdir(tmp_path) == ["f.png"]
+
+
+def test_every_saved_figure_names_its_data(tmp_path):
+    """A saved figure says which data it shows in its corner, so that one copied out of its folder
+    cannot pass a simulated result off as the real file's (a reviewer's worry: the simulated set's
+    near-perfect figures looked like results)."""
+    from matplotlib.figure import Figure
+    stamps = {}
+    for source in ("simulated", "simulated-random", "data/miyawaki_structured_28x28.mat"):
+        fig = Figure()
+        fig.subplots().plot([0, 1])
+        L.save_figure(fig, tmp_path / "f.png", source)
+        [text] = fig.texts
+        stamps[source] = (text.get_text(), text.get_color())
+    assert stamps == {
+        "simulated": ("data: simulated (the built-in simulated set, not fMRI)", "firebrick"),
+        "simulated-random": ("data: simulated-random (the built-in simulated set, not fMRI)", "firebrick"),
+        "data/miyawaki_structured_28x28.mat": ("data: data/miyawaki_structured_28x28.mat", "0.4")}
 
 
 def test_one_line_keeps_error_messages_short_and_whole():
