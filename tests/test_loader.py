@@ -329,11 +329,12 @@ def test_cli_download_real_file(server, real_path, tmp_path):
 
 # --------------------------------------------------------------------------- outputs
 def test_out_dir_not_writable_or_empty_is_a_bad_option(tmp_path, capsys):
-    """An --out-dir that cannot be written ends the run as a bad option does (one line, exit code
-    2), and so does an empty one, which would put the outputs in the current folder."""
+    """An --out-dir that cannot be written (here: under a file) ends the run as a bad option does
+    (one line, exit code 2), and so does an empty one, which would put the outputs in the current
+    folder."""
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    with pytest.raises(L.OptionError, match="cannot write to --out-dir .*a_file/out"):
+    with pytest.raises(L.OptionError, match="--out-dir .*a_file/out cannot be a folder: .*a_file is a file"):
         L.prepare_out_dir(blocker / "out")
     with pytest.raises(SystemExit) as exc:
         L.run_cli(lambda: L.prepare_out_dir(blocker / "out"))
