@@ -377,12 +377,17 @@ def tsne_map(points: np.ndarray, seed: int = 0, perplexity: float = 30.0) -> np.
     return tsne.fit_transform(np.asarray(points, np.float64))
 
 
+NUMBERED_IMAGES = 40   # the t-SNE map numbers every image up to this many, else the test trials'
+
+
 def plot_latent_space(test_xy, test_labels, test_ids, image_xy, image_labels, train_xy=None,
                       train_labels=None, title="") -> Figure:
     """Joint t-SNE map: test-trial fMRI embeddings (circles, ``N x 2``) joined to their true image's
     embedding (squares numbered by image id, ``K x 2``); optional training-trial fMRI embeddings
     (small dots). Colour = condition, one per label of the file (tab10, tab20 beyond 10 labels:
-    Miyawaki's 2-5 are blue, orange, green, red); the legend sits right of the map."""
+    Miyawaki's 2-5 are blue, orange, green, red); the legend sits right of the map. Of more than
+    ``NUMBERED_IMAGES`` images (a random-image session's hundreds) only the test trials' are
+    drawn large and numbered, the others small."""
     present = [image_labels, test_labels, [] if train_labels is None else train_labels]
     order = sorted({int(c) for labels in present for c in np.asarray(labels).ravel()})
     cmap = colormaps["tab10" if len(order) <= 10 else "tab20"]
@@ -395,15 +400,24 @@ def plot_latent_space(test_xy, test_labels, test_ids, image_xy, image_labels, tr
         ax.plot([x, image_xy[k, 0]], [y, image_xy[k, 1]], color="0.5", lw=0.8, zorder=1)
     ax.scatter(test_xy[:, 0], test_xy[:, 1], s=60, c=[colour[int(c)] for c in test_labels],
                edgecolors="k", zorder=3)
-    ax.scatter(image_xy[:, 0], image_xy[:, 1], s=150, marker="s", zorder=2, edgecolors="k",
-               c=[colour[int(c)] for c in image_labels], alpha=0.8)
-    for k, (x, y) in enumerate(image_xy):
-        ax.annotate(str(k), (x, y), ha="center", va="center", fontsize=7, color="w", zorder=4,
-                    fontweight="bold")
+    numbered = (np.arange(len(image_xy)) if len(image_xy) <= NUMBERED_IMAGES
+                else np.unique(np.asarray(test_ids, int)))
+    small = np.setdiff1d(np.arange(len(image_xy)), numbered)
+    colours = np.array([colour[int(c)] for c in image_labels])
+    if len(small):
+        ax.scatter(image_xy[small, 0], image_xy[small, 1], s=12, marker="s", zorder=2,
+                   c=colours[small], alpha=0.5)
+    ax.scatter(image_xy[numbered, 0], image_xy[numbered, 1], s=150, marker="s", zorder=2,
+               edgecolors="k", c=colours[numbered], alpha=0.8)
+    for k in numbered:
+        ax.annotate(str(k), tuple(image_xy[k]), ha="center", va="center", fontsize=7, color="w",
+                    zorder=4, fontweight="bold")
     # the markers' legend entries in grey (an empty scatter each): their colours are the conditions'
     kinds = [({"s": 60, "edgecolors": "k"}, "fMRI, test trials (line to true image)"),
              ({"s": 150, "marker": "s", "edgecolors": "k", "alpha": 0.8},
-              "image embeddings (number = image id)")]
+              "image embeddings (number = image id)" + (", test trials' images" if len(small) else ""))]
+    if len(small):
+        kinds.append(({"s": 12, "marker": "s", "alpha": 0.5}, "image embeddings, the other images"))
     if train_xy is not None:
         kinds.insert(0, ({"s": 10, "alpha": 0.3}, "fMRI, training trials"))
     handles = [ax.scatter([], [], color="0.6", **style) for style, _ in kinds]

@@ -155,6 +155,17 @@ def test_latent_space_colours_every_condition_of_the_file():
     np.testing.assert_allclose(squares, miyawaki)
 
 
+def test_latent_space_numbers_the_test_images_among_hundreds():
+    """A random-image session's map (460 images) numbers only the test trials' images and draws
+    the others small (460 numbered squares hid the test trials); 20 images are all numbered."""
+    rng = np.random.default_rng(0)
+    for k, test_ids, numbered in ((460, np.arange(440, 460), 20), (20, np.arange(12), 20)):
+        fig = E.plot_latent_space(rng.random((len(test_ids), 2)), np.full(len(test_ids), 2), test_ids,
+                                  rng.random((k, 2)), np.full(k, 2))
+        texts = [t.get_text() for t in fig.axes[0].texts]
+        assert len(texts) == numbered and set(map(str, test_ids)) <= set(texts)
+
+
 # --------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
