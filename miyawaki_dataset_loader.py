@@ -1487,7 +1487,12 @@ def load_checkpoint(path: Path, kind: str, script: str, map_location="cpu",
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, pickled objects refused by weights_only, ...
-        raise CheckpointError(f"checkpoint {path} cannot be loaded safely ({one_line(e)}); "
+        # weights_only's refusal opens with advice to load unsafely; its reason comes after it
+        _, refused, reason = str(e).partition("WeightsUnpickler error:")
+        why = (f"torch.load(weights_only=True) refuses it: "
+               f"{one_line(ValueError(reason.split('Check the documentation')[0]))}" if refused
+               else one_line(e))
+        raise CheckpointError(f"checkpoint {path} cannot be loaded safely ({why}); "
                               f"rerun `{run}`") from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         raise CheckpointError(f"{path} is not a {kind} checkpoint; rerun `{run}`")

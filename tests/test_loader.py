@@ -391,7 +391,11 @@ BAD_CHECKPOINTS = {  # name -> (writer(path), words the message must contain)
     "truncated": (lambda p: (torch.save(_ckpt(), p),
                              p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])),
                   ["cannot be loaded"]),
-    "pickled object": (lambda p: torch.save(_ckpt(obj=_Custom()), p), ["cannot be loaded"]),
+    "pickled object": (lambda p: torch.save(_ckpt(obj=_Custom()), p),
+                       ["cannot be loaded", "torch.load(weights_only=True) refuses it: Unsupported global"]),
+    # not a checkpoint: the reason, without torch's advice to load it unsafely
+    "text file": (lambda p: p.write_text("not a checkpoint\n"),
+                  ["cannot be loaded safely (torch.load(weights_only=True) refuses it: Unsupported operand"]),
     "wrong kind": (lambda p: torch.save(_ckpt(kind="generative"), p), ["not a dual_encoder"]),
     "wrong version": (lambda p: torch.save(_ckpt(format_version=0), p), ["format version"]),
 }
@@ -406,6 +410,7 @@ def test_bad_checkpoint_refused(case, tmp_path):
         _load(path)
     msg = str(err.value)
     assert str(path) in msg and "python make_it.py" in msg and "\n" not in msg
+    assert "weights_only` set to `False`" not in msg and "PyTorch 2.6" not in msg
     for word in words:
         assert word in msg
 
