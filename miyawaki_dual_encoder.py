@@ -1134,7 +1134,8 @@ def plot_training_curves(history: dict, chance: float, noise_control: bool = Fal
         ax.set_xlim(0.5, len(ep) + 0.5)
     line, = axes[0].plot(ep, history["train_loss"], marker=marker, label="train (with mixup + noise)")
     axes[0].set(xlabel="epoch", ylabel="InfoNCE loss (two terms)",
-                title="Contrastive loss (dashed: each at uniform scores)")
+                title="Contrastive loss (dashed: " + ("each" if validation else "its value")
+                      + " at uniform scores)")
     curves = [("train", line, "train_chance_loss")]
     if validation:
         line, = axes[0].plot(ep, history["val_loss"], marker=marker, label="validation (no mixup, no noise)")

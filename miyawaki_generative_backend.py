@@ -1253,7 +1253,7 @@ def plot_generation(true: np.ndarray, recon: np.ndarray, title: str, image_ids: 
     reconstruction whose K-way identification (Pearson with the ``candidates``) misses is marked
     in red with the image it was taken for. true, recon ``N x 1 x 28 x 28`` in [0, 1]; image_ids
     ``N`` index the candidates ``K x 1 x 28 x 28``; gate ``N``: the decoders' novelty gate
-    (``novelty``), shown under each reconstruction."""
+    (``novelty``), shown in each reconstruction's panel title."""
     n = len(true)
     guess = identification_scores(recon, candidates).argmax(1)
     flat = lambda a: a.reshape(n, -1)  # noqa: E731

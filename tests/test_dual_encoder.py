@@ -697,3 +697,5 @@ def test_training_curves_title_fits_the_figure_without_validation():
     title = fig._suptitle.get_window_extent(renderer)
     assert title.x0 >= 0 and title.x1 <= fig.bbox.width
     assert "Fitted on all 107 training trials" in fig.get_suptitle()
+    # one dashed line (the training loss at uniform scores), and the panel's title speaks of one
+    assert fig.axes[0].get_title() == "Contrastive loss (dashed: its value at uniform scores)"
