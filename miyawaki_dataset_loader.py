@@ -1628,6 +1628,8 @@ def write_summary(out: Path) -> Path:
     old_figures = {f for name in stale for f in results[name].get("figures", [])}
     old_figures |= set(loader["figures"]) if other_data else set()
     figures = sorted(p.name for p in out.glob("*.png") if p.name not in old_figures)
+    if gen and any((out / "diffusion_samples").glob("step_*.png")):   # the decoders' training progress
+        figures.append("diffusion_samples/step_*.png")
     lines += ["", "Figures: " + (", ".join(f"`{f}`" for f in figures) if figures else "none yet") + "."]
     path = out / "summary.md"
     save_text("\n".join(lines) + "\n", path)

@@ -483,6 +483,7 @@ def test_script_end_to_end_on_simulated_data(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(G, "plot_generation", lambda true, recon, title, *a: titles.append(title)
                         or plot_gen(true, recon, title, *a))
     metrics = G.main(args)
+    assert "`diffusion_samples/step_*.png`" in (tmp_path / "summary.md").read_text()   # listed too
     assert [t.split(", from")[0] for t in titles] == [      # the reader learns the images were seen
         f"{n}, S1 test trials (every image also shown in training)" for n in ("diffusion decoder", "GAN decoder")]
     # the training-progress grids: one training trial per image, each named by its image
