@@ -473,7 +473,7 @@ def test_an_out_dir_that_is_a_file_is_refused_first(script, options, tmp_path, c
     checkpoint was missing from it."""
     afile = tmp_path / "afile"
     afile.write_text("keep")
-    for out in (afile, afile / "sub"):
+    for out in (afile, afile / "sub", afile / "a" / "b"):
         with pytest.raises(SystemExit) as exc:
             L.run_cli(lambda: script.main([*SIM, *options, "--out-dir", str(out)]))
         printed = capsys.readouterr()
@@ -598,6 +598,7 @@ def test_gpu_check_without_a_gpu_stops_in_one_line(capsys):
 @pytest.mark.parametrize("script, options, words", [
     ("pipeline_speed", ["--repeats", "0"], "--repeats must be >= 1, got 0"),
     ("gpu_check", ["--budget", "-1"], "--budget must be a finite number of seconds > 0, got -1"),
+    ("gpu_check", ["--budget", "0"], "--budget must be a finite number of seconds > 0, got 0"),
     ("gpu_check", ["--budget", "nan"], "--budget must be a finite number of seconds > 0, got nan")])
 def test_speed_scripts_refuse_a_bad_value_in_one_line(script, options, words, capsys):
     """The speed scripts' own checks, before any work: no repeats, or a budget below 0 or NaN (it

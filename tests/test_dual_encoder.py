@@ -214,6 +214,10 @@ def test_validation_takes_one_trial_of_images_shown_at_least_three_times():
         fit, val = split_validation(trials, 1.0, seed)
         assert sorted(ids[val]) == [2, 3, 6, 7] and sorted(np.concatenate([fit, val])) == list(range(len(ids)))
         assert all((ids[fit] == k).sum() >= 2 for k in ids[val])
+    # round(fraction x N) trials, one each of that many images
+    many = np.repeat(np.arange(10), 3)
+    trials = L.Trials(np.zeros((30, 3), np.float32), np.zeros((30, 1, 28, 28), np.float32), np.ones(30, int), many)
+    assert len(split_validation(trials, 0.1, 0)[1]) == 3
 
 
 def test_image_prior_never_produces_an_excluded_image():

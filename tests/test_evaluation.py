@@ -159,7 +159,8 @@ def test_latent_space_numbers_the_test_images_among_hundreds():
     """A random-image session's map (460 images) numbers only the test trials' images and draws
     the others small (460 numbered squares hid the test trials); 20 images are all numbered."""
     rng = np.random.default_rng(0)
-    for k, test_ids, numbered in ((460, np.arange(440, 460), 20), (20, np.arange(12), 20)):
+    for k, test_ids, numbered in ((460, np.arange(440, 460), 20), (20, np.arange(12), 20),
+                                  (40, np.arange(5), 40), (460, np.repeat(np.arange(440, 450), 2), 10)):
         fig = E.plot_latent_space(rng.random((len(test_ids), 2)), np.full(len(test_ids), 2), test_ids,
                                   rng.random((k, 2)), np.full(k, 2))
         texts = [t.get_text() for t in fig.axes[0].texts]

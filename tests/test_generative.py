@@ -428,22 +428,31 @@ def test_scripts_on_a_noise_control_checkpoint_fit_on_its_noise(tmp_path, monkey
     images from a noise-trained encoder (PixCorr 0.996), under a summary that said every number
     should sit at chance."""
     args = ["--data", "simulated", "--out-dir", str(tmp_path), "--device", "cpu"]
-    D.main([*args, "--noise-control", "--epochs", "2", "--mixup", "8"])
-    noise = D.noise_control_trials(L.make_simulated_dataset().s1().train, 0).fmri
+    D.main([*args, "--noise-control", "--epochs", "2", "--mixup", "8", "--seed", "3"])
+    noise = D.noise_control_trials(L.make_simulated_dataset().s1().train, 3).fmri   # the run's seed
+    assert not np.array_equal(noise, D.noise_control_trials(L.make_simulated_dataset().s1().train, 0).fmri)
+    titles = []
+    for name in ("plot_latent_space", "plot_similarity_matrix", "plot_correlation_analysis"):
+        monkeypatch.setattr(E, name, lambda *a, plot=getattr(E, name), **k: titles.append(
+            k.get("title", a[2] if len(a) > 2 else "")) or plot(*a, **k))
     evaluation = E.main([*args, "--tsne-perplexity", "5"])
-    assert evaluation["noise_control"]
+    assert evaluation["noise_control"] and len(titles) == 3
+    assert all(t.startswith(D.NOISE_CONTROL_TITLE) for t in titles), titles
     assert evaluation["baselines_s1"]["ridge"]["top1"] <= 0.25     # ridge on the real fMRI: 1.0
     fitted, train_generative = [], G.train_generative
     monkeypatch.setattr(G, "train_generative", lambda encoder, train, *a, **k: fitted.append(train.fmri)
                         or train_generative(encoder, train, *a, **k))
-    titles, plot = [], G.plot_generation
+    titles, plot, grid = [], G.plot_generation, G.plot_sample_grid
     monkeypatch.setattr(G, "plot_generation", lambda true, recon, title, *a: titles.append(title)
                         or plot(true, recon, title, *a))
-    metrics = G.main([*args, "--diffusion-steps", "3", "--gan-steps", "2", "--num-inference-steps", "2",
-                      "--n-sample-grids", "0", *SMALL_ANCHOR_ARGS])
+    monkeypatch.setattr(G, "plot_sample_grid", lambda samples, title, *a: titles.append(title)
+                        or grid(samples, title, *a))
+    metrics = G.main([*args, "--seed", "3", "--diffusion-steps", "3", "--gan-steps", "2",
+                      "--num-inference-steps", "2", "--n-sample-grids", "1", *SMALL_ANCHOR_ARGS])
     [train_fmri] = fitted
     np.testing.assert_array_equal(train_fmri, noise)
-    assert metrics["noise_control"] and all(t.startswith(D.NOISE_CONTROL_TITLE) for t in titles)
+    assert metrics["noise_control"] and len(titles) == 3                 # two decoders, one grid
+    assert all(t.startswith(D.NOISE_CONTROL_TITLE) for t in titles), titles
     out = capsys.readouterr().out
     assert out.count("NOISE CONTROL: ") == 2           # the evaluation's line and the decoders'
     assert "the decoders with their anchor were fitted on the same noise" in (tmp_path / "summary.md").read_text()

@@ -464,6 +464,16 @@ def test_interrupted_figure_write_keeps_the_previous_file(tmp_path, monkeypatch)
     assert os.listdir(tmp_path) == ["f.png"]
 
 
+def test_checkpoint_refusals_name_the_command_that_writes_the_checkpoint_there(tmp_path, sim):
+    """The command to rerun writes where the refused checkpoint is: with --out-dir outside the
+    default outputs/ folder (it said `python <script>`, which writes into outputs/)."""
+    assert L.rerun_command("s.py", L.DEFAULT_OUT / "x.pth") == "python s.py"
+    assert L.rerun_command("s.py", tmp_path / "x.pth") == f"python s.py --out-dir {tmp_path}"
+    ckpt = {"n_voxels": sim.n_voxels, "data_fingerprint": "0" * 16, "data_source": "other.mat"}
+    with pytest.raises(L.CheckpointError, match=f"rerun `python s.py --out-dir {tmp_path} --data simulated`"):
+        L.check_same_data(ckpt, sim, tmp_path / "x.pth", "s.py")
+
+
 def test_every_saved_figure_names_its_data(tmp_path):
     """A saved figure says which data it shows in its corner, so that one copied out of its folder
     cannot pass a simulated result off as the real file's (a reviewer's worry: the simulated set's
@@ -476,6 +486,8 @@ def test_every_saved_figure_names_its_data(tmp_path):
         L.save_figure(fig, tmp_path / "f.png", source)
         [text] = fig.texts
         stamps[source] = (text.get_text(), text.get_color())
+        # hanging from the drawn area's lower right corner
+        assert text.get_position()[0] > 0.5 and (text.get_ha(), text.get_va()) == ("right", "top")
     assert stamps == {
         "simulated": ("data: simulated (the built-in simulated set, not fMRI)", "firebrick"),
         "simulated-random": ("data: simulated-random (the built-in simulated set, not fMRI)", "firebrick"),

@@ -276,6 +276,12 @@ def test_summary_takes_the_identification_from_the_evaluation_alone(tmp_path):
     summary = L.write_summary(tmp_path).read_text()
     assert "| dual encoder identification top-1 (20-way) | 0.750 | 0.050 | 0.333 |" in summary
     assert "No results yet" not in summary
+    # the evaluation of a noise control's checkpoint, alone, says it is the control
+    saved = json.loads((tmp_path / "miyawaki_evaluation.json").read_text())
+    (tmp_path / "miyawaki_evaluation.json").write_text(json.dumps({**saved, "noise_control": True}))
+    summary = L.write_summary(tmp_path).read_text()
+    assert "**Noise control**" in summary
+    assert "| dual encoder **noise control** identification top-1 (20-way) | 0.750 |" in summary
 
 
 def test_summary_leaves_out_data_figures_of_other_data(tmp_path):
@@ -524,6 +530,15 @@ def test_gallery_rows_name_the_held_out_image_and_the_title_a_partial_run():
     assert E.gallery_row_name(data, s2) == s2[0]
     assert "fold, the first 4 of 20 folds (--max-folds), from fMRI only\n" in E.gallery_title("s3", 0, 4, 20)
     assert "fold, from fMRI only" in E.gallery_title("s3", 0, 20, 20)
+
+
+def test_correlation_analysis_makes_room_for_a_title_of_several_lines():
+    """A suptitle of several lines (a noise control's) moves the panels down, so that it does not
+    run into the panels' own titles; a one-line one leaves matplotlib's default top."""
+    sim = np.random.default_rng(0).random((6, 20))
+    tops = [E.plot_correlation_analysis(sim, np.arange(6), title=t).subplotpars.top
+            for t in ("one line", "a\nb", "a\nb\nc")]
+    assert tops[0] == pytest.approx(0.88) and tops[0] > tops[1] > tops[2]
 
 
 def test_latent_space_legend_shows_the_markers_in_grey_and_the_points_in_their_conditions():
