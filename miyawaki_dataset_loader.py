@@ -1433,10 +1433,10 @@ def save_checkpoint(obj: dict, path: Path) -> str:
     return _atomic_write(path, lambda f: torch.save(obj, f), digest=True)
 
 
-def one_line(err: Exception, limit: int = 160) -> str:
-    """An exception's message as one short line: its first line or, under a header that ends in
-    ":" (as load_state_dict's "Error(s) in loading state_dict for ...:"), the first item listed;
-    a line longer than ``limit`` is cut after its last whole sentence that fits."""
+def one_line(err: Exception | str, limit: int = 160) -> str:
+    """An exception's message (or a message) as one short line: its first line or, under a header
+    that ends in ":" (as load_state_dict's "Error(s) in loading state_dict for ...:"), the first
+    item listed; a line longer than ``limit`` is cut after its last whole sentence that fits."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     if not lines:
         return type(err).__name__
@@ -1490,8 +1490,7 @@ def load_checkpoint(path: Path, kind: str, script: str, map_location="cpu",
         # weights_only's refusal opens with advice to load unsafely; its reason comes after it
         _, refused, reason = str(e).partition("WeightsUnpickler error:")
         why = (f"torch.load(weights_only=True) refuses it: "
-               f"{one_line(ValueError(reason.split('Check the documentation')[0]))}" if refused
-               else one_line(e))
+               f"{one_line(reason.split('Check the documentation')[0])}" if refused else one_line(e))
         raise CheckpointError(f"checkpoint {path} cannot be loaded safely ({why}); "
                               f"rerun `{run}`") from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
