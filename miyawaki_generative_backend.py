@@ -1257,10 +1257,10 @@ def plot_generation(true: np.ndarray, recon: np.ndarray, title: str, image_ids: 
     n = len(true)
     guess = identification_scores(recon, candidates).argmax(1)
     flat = lambda a: a.reshape(n, -1)  # noqa: E731
-    rows = [("true", true, None), ("recon", recon, pearson_rows(flat(recon), flat(true)))]
+    rows = [("true", true, None), ("recon\n(r: PixCorr)", recon, pearson_rows(flat(recon), flat(true)))]
     if np.isin(true, (0, 1)).all():           # figures: the binarised reconstruction too
         binary = (recon > 0.5).astype(np.float32)
-        rows.append(("binarised at 0.5", binary, pearson_rows(flat(binary), flat(true))))
+        rows.append(("binarised at 0.5\n(r: its PixCorr)", binary, pearson_rows(flat(binary), flat(true))))
     fig = Figure(figsize=(1.25 * n, 1.6 * len(rows) + 0.6))
     axes = fig.subplots(len(rows), n, squeeze=False, gridspec_kw={"hspace": 0.7})
     for r, (name, imgs, corr) in enumerate(rows):

@@ -312,6 +312,9 @@ def test_generation_figure_binarises_binary_images_only(sim):
         true, candidates = (offset + scale * a for a in (fold.test.images, fold.unique_images))
         fig = G.plot_generation(true, true[::-1].copy(), "title", ids, candidates, labels)
         assert len(fig.axes) == n_rows * len(true)
+        # each row of scores says what its r is
+        assert [fig.axes[r * len(true)].get_ylabel() for r in range(1, n_rows)] == [
+            "recon\n(r: PixCorr)", "binarised at 0.5\n(r: its PixCorr)"][:n_rows - 1]
 
 
 def test_checkpoint_round_trip_with_weights_only(tmp_path):
