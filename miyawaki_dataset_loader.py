@@ -319,6 +319,10 @@ def load_miyawaki(path: str | os.PathLike) -> MiyawakiData:
                             f"{number_text(stim.max())}]; expected 0/1 (or grey levels in [0, 1]) "
                             "or 0..255")
         scaled[part] = stim.max(initial=0) > 1    # 0..255 images, per key: the two may differ
+        if scaled[part] and stim.max() < 128:     # another range (e.g. 0..16) read as 0..255
+            print(f"note: {path}: stim{part} peaks at {number_text(stim.max())} and was read as "
+                  f"0..255, so its images are dark (at most {stim.max() / 255:.2f}); if the file "
+                  "uses another range, rescale it in the file to 0..255 or [0, 1]")
         parts[part] = (fmri.astype(np.float64), stim / 255.0 if scaled[part] else stim, labels)
     if parts["Trn"][0].shape[1] != parts["Test"][0].shape[1]:
         raise DataError(f"{path}: fmriTrn has {parts['Trn'][0].shape[1]} voxels but fmriTest has "

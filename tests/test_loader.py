@@ -541,6 +541,20 @@ def test_keys_on_two_scales_load_with_a_note(tmp_path, mat_arrays, write_mat, ca
     assert capsys.readouterr().out == ""
 
 
+def test_images_on_a_narrower_range_than_0_255_load_with_a_note(tmp_path, mat_arrays, write_mat, capsys):
+    """Digits stored 0..16 are read as 0..255 (all a file may say is its values) and load nearly
+    black: loading says so in one line per key (a review's file loaded without a word); a dim
+    0..255 key whose brightest pixel is 128 does not."""
+    dim = {**mat_arrays, "stimTrn": mat_arrays["stimTrn"] * 16.0, "stimTest": mat_arrays["stimTest"] * 16.0}
+    L.load_miyawaki(write_mat(tmp_path / "digits.mat", dim))
+    note = capsys.readouterr().out
+    assert "stimTrn peaks at 16 and was read as 0..255, so its images are dark (at most 0.06)" in note
+    assert "stimTest peaks at 16" in note and note.count("\n") == 2
+    L.load_miyawaki(write_mat(tmp_path / "dim.mat", {k: v * 128.0 if k.startswith("stim") else v
+                                                      for k, v in mat_arrays.items()}))
+    assert capsys.readouterr().out == ""
+
+
 def test_a_blank_image_loads_with_a_note(tmp_path, mat_arrays, write_mat, capsys):
     """A trial showing one grey level (a blank screen) is a valid trial, but every Pearson r with
     its image is undefined, which the protocol's scores count as 0: loading says so in one line
