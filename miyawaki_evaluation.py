@@ -874,7 +874,12 @@ def benchmark_markdown(result: dict) -> str:
               "Two-way pool: " + ("all trials (S3). The mean image scores below 0.5 here: it is the "
                                   "mean of the training images, which are the rivals, and the held-out "
                                   "image is not among them." if result["protocol"] == "s3" else
-                                  "the fold's test trials."), "",
+                                  "the fold's test trials."),
+              *([f"{METHOD_TITLES['ridge_snap']}: ridge's identification drawn as an image (the "
+                 f"candidate ridge ranks first, docs/BASELINES.md), not a reconstruction"
+                 + (": the candidates include the fold's held-out image, so wherever ridge "
+                    "identifies it the output is the true test image." if result["protocol"] == "s3"
+                    else ".")] if "ridge_snap" in result["methods"] else []), "",
               f"## Paired per-fold differences against ridge ({result['n_candidates']}-way top-1)", "",
               "| method | mean diff | wins | ties | losses |", "|---|---|---|---|---|"]
     for name, d in result["paired_vs_ridge_top1"].items():

@@ -96,6 +96,23 @@ def test_benchmark_markdown_says_when_knn_k_is_capped():
     result.update(config={**result["config"], "knn_k": 1000}, knn_voters=[95, 96, 95, 95, 96, 95])
     assert "(k=1000, capped at each fold's training trials: 95 vote)" in E.benchmark_markdown(result)
 
+
+@pytest.mark.parametrize("protocol", ["s2", "s3"])
+def test_benchmark_markdown_says_the_template_snap_is_an_identification(protocol):
+    """Ridge + template snap redraws the candidate ridge ranks first; S3's candidates hold the
+    held-out image, so there it shows the true test image wherever ridge identifies it (the
+    README called it a look-up of training images that cannot help on S3)."""
+    result = hand_made_benchmark()
+    result["protocol"] = protocol
+    assert "not a reconstruction" not in E.benchmark_markdown(result)       # no snap row, no note
+    result["methods"]["ridge_snap"] = result["methods"]["ridge"]
+    md = E.benchmark_markdown(result)
+    note = ("ridge + template snap: ridge's identification drawn as an image (the candidate ridge "
+            "ranks first, docs/BASELINES.md), not a reconstruction")
+    held_out = ": the candidates include the fold's held-out image, so wherever ridge identifies it"
+    assert note + (held_out if protocol == "s3" else ".\n") in md
+
+
 def test_every_row_of_every_benchmark_markdown_table_has_its_headers_cell_count():
     """A markdown table renders only when its separator row has as many cells as its header; a
     data row with fewer or more cells shifts its numbers under the wrong columns."""
