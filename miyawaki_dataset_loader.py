@@ -638,6 +638,17 @@ def rank_summary(ranks, k: int) -> dict:
             "mean_rank": mean_rank(ranks), "chance_mean_rank": chance["mean_rank"]}
 
 
+SCORE_PART_NAMES = {"embedding": "embeddings", "readout": "linear read-out", "encoding": "encoding model"}
+
+
+def score_parts_text(parts: dict) -> str:
+    """A result's ``score_parts`` ({part: {"top1", "weight"}}, the dual encoder's
+    ``score_part_summary``) as one phrase: "embeddings 0.60 (weight 0.1), linear read-out 0.87
+    (weight 0.9), encoding model 0.67 (weight 0)" (top-1 of each part alone)."""
+    return ", ".join(f"{SCORE_PART_NAMES[name]} {p['top1']:.2f} (weight {p['weight']:g})"
+                     for name, p in parts.items())
+
+
 def cosine_scores(queries: np.ndarray, items: np.ndarray) -> np.ndarray:
     """Cosine similarity of every row of queries ``N x D`` with every row of items ``M x D``."""
     q = np.asarray(queries, np.float64)
@@ -1606,6 +1617,9 @@ def write_summary(out: Path) -> Path:
     if lines[-2:] == header:
         lines[-2:] = ["No results yet: run `miyawaki_dual_encoder.py`, then `miyawaki_evaluation.py` "
                       "and `miyawaki_generative_backend.py` (`make run` runs all four scripts)."]
+    if m and m.get("score_parts"):        # (results written before it lack it)
+        lines += ["", "The identification score fuses the dual encoder's embeddings with two linear "
+                  f"parts; each part alone identifies: {score_parts_text(m['score_parts'])}."]
     if ev and ev["condition_accuracy"].get("note"):
         lines += ["", f"The condition from the embedding: {ev['condition_accuracy']['note']}."]
     if gen and gen.get("novelty_gate"):

@@ -44,7 +44,7 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, Ch
                                      check_same_data, config_dict, rerun_command, identification_ranks,
                                      load_checkpoint,
                                      one_cycle, one_line, parse_config, check_out_dir, prepare_out_dir,
-                                     rank_summary,
+                                     rank_summary, score_parts_text,
                                      resolve_data, resolve_device, run_cli, save_checkpoint, save_figure,
                                      ENCODER_CHECKPOINT_NAME as CHECKPOINT_NAME,
                                      fmri_batch, image_batch,
@@ -801,6 +801,17 @@ def identify(model: MiyawakiDualEncoder, fmri: torch.Tensor, candidates: torch.T
     return identification_ranks(model.score_candidates(fmri, candidates), true_ids)
 
 
+def score_part_summary(model: MiyawakiDualEncoder, fmri: torch.Tensor, candidates: torch.Tensor,
+                       true_ids: np.ndarray) -> dict:
+    """Each part of the identification score alone (``score_parts``) for fMRI ``N x V`` against
+    candidates ``K x 1 x 28 x 28`` -> {part: {"top1": its own top-1, "weight": its weight in the
+    score}}: what the networks and each linear part identify on their own (``score_parts_text``)."""
+    parts = model.score_parts(fmri, candidates)
+    weights = score_weights(model.config.readout_weight, model.config.encoding_weight)
+    return {name: {"top1": topk_accuracy(identification_ranks(parts[name], true_ids), 1), "weight": w}
+            for name, w in zip(SCORE_PARTS, weights)}
+
+
 def unseen_candidates(trials: Trials, candidates: np.ndarray | None) -> np.ndarray | None:
     """The candidate images ``K x 1 x 28 x 28`` that no trial of ``trials`` shows (a never-seen
     test image), which the read-out's image prior must not hold; None without candidates."""
@@ -1197,18 +1208,21 @@ def main(argv: list[str] | ScriptConfig | None = None) -> dict:
     model, history = train_dual_encoder(train, model_cfg, device, fold.unique_images)
     seconds = time.perf_counter() - t0
     test_x = torch.as_tensor(fold.test.fmri, device=device)
-    ranks = identify(model, test_x, torch.as_tensor(fold.unique_images, device=device),
-                     fold.test.image_ids)
+    candidates = torch.as_tensor(fold.unique_images, device=device)
+    ranks = identify(model, test_x, candidates, fold.test.image_ids)
     k = len(fold.unique_images)
     metrics = {"split": "s1", "seed": cfg.seed, "n_train": history["n_train"],
                "n_validation": history["n_validation"], "n_test": len(ranks),
-               **rank_summary(ranks, k), "noise_control": cfg.noise_control,
+               **rank_summary(ranks, k),
+               "score_parts": score_part_summary(model, test_x, candidates, fold.test.image_ids),
+               "noise_control": cfg.noise_control,
                "train_seconds": seconds, "bf16_autocast": uses_bf16(device, cfg.bf16)}
     print(f"S1 identification from fMRI only: top-1 {metrics['top1']:.2f} "
           f"(chance {chance_text(1 / k)}), "
           f"top-5 {metrics['top5']:.2f}, mean rank {metrics['mean_rank']:.1f} of {k}"
           f"{' [NOISE CONTROL]' if cfg.noise_control else ''} | {seconds:.1f} s on {device}"
           f"{', bfloat16' if metrics['bf16_autocast'] else ', float32'}")
+    print(f"  top-1 of each part of the score alone: {score_parts_text(metrics['score_parts'])}")
     config = config_dict(cfg)
     state = model.state_dict()
     checkpoint = {"kind": "dual_encoder", "format_version": CHECKPOINT_FORMAT,

@@ -45,6 +45,7 @@ from miyawaki_dataset_loader import (DECODER_NAMES, GRID, IMAGE_SIDE, MAX_SEED, 
                                      MeanImageBaseline, MiyawakiData, OptionError, RidgeBaseline,
                                      ScriptOptions, Trials, add_config_args, chance_levels, check_options,
                                      condition_accuracy, condition_name, config_dict, cosine_scores, evaluating,
+                                     score_parts_text,
                                      file_sha256, check_seeds, check_unused, chance_text, value_text,
                                      fmri_batch,
                                      fold_means, identification_ranks, identification_scores,
@@ -59,7 +60,7 @@ from miyawaki_dataset_loader import (DECODER_NAMES, GRID, IMAGE_SIDE, MAX_SEED, 
 from miyawaki_dual_encoder import (CHECKPOINT_NAME, MAX_LINEAR_WEIGHT, SCORE_GRID, DualEncoderConfig,
                                    NOISE_CONTROL_TITLE, EncodingReadout, MiyawakiDualEncoder, OracleWarning,
                                    ensemble_parts, fused_scores, inner_cv_scores, is_noise_control,
-                                   load_for_s1, score_settings,
+                                   load_for_s1, score_part_summary, score_settings,
                                    select_setting, setting_name, train_dual_encoder,
                                    train_dual_encoders, with_setting)
 
@@ -570,6 +571,7 @@ def print_checkpoint_summary(result: dict) -> None:
           f"(chance {ident['chance_top1']:.3f}), top-5 {ident['top5']:.3f} (chance "
           f"{chance_text(ident['chance_top5'])}), mean rank {ident['mean_rank']:.2f} (chance "
           f"{ident['chance_mean_rank']:.1f})")
+    print(f"  top-1 of each part of the score alone: {score_parts_text(ident['score_parts'])}")
     print(f"S1 image->fMRI ({ident['image_to_fmri_n_queries']} image(s) rank {n} test trial(s)): "
           f"top-1 {value_text(ident['image_to_fmri_top1'])} (chance "
           f"{value_text(ident['image_to_fmri_chance_top1'])}), mean rank "
@@ -610,7 +612,9 @@ def score_checkpoint(model: MiyawakiDualEncoder, fold: Fold, knn_k: int = 5, ora
     test, k = fold.test, len(fold.unique_images)
     ident = identification_summary(emb["scores"], test.image_ids)
     fmri_emb, cand_emb = te["correlation"], cand["image_correlation"]
-    embedding_only = identification_summary(cosine_scores(fmri_emb, cand_emb), test.image_ids)
+    device = next(model.parameters()).device
+    parts = score_part_summary(model, torch.as_tensor(test.fmri, device=device),
+                               torch.as_tensor(fold.unique_images, device=device), test.image_ids)
     reverse = image_to_fmri_summary(cand_emb, np.arange(k), fmri_emb, test.image_ids)
     n = len(test)
     r12 = retrieval_ranks(cosine_scores(fmri_emb, te_img["image_correlation"]), test.image_ids,
@@ -641,7 +645,7 @@ def score_checkpoint(model: MiyawakiDualEncoder, fold: Fold, knn_k: int = 5, ora
             "readout_weight": model.config.readout_weight,
             "readout_model": model.config.readout_model,
             "encoding_weight": model.config.encoding_weight,
-            "embedding_only_top1": embedding_only["top1"],
+            "score_parts": parts,   # each part's own top-1 and its weight in the score
             "score": "model.score_candidates: (1 - readout_weight - encoding_weight) z(cosine of the "
                      "fMRI-only and image embeddings) + readout_weight z(Pearson r of the linear "
                      "pixel read-out with each candidate) + encoding_weight z(Pearson r of the fMRI "
@@ -705,7 +709,7 @@ def evaluate_checkpoint(cfg: "EvaluationConfig") -> dict:
         "miyawaki_latent_space_tsne.png": plot_latent_space(
             xy[:n], test.labels, test.image_ids, xy[n:n + k], fold.unique_labels, xy[n + k:],
             fold.train.labels, title=f"{top}Joint t-SNE of fMRI-only and image embeddings\n(S1 test: the "
-                                     f"embeddings' top-1 {ident['embedding_only_top1']:.2f}, the "
+                                     f"embeddings' top-1 {ident['score_parts']['embedding']['top1']:.2f}, the "
                                      f"identification score's {ident['top1']:.2f}, chance "
                                      f"{chance_text(1 / k)})"),
         "miyawaki_similarity_matrix.png": plot_similarity_matrix(

@@ -193,6 +193,10 @@ def test_evaluation_end_to_end_from_fmri_only(trained):
     for key in ("fmri_latent", "correlation", "majority_rate"):
         assert key in saved["condition_accuracy"]
     assert (saved["split"], saved["n_test"], ident["n_candidates"]) == ("s1", 12, 20)
+    # what each part of the score identifies alone, as the dual encoder's JSON and summary.md say
+    assert json.loads((out / "miyawaki_dual_encoder.json").read_text())["score_parts"] == ident["score_parts"]
+    assert f"each part alone identifies: {L.score_parts_text(ident['score_parts'])}." in \
+        (out / "summary.md").read_text()
     assert ident["top1"] > 4 * ident["chance_top1"]     # 15 epochs, simulated SNR
     assert ident["mean_rank"] < 5
     assert saved["condition_accuracy"]["correlation"] > saved["condition_accuracy"]["majority_rate"]
@@ -200,7 +204,7 @@ def test_evaluation_end_to_end_from_fmri_only(trained):
     assert "uses the image" in saved["oracle"]["image_latent_condition_note"]
     assert saved["baselines_s1"]["ridge"]["top1"] >= 0.5
     # the t-SNE map shows the embeddings, so its title gives their own top-1 before the score's
-    assert f"embeddings' top-1 {ident['embedding_only_top1']:.2f}, the identification score's " \
+    assert f"embeddings' top-1 {ident['score_parts']['embedding']['top1']:.2f}, the identification score's " \
            f"{ident['top1']:.2f}" in tsne_title
     for name in ("latent_space_tsne", "similarity_matrix", "correlation_analysis"):
         assert (out / f"miyawaki_{name}.png").stat().st_size > 10_000
@@ -221,8 +225,9 @@ def test_score_checkpoint_gives_the_script_s_numbers_without_writing(trained, si
 
 @pytest.mark.xdist_group("evaluation_trained")   # shares a module fixture: one test process (make test)
 def test_checkpoint_evaluation_numbers_against_brute_force(trained, sim):
-    """The evaluation's embedding-only identification (fMRI embedding against each candidate's
-    image embedding), its retrieval among the test trials (each test fMRI embedding against the
+    """The evaluation's identification by each part of the score alone (the embeddings: fMRI
+    embedding against each candidate's image embedding; the read-out and the encoding model: the
+    score at weight 1), its retrieval among the test trials (each test fMRI embedding against the
     test trials' image embeddings) and the 4-way condition chance, recomputed by hand."""
     saved = json.loads((trained[0] / "miyawaki_evaluation.json").read_text())
     model, _ = D.MiyawakiDualEncoder.from_checkpoint(trained[0] / D.CHECKPOINT_NAME)
@@ -231,7 +236,13 @@ def test_checkpoint_evaluation_numbers_against_brute_force(trained, sim):
         fmri = model.encode_fmri(torch.as_tensor(test.fmri)).numpy()
         images, shown = (model.encode_image(torch.as_tensor(a)).numpy() for a in (cand, test.images))
     ids = test.image_ids
-    assert saved["identification"]["embedding_only_top1"] == np.mean((fmri @ images.T).argmax(1) == ids)
+    parts = saved["identification"]["score_parts"]
+    assert parts["embedding"]["top1"] == np.mean((fmri @ images.T).argmax(1) == ids)
+    for name, weights in (("readout", (1, 0)), ("encoding", (0, 1))):
+        alone = model.score_candidates(torch.as_tensor(test.fmri), torch.as_tensor(cand), *weights)
+        assert parts[name]["top1"] == np.mean(alone.argmax(1) == ids), name
+    a, b = model.config.readout_weight, model.config.encoding_weight
+    assert [p["weight"] for p in parts.values()] == pytest.approx([1 - a - b, a, b])
     assert saved["retrieval_test_trials"]["top1"] == np.mean(ids[(fmri @ shown.T).argmax(1)] == ids)
     assert saved["condition_accuracy"]["uniform_chance"] == 0.25
 
