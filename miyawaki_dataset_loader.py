@@ -52,6 +52,13 @@ GRID = 10  # the stimuli are 10 x 10 binary grids, upsampled 3x and cropped to 2
 CONDITION_NAMES = {1: "random", 2: "shapes", 3: "letters (thin)", 4: "letters (long)",
                    5: "letters (regular)"}
 DECODER_NAMES = {"diffusion": "diffusion decoder", "gan": "GAN decoder"}   # in tables and figures
+# the decoders' novelty gate on training trials with no image shown twice (e.g. a random-image
+# session), on the console and in summary.md; ANCHOR_ONLY_NOTE follows it at --anchor-blend 1
+UNCALIBRATED_GATE_NOTE = ("The decoders' novelty gate: no training image is shown twice, so it has "
+                          "no seen examples to be calibrated on and reads every test trial as new (g = 1)")
+ANCHOR_ONLY_NOTE = ("; at --anchor-blend 1 both decoders' output is then their linear anchor, "
+                    "stretched, on every test trial: the networks' samples are blended away (a lower "
+                    "--anchor-blend mixes them in).")
 SIM_RANDOM_IMAGES = 440  # Miyawaki's random-image session: 440 trials
 REQUIRED_KEYS = ("fmriTrn", "stimTrn", "labelTrn", "fmriTest", "stimTest", "labelTest")
 # the largest value a key may hold: its squares and sums stay finite in float32, and a label stays
@@ -1622,7 +1629,10 @@ def write_summary(out: Path) -> Path:
                   f"parts; each part alone identifies: {score_parts_text(m['score_parts'])}."]
     if ev and ev["condition_accuracy"].get("note"):
         lines += ["", f"The condition from the embedding: {ev['condition_accuracy']['note']}."]
-    if gen and gen.get("novelty_gate"):
+    if gen and gen.get("novelty_gate") and gen["novelty_gate"].get("calibrated") is False:
+        lines += ["", UNCALIBRATED_GATE_NOTE + (ANCHOR_ONLY_NOTE if gen["config"]["anchor_blend"] == 1
+                                                else ".")]
+    elif gen and gen.get("novelty_gate"):
         gate = np.asarray(gen["novelty_gate"]["per_trial"]) > 0.5
         lines += ["", f"The decoders' novelty gate read {int(gate.sum())} of {len(gate)} test "
                   "trials as new images (g > 0.5: their output leans on the linear anchor; g per trial "

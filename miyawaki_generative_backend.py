@@ -65,7 +65,8 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
-from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, DECODER_NAMES, IMAGE_SIDE, N_PIXELS,
+from miyawaki_dataset_loader import (ANCHOR_ONLY_NOTE, CHECKPOINT_FORMAT, DECODER_NAMES, IMAGE_SIDE,
+                                     N_PIXELS, UNCALIBRATED_GATE_NOTE,
                                      CheckpointError, DataError, Fold, OptionError,
                                      check_unused, chance_levels, chance_text, value_text,
                                      FromCheckpointHint, MeanImageBaseline, RidgeBaseline, condition_name,
@@ -1412,7 +1413,9 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
                     "the output leans on the anchor; near 0: the decoder's sample); new_image: the "
                     "truth it estimates, per test trial (its image is shown by no training trial)",
             "per_trial": gate.tolist(), "mean": float(gate.mean()),
-            "new_image": fold.unseen_test.tolist()},   # per trial: what the gate estimates
+            "new_image": fold.unseen_test.tolist(),    # per trial: what the gate estimates
+            # no training image shown twice: no "seen" examples to calibrate on, g = 1 everywhere
+            "calibrated": len(diffusion.readout.gate_images) > 0},
         "sampler": {"diffusion": {"sampler": cfg.sampler, "num_inference_steps": cfg.num_inference_steps,
                                   "guidance_scale": cfg.guidance_scale},
                     "gan": {"noise_dim": cfg.noise_dim}, "generator_seed": cfg.seed},
@@ -1463,6 +1466,8 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
               + (f"closer to the true image than to any training image {m['closer_than_train']:.2f} | "
                  if "closer_than_train" in m else "")
               + f"train {m['train_seconds']:.1f} s, {1000 * m['sample_seconds_per_image']:.1f} ms/image")
+    if gate is not None and not metrics["novelty_gate"]["calibrated"]:
+        print(UNCALIBRATED_GATE_NOTE + (ANCHOR_ONLY_NOTE if cfg.anchor_blend == 1 else "."))
     if cfg.oracle:
         print(f"{ORACLE_NOTE}: " + " | ".join(
             f"{DECODER_NAMES[name]} PixCorr {o['pixcorr']:.3f}, MSE {o['mse']:.4f}"

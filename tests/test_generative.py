@@ -461,10 +461,13 @@ def test_scripts_on_a_noise_control_checkpoint_fit_on_its_noise(tmp_path, monkey
     assert "the decoders with their anchor were fitted on the same noise" in (tmp_path / "summary.md").read_text()
 
 
-def test_script_reports_the_zero_shot_check_where_the_test_images_are_new(tmp_path, monkeypatch):
+def test_script_reports_the_zero_shot_check_where_the_test_images_are_new(tmp_path, monkeypatch, capsys):
     """On a file whose S1 test images are absent from training (a random-image session, here of
     60 patterns), the script reports docs/PROTOCOL.md's nearest-training-image check for each
-    decoder, as the S3 benchmark does; where every test image was seen it does not (test below)."""
+    decoder, as the S3 benchmark does; where every test image was seen it does not (test below).
+    No training image is shown twice, so the novelty gate is uncalibrated (g = 1) and at blend 1
+    both decoders output the same stretched anchor: the console and summary.md say so (a review's
+    digits file got two "decoders" that were the anchor, without a word)."""
     data = L.make_simulated_dataset(random_images=60)
     for module in (D, G):
         monkeypatch.setattr(module, "resolve_data", lambda arg: data)
@@ -482,6 +485,12 @@ def test_script_reports_the_zero_shot_check_where_the_test_images_are_new(tmp_pa
     for name in ("diffusion", "gan"):
         assert 0 <= saved[name]["closer_than_train"] <= 1
     assert saved["image_prior"]["n_excluded_images"] == 20    # the prior avoids the new figures
+    gate = saved["novelty_gate"]
+    assert gate["calibrated"] is False and gate["per_trial"] == [1.0] * 20
+    assert {k: v for k, v in saved["diffusion"].items() if "seconds" not in k} == \
+        {k: v for k, v in saved["gan"].items() if "seconds" not in k}          # the anchor, both
+    note = L.UNCALIBRATED_GATE_NOTE + L.ANCHOR_ONLY_NOTE
+    assert note in capsys.readouterr().out and note in (tmp_path / "summary.md").read_text()
 
 
 def test_script_end_to_end_on_simulated_data(tmp_path, capsys, monkeypatch):
@@ -513,6 +522,8 @@ def test_script_end_to_end_on_simulated_data(tmp_path, capsys, monkeypatch):
         assert saved[name]["mse"] == metrics[name]["mse"]
         assert {"mse", "pixcorr"} <= set(saved["oracle"][name]) and "ORACLE" in saved["oracle"]["note"]
         assert (tmp_path / f"miyawaki_{name}_generation.png").stat().st_size > 0
+    assert saved["novelty_gate"]["calibrated"] and "The decoders' novelty gate read" in \
+        (tmp_path / "summary.md").read_text()
     assert saved["seed"] == 3 and saved["config"]["diffusion_steps"] == 20
     assert saved["chance"] == L.chance_levels(20)
     gate = np.asarray(saved["novelty_gate"]["per_trial"])          # the decoders' P(new image)
