@@ -1196,8 +1196,10 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
             de, ridge = np.mean(values["dual_encoder"]["top1"][i]), values["ridge"]["top1"][i][0]
             bar.set_postfix(ridge=f"{ridge:.2f}", dual=f"{de:.2f}")
             if bar.disable:  # no live bar (not a terminal): one line per fold instead
+                elapsed = time.perf_counter() - t_start     # and what is left, at this pace
                 print(f"{folds[i][0]}: ridge top-1 {ridge:.3f} | dual encoder top-1 {de:.3f} (over "
-                      f"{len(cfg.seeds)} seed(s)) | {time.perf_counter() - t_start:.0f} s")
+                      f"{len(cfg.seeds)} seed(s)) | fold {i + 1} of {len(folds)}, {elapsed:.0f} s so "
+                      f"far, about {elapsed / (i + 1) * (len(folds) - i - 1):.0f} s to go")
 
     k = len(data.unique_images)
     methods = {m: {metric: {**aggregate(list(v.values()), first_trials[m, metric]),

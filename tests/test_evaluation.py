@@ -2,6 +2,7 @@
 run on the simulated set (dual encoder -> evaluation) and the benchmark's JSON schema."""
 
 import json
+import re
 import warnings
 from dataclasses import replace
 
@@ -411,8 +412,12 @@ def test_benchmark_s3_two_folds_writes_the_schema(tmp_path, capsys):
     (tmp_path / "benchmark_s3_reconstructions.png").write_bytes(b"an earlier --generative run's")
     result = E.main([*FAST, "--protocol", "s3", "--max-folds", "2", "--seeds", "0", "1",
                      "--epochs", "2", "--permutation-control", "--nested", "--out-dir", str(tmp_path)])
-    # the console's rows say what their ± is, as the markdown does
-    assert "Mean over folds; ± = SD over folds:\nmean image" in capsys.readouterr().out
+    # the console's rows say what their ± is, as the markdown does; without a live progress bar
+    # (not a terminal) a line per fold says how far the run is and how long the rest should take
+    out = capsys.readouterr().out
+    assert "Mean over folds; ± = SD over folds:\nmean image" in out
+    assert re.search(r"\| fold 1 of 2, \d+ s so far, about [1-9]\d* s to go\n", out)
+    assert re.search(r"\| fold 2 of 2, \d+ s so far, about 0 s to go\n", out)
     saved = json.loads((tmp_path / "benchmark_s3.json").read_text())
     assert saved["protocol"] == "s3" and saved["n_folds"] == 2 and saved["seeds"] == [0, 1]
     assert not set(E.CHECKPOINT_OPTIONS) & set(saved["config"]) and saved["config"]["seeds"] == [0, 1]
