@@ -906,7 +906,7 @@ def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.d
     steps_per_epoch = math.ceil(len(x) / bs)
     opt, sched = optimizer(model.parameters(), config, config.epochs * steps_per_epoch)
     history = {"train_loss": [], "val_loss": [], "val_top1": [], "n_train": len(tr_idx),
-               "n_validation": len(val_idx), **linear,
+               "n_validation": len(val_idx), "n_validation_asked": asked, **linear,
                **({"val_chance_loss": chance_loss(yv)} if len(val_idx) else {})}
     # disable=None: the bar switches itself off when stderr is not a terminal
     bar = tqdm(range(1, config.epochs + 1), desc="dual encoder", disable=None if progress else True,
@@ -1166,7 +1166,9 @@ def plot_training_curves(history: dict, chance: float, noise_control: bool = Fal
     title = (f"Validation: {history.get('n_validation', '?')} training trials held out, one each "
              f"of images shown at least 3 times (so seen in training); never test trials"
              if validation else f"Fitted on all {history.get('n_train', '?')} training trials, none "
-             f"held out\n(--val-fraction holds some out for validation curves)")
+             + (f"held out\n(--val-fraction asked for {history['n_validation_asked']}: no image is "
+                "shown the 3 times validation needs)" if history.get("n_validation_asked") else
+                "held out\n(--val-fraction holds some out for validation curves)"))
     if noise_control:
         title = NOISE_CONTROL_TITLE + title
     fig.suptitle(title, fontsize=9, color="firebrick" if noise_control else "black")

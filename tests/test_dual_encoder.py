@@ -634,6 +634,7 @@ def test_a_validation_share_it_cannot_hold_out_is_said(sim, capsys):
                                  fold.unique_images, progress=True)
     line = f"validation: {hist['n_validation']} trials held out, not the {round(0.5 * len(fold.train))}"
     assert hist["n_validation"] <= len(fold.unique_images) and line in capsys.readouterr().out
+    assert hist["n_validation_asked"] == round(0.5 * len(fold.train))     # for the figure's caption
 
 
 def test_public_methods_take_what_a_notebook_holds(sim):
@@ -692,14 +693,23 @@ def test_encoding_model_fits_a_file_of_one_voxel(sim):
 
 def test_training_curves_title_fits_the_figure_without_validation():
     """Without validation trials the figure is one panel wide, and its one-line caption was wider
-    than the figure: the tight save then widened it and left the plot beside a blank strip."""
+    than the figure: the tight save then widened it and left the plot beside a blank strip. Where
+    --val-fraction asked for trials that no image could give (each shown fewer than 3 times), the
+    caption says so (it advised --val-fraction to the user who had passed it)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    hist = {"train_loss": [3.0, 2.5], "val_loss": [], "val_top1": [], "n_train": 107,
-            "train_chance_loss": 3.5}
+    hist = {"train_loss": [3.0, 2.5], "val_loss": [], "val_top1": [], "n_train": 270,
+            "train_chance_loss": 3.5, "n_validation_asked": 27}
     fig = D.plot_training_curves(hist, 0.05)
     renderer = FigureCanvasAgg(fig).get_renderer()
     title = fig._suptitle.get_window_extent(renderer)
     assert title.x0 >= 0 and title.x1 <= fig.bbox.width
-    assert "Fitted on all 107 training trials" in fig.get_suptitle()
+    assert fig.get_suptitle() == ("Fitted on all 270 training trials, none held out\n(--val-fraction "
+                                  "asked for 27: no image is shown the 3 times validation needs)")
+    hist.update(n_train=107, n_validation_asked=0)
+    fig = D.plot_training_curves(hist, 0.05)
+    title = fig._suptitle.get_window_extent(FigureCanvasAgg(fig).get_renderer())
+    assert title.x0 >= 0 and title.x1 <= fig.bbox.width
+    assert fig.get_suptitle() == ("Fitted on all 107 training trials, none held out\n(--val-fraction "
+                                  "holds some out for validation curves)")
     # one dashed line (the training loss at uniform scores), and the panel's title speaks of one
     assert fig.axes[0].get_title() == "Contrastive loss (dashed: its value at uniform scores)"
