@@ -1700,11 +1700,25 @@ def panel_title(ax, text: str, **kwargs) -> None:
     ax.set_title(text, y=1.0, **kwargs)
 
 
+def shown_images(labels: np.ndarray, max_images: int) -> np.ndarray:
+    """Which of K images (conditions ``labels`` ``K``) a figure of at most ``max_images`` shows:
+    all of them, or the first image of each condition in turn, then the second, ..., so that
+    every condition is shown (a random-image session's 20 figures beside 20 of its patterns, a
+    digits file's ten digits) -> their indices, ascending."""
+    labels = np.asarray(labels)
+    if len(labels) <= max_images:
+        return np.arange(len(labels))
+    turn = np.zeros(len(labels), int)       # the place of each image among its condition's
+    for c in np.unique(labels):
+        turn[labels == c] = np.arange((labels == c).sum())
+    return np.sort(np.lexsort((labels, turn))[:max_images])
+
+
 def plot_unique_images(images: np.ndarray, labels: np.ndarray, counts: np.ndarray,
                        max_images: int = 40) -> Figure:
-    """The K unique stimuli (``K x 1 x 28 x 28``; the last ``max_images`` of them when there are
-    more, e.g. the figures of a random-image session), titled by condition and trial count."""
-    shown = range(max(0, len(images) - max_images), len(images))
+    """The K unique stimuli (``K x 1 x 28 x 28``; when there are more than ``max_images``, that
+    many spread over the conditions, ``shown_images``), titled by condition and trial count."""
+    shown = shown_images(labels, max_images)
     cols = 5
     rows = int(np.ceil(len(shown) / cols))
     fig = Figure(figsize=(2.0 * cols, 2.2 * rows))
@@ -1712,25 +1726,26 @@ def plot_unique_images(images: np.ndarray, labels: np.ndarray, counts: np.ndarra
         img = images[k]
         ax = fig.add_subplot(rows, cols, pos + 1)
         ax.imshow(img[0], cmap="gray", interpolation="nearest", vmin=0, vmax=1)
-        panel_title(ax, f"#{k} {condition_name(labels[k], labels)}\n{counts[k]} trials", fontsize=8)
+        panel_title(ax, f"#{k} {condition_name(labels[k], labels)}\n{counts[k]} trial"
+                        + "s" * bool(counts[k] != 1), fontsize=8)
         ax.axis("off")
-    fig.suptitle("Unique stimuli (upright)" + (f", the last {len(shown)} of {len(images)}"
-                                               if len(shown) < len(images) else ""))
+    fig.suptitle("Unique stimuli (upright)" + (f", {len(shown)} of {len(images)}, each condition's "
+                                               "first" if len(shown) < len(images) else ""))
     return fig
 
 
 def plot_fmri_correlation(fmri: np.ndarray, image_ids: np.ndarray, labels: np.ndarray,
                           max_images: int = 40, which: str = "trials") -> Figure:
     """Pearson correlation between the mean fMRI patterns of the K images, which are ordered by
-    condition (``labels`` ``K``; the last ``max_images`` of them when there are more, as in
-    ``plot_unique_images``), from fMRI ``N x V`` z-scored per voxel over its N trials (raw voxel
+    condition (``labels`` ``K``; when there are more than ``max_images``, that many spread over
+    the conditions, ``shown_images``, as in ``plot_unique_images``), from fMRI ``N x V`` z-scored per voxel over its N trials (raw voxel
     baselines would make every pair of patterns correlate). The diagonal, 1 by construction, shows
     each image's split-half reliability instead: the correlation r of the mean patterns of its odd
     and even trials, Spearman-Brown corrected (2r / (1 + r), for r > 0) to the mean of all its
     trials, which the other cells correlate (grey for an image shown once). ``which`` names the trials in the
     title."""
     fmri = standardize(fmri, *voxel_stats(fmri))
-    shown = np.arange(max(0, len(labels) - max_images), len(labels))
+    shown = shown_images(labels, max_images)
     means = np.stack([fmri[image_ids == k].mean(0) for k in shown])
     corr = pearson_matrix(means, means)
     for i, k in enumerate(shown):
@@ -1750,7 +1765,8 @@ def plot_fmri_correlation(fmri: np.ndarray, image_ids: np.ndarray, labels: np.nd
         ax.axvline(b + 0.5, color="k", lw=0.8)
     fig.colorbar(im, ax=ax, label="Pearson r (diagonal: split-half reliability)")
     fig.suptitle("Mean fMRI pattern correlation between images"
-                 + (f", the last {len(shown)} of {len(labels)} images" if shown[0] else "")
+                 + (f", {len(shown)} of {len(labels)} images, each condition's first"
+                    if len(shown) < len(labels) else "")
                  + f"\n({len(fmri)} {which}, each voxel z-scored over them;"
                  "\ndiagonal: split-half reliability, odd vs even trials, Spearman-Brown corrected;"
                  "\nlines separate the conditions"

@@ -91,17 +91,27 @@ def test_a_file_with_its_own_labels_keeps_them_in_summaries_and_titles(tmp_path,
     assert fig.axes[0].get_yticklabels()[0].get_text() == "#0 label 0"
 
 
-def test_fmri_correlation_figure_of_a_random_image_session_shows_its_last_40_images_by_name():
-    """A random-image session has 460 images: the figure shows the last 40 (20 random patterns and
-    the 20 figures), each named, and says so, rather than an unlabelled 460 x 460 matrix."""
+def test_data_figures_of_many_images_show_40_spread_over_the_conditions():
+    """A random-image session has 460 images: the figures show 40 (20 random patterns and the 20
+    figures), each named, and say so, rather than an unlabelled 460 x 460 matrix; a file of 300
+    digits shown once each shows each digit's first four (the last 40 were all 8s and 9s: a
+    generality review), and a panel of an image shown once says "1 trial"."""
     data = L.make_simulated_dataset(random_images=L.SIM_RANDOM_IMAGES)
     k = len(data.unique_images)
     fig = L.plot_fmri_correlation(data.trials.fmri, data.trials.image_ids, data.unique_labels)
     ax = fig.axes[0]
     ticks = [t.get_text() for t in ax.get_yticklabels()]
     assert ax.images[0].get_array().shape == (40, 40) and len(ticks) == 40
-    assert ticks[0] == f"#{k - 40} random" and ticks[-1] == f"#{k - 1} letters (regular)"
-    assert f"the last 40 of {k} images" in fig.get_suptitle()
+    assert ticks[:20] == [f"#{i} random" for i in range(20)] and ticks[20] == f"#{k - 20} shapes"
+    assert ticks[-1] == f"#{k - 1} letters (regular)"
+    assert f"40 of {k} images, each condition's first" in fig.get_suptitle()
+    digits = np.repeat(np.arange(10), 30)
+    assert np.array_equal(L.shown_images(digits, 40), (np.arange(10)[:, None] * 30 + np.arange(4)).ravel())
+    assert np.array_equal(L.shown_images(digits[:12], 40), np.arange(12))
+    fig = L.plot_unique_images(np.zeros((300, 1, 28, 28)), digits, np.ones(300, int))
+    assert [ax.get_title() for ax in fig.axes[:5]] == [f"#{i} label {0}\n1 trial" for i in range(4)] + [
+        "#30 label 1\n1 trial"]
+    assert fig.get_suptitle() == "Unique stimuli (upright), 40 of 300, each condition's first"
 
 
 def test_fmri_correlation_figure_z_scores_each_voxel(sim):
