@@ -1285,8 +1285,9 @@ class EvaluationConfig(ScriptOptions):
     epochs: int = field(default=DualEncoderConfig.epochs, metadata={"min": 1,
         "help": "benchmark: dual-encoder epochs per fit"})
     max_folds: int = field(default=0, metadata={"min": 0,
-        "help": "benchmark: only the first N folds, in the protocol's order, not a sample (S3's "
-                "first five hold out the five shapes; 0 = all)"})
+        "help": "benchmark: only the first N folds, in the protocol's order, not a sample (S3 "
+                "holds the images out in order of their condition: on the Miyawaki file its first "
+                "five are the five shapes; 0 = all)"})
     permutation_control: bool = field(default=False, metadata={
         "help": "benchmark: also train on fMRI rows shuffled against images, first seed only "
                 "(must be at chance)"})
