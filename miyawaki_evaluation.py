@@ -1089,8 +1089,8 @@ def gallery_title(protocol: str, seed: int, n_folds: int, n_available: int) -> s
     partial = f", {folds_text(n_folds, n_available)}" if n_folds < n_available else ""
     return (f"{protocol.upper()}: first test trial of each fold{partial}, "
             f"from fMRI only\n(decoders: seed {seed}; g, their novelty gate: near 1 their output is "
-            f"mostly the anchor)\nred, memorised? like #j: a never-seen image's reconstruction closer "
-            f"(PixCorr) to training image j than to the true one\nlast column: the training image "
+            f"mostly the anchor)\nred, closer to #j: a never-seen image's reconstruction closer "
+            f"(PixCorr) to training image j than to the true one (a network's: memorised?)\nlast column: the training image "
             f"closest to the true one (a look-up with the true image, not a decoder's output)")
 
 
@@ -1108,8 +1108,8 @@ GALLERY_TITLES = {"ridge": "ridge", "anchor": "anchor alone",
 def plot_gallery(galleries: list[dict], names: list[str], title: str) -> Figure:
     """One row per fold (``galleries`` from ``fold_gallery``, ``names`` their folds), one column
     per panel, PixCorr with the true image in each title (and the decoders' novelty gate g); a
-    reconstruction that fails the nearest-training-image check is marked "memorised? like #j" in
-    red, j the training image it is closer to."""
+    reconstruction that fails the nearest-training-image check is marked "closer to #j" in red, j
+    the training image it is closer to (a linear read-out's too, which memorises nothing)."""
     cols = list(galleries[0])
     lines = title.count("\n") + 1
     height = 1.55 * len(galleries) + 0.6 + 0.2 * lines
@@ -1126,7 +1126,7 @@ def plot_gallery(galleries: list[dict], names: list[str], title: str) -> Figure:
             panel_title(ax, (f"{GALLERY_TITLES.get(col, METHOD_TITLES.get(col, col))}\n" if r == 0 else "")
                         + f"r={corr:.2f}"
                         + (f" g={gate:.2f}" if gate is not None else "")
-                        + (f"\nmemorised? like #{like}" if like is not None else ""), fontsize=7,
+                        + (f"\ncloser to #{like}" if like is not None else ""), fontsize=7,
                         color="tab:red" if like is not None else "k")
         axes[r, 0].set_ylabel(name, fontsize=7)
     fig.suptitle(title, fontsize=9, y=1 - 0.1 / height, va="top")

@@ -574,7 +574,7 @@ def test_s3_gallery_marks_a_memorised_reconstruction_and_shows_the_gate(sim):
     np.testing.assert_array_equal(gallery["nearest training image"][0], nearest[0])
     fig = E.plot_gallery([gallery, gallery], ["a", "b"], "title")
     assert len(fig.axes) == 2 * len(gallery)
-    assert f"memorised? like #{copied}" in fig.axes[4].get_title() and "g=0.75" in fig.axes[3].get_title()
+    assert f"closer to #{copied}" in fig.axes[4].get_title() and "g=0.75" in fig.axes[3].get_title()
     # a seen image (S2) is a training image itself: its perfect reconstruction ties with it and
     # is no memorisation
     s2 = sim.fold(*L.splits("s2", sim)[0][1:])

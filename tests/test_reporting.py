@@ -370,14 +370,14 @@ def test_gallery_ridge_panel_is_ridges_reconstruction_of_the_first_test_trial(s1
 
 
 def test_gallery_figure_marks_only_memorised_reconstructions_in_red():
-    """Red titles with "memorised?" for a reconstruction that fails the nearest-training-image check
+    """Red titles with "closer to #j" for a reconstruction that fails the nearest-training-image check
     and for nothing else: not a reconstruction that passes it, not the true or nearest image."""
     img = np.full((1, 28, 28), 0.5)
     gallery = {"true": (img, 1.0, None, None), "ridge": (img, 0.31, None, None),
                "diffusion": (img, 0.52, None, 0.2), "gan": (img, 0.77, 0, 0.2),   # like image #0
                "nearest training image": (img, 0.8, None, None)}
     fig = E.plot_gallery([gallery], ["#0 shapes"], "title")
-    marked = {col: (title_color_is_red(ax), "memorised? like #0" in ax.get_title())
+    marked = {col: (title_color_is_red(ax), "closer to #0" in ax.get_title())
               for col, ax in zip(gallery, fig.axes)}
     assert marked == {"true": (False, False), "ridge": (False, False), "diffusion": (False, False),
                       "gan": (True, True), "nearest training image": (False, False)}
