@@ -1254,7 +1254,8 @@ def plot_generation(true: np.ndarray, recon: np.ndarray, title: str, image_ids: 
     reconstruction whose K-way identification (Pearson with the ``candidates``) misses is marked
     in red with the image it was taken for. true, recon ``N x 1 x 28 x 28`` in [0, 1]; image_ids
     ``N`` index the candidates ``K x 1 x 28 x 28``; gate ``N``: the decoders' novelty gate
-    (``novelty``), shown in each reconstruction's panel title."""
+    (``novelty``), shown in each reconstruction's panel title. More than ``GENERATION_COLUMNS``
+    trials wrap into blocks of that many columns, one under the other."""
     n = len(true)
     guess = identification_scores(recon, candidates).argmax(1)
     flat = lambda a: a.reshape(n, -1)  # noqa: E731
@@ -1262,11 +1263,17 @@ def plot_generation(true: np.ndarray, recon: np.ndarray, title: str, image_ids: 
     if np.isin(true, (0, 1)).all():           # figures: the binarised reconstruction too
         binary = (recon > 0.5).astype(np.float32)
         rows.append(("binarised at 0.5\n(r: its PixCorr)", binary, pearson_rows(flat(binary), flat(true))))
-    fig = Figure(figsize=(1.25 * n, 1.6 * len(rows) + 0.6))
-    axes = fig.subplots(len(rows), n, squeeze=False, gridspec_kw={"hspace": 0.7})
+    cols = min(n, GENERATION_COLUMNS)
+    blocks = math.ceil(n / cols)
+    height = 1.6 * len(rows) * blocks + 0.6
+    fig = Figure(figsize=(1.25 * cols, height))
+    axes = fig.subplots(len(rows) * blocks, cols, squeeze=False, gridspec_kw={"hspace": 0.7})
+    fig.subplots_adjust(top=1 - 0.65 / height)    # the title's room in inches, however many blocks
+    for ax in axes[-len(rows):, n - (blocks - 1) * cols:].ravel():   # the last block's empty places
+        fig.delaxes(ax)
     for r, (name, imgs, corr) in enumerate(rows):
         for i in range(n):
-            ax = axes[r, i]
+            ax = axes[i // cols * len(rows) + r, i % cols]
             ax.imshow(imgs[i, 0], cmap="gray", interpolation="nearest", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -1277,9 +1284,13 @@ def plot_generation(true: np.ndarray, recon: np.ndarray, title: str, image_ids: 
                 panel_title(ax, f"r={corr[i]:.2f}" + (f"\ng={gate[i]:.2f}" if r == 1 and gate is not None else "")
                             + (f"\nas #{guess[i]}" if wrong else ""), fontsize=7,
                             color="tab:red" if wrong else "k")
-        axes[r, 0].set_ylabel(name, fontsize=9)
+        for b in range(blocks):
+            axes[b * len(rows) + r, 0].set_ylabel(name, fontsize=9)
     fig.suptitle(title, fontsize=10)
     return fig
+
+
+GENERATION_COLUMNS = 12    # trials per row block of plot_generation (S1 of the Miyawaki file: one)
 
 
 def plot_sample_grid(samples: np.ndarray, title: str, names: list[str] | None = None,

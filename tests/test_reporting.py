@@ -429,6 +429,22 @@ def test_generation_figure_names_the_candidate_a_missed_reconstruction_was_taken
             assert not red and "as #" not in title, (i, title)
 
 
+def test_generation_figure_of_many_trials_wraps_into_blocks_of_12_columns():
+    """30 test trials (a generality review's digits file) made one row 4442 px wide: they wrap into
+    blocks of 12, 12 and 6 columns, each block with its row names, each trial in its own place."""
+    rng = np.random.default_rng(0)
+    candidates = rng.uniform(0, 1, (30, 1, 28, 28))
+    ids = np.arange(30)
+    fig = G.plot_generation(candidates, candidates.copy(), "title", ids, candidates, np.zeros(30, int))
+    assert len(fig.axes) == 2 * 30 and fig.get_figwidth() == pytest.approx(1.25 * 12)
+    grid = {ax.get_subplotspec().get_geometry()[2]: ax for ax in fig.axes}   # place in the 6 x 12 grid
+    for i in range(30):      # block i // 12: its row of true images, then its reconstructions
+        true_row = 2 * (i // 12)
+        assert grid[true_row * 12 + i % 12].get_title() == f"#{i} label 0", i
+        assert grid[(true_row + 1) * 12 + i % 12].get_title().startswith("r=1.00"), i
+    assert [grid[r * 12].get_ylabel() for r in range(6)] == ["true", "recon\n(r: PixCorr)"] * 3
+
+
 def test_a_panel_title_sits_where_matplotlib_would_place_it():
     """panel_title fixes the title's y (to skip matplotlib's placement at every draw): the saved
     figure is the same, pixel for pixel, as with the automatic placement."""
