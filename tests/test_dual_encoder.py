@@ -713,3 +713,69 @@ def test_training_curves_title_fits_the_figure_without_validation():
                                   "holds some out for validation curves)")
     # one dashed line (the training loss at uniform scores), and the panel's title speaks of one
     assert fig.axes[0].get_title() == "Contrastive loss (dashed: its value at uniform scores)"
+
+
+# --------------------------------------------------------------------------- formulas (mutation round 7)
+def test_mixup_mixes_a_pair_s_fmri_and_image_with_the_same_weight():
+    """A mixed trial's fMRI and image are one convex mix of the same two trials: with trial i's
+    fMRI and image both the constant i, every mixed pair holds a single value on both sides (the
+    weight applied to the other image of the pair passed every test)."""
+    torch.manual_seed(0)                                  # mixup's Beta weights: torch's stream
+    x = torch.arange(6.0)[:, None].repeat(1, 4)
+    y = torch.arange(6.0)[:, None, None, None].repeat(1, 1, 28, 28)
+    xm, ym = mixup(x, y, 50, 0.4, torch.Generator().manual_seed(0))
+    value = xm[:, :1]
+    assert torch.allclose(xm, value.expand_as(xm))
+    assert torch.allclose(ym.flatten(1), value.expand(-1, 784), atol=1e-5)
+    assert not torch.allclose(value, value.round())       # weights strictly between 0 and 1 occur
+
+
+def test_the_optimiser_is_adamw_on_a_one_cycle_over_every_step(sim, monkeypatch):
+    """AdamW with the config's (decoupled) weight decay, its one-cycle schedule over epochs x steps
+    per epoch, mini-batches included (a schedule over the epochs alone crashed a --batch-size run;
+    Adam's L2 decay instead of AdamW's passed every test)."""
+    seen, one_cycle = {}, D.one_cycle
+    monkeypatch.setattr(D, "one_cycle", lambda opt, lr, total: seen.update(opt=opt, total=total)
+                        or one_cycle(opt, lr, total))
+    train = sim.s1().train
+    cfg = replace(FAST, epochs=2, batch_size=16, mixup=4)
+    train_dual_encoder(train, cfg, "cpu", progress=False)
+    assert seen["total"] == 2 * math.ceil(len(train) / 16)
+    assert type(seen["opt"]) is torch.optim.AdamW and cfg.weight_decay > 0
+    assert seen["opt"].defaults["weight_decay"] == cfg.weight_decay
+
+
+def test_the_fmri_encoder_is_its_mlp_plus_its_linear_skip():
+    """encoder(x) = mlp(x) + skip(x) (dropping the skip was caught only by chance, by a precision
+    test that happened to probe the skip's weight)."""
+    enc = D.FMRIEncoder(12, latent_dim=8, hidden=(16,)).eval()
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        assert torch.allclose(enc(x), enc.mlp(x) + enc.skip(x))
+        assert not torch.allclose(enc(x), enc.mlp(x))
+
+
+def test_image_prior_pastes_boxes_into_image_and_anchor_alike_at_rate_mix():
+    """With probability ``mix`` a box of a second pair is pasted into a sample, into its image and
+    its anchor alike: with constant images (no transform changes them) a pasted sample is the one
+    holding two values, and an anchor of half the image stays half of it (the anchor's box taken
+    from the pasted image, or pasting at 1 - mix, passed every test)."""
+    images = (torch.arange(1.0, 11.0) / 10)[:, None, None, None].repeat(1, 1, 28, 28)  # 10 values
+    gen = torch.Generator().manual_seed(0)
+    new, anchor, _ = D.image_prior(images, 0.5 * images, gen, 4096, 0, 0.25)
+    assert torch.equal(anchor, 0.5 * new)
+    two_values = (new.flatten(1).amax(1) > new.flatten(1).amin(1)).float().mean()
+    assert abs(float(two_values) - 0.25 * 0.9) < 0.03        # a paste of the same image shows nothing
+
+
+def test_random_boxes_span_7_to_21_px_anywhere_in_the_image():
+    """Sides uniform in 7..21 px, every box inside the 28 x 28 image, and every row and column
+    reachable (a start range one short never reached the last row and column)."""
+    boxes = D.random_boxes(20000, torch.Generator().manual_seed(0), torch.device("cpu"))[:, 0].bool()
+    rows, cols = boxes.any(2), boxes.any(1)                    # N x 28 each
+    for covered in (rows, cols):
+        side = covered.sum(1)
+        assert side.min() == 7 and side.max() == 21
+        assert covered.any(0).all()                            # rows 0 .. 27 all reached
+    # one box each: its covered rows are contiguous
+    assert ((rows[:, 1:].int() - rows[:, :-1].int()) == 1).sum(1).le(1).all()

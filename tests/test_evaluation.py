@@ -470,6 +470,26 @@ def test_benchmark_s3_two_folds_writes_the_schema(tmp_path, capsys):
     assert "top-1 by PixCorr again" in md
 
 
+def test_identification_metrics_per_trial_against_their_ranks(sim):
+    """The benchmark's per-trial rank, top-1, top-5 and condition of the top-1 image, from scores
+    that put each test trial's true image at a chosen rank (1 .. 7; top-5 counting rank 5 in
+    was checked nowhere: `< 5` passed every test)."""
+    fold = sim.s1()
+    n, k = len(fold.test), len(fold.unique_images)
+    ranks = np.arange(n) % 7 + 1
+    scores = np.zeros((n, k))
+    for i, (true, rank) in enumerate(zip(fold.test.image_ids, ranks)):
+        others = [c for c in range(k) if c != true]
+        order = others[:rank - 1] + [true] + others[rank - 1:]        # best first
+        scores[i, order] = np.arange(k, 0, -1)
+    m = E.identification_metrics(scores, fold)
+    assert np.array_equal(m["rank"], ranks)
+    assert np.array_equal(m["top1"], (ranks == 1).astype(float))
+    assert np.array_equal(m["top5"], (ranks <= 5).astype(float)) and m["top5"].sum() > m["top1"].sum()
+    top_image = scores.argmax(1)
+    assert np.array_equal(m["condition_top1"], (fold.unique_labels[top_image] == fold.test.labels).astype(float))
+
+
 def test_benchmark_workers_give_the_same_numbers_as_one_process(tmp_path, monkeypatch):
     """Folds run in 2 processes (1 thread each) match one process with 1 thread, fold by fold."""
     args = [*FAST, "--protocol", "s3", "--max-folds", "3", "--seeds", "0", "--epochs", "3",

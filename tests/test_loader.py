@@ -660,6 +660,30 @@ def test_seed_everything_asks_for_deterministic_kernels_where_cuda_is(monkeypatc
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
+def test_seed_everything_seeds_python_numpy_and_torch_with_the_seed():
+    """After seed_everything(s) each global stream draws what a fresh generator seeded with s
+    draws (torch seeded with a constant passed every test: each fit's own generator still made
+    seeds differ)."""
+    import random
+    for seed in (0, 7):
+        L.seed_everything(seed)
+        assert torch.equal(torch.rand(3), torch.rand(3, generator=torch.Generator().manual_seed(seed)))
+        assert np.array_equal(np.random.rand(3), np.random.RandomState(seed).rand(3))
+        assert random.random() == random.Random(seed).random()
+
+
+def test_simulated_snr_is_signal_over_noise_variance():
+    """``snr`` divides the noise variance, not its SD: with the same seed (the same signal, noise
+    draws and baselines) the within-image variance at snr 1.5 is 4 / 1.5 times that at snr 4 (the
+    SD divided by snr, not its square root, passed every test: they check margins only)."""
+    def within(snr):
+        t = L.make_simulated_dataset(snr=snr).trials
+        f = t.fmri.astype(np.float64)
+        return sum(((f[t.image_ids == k] - f[t.image_ids == k].mean(0)) ** 2).sum()
+                   for k in np.unique(t.image_ids))
+    assert within(1.5) / within(4.0) == pytest.approx(4 / 1.5, rel=1e-4)
+
+
 def test_data_objects_show_as_one_line_in_a_notebook(sim):
     """A notebook displaying the data, a fold or its trials sees their sizes on one line (the
     dataclasses' default repr printed every array in full)."""
