@@ -52,13 +52,8 @@ GRID = 10  # the stimuli are 10 x 10 binary grids, upsampled 3x and cropped to 2
 CONDITION_NAMES = {1: "random", 2: "shapes", 3: "letters (thin)", 4: "letters (long)",
                    5: "letters (regular)"}
 DECODER_NAMES = {"diffusion": "diffusion decoder", "gan": "GAN decoder"}   # in tables and figures
-# the decoders' novelty gate on training trials with no image shown twice (e.g. a random-image
-# session), on the console and in summary.md; ANCHOR_ONLY_NOTE follows it at --anchor-blend 1
-UNCALIBRATED_GATE_NOTE = ("The decoders' novelty gate: no training image is shown twice, so it has "
-                          "no seen examples to be calibrated on and reads every test trial as new (g = 1)")
-ANCHOR_ONLY_NOTE = ("; at --anchor-blend 1 both decoders' output is then their linear anchor, "
-                    "stretched, on every test trial: the networks' samples are blended away (a lower "
-                    "--anchor-blend mixes them in).")
+# the parts of the dual encoder's identification score (its SCORE_PARTS) and their names in text
+SCORE_PART_NAMES = {"embedding": "embeddings", "readout": "linear read-out", "encoding": "encoding model"}
 SIM_RANDOM_IMAGES = 440  # Miyawaki's random-image session: 440 trials
 REQUIRED_KEYS = ("fmriTrn", "stimTrn", "labelTrn", "fmriTest", "stimTest", "labelTest")
 # the largest value a key may hold: its squares and sums stay finite in float32, and a label stays
@@ -645,7 +640,20 @@ def rank_summary(ranks, k: int) -> dict:
             "mean_rank": mean_rank(ranks), "chance_mean_rank": chance["mean_rank"]}
 
 
-SCORE_PART_NAMES = {"embedding": "embeddings", "readout": "linear read-out", "encoding": "encoding model"}
+def uncalibrated_gate_note(anchor_blend: float, output_stretch: bool) -> str:
+    """What the decoders output where their training trials show no image twice (e.g. a
+    random-image session): their novelty gate has no seen examples to be calibrated on and reads
+    every test trial as new (g = 1), so at ``anchor_blend`` 1 the output is their anchor (clipped,
+    and contrast-stretched with ``output_stretch``); one sentence, on the console and in
+    summary.md."""
+    text = ("The decoders' novelty gate: no training image is shown twice, so it has no seen "
+            "examples to be calibrated on and reads every test trial as new (g = 1)")
+    if anchor_blend != 1:
+        return text + "."
+    return (text + "; at --anchor-blend 1 both decoders' output is then their linear anchor, "
+            + ("clipped and contrast-stretched" if output_stretch else "clipped")
+            + ", on every test trial: the networks' samples are blended away (a lower "
+            "--anchor-blend mixes them in).")
 
 
 def score_parts_text(parts: dict) -> str:
@@ -1625,13 +1633,12 @@ def write_summary(out: Path) -> Path:
         lines[-2:] = ["No results yet: run `miyawaki_dual_encoder.py`, then `miyawaki_evaluation.py` "
                       "and `miyawaki_generative_backend.py` (`make run` runs all four scripts)."]
     if m and m.get("score_parts"):        # (results written before it lack it)
-        lines += ["", "The identification score fuses the dual encoder's embeddings with two linear "
-                  f"parts; each part alone identifies: {score_parts_text(m['score_parts'])}."]
+        lines += ["", "The identification score is a weighted sum of three parts (their weights "
+                  f"below); each part alone identifies: {score_parts_text(m['score_parts'])}."]
     if ev and ev["condition_accuracy"].get("note"):
         lines += ["", f"The condition from the embedding: {ev['condition_accuracy']['note']}."]
     if gen and gen.get("novelty_gate") and gen["novelty_gate"].get("calibrated") is False:
-        lines += ["", UNCALIBRATED_GATE_NOTE + (ANCHOR_ONLY_NOTE if gen["config"]["anchor_blend"] == 1
-                                                else ".")]
+        lines += ["", uncalibrated_gate_note(gen["config"]["anchor_blend"], gen["config"]["output_stretch"])]
     elif gen and gen.get("novelty_gate"):
         gate = np.asarray(gen["novelty_gate"]["per_trial"]) > 0.5
         lines += ["", f"The decoders' novelty gate read {int(gate.sum())} of {len(gate)} test "
@@ -1738,8 +1745,8 @@ def plot_fmri_correlation(fmri: np.ndarray, image_ids: np.ndarray, labels: np.nd
                           max_images: int = 40, which: str = "trials") -> Figure:
     """Pearson correlation between the mean fMRI patterns of the K images, which are ordered by
     condition (``labels`` ``K``; when there are more than ``max_images``, that many spread over
-    the conditions, ``shown_images``, as in ``plot_unique_images``), from fMRI ``N x V`` z-scored per voxel over its N trials (raw voxel
-    baselines would make every pair of patterns correlate). The diagonal, 1 by construction, shows
+    the conditions, ``shown_images``, as in ``plot_unique_images``), from fMRI ``N x V`` z-scored
+    per voxel over its N trials (raw voxel baselines would make every pair of patterns correlate). The diagonal, 1 by construction, shows
     each image's split-half reliability instead: the correlation r of the mean patterns of its odd
     and even trials, Spearman-Brown corrected (2r / (1 + r), for r > 0) to the mean of all its
     trials, which the other cells correlate (grey for an image shown once). ``which`` names the trials in the

@@ -44,7 +44,7 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, IMAGE_SIDE, N_PIXELS, Ch
                                      check_same_data, config_dict, rerun_command, identification_ranks,
                                      load_checkpoint,
                                      one_cycle, one_line, parse_config, check_out_dir, prepare_out_dir,
-                                     rank_summary, score_parts_text,
+                                     rank_summary, score_parts_text, SCORE_PART_NAMES,
                                      resolve_data, resolve_device, run_cli, save_checkpoint, save_figure,
                                      ENCODER_CHECKPOINT_NAME as CHECKPOINT_NAME,
                                      fmri_batch, image_batch,
@@ -483,7 +483,7 @@ def posterior_weights(fmri: np.ndarray, images: np.ndarray, seed: int = 0,
 
 
 # --------------------------------------------------------------------------- identification score
-SCORE_PARTS = ("embedding", "readout", "encoding")
+SCORE_PARTS = tuple(SCORE_PART_NAMES)      # ("embedding", "readout", "encoding")
 SCORE_WEIGHTS = ("readout_weight", "encoding_weight")   # the config fields that weight the last two
 
 
@@ -875,8 +875,8 @@ def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.d
     candidates ``K x 1 x 28 x 28``: the images validation identification ranks against (default:
     the training images); those no training trial shows are kept out of the read-out's image
     prior (``fit_linear_parts``). Returns (model in eval mode, history): per-epoch lists
-    ``train_loss``, ``val_loss``, ``val_top1``, the trial counts ``n_train`` (fitted on) and
-    ``n_validation``, and each loss's value at uniform scores (``train_chance_loss``,
+    ``train_loss``, ``val_loss``, ``val_top1``, the trial counts ``n_train`` (fitted on),
+    ``n_validation`` and ``n_validation_asked`` (``val_fraction``'s share), and each loss's value at uniform scores (``train_chance_loss``,
     ``val_chance_loss``: the training batches' rows and columns include mixup's, so the two losses
     are read against their own chance, not against each other). A setting out of its option's
     range (``check_options``) is an OptionError before any work, as on the command line."""

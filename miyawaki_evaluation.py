@@ -523,7 +523,8 @@ def plot_correlation_analysis(sim, true_ids, title="", score_label="cosine simil
             title=f"Identification rank\ntop-1 {np.mean(ranks == 1):.2f}, top-5 "
                   f"{np.mean(ranks <= 5):.2f} (chance {chance_text(1 / k)} / "
                   f"{chance_text(min(5, k) / k)})")
-    ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000) if t < k] + [k]
+    # round ranks up to K, K itself, and none close under it (labels 20 and 22 ran together)
+    ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000) if 1.3 * t <= k] + [k]
     ax2.set_yticks(ticks, [str(t) for t in ticks])
     ax2.yaxis.set_minor_locator(NullLocator())
     handles, _ = ax2.get_legend_handles_labels()
@@ -887,9 +888,10 @@ def benchmark_markdown(result: dict) -> str:
                                   "the fold's test trials."),
               *([f"{METHOD_TITLES['ridge_snap']}: ridge's identification drawn as an image (the "
                  f"candidate ridge ranks first, docs/BASELINES.md), not a reconstruction"
-                 + (": the candidates include the fold's held-out image, so wherever ridge "
-                    "identifies it the output is the true test image." if result["protocol"] == "s3"
-                    else ".")] if "ridge_snap" in result["methods"] else []), "",
+                 + (": the candidates include every test image its fold never trained on (S3's "
+                    "held-out image), so wherever ridge identifies one the output is the true test "
+                    "image." if result["n_unseen_test_trials"] else ".")]
+                if "ridge_snap" in result["methods"] else []), "",
               f"## Paired per-fold differences against ridge ({result['n_candidates']}-way top-1)", "",
               "| method | mean diff | wins | ties | losses |", "|---|---|---|---|---|"]
     for name, d in result["paired_vs_ridge_top1"].items():
@@ -1090,8 +1092,8 @@ def gallery_title(protocol: str, seed: int, n_folds: int, n_available: int) -> s
     return (f"{protocol.upper()}: first test trial of each fold{partial}, "
             f"from fMRI only\n(decoders: seed {seed}; g, their novelty gate: near 1 their output is "
             f"mostly the anchor)\nred, closer to #j: a never-seen image's reconstruction closer "
-            f"(PixCorr) to training image j than to the true one (a network's: memorised?)\nlast column: the training image "
-            f"closest to the true one (a look-up with the true image, not a decoder's output)")
+            f"(PixCorr) to training image j than to the true one (a network's: memorised?)\nlast "
+            f"column: the training image closest to the true one (a look-up with the true image, not a decoder's output)")
 
 
 def folds_text(n_folds: int, n_available: int) -> str:
@@ -1202,10 +1204,11 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
             de, ridge = np.mean(values["dual_encoder"]["top1"][i]), values["ridge"]["top1"][i][0]
             bar.set_postfix(ridge=f"{ridge:.2f}", dual=f"{de:.2f}")
             if bar.disable:  # no live bar (not a terminal): one line per fold instead
-                elapsed = time.perf_counter() - t_start     # and what is left, at this pace
+                # and what is left at this pace (the first n_workers folds run side by side)
+                elapsed = time.perf_counter() - t_start
                 print(f"{folds[i][0]}: ridge top-1 {ridge:.3f} | dual encoder top-1 {de:.3f} (over "
                       f"{len(cfg.seeds)} seed(s)) | fold {i + 1} of {len(folds)}, {elapsed:.0f} s so "
-                      f"far, about {elapsed / (i + 1) * (len(folds) - i - 1):.0f} s to go")
+                      f"far, about {elapsed / max(i + 1, n_workers) * (len(folds) - i - 1):.0f} s to go")
 
     k = len(data.unique_images)
     methods = {m: {metric: {**aggregate(list(v.values()), first_trials[m, metric]),

@@ -65,8 +65,8 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
-from miyawaki_dataset_loader import (ANCHOR_ONLY_NOTE, CHECKPOINT_FORMAT, DECODER_NAMES, IMAGE_SIDE,
-                                     N_PIXELS, UNCALIBRATED_GATE_NOTE,
+from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, DECODER_NAMES, IMAGE_SIDE, N_PIXELS,
+                                     uncalibrated_gate_note,
                                      CheckpointError, DataError, Fold, OptionError,
                                      check_unused, chance_levels, chance_text, value_text,
                                      FromCheckpointHint, MeanImageBaseline, RidgeBaseline, condition_name,
@@ -87,6 +87,7 @@ from miyawaki_dual_encoder import (CHECKPOINT_NAME as ENCODER_CHECKPOINT_NAME, S
 CHECKPOINT_KIND = "generative_backends"
 CHECKPOINT_NAME = "miyawaki_generative_backends.pth"
 FIGURE = "miyawaki_{}_generation.png"            # each decoder's S1 reconstructions
+GENERATION_COLUMNS = 12    # trials per row block of those figures (S1 of the Miyawaki file: one)
 SCRIPT = "miyawaki_generative_backend.py"
 
 
@@ -1265,10 +1266,12 @@ def plot_generation(true: np.ndarray, recon: np.ndarray, title: str, image_ids: 
         rows.append(("binarised at 0.5\n(r: its PixCorr)", binary, pearson_rows(flat(binary), flat(true))))
     cols = min(n, GENERATION_COLUMNS)
     blocks = math.ceil(n / cols)
-    height = 1.6 * len(rows) * blocks + 0.6
+    lines = title.count("\n") + 1
+    height = 1.6 * len(rows) * blocks + 0.4 + 0.2 * lines
     fig = Figure(figsize=(1.25 * cols, height))
     axes = fig.subplots(len(rows) * blocks, cols, squeeze=False, gridspec_kw={"hspace": 0.7})
-    fig.subplots_adjust(top=1 - 0.65 / height)    # the title's room in inches, however many blocks
+    # the title's room in inches, for each of its lines, however many blocks
+    fig.subplots_adjust(top=1 - (0.45 + 0.2 * lines) / height)
     for ax in axes[-len(rows):, n - (blocks - 1) * cols:].ravel():   # the last block's empty places
         fig.delaxes(ax)
     for r, (name, imgs, corr) in enumerate(rows):
@@ -1286,11 +1289,8 @@ def plot_generation(true: np.ndarray, recon: np.ndarray, title: str, image_ids: 
                             color="tab:red" if wrong else "k")
         for b in range(blocks):
             axes[b * len(rows) + r, 0].set_ylabel(name, fontsize=9)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, y=1 - 0.1 / height, va="top")
     return fig
-
-
-GENERATION_COLUMNS = 12    # trials per row block of plot_generation (S1 of the Miyawaki file: one)
 
 
 def plot_sample_grid(samples: np.ndarray, title: str, names: list[str] | None = None,
@@ -1478,7 +1478,7 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
                  if "closer_than_train" in m else "")
               + f"train {m['train_seconds']:.1f} s, {1000 * m['sample_seconds_per_image']:.1f} ms/image")
     if gate is not None and not metrics["novelty_gate"]["calibrated"]:
-        print(UNCALIBRATED_GATE_NOTE + (ANCHOR_ONLY_NOTE if cfg.anchor_blend == 1 else "."))
+        print(uncalibrated_gate_note(cfg.anchor_blend, cfg.output_stretch))
     if cfg.oracle:
         print(f"{ORACLE_NOTE}: " + " | ".join(
             f"{DECODER_NAMES[name]} PixCorr {o['pixcorr']:.3f}, MSE {o['mse']:.4f}"

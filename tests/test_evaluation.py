@@ -487,7 +487,8 @@ def test_identification_metrics_per_trial_against_their_ranks(sim):
     assert np.array_equal(m["top1"], (ranks == 1).astype(float))
     assert np.array_equal(m["top5"], (ranks <= 5).astype(float)) and m["top5"].sum() > m["top1"].sum()
     top_image = scores.argmax(1)
-    assert np.array_equal(m["condition_top1"], (fold.unique_labels[top_image] == fold.test.labels).astype(float))
+    same = fold.unique_labels[top_image] == fold.test.labels
+    assert np.array_equal(m["condition_top1"], same.astype(float))
 
 
 def test_benchmark_workers_give_the_same_numbers_as_one_process(tmp_path, monkeypatch):

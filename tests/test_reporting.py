@@ -97,20 +97,21 @@ def test_benchmark_markdown_says_when_knn_k_is_capped():
     assert "(k=1000, capped at each fold's training trials: 95 vote)" in E.benchmark_markdown(result)
 
 
-@pytest.mark.parametrize("protocol", ["s2", "s3"])
-def test_benchmark_markdown_says_the_template_snap_is_an_identification(protocol):
-    """Ridge + template snap redraws the candidate ridge ranks first; S3's candidates hold the
-    held-out image, so there it shows the true test image wherever ridge identifies it (the
-    README called it a look-up of training images that cannot help on S3)."""
+@pytest.mark.parametrize("protocol, unseen", [("s2", 0), ("s2", 3), ("s3", 119)])
+def test_benchmark_markdown_says_the_template_snap_is_an_identification(protocol, unseen):
+    """Ridge + template snap redraws the candidate ridge ranks first; the candidates hold every
+    test image (S3's held-out one, an S2 image shown once), so where a fold never trained on its
+    test image the snap shows the true test image wherever ridge identifies it (the README called
+    it a look-up of training images that cannot help on S3)."""
     result = hand_made_benchmark()
-    result["protocol"] = protocol
+    result.update(protocol=protocol, n_unseen_test_trials=unseen)
     assert "not a reconstruction" not in E.benchmark_markdown(result)       # no snap row, no note
     result["methods"]["ridge_snap"] = result["methods"]["ridge"]
     md = E.benchmark_markdown(result)
     note = ("ridge + template snap: ridge's identification drawn as an image (the candidate ridge "
             "ranks first, docs/BASELINES.md), not a reconstruction")
-    held_out = ": the candidates include the fold's held-out image, so wherever ridge identifies it"
-    assert note + (held_out if protocol == "s3" else ".\n") in md
+    unseen_note = ": the candidates include every test image its fold never trained on"
+    assert note + (unseen_note if unseen else ".\n") in md
 
 
 def test_every_row_of_every_benchmark_markdown_table_has_its_headers_cell_count():
@@ -443,6 +444,14 @@ def test_generation_figure_of_many_trials_wraps_into_blocks_of_12_columns():
         assert grid[true_row * 12 + i % 12].get_title() == f"#{i} label 0", i
         assert grid[(true_row + 1) * 12 + i % 12].get_title().startswith("r=1.00"), i
     assert [grid[r * 12].get_ylabel() for r in range(6)] == ["true", "recon\n(r: PixCorr)"] * 3
+    # a title of two lines (a noise control's) keeps clear of the panels' titles, however tall
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    for n in (12, 30):
+        fig = G.plot_generation(candidates[:n], candidates[:n], "NOISE CONTROL\ntitle", ids[:n],
+                                candidates, np.zeros(30, int))
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        panels = max(ax.title.get_window_extent(renderer).y1 for ax in fig.axes)
+        assert fig._suptitle.get_window_extent(renderer).y0 > panels, n
 
 
 def test_a_panel_title_sits_where_matplotlib_would_place_it():
@@ -513,7 +522,10 @@ def test_correlation_analysis_titles_the_matched_scores_auc_not_their_means():
     assert left.get_title() == f"Matched vs mismatched pairs\nAUC {brute:.2f} (chance 0.50)"
     assert right.get_title().startswith("Identification rank\ntop-1 ")
     assert right.get_ylim()[0] == 0.5 and min(b.get_y() for b in right.patches) == 0.5
-    assert right.get_yscale() == "log" and list(right.get_yticks()) == [1, 2, 5, 9]
+    assert right.get_yscale() == "log" and list(right.get_yticks()) == [1, 2, 5, 9]   # not 5 beside 9
+    def ticks(k):
+        return list(E.plot_correlation_analysis(rng.random((3, k)), np.arange(3)).axes[1].get_yticks())
+    assert ticks(22) == [1, 2, 5, 10, 22] and ticks(26) == [1, 2, 5, 10, 20, 26]
     assert [t.get_text() for t in right.get_xticklabels()][:2] == ["0\n(" + str(ids[0]) + ")",
                                                                  "1\n(" + str(ids[1]) + ")"]
     right = E.plot_correlation_analysis(rng.random((30, 300)), np.arange(30)).axes[1]
@@ -560,6 +572,26 @@ def test_summary_counts_the_novelty_gates_false_alarms(tmp_path):
     (tmp_path / "miyawaki_generation.json").write_text(json.dumps(gen))
     text = " ".join(L.write_summary(tmp_path).read_text().split())
     assert "read 3 of 4 test trials as new images" in text and "false alarms" not in text
+
+
+def test_summary_says_what_the_decoders_output_where_the_gate_could_not_be_calibrated(tmp_path):
+    """No training image shown twice: the gate reads every trial as new, and at blend 1 the output
+    is the anchor, clipped, and stretched only with --output-stretch (it said "stretched" with the
+    stretch off); below blend 1 the networks' samples still count, and the note says no more."""
+    metrics = {"pixcorr": 0.9, "top1": 1.0}
+    gen = {"data_source": "simulated", "encoder_sha256": "ab" * 32, "n_test": 2,
+           "diffusion": metrics, "gan": metrics, "mean_image_floor": {"pixcorr": 0.6},
+           "chance": {"top1": 0.05}, "novelty_gate": {"per_trial": [1.0, 1.0], "calibrated": False}}
+    said = {}
+    for blend, stretch in ((1.0, True), (1.0, False), (0.5, True)):
+        gen["config"] = {"anchor_blend": blend, "output_stretch": stretch}
+        (tmp_path / "miyawaki_generation.json").write_text(json.dumps(gen))
+        text = L.write_summary(tmp_path).read_text()
+        said[blend, stretch] = note = L.uncalibrated_gate_note(blend, stretch)
+        assert note in text and "read 2 of 2" not in text
+    assert "output is then their linear anchor, clipped and contrast-stretched, on every" in said[1.0, True]
+    assert "output is then their linear anchor, clipped, on every" in said[1.0, False]
+    assert said[0.5, True].endswith("reads every test trial as new (g = 1).")
 
 
 def test_gallery_rows_name_the_held_out_image_and_the_title_a_partial_run():
