@@ -66,7 +66,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, DECODER_NAMES, IMAGE_SIDE, N_PIXELS,
-                                     uncalibrated_gate_note,
+                                     shown_images, uncalibrated_gate_note,
                                      CheckpointError, DataError, Fold, OptionError,
                                      check_unused, chance_levels, chance_text, value_text,
                                      FromCheckpointHint, MeanImageBaseline, RidgeBaseline, condition_name,
@@ -88,6 +88,7 @@ CHECKPOINT_KIND = "generative_backends"
 CHECKPOINT_NAME = "miyawaki_generative_backends.pth"
 FIGURE = "miyawaki_{}_generation.png"            # each decoder's S1 reconstructions
 GENERATION_COLUMNS = 12    # trials per row block of those figures (S1 of the Miyawaki file: one)
+SAMPLE_GRID_IMAGES = 40    # training images in the diffusion's sample grids, at most
 SCRIPT = "miyawaki_generative_backend.py"
 
 
@@ -1127,7 +1128,8 @@ def train_generative(encoder: nn.Module, fold_train: Trials, config: GenerativeC
 
     Returns (diffusion, gan, history): history["diffusion"] / ["gan"] hold the loss curves and
     ``seconds``; history["diffusion"]["samples"] the DDIM grids of one training trial per image
-    (the image ids in ``sample_image_ids``);
+    (at most ``SAMPLE_GRID_IMAGES`` images, spread over the conditions: ``shown_images``; their
+    ids in ``sample_image_ids``);
     history["prior"] what the image prior held. Anchored decoders carry the fitted read-out. A
     setting out of its option's range (``check_options``) is an OptionError before any work."""
     check_options(config)
@@ -1135,7 +1137,8 @@ def train_generative(encoder: nn.Module, fold_train: Trials, config: GenerativeC
     t0 = time.perf_counter()
     data = training_set(encoder, fold_train, config, device, exclude)
     grid_ids, first = np.unique(fold_train.image_ids, return_index=True)
-    first = torch.as_tensor(first, device=device)
+    shown = shown_images(fold_train.labels[first], SAMPLE_GRID_IMAGES)   # a random session's 440: 40
+    grid_ids, first = grid_ids[shown], torch.as_tensor(first[shown], device=device)
     diffusion, hist_d = train_diffusion(data, config, data.cond_fmri[first],
                                         None if data.anchor is None else data.anchor[first], progress)
     hist_d["sample_image_ids"] = grid_ids.tolist()
@@ -1442,16 +1445,19 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
         grid_dir.mkdir(exist_ok=True)
         for stale in grid_dir.glob("step_*.png"):
             remove_output(stale)
+        grid_ids = history["diffusion"]["sample_image_ids"]
+        n_train_images = len(np.unique(train.image_ids))
+        per_image = ("per image" if len(grid_ids) == n_train_images else
+                     f"each of {len(grid_ids)} of the {n_train_images} images (each condition's first)")
         for step, samples in history["diffusion"]["samples"].items():
             save_figure(plot_sample_grid(samples, (
                 f"{top}diffusion samples during training, after {step} of {cfg.diffusion_steps} steps: one "
-                f"training trial per image,\nfrom its fMRI embedding"
+                f"training trial {per_image},\nfrom its fMRI embedding"
                 + (f" and out-of-fold anchor (DDIM from it at {cfg.init_strength:g} of the schedule)"
                    if diffusion.readout is not None else "")
                 + ";\nthe decoder's own samples, before the blend with the anchor, the stretch and the "
                   "likelihood step:\nnot the test reconstructions"),
-                [f"#{i}\n{condition_name(fold.unique_labels[i], fold.unique_labels)}"
-                 for i in history["diffusion"]["sample_image_ids"]]),
+                [f"#{i}\n{condition_name(fold.unique_labels[i], fold.unique_labels)}" for i in grid_ids]),
                 grid_dir / f"step_{step:05d}.png", data.source)
         save_checkpoint({"kind": CHECKPOINT_KIND, "format_version": CHECKPOINT_FORMAT,
                          "diffusion": diffusion.checkpoint_entry(), "gan": gan.checkpoint_entry(),

@@ -475,11 +475,16 @@ def test_script_reports_the_zero_shot_check_where_the_test_images_are_new(tmp_pa
         monkeypatch.setattr(module, "resolve_data", lambda arg: data)
     args = ["--data", "simulated-random", "--out-dir", str(tmp_path), "--device", "cpu"]
     D.main([*args, "--epochs", "2", "--mixup", "8"])
-    titles, plot = [], G.plot_generation
+    titles, plot, grids, plot_grid = [], G.plot_generation, [], G.plot_sample_grid
     monkeypatch.setattr(G, "plot_generation", lambda true, recon, title, *a: titles.append(title)
                         or plot(true, recon, title, *a))
+    monkeypatch.setattr(G, "plot_sample_grid", lambda *a: grids.append(a) or plot_grid(*a))
     G.main([*args, "--diffusion-steps", "3", "--gan-steps", "2", "--num-inference-steps", "2",
-            "--n-sample-grids", "0", *SMALL_ANCHOR_ARGS])
+            "--n-sample-grids", "1", *SMALL_ANCHOR_ARGS])
+    # the training-progress grid: 40 of the 60 patterns (a random session's 440 made 440 panels)
+    [(samples, grid_title, names)] = grids
+    assert len(samples) == len(names) == 40 and names[0] == "#0\nrandom"
+    assert "one training trial each of 40 of the 60 images (each condition's first)" in grid_title
     assert [t.split(", from")[0] for t in titles] == [
         f"{n}, S1 test trials (20 of 20 showing an image no training trial shows)"
         for n in ("diffusion decoder", "GAN decoder")]
