@@ -934,6 +934,11 @@ def benchmark_markdown(result: dict) -> str:
                   "the output leans on the linear anchor, near 0 it is the decoder's sample), mean "
                   f"over folds of each fold's mean ± SD over {next(iter(gates.values()))['std_over']}: "
                   + ", ".join(f"{METHOD_TITLES.get(n, n)} {mean_sd(g)}" for n, g in gates.items()) + "."]
+    if result.get("n_folds_gate_uncalibrated"):     # the benchmark's decoders: blend 1, stretch on
+        lines += ["", f"In {result['n_folds_gate_uncalibrated']} of the {n} folds no training image is "
+                  "shown twice, so the gate has no seen examples to be calibrated on and reads every "
+                  "test trial as new (g = 1): there both decoders output their linear anchor, clipped "
+                  "and contrast-stretched, and their rows equal the anchor's."]
     novel = {n: m["closer_than_train"] for n, m in result["methods"].items() if "closer_than_train" in m}
     if novel:
         # folds with a never-seen test trial; recorded only when not every fold has one (S2)
@@ -1160,11 +1165,13 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
     out = prepare_out_dir(cfg.out_dir)
     if cfg.max_folds:
         folds = folds[:cfg.max_folds]
+    uncalibrated = 0          # folds whose training trials show no image twice (--generative)
     if cfg.generative:
-        from miyawaki_generative_backend import check_training_images
+        from miyawaki_generative_backend import check_training_images, gate_can_be_calibrated
         for name, train, _ in folds:
             check_training_images(data.trials.image_ids[train], f"{data.source}: the training trials "
                                   f"of {cfg.protocol.upper()} fold {name}")
+            uncalibrated += not gate_can_be_calibrated(data.trials.image_ids[train])
     # test trials whose image no training trial of their fold shows (all of S3's; in S2 those of
     # images shown once): scored as never-seen images
     n_unseen = sum(int(data.fold(train, test).unseen_test.sum()) for _, train, test in folds)
@@ -1233,7 +1240,8 @@ def run_benchmark(cfg: "EvaluationConfig") -> dict:
         "methods": methods,
         "paired_vs_ridge_top1": paired_vs_reference(methods),
         **({"paired_vs_ridge_pixcorr": {g: v for g, v in paired_vs_reference(methods, metric="pixcorr")
-                                        .items() if g in GENERATIVE}} if cfg.generative else {}),
+                                        .items() if g in GENERATIVE},
+            "n_folds_gate_uncalibrated": uncalibrated} if cfg.generative else {}),
         **({"nested": {"grid": {k: list(v) for k, v in SCORE_GRID.items()},
                        "max_linear_weight": MAX_LINEAR_WEIGHT,
                        "inner_scheme": " / ".join(sorted({n["inner_scheme"] for n in nested})),

@@ -275,6 +275,13 @@ def out_of_fold_residuals(train: Trials, config: "GenerativeConfig", alpha: floa
     return (fmri - pred).astype(np.float32)
 
 
+def gate_can_be_calibrated(image_ids: np.ndarray) -> bool:
+    """Whether training trials of image ids ``image_ids`` ``N`` give the novelty gate "seen"
+    examples to be calibrated on (``fit_novelty_gate``): some image shown at least twice. Without
+    them the gate reads every trial as new (g = 1), e.g. on a random-image session."""
+    return len(image_ids) > 0 and np.unique(image_ids, return_counts=True)[1].max() >= 2
+
+
 def fit_novelty_gate(train: Trials, config: "GenerativeConfig", alpha: float, unseen: np.ndarray,
                      n_folds: int = 5, exclude: np.ndarray | None = None
                      ) -> tuple[np.ndarray, np.ndarray] | None:
@@ -290,9 +297,9 @@ def fit_novelty_gate(train: Trials, config: "GenerativeConfig", alpha: float, un
     from sklearn.linear_model import LogisticRegression
     ids = train.image_ids
     _, first, inverse, counts = np.unique(ids, return_index=True, return_inverse=True, return_counts=True)
-    repeated = counts[inverse] >= 2
-    if not repeated.any():
+    if not gate_can_be_calibrated(ids):
         return None
+    repeated = counts[inverse] >= 2
     rank = np.zeros(len(ids), dtype=int)
     for k in range(len(counts)):
         rank[inverse == k] = np.arange(counts[k])

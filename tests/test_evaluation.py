@@ -574,6 +574,30 @@ def test_generative_decoders_are_scored_from_fmri_only(sim, stretch, monkeypatch
         np.testing.assert_array_equal(recons[name], recons["anchor"], err_msg=name)
 
 
+def test_generative_benchmark_says_where_the_gate_could_not_be_calibrated(sim, tmp_path, monkeypatch):
+    """On a file that shows every training image once (a random-image session, a digits file) no
+    fold's gate can be calibrated: both decoders output their anchor there, and the benchmark's
+    JSON and markdown say so (their rows equalled the anchor's without a word; the decoders are
+    stubbed here: what is tested is the count and the note)."""
+    data = L.make_simulated_dataset(random_images=60)
+    monkeypatch.setattr(E, "resolve_data", lambda arg: data)
+
+    def decode_fold(encoder, fold, config, device):        # the mean image, instantly
+        mean = np.repeat(fold.train.images.mean(0, keepdims=True), len(fold.test), 0)
+        return ({g: mean for g in E.GENERATIVE}, {g: 0.0 for g in E.GENERATIVE},
+                np.ones(len(fold.test)))
+    monkeypatch.setattr(G, "decode_fold", decode_fold)
+    result = E.main([*FAST, "--protocol", "s3", "--max-folds", "2", "--seeds", "0", "--epochs", "1",
+                     "--generative", "--out-dir", str(tmp_path)])
+    assert result["n_folds_gate_uncalibrated"] == 2
+    assert ("In 2 of the 2 folds no training image is shown twice, so the gate has no seen examples"
+            in (tmp_path / "benchmark_s3.md").read_text())
+    assert G.gate_can_be_calibrated(sim.trials.image_ids[L.splits("s3", sim)[0][1]])   # Miyawaki's
+    assert not G.gate_can_be_calibrated(np.arange(5)) and not G.gate_can_be_calibrated(np.array([], int))
+    assert "no training image is shown twice" not in E.benchmark_markdown(
+        {**json.loads((tmp_path / "benchmark_s3.json").read_text()), "n_folds_gate_uncalibrated": 0})
+
+
 def test_s3_gallery_marks_a_memorised_reconstruction_and_shows_the_gate(sim):
     """The S3 --generative figure's panels (fold_gallery): a reconstruction equal to the never-seen
     image passes the nearest-training-image check, one equal to the nearest training image is
