@@ -1733,8 +1733,8 @@ def plot_unique_images(images: np.ndarray, labels: np.ndarray, counts: np.ndarra
         img = images[k]
         ax = fig.add_subplot(rows, cols, pos + 1)
         ax.imshow(img[0], cmap="gray", interpolation="nearest", vmin=0, vmax=1)
-        panel_title(ax, f"#{k} {condition_name(labels[k], labels)}\n{counts[k]} trial"
-                        + "s" * bool(counts[k] != 1), fontsize=8)
+        trials = "1 trial" if counts[k] == 1 else f"{counts[k]} trials"
+        panel_title(ax, f"#{k} {condition_name(labels[k], labels)}\n{trials}", fontsize=8)
         ax.axis("off")
     fig.suptitle("Unique stimuli (upright)" + (f", {len(shown)} of {len(images)}, each condition's "
                                                "first" if len(shown) < len(images) else ""))
@@ -1746,11 +1746,11 @@ def plot_fmri_correlation(fmri: np.ndarray, image_ids: np.ndarray, labels: np.nd
     """Pearson correlation between the mean fMRI patterns of the K images, which are ordered by
     condition (``labels`` ``K``; when there are more than ``max_images``, that many spread over
     the conditions, ``shown_images``, as in ``plot_unique_images``), from fMRI ``N x V`` z-scored
-    per voxel over its N trials (raw voxel baselines would make every pair of patterns correlate). The diagonal, 1 by construction, shows
-    each image's split-half reliability instead: the correlation r of the mean patterns of its odd
-    and even trials, Spearman-Brown corrected (2r / (1 + r), for r > 0) to the mean of all its
-    trials, which the other cells correlate (grey for an image shown once). ``which`` names the trials in the
-    title."""
+    per voxel over its N trials (raw voxel baselines would make every pair of patterns correlate).
+    The diagonal, 1 by construction, shows each image's split-half reliability instead: the
+    correlation r of the mean patterns of its odd and even trials, Spearman-Brown corrected
+    (2r / (1 + r), for r > 0) to the mean of all its trials, which the other cells correlate (grey
+    for an image shown once). ``which`` names the trials in the title."""
     fmri = standardize(fmri, *voxel_stats(fmri))
     shown = shown_images(labels, max_images)
     means = np.stack([fmri[image_ids == k].mean(0) for k in shown])

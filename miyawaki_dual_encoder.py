@@ -876,9 +876,10 @@ def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.d
     the training images); those no training trial shows are kept out of the read-out's image
     prior (``fit_linear_parts``). Returns (model in eval mode, history): per-epoch lists
     ``train_loss``, ``val_loss``, ``val_top1``, the trial counts ``n_train`` (fitted on),
-    ``n_validation`` and ``n_validation_asked`` (``val_fraction``'s share), and each loss's value at uniform scores (``train_chance_loss``,
-    ``val_chance_loss``: the training batches' rows and columns include mixup's, so the two losses
-    are read against their own chance, not against each other). A setting out of its option's
+    ``n_validation`` and ``n_validation_asked`` (``val_fraction``'s share), and each loss's value
+    at uniform scores (``train_chance_loss``, ``val_chance_loss``: the training batches' rows and
+    columns include mixup's, so the two losses are read against their own chance, not against
+    each other). A setting out of its option's
     range (``check_options``) is an OptionError before any work, as on the command line."""
     check_options(config)
     device = torch.device(device)

@@ -1098,7 +1098,8 @@ def gallery_title(protocol: str, seed: int, n_folds: int, n_available: int) -> s
             f"from fMRI only\n(decoders: seed {seed}; g, their novelty gate: near 1 their output is "
             f"mostly the anchor)\nred, closer to #j: a never-seen image's reconstruction closer "
             f"(PixCorr) to training image j than to the true one (a network's: memorised?)\nlast "
-            f"column: the training image closest to the true one (a look-up with the true image, not a decoder's output)")
+            f"column: the training image closest to the true one (a look-up with the true image, "
+            f"not a decoder's output)")
 
 
 def folds_text(n_folds: int, n_available: int) -> str:
