@@ -749,10 +749,12 @@ def identification_scores(recon, candidates) -> np.ndarray:
 RECON_SCALE_MAX = 10.0  # above this a reconstruction looks like another scale (0..255): a warning
 
 
-def check_scored_images(recon, true, image_ids, candidates) -> None:
+def check_scored_images(recon, true, image_ids, candidates, pool_true=None) -> None:
     """ValueError unless N reconstructions and N true images of the candidates' size (any shape
     that flattens to N x P, as the candidates ``K x ...`` to K x P) have N image ids and the true
-    images lie in [0, 1] (numpy would broadcast one image over N without an error); a warning
+    images, the candidates and the 2-way pool's images lie in [0, 1] (numpy would broadcast one
+    image over N without an error; 0..255 candidates of binary images would score as if right,
+    being clipped, and grey ones wrongly); a warning
     where reconstructions go above ``RECON_SCALE_MAX``, as 0..255 ones do (the protocol clips
     predictions to [0, 1], so they score as near white; a diverged linear read-out does too, and
     is scored so)."""
@@ -767,8 +769,11 @@ def check_scored_images(recon, true, image_ids, candidates) -> None:
             and np.all((0 <= np.asarray(image_ids)) & (np.asarray(image_ids) < len(candidates)))):
         raise ValueError(f"image ids {np.unique(image_ids).tolist()[:10]}; expected whole numbers that "
                          f"index the {len(candidates)} candidates (0 to {len(candidates) - 1})")
-    true = np.asarray(true)
-    check_unit_range(float(true.min()), float(true.max()), "true images")
+    for images, what in ((true, "true images"), (candidates, "candidate images"),
+                         (pool_true, "the 2-way pool's images")):
+        images = np.asarray(images if images is not None else [])
+        if images.size:
+            check_unit_range(float(images.min()), float(images.max()), what)
     if np.max(recon) > RECON_SCALE_MAX:
         warnings.warn(f"reconstructions with values up to {np.max(recon):g}, far off the images' [0, 1] "
                       f"scale (0..255 ones: divide by 255); scored clipped to [0, 1], as the protocol says",
@@ -786,7 +791,7 @@ def per_trial_metrics(recon, true, image_ids, candidates, pool_true=None, pool_i
     """
     recon, true, image_ids, candidates = map(as_numpy, (recon, true, image_ids, candidates))
     check_finite_array(recon, "reconstructions")
-    check_scored_images(recon, true, image_ids, candidates)
+    check_scored_images(recon, true, image_ids, candidates, pool_true)
     if scores is None:
         scores = identification_scores(recon, candidates)
     recon, true = _flat_clip(recon), _flat_clip(true)

@@ -622,8 +622,9 @@ def test_a_fold_refuses_test_trials_that_are_also_training_trials(sim):
 def test_metrics_refuse_reconstructions_of_another_count_or_scale(sim):
     """One reconstruction against 12 true images was broadcast over them (and SSIM scored one
     pair): a ValueError now. 0..255 reconstructions are clipped to white and scored, as a diverged
-    read-out's are (a tuning grid may hold one), now with a warning; N x 784 rows and an
-    overshooting linear read-out (the protocol clips it) score as before."""
+    read-out's are (a tuning grid may hold one), now with a warning; 0..255 true, candidate or
+    2-way pool images are a ValueError; N x 784 rows and an overshooting linear read-out (the
+    protocol clips it) score as before."""
     fold = sim.s1()
     true, ids, cand = fold.test.images, fold.test.image_ids, fold.unique_images
     score = lambda recon: L.reconstruction_metrics(recon, true, ids, cand)  # noqa: E731
@@ -636,6 +637,11 @@ def test_metrics_refuse_reconstructions_of_another_count_or_scale(sim):
         score(255 * true)
     with pytest.raises(ValueError, match=r"true images with values in \[0, 255\]"):
         L.reconstruction_metrics(true, 255 * true, ids, cand)
+    # 0..255 candidates of binary images scored as if right (clipped), and grey ones wrongly
+    with pytest.raises(ValueError, match=r"candidate images with values in \[0, 255\]"):
+        L.reconstruction_metrics(true, true, ids, 255 * cand)
+    with pytest.raises(ValueError, match=r"the 2-way pool's images with values in \[0, 255\]"):
+        L.reconstruction_metrics(true, true, ids, cand, 255 * true, ids)
     # a torch reconstruction (what the decoders' sample gives) scores as its numpy copy (it was a
     # TypeError from np.size); image ids that index no candidate are named (a bare IndexError)
     recon = 0.8 * true + 0.1
