@@ -131,6 +131,15 @@ class Trials:
         return (f"Trials({len(self)} trials, {self.fmri.shape[1]} voxels, "
                 f"{len(np.unique(self.image_ids))} distinct images)")
 
+    @property
+    def fingerprint(self) -> str:
+        """Short hash of the trials' fMRI, images and labels (``MiyawakiData.fingerprint`` of the
+        raw trials; a model's ``training_fingerprint`` of the z-scored ones it was fitted on)."""
+        digest = hashlib.sha256()
+        for values in (self.fmri, self.images, self.labels):
+            digest.update(np.ascontiguousarray(values).tobytes())
+        return digest.hexdigest()[:16]
+
     def subset(self, idx: np.ndarray) -> "Trials":
         """The trials at indices ``idx`` (``M``), in that order."""
         return Trials(self.fmri[idx], self.images[idx], self.labels[idx], self.image_ids[idx])
@@ -186,10 +195,7 @@ class MiyawakiData:
     def fingerprint(self) -> str:
         """Short hash of the trials' fMRI, images and labels, so a checkpoint can tell which data it
         was fitted on (the same fMRI beside other images is other data)."""
-        digest = hashlib.sha256()
-        for values in (self.trials.fmri, self.trials.images, self.trials.labels):
-            digest.update(np.ascontiguousarray(values).tobytes())
-        return digest.hexdigest()[:16]
+        return self.trials.fingerprint
 
     def fold(self, train_idx: np.ndarray, test_idx: np.ndarray, name: str = "") -> Fold:
         """Split by trial indices or boolean masks (disjoint: ValueError otherwise); z-score fMRI
@@ -1614,7 +1620,7 @@ def write_summary(out: Path) -> Path:
         lines += [f"Data: {kept['data_source']}{trials}.", ""]
     header = ["| what | value | chance | ridge |", "|---|---|---|---|"]
     lines += header
-    ridge = (ev or {}).get("baselines_s1", {}).get("ridge", {})
+    ridge = (ev or {}).get("baselines", {}).get("ridge", {})
     fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
     m = de or (ev or {}).get("identification")   # the same score; the evaluation's alone where it
     if m:                                       # evaluated a checkpoint kept elsewhere

@@ -562,6 +562,10 @@ class MiyawakiDualEncoder(FromCheckpointHint, nn.Module):
     ``encode_fmri`` / ``encode_image`` return unit vectors ``N x D`` in the shared space;
     ``score_candidates`` is what identification ranks by."""
 
+    # Trials.fingerprint of the (z-scored) training trials it was fitted on, set by the fits and
+    # kept in the checkpoint; score_checkpoint refuses another fold's (None: unknown, unchecked)
+    training_fingerprint: str | None = None
+
     def __init__(self, fmri_dim: int = 967, latent_dim: int | None = None,
                  config: DualEncoderConfig | None = None):
         """Built from ``config`` (default: DualEncoderConfig, the seed's sizes) and the voxel count;
@@ -646,6 +650,8 @@ class MiyawakiDualEncoder(FromCheckpointHint, nn.Module):
         try:
             model = cls(ckpt["n_voxels"], config=config_from_dict(ckpt["config"]))
             nn.Module.load_state_dict(model, ckpt["state"])   # without the hint to call this method
+            if isinstance(ckpt.get("training_fingerprint"), str):   # older checkpoints: unknown
+                model.training_fingerprint = ckpt["training_fingerprint"]
         except CheckpointError:
             raise
         except OptionError as e:
@@ -879,8 +885,9 @@ def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.d
     ``n_validation`` and ``n_validation_asked`` (``val_fraction``'s share), and each loss's value
     at uniform scores (``train_chance_loss``, ``val_chance_loss``: the training batches' rows and
     columns include mixup's, so the two losses are read against their own chance, not against
-    each other). A setting out of its option's
-    range (``check_options``) is an OptionError before any work, as on the command line."""
+    each other). The model's ``training_fingerprint`` is ``train.fingerprint``. A setting out of
+    its option's range (``check_options``) is an OptionError before any work, as on the command
+    line."""
     check_options(config)
     device = torch.device(device)
     seed_everything(config.seed)
@@ -938,6 +945,7 @@ def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.d
                 msg += (f" | val loss {history['val_loss'][-1]:.3f} | val id@1 "
                         f"{history['val_top1'][-1]:.2f} (chance {chance_text(1 / len(cand))})")
             tqdm.write(msg)
+    model.training_fingerprint = train.fingerprint
     return model.eval(), history
 
 
@@ -1008,8 +1016,9 @@ def train_dual_encoders(train: Trials, configs: list[DualEncoderConfig], device:
             model.load_state_dict({k: v[i] for k, v in {**params, **buffers}.items()})
             for name, state in parts.items():
                 getattr(model, name).load_state_dict(state)
-    for h in histories:
+    for h, model in zip(histories, models):
         h.update(linear)
+        model.training_fingerprint = train.fingerprint
     return [m.eval() for m in models], histories
 
 
@@ -1235,6 +1244,7 @@ def main(argv: list[str] | ScriptConfig | None = None) -> dict:
                   "fmri_mean": torch.as_tensor(fold.fmri_mean),
                   "fmri_std": torch.as_tensor(fold.fmri_std), "n_voxels": data.n_voxels,
                   "data_source": data.source, "data_fingerprint": data.fingerprint,
+                  "training_fingerprint": model.training_fingerprint,
                   "history": history, "metrics": metrics}
     figure = "miyawaki_training_curves.png"
     with staged_outputs():      # written together: a run stopped here leaves the earlier outputs

@@ -569,7 +569,7 @@ def oracle_metrics(model: MiyawakiDualEncoder, fold: Fold, cand_emb: np.ndarray,
 def print_checkpoint_summary(result: dict) -> None:
     """One line per number of the checkpoint evaluation, each with its chance level."""
     ident, r12 = result["identification"], result["retrieval_test_trials"]
-    cond, ridge = result["condition_accuracy"], result["baselines_s1"]["ridge"]
+    cond, ridge = result["condition_accuracy"], result["baselines"]["ridge"]
     k, n = ident["n_candidates"], result["n_test"]
     if result.get("noise_control"):
         print("NOISE CONTROL: the dual encoder, the kNN votes and ridge below were fitted on Gaussian "
@@ -613,7 +613,16 @@ def score_checkpoint(model: MiyawakiDualEncoder, fold: Fold, knn_k: int = 5, ora
     among the test trials' own images, condition accuracy (kNN among training trials), the
     classic baselines, each beside its chance; with ``oracle`` also the ORACLE numbers under
     ``oracle``. What ``miyawaki_evaluation.py`` writes to ``miyawaki_evaluation.json``.
-    ``embeddings``: ``checkpoint_embeddings(model, fold)`` when the caller has them already."""
+    ``embeddings``: ``checkpoint_embeddings(model, fold)`` when the caller has them already.
+    ValueError for a model fitted on other training trials than the fold's (its
+    ``training_fingerprint``): another fold's test trials can be trials it was fitted on (an S1
+    model on an S3 fold has seen the held-out image), and their fMRI is z-scored otherwise."""
+    fitted = model.training_fingerprint
+    if fitted is not None and fitted != fold.train.fingerprint:
+        raise ValueError(f"this dual encoder was fitted on other training trials than those of fold "
+                         f"{fold.meta.get('split') or '(unnamed)'}, so some of the fold's test trials may "
+                         "be trials it was fitted on: score it on its own fold (load_for_s1 gives the "
+                         "script's), or fit one on this fold's (train_dual_encoder(fold.train, ...))")
     emb = embeddings or checkpoint_embeddings(model, fold)
     cand, tr, te, te_img = (emb[k] for k in ("candidates", "train", "test", "test_images"))
     test, k = fold.test, len(fold.unique_images)
@@ -670,7 +679,7 @@ def score_checkpoint(model: MiyawakiDualEncoder, fold: Fold, knn_k: int = 5, ora
                           f"{n} test trials; identical images count as matches",
         },
         "condition_accuracy": cond,
-        "baselines_s1": {name: fold_means(m) for name, m in base.items()},
+        "baselines": {name: fold_means(m) for name, m in base.items()},
     }
     if oracle:
         result["oracle"] = oracle_metrics(model, fold, cand_emb, knn_k)

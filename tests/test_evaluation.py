@@ -203,7 +203,7 @@ def test_evaluation_end_to_end_from_fmri_only(trained):
     assert saved["condition_accuracy"]["correlation"] > saved["condition_accuracy"]["majority_rate"]
     assert "oracle" in saved["oracle"]["label"].lower()
     assert "uses the image" in saved["oracle"]["image_latent_condition_note"]
-    assert saved["baselines_s1"]["ridge"]["top1"] >= 0.5
+    assert saved["baselines"]["ridge"]["top1"] >= 0.5
     # the t-SNE map shows the embeddings, so its title gives their own top-1 before the score's
     assert f"embeddings' top-1 {ident['score_parts']['embedding']['top1']:.2f}, the identification score's " \
            f"{ident['top1']:.2f}" in tsne_title
@@ -222,6 +222,25 @@ def test_score_checkpoint_gives_the_script_s_numbers_without_writing(trained, si
     assert sorted(p.name for p in out.iterdir()) == before
     for key in ("identification", "retrieval_test_trials", "condition_accuracy", "oracle"):
         assert json.loads(json.dumps(scores[key], default=lambda a: a.tolist())) == saved[key], key
+
+
+@pytest.mark.xdist_group("evaluation_trained")   # shares a module fixture: one test process (make test)
+def test_score_checkpoint_refuses_a_fold_the_model_was_not_fitted_on(trained, sim):
+    """The S1 checkpoint scored on an S3 fold, whose held-out image it was fitted on, gave top-1 1.0
+    without a word (a notebook review): the model keeps the fingerprint of its training trials,
+    in the checkpoint too, and score_checkpoint refuses another fold's, as it does a fresh fit's."""
+    out, *_ = trained
+    model, _ = D.MiyawakiDualEncoder.from_checkpoint(out / D.CHECKPOINT_NAME)
+    assert model.training_fingerprint == sim.s1().train.fingerprint
+    s3 = sim.fold(*L.splits("s3", sim)[0][1:], name="s3-image0")
+    with pytest.raises(ValueError, match=r"fitted on other training trials than those of fold "
+                                         r"s3-image0, so some of the fold's test trials may be"):
+        E.score_checkpoint(model, s3)
+    fitted, _ = D.train_dual_encoder(s3.train, D.DualEncoderConfig(epochs=1, mixup=0), "cpu",
+                                     s3.unique_images, progress=False)
+    assert E.score_checkpoint(fitted, s3)["split"] == "s3-image0"      # its own fold is scored
+    with pytest.raises(ValueError, match="fitted on other training trials"):
+        E.score_checkpoint(fitted, sim.s1())
 
 
 @pytest.mark.xdist_group("evaluation_trained")   # shares a module fixture: one test process (make test)

@@ -443,7 +443,7 @@ def test_scripts_on_a_noise_control_checkpoint_fit_on_its_noise(tmp_path, monkey
     evaluation = E.main([*args, "--tsne-perplexity", "5"])
     assert evaluation["noise_control"] and len(titles) == 3
     assert all(t.startswith(D.NOISE_CONTROL_TITLE) for t in titles), titles
-    assert evaluation["baselines_s1"]["ridge"]["top1"] <= 0.25     # ridge on the real fMRI: 1.0
+    assert evaluation["baselines"]["ridge"]["top1"] <= 0.25     # ridge on the real fMRI: 1.0
     fitted, train_generative = [], G.train_generative
     monkeypatch.setattr(G, "train_generative", lambda encoder, train, *a, **k: fitted.append(train.fmri)
                         or train_generative(encoder, train, *a, **k))

@@ -250,7 +250,7 @@ def test_summary_shows_each_results_chance_not_its_value(tmp_path):
     (tmp_path / "miyawaki_evaluation.json").write_text(json.dumps(
         {**common, "n_test": 12,
          "condition_accuracy": {"correlation": 0.583, "uniform_chance": 0.25, "majority_rate": 0.417},
-         "baselines_s1": {"ridge": {"top1": 0.333, "condition": 0.5, "pixcorr": 0.4}}}))
+         "baselines": {"ridge": {"top1": 0.333, "condition": 0.5, "pixcorr": 0.4}}}))
     rows = md_tables(L.write_summary(tmp_path).read_text())[0][1]
     assert rows[0] == ["what", "value", "chance", "ridge"]
     table = {r[0]: dict(zip(rows[0], r)) for r in rows[2:]}
@@ -275,7 +275,7 @@ def test_summary_flags_a_condition_accuracy_fixed_by_construction(tmp_path, valu
         {"data_source": "simulated", "checkpoint_sha256": "ab" * 32, "n_test": 12,
          "condition_accuracy": {"correlation": value, "uniform_chance": 1.0 if value else 0.25,
                                 "majority_rate": 1.0, "note": note},
-         "baselines_s1": {"ridge": {"top1": 0.333, "condition": value, "pixcorr": 0.4}}}))
+         "baselines": {"ridge": {"top1": 0.333, "condition": value, "pixcorr": 0.4}}}))
     summary = L.write_summary(tmp_path).read_text()
     assert f"| condition from the fMRI-only embedding (kNN) | {value:.3f} (by construction: below) |" in summary
     assert f"The condition from the embedding: {note}." in summary
@@ -290,7 +290,7 @@ def test_summary_takes_the_identification_from_the_evaluation_alone(tmp_path):
         {"data_source": "simulated", "checkpoint_sha256": "ab" * 32, "n_test": 12,
          "identification": {"top1": 0.75, "chance_top1": 0.05, "n_candidates": 20},
          "condition_accuracy": {"correlation": 0.5, "uniform_chance": 0.25, "majority_rate": 0.417},
-         "baselines_s1": {"ridge": {"top1": 0.333, "condition": 0.5, "pixcorr": 0.4}}}))
+         "baselines": {"ridge": {"top1": 0.333, "condition": 0.5, "pixcorr": 0.4}}}))
     summary = L.write_summary(tmp_path).read_text()
     assert "| dual encoder identification top-1 (20-way) | 0.750 | 0.050 | 0.333 |" in summary
     assert "No results yet" not in summary
