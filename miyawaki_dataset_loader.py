@@ -171,6 +171,14 @@ class Fold:
         """``N`` bool: the test trials whose image no training trial shows (S3's held-out image)."""
         return ~np.isin(self.test.image_ids, self.train.image_ids)
 
+    @property
+    def never_seen_images(self) -> np.ndarray:
+        """``E x 1 x 28 x 28``: the distinct images of the ``unseen_test`` trials, in test order,
+        which no image prior fitted on the fold may hold."""
+        unseen = self.unseen_test
+        _, first = np.unique(self.test.image_ids[unseen], return_index=True)
+        return self.test.images[unseen][np.sort(first)]
+
 
 @dataclass(frozen=True)
 class MiyawakiData:

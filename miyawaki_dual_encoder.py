@@ -832,12 +832,26 @@ def fit_linear_parts(model: MiyawakiDualEncoder, trials: Trials,
     """Fit the model's pixel read-out and encoding model on ``trials`` (closed form, in place;
     what the networks are fitted on); the read-out's image prior never holds a candidate image
     ``K x 1 x 28 x 28`` that no trial showed (``unseen_candidates``) -> {"readout_alpha" (None
-    for the receptive-field read-out), "encoding_voxels"} for the history."""
+    for the receptive-field read-out), "encoding_voxels", "n_excluded_images"} for the history."""
     cfg = model.config
-    return {"readout_alpha": model.readout.fit(trials.fmri, trials.images, cfg.readout_model,
-                                               unseen_candidates(trials, candidates)),
+    unseen = unseen_candidates(trials, candidates)
+    return {"readout_alpha": model.readout.fit(trials.fmri, trials.images, cfg.readout_model, unseen),
             "encoding_voxels": model.encoding.fit(trials.fmri, trials.images, trials.image_ids,
-                                                  cfg.encoding_alpha, cfg.encoding_voxels)}
+                                                  cfg.encoding_alpha, cfg.encoding_voxels),
+            "n_excluded_images": 0 if unseen is None else len(unseen)}
+
+
+def fit_arguments(train: Trials | Fold, candidates: np.ndarray | None
+                  ) -> tuple[Trials, np.ndarray | None]:
+    """(training trials, candidates) of a fit's ``train`` and ``candidates``: a ``Fold`` gives its
+    training trials and its candidate images (so that the read-out's image prior never holds its
+    never-seen test images), Trials come with the candidates given (None: the training images)."""
+    if not isinstance(train, Fold):
+        return train, candidates
+    if candidates is not None:
+        raise ValueError("candidates= with a Fold: the fold's own candidates (unique_images) are used; "
+                         "pass its training trials (fold.train) to give others")
+    return train.train, train.unique_images
 
 
 def split_validation(trials: Trials, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -874,21 +888,25 @@ def augment(xb: torch.Tensor, yb: torch.Tensor, config: DualEncoderConfig, gen: 
     return xb, yb
 
 
-def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.device | str = "cpu",
-                       candidates: np.ndarray | None = None, progress: bool = True):
-    """Fit a dual encoder on training trials (fMRI already z-scored).
+def train_dual_encoder(train: Trials | Fold, config: DualEncoderConfig,
+                       device: torch.device | str = "cpu", candidates: np.ndarray | None = None,
+                       progress: bool = True):
+    """Fit a dual encoder on training trials (fMRI already z-scored), or on a fold's (``Fold``:
+    its training trials and candidates, ``fit_arguments``).
 
     candidates ``K x 1 x 28 x 28``: the images validation identification ranks against (default:
     the training images); those no training trial shows are kept out of the read-out's image
-    prior (``fit_linear_parts``). Returns (model in eval mode, history): per-epoch lists
-    ``train_loss``, ``val_loss``, ``val_top1``, the trial counts ``n_train`` (fitted on),
-    ``n_validation`` and ``n_validation_asked`` (``val_fraction``'s share), and each loss's value
-    at uniform scores (``train_chance_loss``, ``val_chance_loss``: the training batches' rows and
-    columns include mixup's, so the two losses are read against their own chance, not against
-    each other). The model's ``training_fingerprint`` is ``train.fingerprint``. A setting out of
-    its option's range (``check_options``) is an OptionError before any work, as on the command
-    line."""
+    prior (``fit_linear_parts``; with Trials alone nothing is, so pass a fold's candidates or the
+    fold itself when its test images are never seen in training). Returns (model in eval mode,
+    history): per-epoch lists ``train_loss``, ``val_loss``, ``val_top1``, the trial counts
+    ``n_train`` (fitted on), ``n_validation`` and ``n_validation_asked`` (``val_fraction``'s
+    share), each loss's value at uniform scores (``train_chance_loss``, ``val_chance_loss``: the
+    training batches' rows and columns include mixup's, so the two losses are read against their
+    own chance, not against each other), and ``fit_linear_parts``' entries. The model's
+    ``training_fingerprint`` is ``train.fingerprint``. A setting out of its option's range
+    (``check_options``) is an OptionError before any work, as on the command line."""
     check_options(config)
+    train, candidates = fit_arguments(train, candidates)
     device = torch.device(device)
     seed_everything(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
@@ -901,14 +919,16 @@ def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.d
     to = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
     x, y = to(train.fmri[tr_idx]), to(train.images[tr_idx])
     xv, yv, val_ids = to(train.fmri[val_idx]), to(train.images[val_idx]), train.image_ids[val_idx]
-    if candidates is None:
+    ranked = candidates
+    if candidates is None:      # the training images at their ids (blank where an id has no trial)
         _, first = np.unique(train.image_ids, return_index=True)
-        candidates = np.zeros((train.image_ids.max() + 1, *train.images.shape[1:]), np.float32)
-        candidates[train.image_ids[first]] = train.images[first]
-    cand = to(candidates)
+        ranked = np.zeros((train.image_ids.max() + 1, *train.images.shape[1:]), np.float32)
+        ranked[train.image_ids[first]] = train.images[first]
+    cand = to(ranked)
 
     model = MiyawakiDualEncoder(train.fmri.shape[1], config=config)
-    linear = fit_linear_parts(model, train.subset(tr_idx), candidates)  # closed form, once
+    # closed form, once; the blanks of ids without a trial are no images, so nothing to exclude
+    linear = fit_linear_parts(model, train.subset(tr_idx), candidates)
     model = model.to(device)
     bs = config.batch_size or len(x)
     steps_per_epoch = math.ceil(len(x) / bs)
@@ -949,8 +969,9 @@ def train_dual_encoder(train: Trials, config: DualEncoderConfig, device: torch.d
     return model.eval(), history
 
 
-def train_dual_encoders(train: Trials, configs: list[DualEncoderConfig], device: torch.device | str = "cpu",
-                        candidates: np.ndarray | None = None) -> tuple[list[MiyawakiDualEncoder], list[dict]]:
+def train_dual_encoders(train: Trials | Fold, configs: list[DualEncoderConfig],
+                        device: torch.device | str = "cpu", candidates: np.ndarray | None = None
+                        ) -> tuple[list[MiyawakiDualEncoder], list[dict]]:
     """Several fits on the same trials as one batched model, one per config (configs that differ
     in ``seed`` only; full batch, no validation split): the models' parameters are stacked
     (``torch.func.stack_module_state``) and every step runs all of them at once under ``vmap``,
@@ -962,9 +983,11 @@ def train_dual_encoders(train: Trials, configs: list[DualEncoderConfig], device:
     Dropout masks come from vmap (``randomness="different"``), while a separate fit draws them from
     its seed's stream, between the draws above: with dropout > 0 the noise and mixup draws differ
     from the second epoch on, and the fits are separate fits in distribution, not number for
-    number. ``candidates``: as in ``train_dual_encoder``. Returns (models in eval mode, histories with ``train_loss`` per epoch, ``n_train``, ``n_validation``)."""
+    number. ``train`` and ``candidates``: as in ``train_dual_encoder``. Returns (models in eval
+    mode, histories with ``train_loss`` per epoch, ``n_train``, ``n_validation``)."""
     from torch.func import functional_call, stack_module_state, vmap
     base = check_options(configs[0])
+    train, candidates = fit_arguments(train, candidates)
     if any(replace(c, seed=base.seed) != base for c in configs):
         raise ValueError("batched fits need configs that differ in seed only")
     if base.batch_size or base.val_fraction:

@@ -76,7 +76,8 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, DECODER_NAMES, IMAGE_SID
                                      nearest_training_check, panel_title, parse_config, pearson_rows,
                                      check_out_dir, prepare_out_dir,
                                      reconstruction_metrics, resolve_data, resolve_device, run_cli,
-                                     remove_output, save_checkpoint, save_figure, save_json, script_parser,
+                                     remove_output, rerun_command, save_checkpoint, save_figure, save_json,
+                                     script_parser,
                                      seed_everything, evaluating, staged_outputs, write_summary, generator_device,
                                      rand_on, randn_on, fmri_batch, image_batch)
 from miyawaki_dual_encoder import (CHECKPOINT_NAME as ENCODER_CHECKPOINT_NAME, SCRIPT as ENCODER_SCRIPT,
@@ -354,16 +355,17 @@ class CheckpointMixin(FromCheckpointHint):
         from_file = not isinstance(path_or_dict, dict)
         ckpt = (load_checkpoint(path_or_dict, CHECKPOINT_KIND, SCRIPT, map_location) if from_file
                 else path_or_dict)
-        check_encoder(ckpt, encoder_checkpoint, path_or_dict if from_file else "the checkpoint")
+        check_encoder(ckpt, encoder_checkpoint, Path(path_or_dict) if from_file else None)
         try:
             entry = ckpt[cls.CHECKPOINT_KEY]
             model = cls(**entry["config"])
             model.load_state_dict(entry["state"])
             model.encoder_fingerprint = entry.get("encoder_fingerprint")
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            where = path_or_dict if from_file else "the checkpoint"
+            where, rerun = ((path_or_dict, rerun_command(SCRIPT, path_or_dict)) if from_file
+                            else ("the checkpoint", f"python {SCRIPT}"))
             raise CheckpointError(f"the {cls.CHECKPOINT_KEY} decoder in {where} does not fit this code "
-                                  f"({one_line(e)}); rerun `python {SCRIPT}`") from None
+                                  f"({one_line(e)}); rerun `{rerun}`") from None
         return model.to(map_location).eval(), ckpt
 
 
@@ -377,25 +379,33 @@ def weights_fingerprint(module: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def check_encoder(ckpt: dict, encoder_checkpoint=None, where="the checkpoint") -> None:
-    """Refuse (CheckpointError naming the script to rerun) decoders whose dual encoder changed
-    since they were trained: the file ``encoder_checkpoint`` (default: the path recorded in the
-    generative checkpoint ``ckpt``) must have the sha256 recorded in ``ckpt``."""
+def check_encoder(ckpt: dict, encoder_checkpoint=None, ckpt_path: Path | None = None) -> None:
+    """Refuse (CheckpointError naming the command to rerun) decoders whose dual encoder changed
+    since they were trained: the file ``encoder_checkpoint`` must have the sha256 recorded in the
+    generative checkpoint ``ckpt``; by default the path recorded in it or, for a checkpoint read
+    from the file ``ckpt_path``, the dual encoder beside it (an output folder copied or moved
+    elsewhere keeps its pair) must."""
+    where = ckpt_path or "the checkpoint"
+    rerun = rerun_command(SCRIPT, ckpt_path) if ckpt_path else f"python {SCRIPT}"
     recorded = ckpt.get("encoder_checkpoint")
     if not isinstance(ckpt.get("encoder_sha256"), str):
         raise CheckpointError(f"{where} does not record which dual encoder it was trained on; "
-                              f"rerun `python {SCRIPT}`")
-    if not encoder_checkpoint and not (isinstance(recorded, str) and recorded):
+                              f"rerun `{rerun}`")
+    paths = [Path(encoder_checkpoint)] if encoder_checkpoint else [
+        *([Path(recorded)] if isinstance(recorded, str) and recorded else []),
+        *([Path(ckpt_path).parent / ENCODER_CHECKPOINT_NAME] if ckpt_path else [])]
+    if not paths:
         raise CheckpointError(f"{where} does not record the path of its dual encoder; pass "
-                              f"encoder_checkpoint=..., or rerun `python {SCRIPT}`")
-    path = Path(encoder_checkpoint or recorded)
+                              f"encoder_checkpoint=..., or rerun `{rerun}`")
+    if any(p.is_file() and file_sha256(p) == ckpt["encoder_sha256"] for p in paths):
+        return
+    path = paths[0]
     if not path.is_file():
         raise CheckpointError(f"{where} was trained on top of the dual encoder {path}, which is not "
-                              f"there; pass its new path, or rerun `python {ENCODER_SCRIPT}` and "
-                              f"`python {SCRIPT}`")
-    if file_sha256(path) != ckpt["encoder_sha256"]:
-        raise CheckpointError(f"{where} was trained on another dual encoder than the one now in {path} "
-                              f"(retrained since?); rerun `python {SCRIPT}`")
+                              f"there; pass its new path, or rerun "
+                              f"`{rerun_command(ENCODER_SCRIPT, path)}` and `{rerun}`")
+    raise CheckpointError(f"{where} was trained on another dual encoder than the one now in {path} "
+                          f"(retrained since?); rerun `{rerun}`")
 
 
 class MLPDenoiser(nn.Module):
@@ -1126,12 +1136,14 @@ def training_set(encoder: nn.Module, train: Trials, config: GenerativeConfig,
     return data
 
 
-def train_generative(encoder: nn.Module, fold_train: Trials, config: GenerativeConfig,
+def train_generative(encoder: nn.Module, train: Trials | Fold, config: GenerativeConfig,
                      device: torch.device | str = "cpu", progress: bool = True,
                      exclude: np.ndarray | None = None):
     """Fit both decoders on the frozen embeddings (and anchors) of one fold's training trials
     (``Trials``, fMRI z-scored); ``exclude``: images the image prior must not produce (a fold's
-    never-seen test images, ``E x 1 x 28 x 28``). Usable per cross-validation fold; no I/O.
+    never-seen test images, ``E x 1 x 28 x 28``: ``fold.never_seen_images``; with Trials alone
+    none is excluded). A ``Fold`` gives both: its training trials and its never-seen test images.
+    Usable per cross-validation fold; no I/O.
 
     Returns (diffusion, gan, history): history["diffusion"] / ["gan"] hold the loss curves and
     ``seconds``; history["diffusion"]["samples"] the DDIM grids of one training trial per image
@@ -1140,11 +1152,16 @@ def train_generative(encoder: nn.Module, fold_train: Trials, config: GenerativeC
     history["prior"] what the image prior held. Anchored decoders carry the fitted read-out. A
     setting out of its option's range (``check_options``) is an OptionError before any work."""
     check_options(config)
+    if isinstance(train, Fold):
+        if exclude is not None:
+            raise ValueError("exclude= with a Fold: the fold's never-seen test images are excluded; "
+                             "pass its training trials (fold.train) to exclude others")
+        train, exclude = train.train, train.never_seen_images
     device = torch.device(device)
     t0 = time.perf_counter()
-    data = training_set(encoder, fold_train, config, device, exclude)
-    grid_ids, first = np.unique(fold_train.image_ids, return_index=True)
-    shown = shown_images(fold_train.labels[first], SAMPLE_GRID_IMAGES)   # a random session's 440: 40
+    data = training_set(encoder, train, config, device, exclude)
+    grid_ids, first = np.unique(train.image_ids, return_index=True)
+    shown = shown_images(train.labels[first], SAMPLE_GRID_IMAGES)   # a random session's 440: 40
     grid_ids, first = grid_ids[shown], torch.as_tensor(first[shown], device=device)
     diffusion, hist_d = train_diffusion(data, config, data.cond_fmri[first],
                                         None if data.anchor is None else data.anchor[first], progress)
@@ -1175,8 +1192,7 @@ def decode_fold(encoder: nn.Module, fold: Fold, config: GenerativeConfig,
     decoders' novelty gate per test trial ``N`` or None, ``novelty``); an anchored pair adds
     "anchor", their linear anchor alone, clipped and with ``output_stretch`` stretched like their
     outputs (both decoders' ablation)."""
-    diffusion, gan, history = train_generative(encoder, fold.train, config, device, progress=False,
-                                               exclude=fold.test.images[fold.unseen_test])
+    diffusion, gan, history = train_generative(encoder, fold, config, device, progress=False)
     recons, seconds = {}, {}
     readout = diffusion.readout
     if readout is not None:
@@ -1386,9 +1402,8 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
     top = NOISE_CONTROL_TITLE if control else ""
 
     t0 = time.perf_counter()
-    # the image prior must not contain a test image that training never shows
-    diffusion, gan, history = train_generative(encoder, train, cfg, device,
-                                               exclude=test.images[fold.unseen_test])
+    # the fold's training trials; the image prior never holds a test image they never show
+    diffusion, gan, history = train_generative(encoder, fold, cfg, device)
     scoring = dict(true=test.images, image_ids=test.image_ids, candidates=fold.unique_images)
     gate = novelty(diffusion, test.fmri)              # the GAN's is the same (one read-out)
     n_new = int(fold.unseen_test.sum())

@@ -43,7 +43,7 @@ def run(data, candidates: list[GenerativeConfig], schemes: list[str]) -> dict:
             alpha = None
             for row, cfg in zip(rows, candidates):
                 weight, bias, alpha = fit_anchor(fold.train, cfg, alpha,
-                                                 exclude=fold.test.images[fold.unseen_test])
+                                                 exclude=fold.never_seen_images)
                 row.append(reconstruction_metrics(fold.test.fmri @ weight.T + bias, fold.test.images,
                                                   fold.test.image_ids, fold.unique_images))
         out[scheme] = [{m: float(np.mean([r[m] for r in row])) for m in METRICS} for row in rows]

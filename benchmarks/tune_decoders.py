@@ -57,11 +57,10 @@ def run(data, configs: dict, sampling: list[dict], schemes: list[str], seed: int
                 recon, fold.test.images, fold.test.image_ids, fold.unique_images)
             ridge = RidgeBaseline().fit(fold.train.fmri, fold.train.images).predict(fold.test.fmri)
             scores.setdefault("ridge", {}).setdefault("ridge", []).append(score(ridge))
-            encoder, _ = train_dual_encoder(fold.train, DualEncoderConfig(seed=seed, val_fraction=0.0),
-                                            device, fold.unique_images, progress=False)
+            encoder, _ = train_dual_encoder(fold, DualEncoderConfig(seed=seed, val_fraction=0.0), device,
+                                            progress=False)
             for spec, cfg in configs.items():
-                diffusion, gan, _ = train_generative(encoder, fold.train, cfg, device, progress=False,
-                                                     exclude=fold.test.images[fold.unseen_test])
+                diffusion, gan, _ = train_generative(encoder, fold, cfg, device, progress=False)
                 row = scores.setdefault(spec, {})
                 fitted_gate = None if diffusion.readout is None else diffusion.readout.gate_coef.clone()
                 done = set()

@@ -3,6 +3,8 @@ checkpoints, the noise control and a tiny end-to-end run of the script on the si
 
 import json
 import math
+import re
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -375,9 +377,67 @@ def test_decoders_of_a_changed_encoder_are_refused(case, tmp_path):
         assert "does not record the path of its dual encoder; pass encoder_checkpoint=" in str(err.value)
 
 
+def test_a_copied_output_folder_keeps_its_decoders_with_their_encoder(tmp_path):
+    """A generative checkpoint records its dual encoder's absolute path: a copy of the output
+    folder, after the original encoder was retrained, refused its decoders although their encoder
+    sat beside them (a notebook review). The encoder beside the checkpoint counts too, and a
+    refusal's rerun command names the checkpoint's folder."""
+    run, copy = tmp_path / "run", tmp_path / "copy"
+    run.mkdir()
+    encoder = run / D.CHECKPOINT_NAME
+    encoder.write_bytes(b"the dual encoder the decoders were trained on")
+    ckpt = {"kind": G.CHECKPOINT_KIND, "format_version": L.CHECKPOINT_FORMAT,
+            "gan": G.MiyawakiGANDecoder(correlation_dim=16).checkpoint_entry(),
+            "encoder_checkpoint": str(encoder.resolve()), "encoder_sha256": L.file_sha256(encoder)}
+    L.save_checkpoint(ckpt, run / G.CHECKPOINT_NAME)
+    shutil.copytree(run, copy)
+    encoder.write_bytes(b"a dual encoder retrained in the first folder")
+    G.MiyawakiGANDecoder.from_checkpoint(copy / G.CHECKPOINT_NAME)         # its own pair, beside it
+    with pytest.raises(L.CheckpointError, match=rf"retrained since\?\); rerun `python "
+                       rf"miyawaki_generative_backend.py --out-dir {re.escape(str(run))}`"):
+        G.MiyawakiGANDecoder.from_checkpoint(run / G.CHECKPOINT_NAME)
+    (copy / D.CHECKPOINT_NAME).unlink()                             # neither file is its encoder now
+    with pytest.raises(L.CheckpointError, match="trained on another dual encoder"):
+        G.MiyawakiGANDecoder.from_checkpoint(copy / G.CHECKPOINT_NAME)
+
+
 def test_missing_encoder_checkpoint_names_the_script(tmp_path):
     with pytest.raises(L.CheckpointError, match="miyawaki_dual_encoder.py"):
         G.main(["--data", "simulated", "--out-dir", str(tmp_path), "--device", "cpu"])
+
+
+def test_a_fold_given_to_the_fits_excludes_its_never_seen_test_images(sim, monkeypatch):
+    """A notebook's ``train_generative(encoder, fold.train, cfg)`` put an S3 fold's held-out image
+    in the image prior (1 to 3 of 4096 samples in 5 of the real file's 20 folds: only the scripts
+    passed ``exclude=``; a notebook review): given the ``Fold``, both fits exclude its never-seen
+    test images themselves (each image once, however many trials show it), and a Fold beside its
+    own exclusion is refused."""
+    fold = sim.fold(*L.splits("s3", sim)[7][1:], name="s3-image7")       # a "u", a turned "n"
+    held_out = fold.never_seen_images
+    assert fold.unseen_test.sum() > 1 and np.array_equal(held_out, sim.unique_images[7:8])
+
+    class Stop(Exception):
+        pass
+
+    given = []
+
+    def spy(encoder, train, config, device, exclude=None):         # the decoders' training set
+        given.append((train, exclude))
+        raise Stop
+
+    monkeypatch.setattr(G, "training_set", spy)
+    with pytest.raises(Stop):
+        G.train_generative(None, fold, TINY)
+    [(train, exclude)] = given
+    assert train is fold.train and np.array_equal(exclude, held_out)
+    with pytest.raises(ValueError, match="exclude= with a Fold"):
+        G.train_generative(None, fold, TINY, exclude=held_out)
+    cfg = D.DualEncoderConfig(epochs=1, mixup=0)                    # the read-out's image prior
+    model, history = D.train_dual_encoder(fold, cfg, progress=False)
+    assert history["n_excluded_images"] == 1 and model.training_fingerprint == fold.train.fingerprint
+    assert D.train_dual_encoder(fold.train, cfg, progress=False)[1]["n_excluded_images"] == 0
+    with pytest.raises(ValueError, match="candidates= with a Fold"):
+        D.train_dual_encoders(fold, [cfg], candidates=fold.unique_images)
 
 
 # --------------------------------------------------------------------------- controls and the script
@@ -444,9 +504,9 @@ def test_scripts_on_a_noise_control_checkpoint_fit_on_its_noise(tmp_path, monkey
     assert evaluation["noise_control"] and len(titles) == 3
     assert all(t.startswith(D.NOISE_CONTROL_TITLE) for t in titles), titles
     assert evaluation["baselines"]["ridge"]["top1"] <= 0.25     # ridge on the real fMRI: 1.0
-    fitted, train_generative = [], G.train_generative
-    monkeypatch.setattr(G, "train_generative", lambda encoder, train, *a, **k: fitted.append(train.fmri)
-                        or train_generative(encoder, train, *a, **k))
+    fitted, train_generative = [], G.train_generative           # the script passes its fold
+    monkeypatch.setattr(G, "train_generative", lambda encoder, fold, *a, **k: fitted.append(fold.train.fmri)
+                        or train_generative(encoder, fold, *a, **k))
     titles, plot, grid = [], G.plot_generation, G.plot_sample_grid
     monkeypatch.setattr(G, "plot_generation", lambda true, recon, title, *a: titles.append(title)
                         or plot(true, recon, title, *a))
@@ -659,7 +719,7 @@ def test_receptive_field_anchor_beats_ridge_on_a_never_seen_image(sim):
         score = {}
         for model in G.ANCHOR_MODELS:
             weight, bias, _ = G.fit_anchor(fold.train, replace(TINY, anchor_model=model),
-                                           exclude=fold.test.images[fold.unseen_test])
+                                           exclude=fold.never_seen_images)
             score[model] = L.score_reconstructions(fold.test.fmri @ weight.T + bias, fold)["pixcorr"].mean()
         return score["receptive-field"] - score["ridge"]
     unseen = [gain(sim.fold(tr, te)) for _, tr, te in L.splits("s3", sim)[::4]]
@@ -868,7 +928,7 @@ def test_novelty_gate_opens_for_a_never_seen_image_and_closes_for_seen_ones(sim)
     read-outs new (P > 0.5) and, on S1, the read-outs of test trials whose images were seen old."""
     def gate_of(fold):
         readout = G.LinearReadout(sim.n_voxels)
-        weight, bias, alpha = G.fit_anchor(fold.train, TINY, exclude=fold.test.images[fold.unseen_test])
+        weight, bias, alpha = G.fit_anchor(fold.train, TINY, exclude=fold.never_seen_images)
         readout.weight.copy_(torch.as_tensor(weight))
         readout.bias.copy_(torch.as_tensor(bias))
         gate = G.fit_novelty_gate(fold.train, TINY, alpha, G.out_of_fold_readouts(fold.train, TINY, alpha))
