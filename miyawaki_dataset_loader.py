@@ -1539,9 +1539,14 @@ def load_checkpoint(path: Path, kind: str, script: str, map_location="cpu",
         # weights_only's refusal opens with advice to load unsafely; its reason comes after it
         _, refused, reason = str(e).partition("WeightsUnpickler error:")
         why = (f"torch.load(weights_only=True) refuses it: "
-               f"{one_line(reason.split('Check the documentation')[0])}" if refused else one_line(e))
+               f"{one_line(reason.split('Check the documentation')[0])}" if refused else
+               f"not a torch file, or a damaged one: torch.load raised {type(e).__name__} {one_line(e)}")
         raise CheckpointError(f"checkpoint {path} cannot be loaded safely ({why}); "
                               f"rerun `{run}`") from None
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("kind"), str) and ckpt["kind"] != kind:
+        raise CheckpointError(f"{path} is a {ckpt['kind']} checkpoint, not a {kind} one (another script's "
+                              f"output): give it to its own loader, or give this one the file "
+                              f"`{run}` writes")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         raise CheckpointError(f"{path} is not a {kind} checkpoint; rerun `{run}`")
     if ckpt.get("format_version") != CHECKPOINT_FORMAT:

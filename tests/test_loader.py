@@ -401,12 +401,19 @@ BAD_CHECKPOINTS = {  # name -> (writer(path), words the message must contain)
     "truncated": (lambda p: (torch.save(_ckpt(), p),
                              p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])),
                   ["cannot be loaded"]),
+    # a legacy-format read of other bytes said "(101)", a key torch's unpickler missed
+    "one byte": (lambda p: p.write_bytes(b"e"), ["cannot be loaded safely (not a torch file, or a "
+                                                 "damaged one: torch.load raised IndexError pop from"]),
     "pickled object": (lambda p: torch.save(_ckpt(obj=_Custom()), p),
                        ["cannot be loaded", "torch.load(weights_only=True) refuses it: Unsupported global"]),
     # not a checkpoint: the reason, without torch's advice to load it unsafely
     "text file": (lambda p: p.write_text("not a checkpoint\n"),
                   ["cannot be loaded safely (torch.load(weights_only=True) refuses it: Unsupported operand"]),
-    "wrong kind": (lambda p: torch.save(_ckpt(kind="generative"), p), ["not a dual_encoder"]),
+    # a rerun of the script would not turn another script's checkpoint into its own
+    "wrong kind": (lambda p: torch.save(_ckpt(kind="generative"), p),
+                   ["is a generative checkpoint, not a dual_encoder one (another script's output): give "
+                    "it to its own loader, or give this one the file `python make_it.py"]),
+    "no kind": (lambda p: torch.save({"weights": torch.zeros(2)}, p), ["is not a dual_encoder checkpoint"]),
     "wrong version": (lambda p: torch.save(_ckpt(format_version=0), p), ["format version"]),
 }
 
