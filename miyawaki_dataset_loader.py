@@ -822,7 +822,10 @@ def reconstruction_metrics(recon, true, image_ids, candidates, pool_true=None, p
                            scores=None):
     """Means over the N trials -> dict: mse, pixcorr, ssim, two_way, top1, top5, mean_rank.
 
-    Arguments as in per_trial_metrics.
+    Arguments as in per_trial_metrics; flat images are rows in C order (a .mat file's stim rows
+    are column-major: ``load_miyawaki`` turns them, and a Fold's images are ready). On one S3
+    fold the test trials show one image, so 2-way has no rival (nan) unless the pool is all
+    trials, as the benchmark's: ``pool_true=data.trials.images, pool_ids=data.trials.image_ids``.
     """
     m = per_trial_metrics(recon, true, image_ids, candidates, pool_true, pool_ids, scores)
     out = {k: float(np.mean(m[k])) for k in ("mse", "pixcorr", "ssim", "two_way")}

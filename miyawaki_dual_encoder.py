@@ -605,12 +605,14 @@ class MiyawakiDualEncoder(FromCheckpointHint, nn.Module):
     def encode_fmri(self, x: torch.Tensor) -> torch.Tensor:
         """fMRI ``N x V`` (z-scored; numpy or torch, ``fmri_batch``) -> unit embedding ``N x D``.
         No image is involved. Runs in the module's mode: call ``eval()`` first for embeddings
-        without dropout (``from_checkpoint`` returns the model in eval mode)."""
+        without dropout (``from_checkpoint`` returns the model in eval mode); and with autograd, as
+        any module's forward (the training losses need it): under ``torch.no_grad()``, or
+        ``.detach()``, before ``.numpy()``."""
         return self.latents(x=fmri_batch(x, self.fmri_dim, self.logit_scale.device))["fmri"]
 
     def encode_image(self, y: torch.Tensor) -> torch.Tensor:
         """Images ``N x 1 x 28 x 28`` in [0, 1] (numpy or torch, ``image_batch``) -> unit
-        embedding ``N x D``; in the module's mode, as ``encode_fmri``."""
+        embedding ``N x D``; in the module's mode and with autograd, as ``encode_fmri``."""
         return self.latents(y=image_batch(y, self.logit_scale.device))["image"]
 
     @torch.no_grad()

@@ -81,7 +81,8 @@ from miyawaki_dataset_loader import (CHECKPOINT_FORMAT, DECODER_NAMES, IMAGE_SID
                                      seed_everything, evaluating, staged_outputs, write_summary, generator_device,
                                      rand_on, randn_on, fmri_batch, image_batch)
 from miyawaki_dual_encoder import (CHECKPOINT_NAME as ENCODER_CHECKPOINT_NAME, SCRIPT as ENCODER_SCRIPT,
-                                   NOISE_CONTROL_TITLE, POSTERIOR_DEFAULTS, EncodingReadout, PixelReadout,
+                                   NOISE_CONTROL_TITLE, POSTERIOR_DEFAULTS, EncodingReadout,
+                                   MiyawakiDualEncoder, PixelReadout,
                                    grouped_folds, image_prior, is_noise_control, load_for_s1,
                                    posterior_weights, receptive_fields)
 
@@ -1208,12 +1209,28 @@ def decode_fold(encoder: nn.Module, fold: Fold, config: GenerativeConfig,
     return recons, seconds, novelty(diffusion, fold.test.fmri)
 
 
+def check_decoder(decoder, encoder=None) -> None:
+    """TypeError unless ``decoder`` is one of this module's decoders (and ``encoder``, where given,
+    a dual encoder): swapped or other objects failed deep inside with an AttributeError."""
+    if not isinstance(decoder, AnchorMixin) or not isinstance(encoder, (MiyawakiDualEncoder, type(None))):
+        given = "" if encoder is None else f"{type(encoder).__name__}, "
+        raise TypeError(f"got {given}{type(decoder).__name__}; expected " + (
+            "" if encoder is None else "the dual encoder (MiyawakiDualEncoder), then ") +
+            "a decoder (MiyawakiDiffusionDecoder or MiyawakiGANDecoder)")
+
+
 def _decode(encoder: nn.Module, encode, decoder: nn.Module, x: torch.Tensor, anchor,
-            generator: torch.Generator | None, likelihood=None) -> np.ndarray:
+            generator: torch.Generator | int | None, likelihood=None) -> np.ndarray:
     """``decoder.sample`` conditioned on ``encode(x)`` (a method of ``encoder``; x a batch on the
     decoder's device), for an anchored decoder ``anchor(x)`` and with ``likelihood(x)`` (None: no
-    data-consistency step), both models evaluating -> numpy; ValueError for a decoder trained on
-    another dual encoder's embeddings (``encoder_fingerprint``)."""
+    data-consistency step), both models evaluating -> numpy; the noise drawn from ``generator``
+    (an int: a CPU generator seeded with it; None: torch's global stream); ValueError for a
+    decoder trained on another dual encoder's embeddings (``encoder_fingerprint``)."""
+    if isinstance(generator, int) and not isinstance(generator, bool):
+        generator = torch.Generator().manual_seed(generator)
+    elif not isinstance(generator, (torch.Generator, type(None))):
+        raise TypeError(f"generator {type(generator).__name__}; expected a torch.Generator, an int "
+                        f"seed or None")
     trained_on = decoder.encoder_fingerprint
     if trained_on is not None and trained_on != weights_fingerprint(encoder):
         raise ValueError(f"this decoder was trained on the embeddings of another dual encoder (weights "
@@ -1228,13 +1245,15 @@ def _decode(encoder: nn.Module, encode, decoder: nn.Module, x: torch.Tensor, anc
 
 
 def reconstruct(encoder: nn.Module, decoder: nn.Module, fmri: np.ndarray,
-                generator: torch.Generator | None = None) -> np.ndarray:
+                generator: torch.Generator | int | None = None) -> np.ndarray:
     """Test-time decoding from fMRI only: z-scored fMRI ``N x V`` -> encode_fmri (and, for an
     anchored decoder, its linear read-out of the same fMRI; with ``likelihood_weight`` > 0 an
     encoding model's consistency step towards the same fMRI as the sampler's likelihood: the
     decoder's own, ``encoding_model``, else the frozen encoder's) -> decoder sample ->
     ``N x 1 x 28 x 28`` float32 numpy in [0, 1]. fMRI: numpy or torch, one trial or ``N x V``
-    (``fmri_batch``); ``generator`` seeds the sampling noise (None: torch's global stream)."""
+    (``fmri_batch``); ``generator`` seeds the sampling noise (a torch.Generator; an int: the
+    script's draws for that ``--seed``; None: torch's global stream)."""
+    check_decoder(decoder, encoder)
     x = fmri_batch(fmri, encoder.fmri_dim, next(decoder.parameters()).device)
     cfg = decoder.config
     encoding = encoder.encoding if decoder.encoding is None else decoder.encoding
@@ -1248,6 +1267,7 @@ def novelty(decoder: nn.Module, fmri: np.ndarray) -> np.ndarray | None:
     not a training image) ``N`` (the anchor's, ``LinearReadout.novelty``: near 1 the output leans
     on the anchor, near 0 it is the decoder's sample); None for a decoder without anchor or gate.
     Both decoders of one fit share it (``train_generative``)."""
+    check_decoder(decoder)
     if decoder.readout is None:
         return None
     x = fmri_batch(fmri, decoder.readout.weight.shape[1], decoder.readout.weight.device)
@@ -1262,12 +1282,13 @@ ORACLE_NOTE = ("ORACLE (the true test image as the condition's source and an anc
 
 
 def oracle_reconstruct(encoder: nn.Module, decoder: nn.Module, images: np.ndarray,
-                       generator: torch.Generator | None = None) -> np.ndarray:
+                       generator: torch.Generator | int | None = None) -> np.ndarray:
     """ORACLE decoding, conditioned on the true image's embedding (and, for an anchored decoder,
     the true image as its anchor; there is no fMRI, so no likelihood step) (``N x 1 x 28 x 28``
     in and out): an upper bound of the decoder, never a decoding result. Where the novelty gate
     reads that anchor as a new image (a test image absent from training) the output is the true
     image, stretched, so it bounds the decoder only on images seen in training."""
+    check_decoder(decoder, encoder)
     return _decode(encoder, encoder.encode_image, decoder,
                    image_batch(images, next(decoder.parameters()).device), lambda y: y, generator)
 

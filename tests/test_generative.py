@@ -922,6 +922,15 @@ def test_decoding_reads_the_fmri_of_a_trials_and_gives_no_images_for_no_trials(s
     with torch.no_grad():
         torch.testing.assert_close(encoder.encode_fmri(test), encoder.encode_fmri(test.fmri))
     assert draw(test.fmri[:0]).shape == (0, 1, 28, 28) and G.novelty(decoder, test.fmri[:0]).shape == (0,)
+    # an int seed is the script's draws for that seed; swapped or other arguments are one line
+    # (they were AttributeErrors 8 frames deep; a notebook review)
+    np.testing.assert_array_equal(G.reconstruct(encoder, decoder, test, 0), draw(test))
+    for call in (lambda: G.reconstruct(decoder, encoder, test), lambda: G.novelty(encoder, test),
+                 lambda: G.reconstruct(decoder, decoder, test),
+                 lambda: G.oracle_reconstruct(decoder, encoder, test.images),
+                 lambda: G.reconstruct(encoder, decoder, test, np.random.default_rng(0))):
+        with pytest.raises(TypeError, match="expected (the dual encoder|a decoder|a torch.Generator)"):
+            call()
 
 def test_novelty_gate_opens_for_a_never_seen_image_and_closes_for_seen_ones(sim):
     """The gate, calibrated on an S3 fold's training trials only, judges the held-out image's
