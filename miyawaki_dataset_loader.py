@@ -1671,7 +1671,8 @@ def write_summary(out: Path) -> Path:
         lines += ["", f"The decoders' novelty gate read {int(gate.sum())} of {len(gate)} test "
                   "trials as new images (g > 0.5: their output leans on the linear anchor; g per trial "
                   "under `novelty_gate` in `miyawaki_generation.json` and in the decoders' figures)."]
-        new = np.asarray(gen["novelty_gate"].get("new_image", []), dtype=bool)  # what g estimates
+        # what g estimates, per trial
+        new = np.asarray(gen["novelty_gate"].get("image_unseen_in_training", []), dtype=bool)
         if len(new) == len(gate) and not new.any():     # (JSONs written before it lack it)
             lines[-1] += " Every test image is also shown in training, so " + (
                 f"all {int(gate.sum())} are false alarms." if gate.any() else "none is a false alarm.")

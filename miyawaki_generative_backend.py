@@ -1467,10 +1467,11 @@ def main(argv: list[str] | GenerativeConfig | None = None) -> dict:
         **({"oracle": {"note": ORACLE_NOTE, **oracle}} if cfg.oracle else {}),
         "novelty_gate": None if gate is None else {
             "note": "per_trial: both decoders' P(new image) per test trial, from its fMRI (near 1: "
-                    "the output leans on the anchor; near 0: the decoder's sample); new_image: the "
-                    "truth it estimates, per test trial (its image is shown by no training trial)",
+                    "the output leans on the anchor; near 0: the decoder's sample); "
+                    "image_unseen_in_training: the truth it estimates, per test trial (its image is "
+                    "shown by no training trial)",
             "per_trial": gate.tolist(), "mean": float(gate.mean()),
-            "new_image": fold.unseen_test.tolist(),    # per trial: what the gate estimates
+            "image_unseen_in_training": fold.unseen_test.tolist(),    # per trial: what g estimates
             # no training image shown twice: no "seen" examples to calibrate on, g = 1 everywhere
             "calibrated": len(diffusion.readout.gate_images) > 0},
         "sampler": {"diffusion": {"sampler": cfg.sampler, "num_inference_steps": cfg.num_inference_steps,

@@ -595,7 +595,7 @@ def test_script_end_to_end_on_simulated_data(tmp_path, capsys, monkeypatch):
     assert saved["chance"] == L.chance_levels(20)
     gate = np.asarray(saved["novelty_gate"]["per_trial"])          # the decoders' P(new image)
     assert gate.shape == (12,) and np.all((gate >= 0) & (gate <= 1))
-    assert saved["novelty_gate"]["new_image"] == [False] * 12      # what it estimates, per trial
+    assert saved["novelty_gate"]["image_unseen_in_training"] == [False] * 12   # what it estimates
     summary = (tmp_path / "summary.md").read_text()
     assert f"read {int((gate > 0.5).sum())} of 12 test trials as new" in summary and "Left out" not in summary
     # results of another dual-encoder checkpoint than the folder's (a run stopped after writing its
@@ -1013,10 +1013,11 @@ def test_training_grids_show_the_samplers_own_images(sim):
 
 def test_script_records_per_test_trial_whether_its_image_is_new(tmp_path, mat_arrays, write_mat,
                                                                 monkeypatch):
-    """novelty_gate.new_image, what the gate estimates: on a file whose last test trial shows an
-    image no training trial shows (and the others seen ones), True for that trial only, and
-    summary.md counts the gate's openings against it. Each decoder's nearest-training-image check
-    is the mean over that new image's trials only (over all 12 passed every other test)."""
+    """novelty_gate.image_unseen_in_training, what the gate estimates: on a file whose last test
+    trial shows an image no training trial shows (and the others seen ones), True for that trial
+    only, and summary.md counts the gate's openings against it. Each decoder's
+    nearest-training-image check is the mean over that new image's trials only (over all 12
+    passed every other test)."""
     checks, check = [], G.nearest_training_check
     monkeypatch.setattr(G, "nearest_training_check", lambda *a: checks.append(check(*a)) or checks[-1])
     arrays = dict(mat_arrays)
@@ -1029,7 +1030,7 @@ def test_script_records_per_test_trial_whether_its_image_is_new(tmp_path, mat_ar
     G.main([*args, "--diffusion-steps", "3", "--gan-steps", "2", "--num-inference-steps", "2",
             "--n-sample-grids", "0", "--prior-size", "64", "--anchor-folds", "3"])
     saved = json.loads((tmp_path / "miyawaki_generation.json").read_text())
-    assert saved["novelty_gate"]["new_image"] == [False] * 11 + [True]
+    assert saved["novelty_gate"]["image_unseen_in_training"] == [False] * 11 + [True]
     assert [saved[name]["closer_than_train"] for name in ("diffusion", "gan")] == [
         float(closer[-1]) for closer, _ in checks]
     assert "of the 1 trial whose image no training trial shows" in (tmp_path / "summary.md").read_text()

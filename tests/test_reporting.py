@@ -548,18 +548,19 @@ def test_similarity_matrix_names_the_condition_codes_under_its_columns():
 def test_summary_counts_the_novelty_gates_false_alarms(tmp_path):
     """summary.md said the gate 'read 3 of 12 test trials as new images' without saying that all
     12 were of images seen in training: it now counts false alarms against the JSON's truth per
-    trial (``new_image``), and keeps the old sentence for a JSON without it."""
+    trial (``image_unseen_in_training``), and keeps the old sentence for a JSON without it."""
     metrics = {"pixcorr": 0.9, "top1": 1.0}
     gen = {"data_source": "simulated", "encoder_sha256": "ab" * 32, "n_test": 4,
            "diffusion": metrics, "gan": metrics, "mean_image_floor": {"pixcorr": 0.6},
            "chance": {"top1": 0.05},
-           "novelty_gate": {"per_trial": [0.9, 0.5, 0.7, 0.55], "new_image": [False, True, True, False]}}
+           "novelty_gate": {"per_trial": [0.9, 0.5, 0.7, 0.55],
+                            "image_unseen_in_training": [False, True, True, False]}}
     (tmp_path / "miyawaki_generation.json").write_text(json.dumps(gen))
     text = " ".join(L.write_summary(tmp_path).read_text().split())
     assert ("read 3 of 4 test trials as new images" in text and "2 of those show an image seen in "
             "training (false alarms); of the 2 trials whose image no training trial shows, it read "
             "1 as new." in text)
-    gen["novelty_gate"]["new_image"] = [False] * 4
+    gen["novelty_gate"]["image_unseen_in_training"] = [False] * 4
     (tmp_path / "miyawaki_generation.json").write_text(json.dumps(gen))
     text = " ".join(L.write_summary(tmp_path).read_text().split())
     assert "Every test image is also shown in training, so all 3 are false alarms." in text
@@ -568,7 +569,7 @@ def test_summary_counts_the_novelty_gates_false_alarms(tmp_path):
     text = " ".join(L.write_summary(tmp_path).read_text().split())
     assert "read 0 of 4 test trials as new images" in text and "so none is a false alarm." in text
     gen["novelty_gate"]["per_trial"] = [0.9, 0.5, 0.7, 0.55]
-    del gen["novelty_gate"]["new_image"]
+    del gen["novelty_gate"]["image_unseen_in_training"]
     (tmp_path / "miyawaki_generation.json").write_text(json.dumps(gen))
     text = " ".join(L.write_summary(tmp_path).read_text().split())
     assert "read 3 of 4 test trials as new images" in text and "false alarms" not in text
