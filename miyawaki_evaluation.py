@@ -622,7 +622,7 @@ def score_checkpoint(model: MiyawakiDualEncoder, fold: Fold, knn_k: int = 5, ora
         raise ValueError(f"this dual encoder was fitted on other training trials than those of fold "
                          f"{fold.meta.get('split') or '(unnamed)'}, so some of the fold's test trials may "
                          "be trials it was fitted on: score it on its own fold (load_for_s1 gives the "
-                         "script's), or fit one on this fold's (train_dual_encoder(fold.train, ...))")
+                         "script's), or fit one on this fold (train_dual_encoder(fold, config))")
     emb = embeddings or checkpoint_embeddings(model, fold)
     cand, tr, te, te_img = (emb[k] for k in ("candidates", "train", "test", "test_images"))
     test, k = fold.test, len(fold.unique_images)
