@@ -1074,3 +1074,91 @@ def test_every_layer_of_the_gan_discriminator_is_spectrally_normalised():
     for m in layers:
         assert torch.nn.utils.parametrize.is_parametrized(m, "weight"), m
         assert float(torch.linalg.matrix_norm(m.weight.detach(), 2)) == pytest.approx(1, abs=0.02), m
+
+
+# --------------------------------------------------------------------------- mutation round 8
+# each test below failed against a one-line bug that had passed every test (docs/TESTS.md)
+def test_out_of_fold_anchors_keep_their_own_images_and_the_excluded_ones_out_of_the_prior(sim, monkeypatch):
+    """Each out-of-fold anchor's read-out is fitted with an image prior that holds neither the
+    images it reads out (held out) nor the fold's never-seen test images (``exclude``); with only
+    the latter banned, 17 prior samples of the S1 training trials were a held-out image, so the
+    decoders trained on anchors better than a new image's."""
+    train = sim.s1().train
+    cfg = replace(TINY, prior_size=64, anchor_folds=3)
+    held_out, banned, prior = sim.unique_images[:1], [], D.image_prior
+
+    def spy(images, anchor, generator, size, shift, mix, exclude=None):
+        banned.append(exclude)
+        return prior(images, anchor, generator, size, shift, mix, exclude)
+
+    monkeypatch.setattr(D, "image_prior", spy)
+    for exclude in (held_out, None):
+        banned.clear()
+        G.out_of_fold_readouts(train, cfg, 10.0, exclude=exclude)
+        folds = list(D.grouped_folds(train.image_ids, cfg.anchor_folds))
+        assert len(banned) == len(folds)
+        for got, (_, va) in zip(banned, folds):
+            wanted = train.images[va] if exclude is None else np.concatenate([train.images[va], exclude])
+            got = got.numpy().reshape(len(got), -1)
+            assert all((got == w.reshape(-1)).all(1).any() for w in wanted)
+
+
+@pytest.mark.parametrize("anchor_model", G.ANCHOR_MODELS)
+def test_synthetic_fmri_residuals_come_from_the_encoding_model_s_alpha(sim, anchor_model):
+    """The synthetic-fMRI prior's residuals are the encoding model's (alpha ``encoding_alpha``),
+    whatever the anchor: with the ridge anchor they came from the anchor's ridge alpha (and
+    crashed without an anchor, whose alpha is None)."""
+    train = sim.s1().train
+    enc = D.MiyawakiDualEncoder(sim.n_voxels, config=D.DualEncoderConfig(
+        latent_dim=8, fmri_hidden=(8,), cnn_channels=(4,), head_hidden=(8,), encoding_alpha=30.0))
+    cfg = replace(TINY, prior_size=16, prior_condition="synthetic", anchor_folds=3, anchor_model=anchor_model)
+    seen = []
+    residuals = G.out_of_fold_residuals
+    G_spy = lambda t, c, alpha, folds=None: seen.append(alpha) or residuals(t, c, alpha, folds)  # noqa: E731
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(G, "out_of_fold_residuals", G_spy)
+        for anchor in (True, False):
+            G.training_set(enc, train, replace(cfg, anchor=anchor), torch.device("cpu"))
+    assert seen == [30.0, 30.0]
+
+
+def test_gate_calibration_needs_an_image_shown_twice():
+    """Two trials of one image give the gate its "seen" examples (the boundary: ``>= 2``)."""
+    assert G.gate_can_be_calibrated(np.array([0, 0, 1]))
+    assert not G.gate_can_be_calibrated(np.array([0, 1, 2])) and not G.gate_can_be_calibrated(np.array([], int))
+
+
+def test_ddpm_sampler_evaluates_the_denoiser_at_every_timestep_down_to_zero():
+    """``--sampler ddpm`` steps through every timestep, t = 0 included (it jumped from t = 1 to the
+    x0 estimate)."""
+    model = G.MiyawakiDiffusionDecoder(correlation_dim=4, num_train_timesteps=10, hidden_dim=8,
+                                       time_dim=8, sampler="ddpm").eval()
+    seen, forward = [], model.denoiser.forward
+    model.denoiser.forward = lambda x, t, *a, **k: seen.append(int(t[0])) or forward(x, t, *a, **k)
+    with torch.no_grad():
+        model.sample(torch.randn(2, 4), torch.Generator().manual_seed(0))
+    assert sorted(set(seen), reverse=True) == list(range(9, -1, -1)) and seen[-1] == 0
+
+
+def test_gan_output_after_the_likelihood_step_stays_in_the_unit_range():
+    """The GAN's data-consistency step is clamped to [0, 1] before the blend (unclamped, a decoder
+    without anchor or stretch returned values outside the images' range)."""
+    gan = G.MiyawakiGANDecoder(correlation_dim=4, noise_dim=2, likelihood_weight=1.0).eval()
+    with torch.no_grad():
+        out = gan.sample(torch.randn(3, 4), torch.Generator().manual_seed(0),
+                         likelihood=lambda images, weight: images + 5 * weight)
+    assert out.min() >= 0 and out.max() <= 1 and out.max() == 1
+
+
+def test_anchor_features_are_clipped_read_outs_and_the_discriminator_judges_the_pair():
+    """Read-outs enter every network clipped to [0, 1] (a new image's often leave it), scaled to
+    [-1, 1]; the anchored discriminator's logits depend on the anchor (it judges the (image,
+    anchor) pair), not only on the image."""
+    a = torch.full((1, 1, 28, 28), 2.0)
+    a[..., 0, 0] = -1
+    features = G.anchor_features(a)
+    assert features.max() == 1 and features.min() == -1
+    d = G.ProjectionDiscriminator(4, 16, anchor=True).eval()
+    images, cond = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.randn(2, 4)
+    with torch.no_grad():
+        assert not torch.allclose(d(images, cond, torch.zeros_like(images)), d(images, cond, torch.ones_like(images)))
