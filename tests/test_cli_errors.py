@@ -71,6 +71,8 @@ BAD_OPTIONS = {  # name -> (script, options, words of the message)
     "encoding voxels 0": (D, ["--encoding-voxels", "0"], "--encoding-voxels must be > 0"),
     "not a number": (D, ["--epochs", "ten"], "invalid int value"),
     "gan steps -1": (G, ["--gan-steps", "-1"], "--gan-steps must be >= 1"),
+    # always the null condition: guidance would extrapolate an untrained conditional branch
+    "condition drop 1": (G, ["--condition-drop-prob", "1"], "--condition-drop-prob must be < 1"),
     "inference steps 0": (G, ["--num-inference-steps", "0"], "--num-inference-steps must be >= 1"),
     "diffusion steps 0": (G, ["--diffusion-steps", "0"], "--diffusion-steps must be >= 1"),
     "prior of one image": (G, ["--prior-size", "1"], "--prior-size must be >= 2, got 1"),

@@ -779,3 +779,44 @@ def test_random_boxes_span_7_to_21_px_anywhere_in_the_image():
         assert covered.any(0).all()                            # rows 0 .. 27 all reached
     # one box each: its covered rows are contiguous
     assert ((rows[:, 1:].int() - rows[:, :-1].int()) == 1).sum(1).le(1).all()
+
+
+# --------------------------------------------------------------------------- mutation round 8
+# each test below failed against a one-line bug that had passed every test (docs/TESTS.md)
+def test_a_read_out_refitted_for_a_setting_keeps_never_seen_candidates_out_of_its_prior(sim, monkeypatch):
+    """``with_setting`` refitting a ridge model's read-out as the receptive-field one (a library
+    call; a checkpoint saved without ``readout_model`` is a ridge model) excludes the candidates
+    no training trial shows, as the fit does: an S3 fold's held-out image."""
+    fold = sim.fold(*L.splits("s3", sim)[7][1:])
+    model = D.MiyawakiDualEncoder(sim.n_voxels, config=D.DualEncoderConfig(
+        readout_model="ridge", latent_dim=8, fmri_hidden=(8,), cnn_channels=(4,), head_hidden=(8,)))
+    D.fit_linear_parts(model, fold.train, fold.unique_images)
+    banned, prior = [], D.image_prior
+
+    def spy(images, anchor, generator, size, shift, mix, exclude=None):
+        banned.append(exclude)
+        return prior(images, anchor, generator, size, shift, mix, exclude)
+
+    monkeypatch.setattr(D, "image_prior", spy)
+    D.with_setting(model, fold.train, {"readout_model": "receptive-field"}, fold.unique_images)
+    [exclude] = banned
+    assert np.array_equal(exclude.numpy(), fold.never_seen_images)
+
+
+def test_inner_cv_repeats_draw_other_partitions():
+    """Repeated inner CV (``--inner-repeats``) reshuffles every repeat, seen and unseen: repeats 1
+    and 2 of the unseen scheme were one split twice."""
+    ids = L.make_simulated_dataset().trials.image_ids
+    for scheme in ("seen", "unseen"):
+        folds = D.inner_folds(ids, scheme, repeats=3)
+        parts = [frozenset(frozenset(va.tolist()) for _, va in folds[5 * r:5 * r + 5]) for r in range(3)]
+        assert len(set(parts)) == 3, scheme
+
+
+def test_posterior_read_out_draws_its_prior_from_its_seed(sim):
+    """The receptive-field posterior's image prior comes from ``seed``: the same seed, the same
+    weights; another seed, others (ignored, every --seeds run had one anchor)."""
+    train = sim.s1().train
+    fit = lambda seed: D.posterior_weights(train.fmri, train.images, seed, prior_size=64)[0]  # noqa: E731
+    assert np.array_equal(fit(0), fit(0)) and not np.allclose(fit(0), fit(1))
+

@@ -1162,3 +1162,16 @@ def test_anchor_features_are_clipped_read_outs_and_the_discriminator_judges_the_
     images, cond = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.randn(2, 4)
     with torch.no_grad():
         assert not torch.allclose(d(images, cond, torch.zeros_like(images)), d(images, cond, torch.ones_like(images)))
+
+
+def test_a_voxel_anticorrelated_with_every_receptive_field_gets_none():
+    """Receptive fields have gain >= 0: a voxel whose response falls with every Gaussian's overlap
+    gets a zero weight row (and its mean as bias), not a negative field (uniform grey images of
+    rising brightness: every Gaussian's overlap rises with it, and voxel 0 falls)."""
+    brightness = np.linspace(0.1, 1, 30)
+    x = (brightness[:, None, None, None] * np.ones((1, 1, 28, 28))).astype(np.float32)
+    y = planted_receptive_fields()(x)
+    y[:, 0] = 4 - 5 * brightness
+    rf = D.EncodingReadout(y.shape[1])
+    rf.fit_receptive_fields(y, x, 1.0)
+    assert (rf.weight[0] == 0).all() and rf.bias[0].item() == pytest.approx(y[:, 0].mean(), abs=1e-4)
