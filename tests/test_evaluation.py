@@ -427,8 +427,11 @@ def test_s2_with_an_image_shown_once_averages_its_unseen_metric_over_its_folds(t
     assert "ridge (21-way top-1)" in md and "S2 note: 1 of the folds'" in md
 
 
-def test_benchmark_s3_two_folds_writes_the_schema(tmp_path, capsys):
+def test_benchmark_s3_two_folds_writes_the_schema(tmp_path, capsys, monkeypatch):
     (tmp_path / "benchmark_s3_reconstructions.png").write_bytes(b"an earlier --generative run's")
+    shuffles, permuted = [], E.permuted_trials         # each fold's permutation control's shuffle
+    monkeypatch.setattr(E, "permuted_trials", lambda train, rng: shuffles.append(
+        rng.bit_generator.state["state"]["state"]) or permuted(train, rng))
     result = E.main([*FAST, "--protocol", "s3", "--max-folds", "2", "--seeds", "0", "1",
                      "--epochs", "2", "--permutation-control", "--nested", "--out-dir", str(tmp_path)])
     # the console's rows say what their ± is, as the markdown does; without a live progress bar
@@ -443,6 +446,10 @@ def test_benchmark_s3_two_folds_writes_the_schema(tmp_path, capsys):
     assert "No results yet" in (tmp_path / "summary.md").read_text()   # rewritten, as by every script
     assert saved["data_fingerprint"] == L.make_simulated_dataset().fingerprint   # which data, not a path
     assert saved["seed_fits"] == "separate"                   # auto on a CPU: one fit per seed
+    # a fit's time: the dual encoders' seconds over folds x seeds; each fold's control its own
+    # shuffle (one for every fold was a copy of one control, not independent ones)
+    assert saved["dual_encoder_seconds_per_fit"] == pytest.approx(saved["seconds"]["dual_encoder"] / 4)
+    assert len(shuffles) == 2 and shuffles[0] != shuffles[1]
     assert not (tmp_path / "benchmark_s3_reconstructions.png").exists()   # no decoders: no gallery
     assert set(saved["methods"]) == {*E.BASELINES, "encoding_model", "dual_encoder",
                                      "dual_encoder_permuted", "dual_encoder_embedding_only",
@@ -677,3 +684,16 @@ def test_generative_benchmark_fold_scores_both_decoders_and_records_their_gate(s
     np.testing.assert_array_equal(rows["gan"]["novelty_gate"], gate)
     assert gallery["diffusion"][3] == gallery["gan"][3] == pytest.approx(float(gate[0]))
     assert L.fold_means(rows["diffusion"])["novelty_gate"] == pytest.approx(float(gate.mean()))
+
+
+def test_encoding_model_row_is_the_model_at_the_config_s_alpha_and_voxels(sim):
+    """The benchmark's "encoding model" row is ``EncodingReadout`` fitted with the config's alpha
+    and voxel fraction (swapped, it was alpha 0.4 on every voxel: a wrong row that passed every
+    test; mutation round 8)."""
+    fold, cfg = sim.s1(), D.DualEncoderConfig(encoding_alpha=30.0, encoding_voxels=0.2)
+    enc = D.EncodingReadout(sim.n_voxels)
+    enc.fit(fold.train.fmri, fold.train.images, fold.train.image_ids, 30.0, 0.2)
+    assert int(enc.voxels.sum()) == round(0.2 * sim.n_voxels)
+    scores = enc.scores(torch.as_tensor(fold.test.fmri), torch.as_tensor(fold.unique_images))
+    np.testing.assert_array_equal(E.encoding_model_metrics(fold, cfg)["rank"],
+                                  L.identification_ranks(np.asarray(scores), fold.test.image_ids))

@@ -1,5 +1,6 @@
 """Loading, validation, CLI errors, download, output dir and checkpoints."""
 
+import argparse
 import functools
 import hashlib
 import http.server
@@ -707,3 +708,23 @@ def test_data_objects_show_as_one_line_in_a_notebook(sim):
                      "Fold(s1: train Trials(107 trials, 967 voxels, 20 distinct images), test Trials(12 "
                      "trials, 967 voxels, 12 distinct images), 20 candidate images)",
                      "Trials(107 trials, 967 voxels, 20 distinct images)"]
+
+
+def test_a_temp_file_of_a_live_process_of_another_user_is_not_tidied(monkeypatch):
+    """A process the signal may not reach (another user's, EPERM) is alive: its temp files in a
+    shared output folder stay; only a pid no process has counts as ended (mutation round 8)."""
+    def kill(error):
+        def raise_(pid, sig):
+            raise error
+        return raise_
+    monkeypatch.setattr(L.os, "kill", kill(PermissionError()))
+    assert L._ended("123") is False
+    monkeypatch.setattr(L.os, "kill", kill(ProcessLookupError()))
+    assert L._ended("123") is True
+
+
+def test_an_out_dir_of_blanks_is_refused():
+    """``--out-dir " "`` wrote into a folder named " " (mutation round 8): blanks are no folder."""
+    for text in ("", "  "):
+        with pytest.raises(argparse.ArgumentTypeError, match="an empty folder"):
+            L.out_dir_path(text)
