@@ -425,3 +425,21 @@ def test_permutation_control_sits_at_chance_over_seeds():
         ranks.append(E.embedding_fold_metrics(model, train, fold)["rank"])
     ranks = np.concatenate(ranks)
     assert np.mean(ranks == 1) <= 0.15 and np.mean(ranks) > 6      # chance 0.05, mean rank 10.5
+
+
+def test_tune_decoders_gate_shift_moves_the_gate_s_logit(monkeypatch):
+    """``--gate-shift d`` adds d to the gate's intercept (its logit), not to its slope: the two
+    gates a shift of 0 and 1.5 give one anchored decoder differ by [0, 1.5] (mutation round 8:
+    only a shift of 0 was run)."""
+    monkeypatch.syspath_prepend(str(L.REPO_DIR / "benchmarks"))
+    import tune_decoders as tune
+    tiny = replace(TINY_DECODERS, prior_size=32, anchor_folds=2)
+    monkeypatch.setattr(tune, "inner_folds", lambda *a, **kw: list(D.inner_folds(*a, **kw))[:1])
+    monkeypatch.setattr(tune, "DualEncoderConfig", lambda **kw: D.DualEncoderConfig(epochs=1, **kw))
+    gates, reconstruct = [], tune.reconstruct
+    monkeypatch.setattr(tune, "reconstruct", lambda encoder, dec, *a: gates.append(
+        dec.readout.gate_coef.clone()) or reconstruct(encoder, dec, *a))
+    tune.run(make_simulated_dataset(), {"anchored": tiny}, [dict(gate_shift=0.0), dict(gate_shift=1.5)],
+             ["seen"], 0, torch.device("cpu"))
+    assert len(gates) == 4                                  # diffusion and GAN, at each shift
+    torch.testing.assert_close(gates[2] - gates[0], torch.tensor([0.0, 1.5]))
