@@ -801,6 +801,9 @@ def test_a_read_out_refitted_for_a_setting_keeps_never_seen_candidates_out_of_it
     D.with_setting(model, fold.train, {"readout_model": "receptive-field"}, fold.unique_images)
     [exclude] = banned
     assert np.array_equal(exclude.numpy(), fold.never_seen_images)
+    # a setting of the encoding model's voxel fraction alone refits it too
+    refitted = D.with_setting(model, fold.train, {"encoding_voxels": 0.2})
+    assert int(refitted.encoding.voxels.sum()) == round(0.2 * sim.n_voxels) != int(model.encoding.voxels.sum())
 
 
 def test_inner_cv_repeats_draw_other_partitions():
